@@ -1,0 +1,271 @@
+//! Request parsing: JSON bodies (content type, size, shape) and the listing query. Every
+//! failure is an [`ApiError`] naming the field at fault.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::keys::model::{Description, Kid, Label, RoleName};
+use crate::keys::{KeyPatch, ListQuery, MAX_PAGE};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Page size when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Checks the content type is JSON (`application/json` or `application/merge-patch+json`,
+/// parameters allowed) and reads at most [`MAX_BODY`] bytes of an object.
+pub async fn json_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+    const ACCEPTED: &str = "application/json or application/merge-patch+json";
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = ct.as_deref().map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    match essence.as_deref() {
+        Some("application/json") | Some("application/merge-patch+json") => {}
+        _ => return Err(ApiError::unsupported_media_type(ct.as_deref(), ACCEPTED)),
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ApiError::too_large(MAX_BODY));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::too_large(MAX_BODY))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad_request(
+            "invalid_json",
+            "request body must be a JSON object",
+        )),
+    }
+}
+
+/// Turns a PATCH body into a validated [`KeyPatch`].
+pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
+    let mut patch = KeyPatch::default();
+    for (name, value) in body {
+        match name.as_str() {
+            "label" => {
+                let Value::String(s) = value else {
+                    return Err(ApiError::bad_field(
+                        "invalid_label",
+                        "label",
+                        "label must be a string",
+                    ));
+                };
+                patch.label = Some(
+                    Label::parse(&s)
+                        .map_err(|e| ApiError::bad_field("invalid_label", "label", e))?,
+                );
+            }
+            "description" => {
+                patch.description = Some(match value {
+                    Value::Null => None,
+                    Value::String(s) => Some(Description::parse(&s).map_err(|e| {
+                        ApiError::bad_field("invalid_description", "description", e)
+                    })?),
+                    _ => {
+                        return Err(ApiError::bad_field(
+                            "invalid_description",
+                            "description",
+                            "description must be a string, or null to clear it",
+                        ))
+                    }
+                });
+            }
+            "roles" => {
+                patch.roles = Some(match value {
+                    Value::Null => None,
+                    Value::Array(items) => Some(roles(items)?),
+                    _ => {
+                        return Err(ApiError::bad_field(
+                            "invalid_roles",
+                            "roles",
+                            "roles must be an array of role names, or null to clear them",
+                        ))
+                    }
+                });
+            }
+            other => {
+                return Err(ApiError::bad_field(
+                    "unknown_field",
+                    other,
+                    format!(
+                        "unknown field {other:?}; a key update accepts label, description and \
+                         roles"
+                    ),
+                ))
+            }
+        }
+    }
+    if patch.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_patch",
+            "the update names no field; send at least one of label, description, roles",
+        ));
+    }
+    Ok(patch)
+}
+
+fn roles(items: Vec<Value>) -> Result<Vec<RoleName>, ApiError> {
+    if items.is_empty() {
+        return Err(ApiError::bad_field(
+            "invalid_roles",
+            "roles",
+            "roles must not be empty; send null to clear them",
+        ));
+    }
+    let mut out: Vec<RoleName> = Vec::new();
+    for item in items {
+        let Value::String(s) = item else {
+            return Err(ApiError::bad_field(
+                "invalid_roles",
+                "roles",
+                "every role must be a string",
+            ));
+        };
+        let role =
+            RoleName::parse(&s).map_err(|e| ApiError::bad_field("invalid_roles", "roles", e))?;
+        if !out.contains(&role) {
+            out.push(role);
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a kid from the path.
+pub fn kid(s: &str) -> Result<Kid, ApiError> {
+    Kid::parse(s).map_err(|e| ApiError::bad_field("invalid_kid", "kid", e))
+}
+
+/// The opaque cursor of the page after `kid`.
+pub fn cursor_of(kid: &Kid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("after:{kid}"))
+}
+
+/// Parses `limit`, `cursor`, `label` and `label_prefix`; anything else is refused.
+pub fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
+    let mut q = ListQuery {
+        limit: DEFAULT_PAGE,
+        ..ListQuery::default()
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("bad query string: {e}")))?;
+    let mut seen = Vec::new();
+    for (k, v) in pairs {
+        if seen.contains(&k) {
+            return Err(ApiError::bad_field(
+                "invalid_query",
+                &k,
+                format!("query parameter {k} is given twice"),
+            ));
+        }
+        match k.as_str() {
+            "limit" => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_field(
+                            "invalid_limit",
+                            "limit",
+                            format!("limit must be an integer in 1..={MAX_PAGE}"),
+                        )
+                    })?
+            }
+            "cursor" => {
+                let bad = || {
+                    ApiError::bad_field(
+                        "invalid_cursor",
+                        "cursor",
+                        "cursor is not one this daemon issued; use next_cursor from a listing",
+                    )
+                };
+                let text = URL_SAFE_NO_PAD.decode(v.as_bytes()).map_err(|_| bad())?;
+                let text = String::from_utf8(text).map_err(|_| bad())?;
+                let kid = text.strip_prefix("after:").ok_or_else(bad)?;
+                q.after = Some(Kid::parse(kid).map_err(|_| bad())?);
+            }
+            "label" => q.label = Some(v),
+            "label_prefix" => q.label_prefix = Some(v),
+            other => {
+                return Err(ApiError::bad_field(
+                    "invalid_query",
+                    other,
+                    format!(
+                        "unknown query parameter {other:?}; accepted: limit, cursor, label, \
+                         label_prefix"
+                    ),
+                ))
+            }
+        }
+        seen.push(k);
+    }
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn patch(v: Value) -> Result<KeyPatch, ApiError> {
+        key_patch(v.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn patch_fields_are_validated_and_named() {
+        assert_eq!(patch(json!({})).unwrap_err().code, "empty_patch");
+        assert_eq!(
+            patch(json!({"lable": "x"})).unwrap_err().field.as_deref(),
+            Some("lable")
+        );
+        assert_eq!(
+            patch(json!({"label": 5})).unwrap_err().code,
+            "invalid_label"
+        );
+        assert_eq!(
+            patch(json!({"label": null})).unwrap_err().code,
+            "invalid_label"
+        );
+        assert_eq!(
+            patch(json!({"roles": []})).unwrap_err().code,
+            "invalid_roles"
+        );
+        let p = patch(json!({"roles": ["a", "a", "b"], "description": null})).unwrap();
+        assert_eq!(p.roles.unwrap().unwrap().len(), 2);
+        assert_eq!(p.description, Some(None));
+    }
+
+    #[test]
+    fn list_query_checks_limit_and_cursor() {
+        assert_eq!(list_query(None).unwrap().limit, DEFAULT_PAGE);
+        assert!(list_query(Some("limit=0")).is_err());
+        assert!(list_query(Some("limit=1001")).is_err());
+        assert!(list_query(Some("cursor=zzz")).is_err());
+        assert!(list_query(Some("foo=1")).is_err());
+        let kid = Kid::parse("0a0b").unwrap();
+        let q = list_query(Some(&format!("cursor={}", cursor_of(&kid)))).unwrap();
+        assert_eq!(q.after, Some(kid));
+    }
+}

@@ -1,0 +1,177 @@
+//! The one place where errors become HTTP: status code, `error` code and JSON body
+//! `{"error": "<code>", "message": "<sentence>", "field": "<name>"}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::keys::KeyError;
+
+/// An error response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable code (snake_case).
+    pub code: &'static str,
+    /// One clear sentence. Never holds secrets.
+    pub message: String,
+    /// The request field at fault, when one is.
+    pub field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// 400 on one field.
+    pub fn bad_field(code: &'static str, field: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            field: Some(field.to_string()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, code, message)
+        }
+    }
+
+    /// 400 on the request as a whole.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401: the caller is not known.
+    pub fn unauthenticated(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    }
+
+    /// 403: the caller lacks a scope.
+    pub fn missing_scope(scope: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "missing_scope",
+            format!("this operation needs scope {scope}"),
+        )
+    }
+
+    /// 404 for a path that names no endpoint.
+    pub fn no_route(path: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint at {path}"),
+        )
+    }
+
+    /// 405.
+    pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )
+    }
+
+    /// 413.
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is over the {limit}-byte limit"),
+        )
+    }
+
+    /// 415.
+    pub fn unsupported_media_type(got: Option<&str>, accepted: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            match got {
+                Some(g) => format!("content type {g:?} is not accepted; send {accepted}"),
+                None => format!("the request has no Content-Type; send {accepted}"),
+            },
+        )
+    }
+
+    /// 500 with a generic message; the detail goes to the log only.
+    pub fn internal(detail: &str) -> ApiError {
+        tracing::error!(detail, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error; the daemon log has the details",
+        )
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            KeyError::Invalid { code, field, .. } => ApiError {
+                field: field.map(str::to_string),
+                ..ApiError::new(StatusCode::BAD_REQUEST, code, message)
+            },
+            KeyError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "key_not_found", message),
+            KeyError::MissingRole { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "missing_role", message)
+            }
+            KeyError::NotModifiable(_) => {
+                ApiError::new(StatusCode::NOT_ACCEPTABLE, "key_not_modifiable", message)
+            }
+            KeyError::HsmRefused { .. } => {
+                ApiError::new(StatusCode::NOT_ACCEPTABLE, "hsm_refused", message)
+            }
+            KeyError::Inconsistent { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "inconsistent_key_state", message)
+            }
+            KeyError::PreconditionFailed { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                message,
+            ),
+            KeyError::Unavailable(_) => {
+                tracing::warn!(error = %message, "token unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token_unavailable",
+                    "the token is unavailable; retry later",
+                )
+            }
+            KeyError::Internal(d) => ApiError::internal(&d),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&Body {
+            error: self.code,
+            message: &self.message,
+            field: self.field.as_deref(),
+        })
+        .unwrap_or_default();
+        let mut r = (self.status, body).into_response();
+        let _ = r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            let _ = r
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}

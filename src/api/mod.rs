@@ -1,0 +1,178 @@
+//! The HTTP API: routes, request shapes and responses. Handlers parse and check the request,
+//! call the key domain, and return its results; [`error`] is the one place that maps errors
+//! to status codes.
+//!
+//! Routes (both front doors serve the same router):
+//! - `GET /v1/keys` (scope `keymgmt:list`): paged listing with `limit`, `cursor`, `label`,
+//!   `label_prefix`.
+//! - `GET /v1/keys/{kid}` (scope `keymgmt:get`): one key, with an `ETag`.
+//! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
+//!   description, roles; honours `If-Match`.
+//!
+//! May call: `auth`, `keys`. Called by: `front`.
+
+pub mod body;
+pub mod error;
+
+use std::sync::{Arc, RwLock};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde_json::json;
+
+use crate::auth::scope::Scope;
+use crate::auth::{Peer, Principal, Principals};
+use crate::keys::model::KeyView;
+use crate::keys::{Actor, KeyStore};
+use error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The key store.
+    pub keys: Arc<KeyStore>,
+    /// The principals of the current configuration (swapped on reload).
+    pub principals: Arc<RwLock<Arc<Principals>>>,
+}
+
+/// Builds the router. The listener must put the connection's [`Peer`] into each request's
+/// extensions.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/keys", get(list_keys))
+        .route("/v1/keys/{kid}", get(get_key).patch(patch_key))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// Resolves the caller before any handler runs; unknown callers get 401 whatever the path.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(peer) = req.extensions().get::<Peer>().copied() else {
+        return ApiError::unauthenticated("the connection carries no peer credentials")
+            .into_response();
+    };
+    let principals = state
+        .principals
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match principals.resolve(&peer) {
+        Some(p) => {
+            let _ = req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        None => {
+            tracing::warn!(%peer, "refused a caller that maps to no principal");
+            ApiError::unauthenticated(format!(
+                "uid {} / gid {} maps to no principal in the configuration",
+                peer.uid, peer.gid
+            ))
+            .into_response()
+        }
+    }
+}
+
+fn require(p: &Principal, scope: Scope) -> Result<(), ApiError> {
+    if p.has(&scope) {
+        Ok(())
+    } else {
+        Err(ApiError::missing_scope(&scope.to_string()))
+    }
+}
+
+fn with_etag(view: &KeyView, body: serde_json::Value) -> Response {
+    let mut r = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", view.etag)) {
+        let _ = r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    require(&p, Scope::KeysList)?;
+    let q = body::list_query(uri.query())?;
+    let page = state.keys.list(&q);
+    Ok(Json(json!({
+        "keys": page.keys,
+        "next_cursor": page.next_after.as_ref().map(body::cursor_of),
+        "total": page.total,
+    }))
+    .into_response())
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(kid): Path<String>,
+) -> Result<Response, ApiError> {
+    require(&p, Scope::KeysGet)?;
+    let kid = body::kid(&kid)?;
+    let view = state.keys.get(&kid).await?;
+    let body = serde_json::to_value(&view).map_err(|e| ApiError::internal(&e.to_string()))?;
+    Ok(with_etag(&view, body))
+}
+
+async fn patch_key(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(kid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let kid = body::kid(&kid)?;
+    if !p.may_update(&kid) {
+        return Err(ApiError::missing_scope(&format!(
+            "{} or {}",
+            Scope::KeysUpdate,
+            Scope::KeysUpdateOne(kid.clone())
+        )));
+    }
+    let mut patch = body::key_patch(body::json_object(&headers, body).await?)?;
+    patch.if_match = if_match(&headers)?;
+    let actor = Actor {
+        roles: p.roles.clone(),
+    };
+    let outcome = state.keys.update(&kid, patch, &actor).await?;
+    let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();
+    let body = json!({ "key": outcome.key, "changed": changed });
+    Ok(with_etag(&outcome.key, body))
+}
+
+/// `If-Match: "<etag>"` (or `*`, which any existing key matches).
+fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("").trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let tag = s.trim_start_matches("W/");
+    match tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(t) if !t.contains('"') => Ok(Some(t.to_string())),
+        _ => Err(ApiError::bad_field(
+            "invalid_if_match",
+            "If-Match",
+            "If-Match must be one quoted etag, as returned in the ETag header",
+        )),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::no_route(uri.path())
+}

@@ -1,0 +1,126 @@
+//! Who is calling and what they may do.
+//!
+//! Owns: the principals of the configuration, mapping a Unix peer (SO_PEERCRED uid/gid) to
+//! one of them, and scope checks. A uid match wins over a gid match; a peer that maps to no
+//! principal is unknown (401).
+//! May call: `config`, `keys::model` (value types). Called by: `api`, `front`.
+
+pub mod scope;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::PrincipalConfig;
+use crate::keys::model::{Kid, RoleName};
+use scope::Scope;
+
+/// Credentials of a Unix-socket peer, read with SO_PEERCRED when the connection was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Effective uid of the peer process.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Pid.
+    pub pid: i32,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid {} gid {} pid {}", self.uid, self.gid, self.pid)
+    }
+}
+
+/// A known caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Name from the configuration.
+    pub name: String,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// Roles held.
+    pub roles: Vec<RoleName>,
+}
+
+impl Principal {
+    /// Whether the principal holds `scope` itself.
+    pub fn has(&self, scope: &Scope) -> bool {
+        self.scopes.contains(scope)
+    }
+
+    /// Whether the principal may update `kid`: `keymgmt:upd`, or `keymgmt:upd:<kid>`.
+    pub fn may_update(&self, kid: &Kid) -> bool {
+        self.scopes.iter().any(|s| match s {
+            Scope::KeysUpdate => true,
+            Scope::KeysUpdateOne(k) => k == kid,
+            _ => false,
+        })
+    }
+}
+
+/// The principals of one configuration, indexed by uid and gid.
+#[derive(Debug, Default)]
+pub struct Principals {
+    by_uid: HashMap<u32, Arc<Principal>>,
+    by_gid: HashMap<u32, Arc<Principal>>,
+}
+
+impl Principals {
+    /// Indexes the configured principals (the config has checked that ids are unique).
+    pub fn new(config: &[PrincipalConfig]) -> Principals {
+        let mut p = Principals::default();
+        for c in config {
+            let principal = Arc::new(Principal {
+                name: c.name.clone(),
+                scopes: c.scopes.clone(),
+                roles: c.roles.clone(),
+            });
+            for uid in &c.uids {
+                let _ = p.by_uid.insert(*uid, principal.clone());
+            }
+            for gid in &c.gids {
+                let _ = p.by_gid.insert(*gid, principal.clone());
+            }
+        }
+        p
+    }
+
+    /// The principal a peer maps to.
+    pub fn resolve(&self, peer: &Peer) -> Option<Arc<Principal>> {
+        self.by_uid
+            .get(&peer.uid)
+            .or_else(|| self.by_gid.get(&peer.gid))
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pc(name: &str, uids: Vec<u32>, gids: Vec<u32>, scopes: &[&str]) -> PrincipalConfig {
+        PrincipalConfig {
+            name: name.into(),
+            uids,
+            gids,
+            scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
+            roles: vec![],
+        }
+    }
+
+    #[test]
+    fn uid_wins_over_gid_and_strangers_are_unknown() {
+        let p = Principals::new(&[
+            pc("alice", vec![1000], vec![], &["keymgmt:list"]),
+            pc("ops", vec![], vec![50], &["keymgmt:upd:0a"]),
+        ]);
+        let peer = |uid, gid| Peer { uid, gid, pid: 1 };
+        assert_eq!(p.resolve(&peer(1000, 50)).unwrap().name, "alice");
+        assert_eq!(p.resolve(&peer(1001, 50)).unwrap().name, "ops");
+        assert!(p.resolve(&peer(1001, 51)).is_none());
+        let ops = p.resolve(&peer(1, 50)).unwrap();
+        assert!(ops.may_update(&Kid::parse("0a").unwrap()));
+        assert!(!ops.may_update(&Kid::parse("0b").unwrap()));
+    }
+}

@@ -1,0 +1,497 @@
+//! Configuration: the TOML file named by `--config`, parsed and fully validated.
+//!
+//! Everything is checked here, before anything else starts, so a bad file stops startup with
+//! a message naming the file, the key and the reason. The result holds typed values
+//! ([`Scope`], [`RoleName`]) that the rest of the daemon uses without re-validating.
+//! Owns: the file format. May call: the value types in `auth::scope` and `keys::model`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::scope::Scope;
+use crate::keys::model::RoleName;
+
+/// Default size of the PKCS#11 session pool: enough for two cores' blocking threads with
+/// headroom for requests that wait on a per-key lock.
+const DEFAULT_MAX_SESSIONS: usize = 8;
+/// Default cap on open client connections per listener; past it, accepts wait.
+const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default time in-flight requests get to finish after SIGTERM.
+const DEFAULT_DRAIN_TIMEOUT_S: u64 = 10;
+
+/// A configuration error: which file, which key, and why.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The configuration file.
+    pub path: PathBuf,
+    /// The key at fault (`pkcs11.pin_file`, `principals[1].scopes`), or empty for the whole file.
+    pub key: String,
+    /// What is wrong and, where it helps, what to do.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "config {}: {}", self.path.display(), self.reason)
+        } else {
+            write!(
+                f,
+                "config {}: key `{}`: {}",
+                self.path.display(),
+                self.key,
+                self.reason
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// How the token is chosen. Slot ids change between boots, so never by slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    /// The token whose CKA label (trailing spaces removed) equals this.
+    Label(String),
+    /// The token whose serial number (trailing spaces removed) equals this.
+    Serial(String),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "label \"{l}\""),
+            TokenSelector::Serial(s) => write!(f, "serial \"{s}\""),
+        }
+    }
+}
+
+/// The `[pkcs11]` section.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Which token to use.
+    pub token: TokenSelector,
+    /// File holding the user PIN (mode must deny group and others).
+    pub pin_file: PathBuf,
+    /// Environment variables the module reads (e.g. `SOFTHSM2_CONF`), set before it loads.
+    pub module_env: BTreeMap<String, String>,
+    /// Upper bound on open PKCS#11 sessions.
+    pub max_sessions: usize,
+}
+
+/// The `[unix]` section: the local socket.
+#[derive(Debug, Clone)]
+pub struct UnixConfig {
+    /// Socket path; its directory must not be writable by group or others.
+    pub path: PathBuf,
+    /// Permission bits of the socket file.
+    pub mode: u32,
+}
+
+/// The `[server]` section: limits shared by the listeners.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Open connections per listener.
+    pub max_connections: usize,
+    /// How long in-flight requests may run after a shutdown request.
+    pub drain_timeout: Duration,
+}
+
+/// One `[[principals]]` entry: a local caller and what it may do.
+#[derive(Debug, Clone)]
+pub struct PrincipalConfig {
+    /// Name used in logs and audit entries.
+    pub name: String,
+    /// Peer uids that map to this principal.
+    pub uids: Vec<u32>,
+    /// Peer gids that map to this principal (a uid match wins over a gid match).
+    pub gids: Vec<u32>,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// Roles held.
+    pub roles: Vec<RoleName>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    /// `[pkcs11]`.
+    pub pkcs11: Pkcs11Config,
+    /// `[unix]`.
+    pub unix: UnixConfig,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[keys] roles`: the role names keys may carry.
+    pub roles: BTreeSet<RoleName>,
+    /// `[[principals]]`.
+    pub principals: Vec<PrincipalConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    pkcs11: RawPkcs11,
+    unix: RawUnix,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default)]
+    principals: Vec<RawPrincipal>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    module: PathBuf,
+    token_label: Option<String>,
+    token_serial: Option<String>,
+    pin_file: PathBuf,
+    #[serde(default)]
+    module_env: BTreeMap<String, String>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnix {
+    path: PathBuf,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_connections: Option<usize>,
+    drain_timeout_s: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrincipal {
+    name: String,
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            key: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (the path only names the file in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            err(
+                "",
+                format!(
+                    "invalid TOML: {}",
+                    e.to_string().trim_end().replace('\n', " ")
+                ),
+            )
+        })?;
+
+        let p = raw.pkcs11;
+        absolute(&p.module).map_err(|r| err("pkcs11.module", r))?;
+        absolute(&p.pin_file).map_err(|r| err("pkcs11.pin_file", r))?;
+        let token = match (p.token_label, p.token_serial) {
+            (Some(l), None) if !l.trim().is_empty() => TokenSelector::Label(l.trim().to_string()),
+            (None, Some(s)) if !s.trim().is_empty() => TokenSelector::Serial(s.trim().to_string()),
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "pkcs11.token_label",
+                    "set token_label or token_serial, not both".into(),
+                ))
+            }
+            _ => {
+                return Err(err(
+                    "pkcs11.token_label",
+                    "name the token with a non-empty token_label or token_serial".into(),
+                ))
+            }
+        };
+        for name in p.module_env.keys() {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(err(
+                    "pkcs11.module_env",
+                    format!("invalid environment variable name {name:?}"),
+                ));
+            }
+        }
+        let max_sessions = p.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
+        if !(1..=256).contains(&max_sessions) {
+            return Err(err(
+                "pkcs11.max_sessions",
+                format!("{max_sessions} is out of range 1..=256"),
+            ));
+        }
+
+        absolute(&raw.unix.path).map_err(|r| err("unix.path", r))?;
+        let mode = match raw.unix.mode {
+            None => 0o660,
+            Some(m) => parse_mode(&m).map_err(|r| err("unix.mode", r))?,
+        };
+
+        let max_connections = raw
+            .server
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if !(1..=65_536).contains(&max_connections) {
+            return Err(err(
+                "server.max_connections",
+                format!("{max_connections} is out of range 1..=65536"),
+            ));
+        }
+        let drain_s = raw
+            .server
+            .drain_timeout_s
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_S);
+        if drain_s > 3600 {
+            return Err(err(
+                "server.drain_timeout_s",
+                format!("{drain_s} is over 3600 seconds"),
+            ));
+        }
+
+        let mut roles = BTreeSet::new();
+        for (i, r) in raw.keys.roles.iter().enumerate() {
+            let role = RoleName::parse(r).map_err(|e| err(&format!("keys.roles[{i}]"), e))?;
+            if !roles.insert(role) {
+                return Err(err(
+                    &format!("keys.roles[{i}]"),
+                    format!("role {r:?} is listed twice"),
+                ));
+            }
+        }
+
+        let mut principals = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut uid_owner: HashMap<u32, String> = HashMap::new();
+        let mut gid_owner: HashMap<u32, String> = HashMap::new();
+        for (i, rp) in raw.principals.into_iter().enumerate() {
+            let key = |k: &str| format!("principals[{i}].{k}");
+            let name = rp.name.trim().to_string();
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(err(
+                    &key("name"),
+                    "a principal name is 1..=64 printable ASCII characters without spaces".into(),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(err(
+                    &key("name"),
+                    format!("principal {name:?} is defined twice"),
+                ));
+            }
+            if rp.uids.is_empty() && rp.gids.is_empty() {
+                return Err(err(
+                    &key("uids"),
+                    format!("principal {name:?} maps no uid or gid, so no caller can be it"),
+                ));
+            }
+            for uid in &rp.uids {
+                if let Some(other) = uid_owner.insert(*uid, name.clone()) {
+                    return Err(err(
+                        &key("uids"),
+                        format!("uid {uid} already maps to principal {other:?}"),
+                    ));
+                }
+            }
+            for gid in &rp.gids {
+                if let Some(other) = gid_owner.insert(*gid, name.clone()) {
+                    return Err(err(
+                        &key("gids"),
+                        format!("gid {gid} already maps to principal {other:?}"),
+                    ));
+                }
+            }
+            let mut scopes = Vec::new();
+            for (j, s) in rp.scopes.iter().enumerate() {
+                let scope =
+                    Scope::parse(s).map_err(|e| err(&format!("{}[{j}]", key("scopes")), e))?;
+                if !scopes.contains(&scope) {
+                    scopes.push(scope);
+                }
+            }
+            let mut proles = Vec::new();
+            for (j, r) in rp.roles.iter().enumerate() {
+                let k = format!("{}[{j}]", key("roles"));
+                let role = RoleName::parse(r).map_err(|e| err(&k, e))?;
+                if !roles.contains(&role) {
+                    return Err(err(&k, format!("role {r:?} is not defined in keys.roles")));
+                }
+                if !proles.contains(&role) {
+                    proles.push(role);
+                }
+            }
+            principals.push(PrincipalConfig {
+                name,
+                uids: rp.uids,
+                gids: rp.gids,
+                scopes,
+                roles: proles,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            pkcs11: Pkcs11Config {
+                module: p.module,
+                token,
+                pin_file: p.pin_file,
+                module_env: p.module_env,
+                max_sessions,
+            },
+            unix: UnixConfig {
+                path: raw.unix.path,
+                mode,
+            },
+            server: ServerConfig {
+                max_connections,
+                drain_timeout: Duration::from_secs(drain_s),
+            },
+            roles,
+            principals,
+        })
+    }
+}
+
+fn absolute(p: &Path) -> Result<(), String> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(format!("{} must be an absolute path", p.display()))
+    }
+}
+
+/// Parses an octal permission string such as "0660" or "660"; only rw bits for user and
+/// group make sense on a socket, and others get nothing.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let mode = u32::from_str_radix(digits, 8)
+        .map_err(|_| format!("{s:?} is not an octal mode like \"0660\""))?;
+    if mode & !0o770 != 0 {
+        return Err(format!(
+            "{s:?} grants more than read/write to user and group; others must get nothing"
+        ));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!("{s:?} must give the owner read and write"));
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[pkcs11]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "t"
+pin_file = "/etc/hsmkeyd/pin"
+[unix]
+path = "/run/hsmkeyd/api.sock"
+[keys]
+roles = ["ops"]
+[[principals]]
+name = "ops"
+uids = [1000]
+scopes = ["keymgmt:list", "keymgmt:upd:0a1b"]
+roles = ["ops"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/hsmkeyd/hsmkeyd.toml"), text)
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.unix.mode, 0o660);
+        assert_eq!(c.pkcs11.max_sessions, DEFAULT_MAX_SESSIONS);
+        assert_eq!(c.principals[0].scopes.len(), 2);
+        assert_eq!(c.pkcs11.token, TokenSelector::Label("t".into()));
+    }
+
+    #[test]
+    fn unknown_key_names_the_file_and_key() {
+        let e = parse(&GOOD.replace("[unix]", "[unix]\nsokcet = 1")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/etc/hsmkeyd/hsmkeyd.toml"), "{msg}");
+        assert!(msg.contains("sokcet"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                GOOD.replace("\"/etc/hsmkeyd/pin\"", "\"pin\""),
+                "pkcs11.pin_file",
+            ),
+            (
+                GOOD.replace("token_label = \"t\"", ""),
+                "pkcs11.token_label",
+            ),
+            (
+                GOOD.replace("[unix]", "[unix]\nmode = \"0666\""),
+                "unix.mode",
+            ),
+            (
+                GOOD.replace("\"keymgmt:list\"", "\"keymgmt:delete\""),
+                "principals[0].scopes[0]",
+            ),
+            (
+                GOOD.replace(
+                    "scopes = [\"keymgmt:list\", \"keymgmt:upd:0a1b\"]\nroles = [\"ops\"]",
+                    "scopes = []\nroles = [\"finance\"]",
+                ),
+                "principals[0].roles[0]",
+            ),
+            (GOOD.replace("uids = [1000]", ""), "principals[0].uids"),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_uid_maps_to_one_principal_only() {
+        let text = format!("{GOOD}\n[[principals]]\nname = \"b\"\nuids = [1000]\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, "principals[1].uids");
+    }
+}

@@ -1,0 +1,102 @@
+//! Startup and shutdown: the one place that wires the layers together.
+//!
+//! Order: read the PIN, open the token (login), build the key index, bind the listeners,
+//! serve; on SIGTERM or SIGINT stop accepting, let in-flight requests finish (bounded by
+//! `server.drain_timeout_s`), close the sessions and call C_Finalize.
+//! May call: every module.
+
+use std::sync::{Arc, RwLock};
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::api::{self, AppState};
+use crate::auth::Principals;
+use crate::config::Config;
+use crate::front::{self, Connections};
+use crate::hsm::Hsm;
+use crate::keys::KeyStore;
+use crate::secret;
+
+/// A failure that stops the daemon, already worded for the operator.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Sets the environment the PKCS#11 module reads. Must run before any thread starts.
+pub fn set_module_env(config: &Config) {
+    for (k, v) in &config.pkcs11.module_env {
+        std::env::set_var(k, v);
+    }
+}
+
+/// Runs the daemon until a termination signal. Call [`set_module_env`] first.
+pub fn run(config: Config) -> Result<(), Fatal> {
+    let pin = secret::read_pin_file(&config.pkcs11.pin_file).map_err(|e| Fatal(e.to_string()))?;
+    let hsm = Hsm::open(&config.pkcs11, pin).map_err(|e| Fatal(e.to_string()))?;
+    tracing::info!(token = %hsm.token(), module = %config.pkcs11.module.display(), "logged in");
+    let keys = KeyStore::open(hsm.clone(), config.roles.clone())
+        .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
+    tracing::info!(keys = keys.len(), "key index built");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hsmkeyd")
+        .build()
+        .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
+    let keys = Arc::new(keys);
+    runtime.block_on(serve(&config, keys.clone()))?;
+    drop(runtime);
+
+    let keys =
+        Arc::try_unwrap(keys).map_err(|_| Fatal("key store still in use at shutdown".into()))?;
+    drop(keys);
+    if let Err(e) = hsm.shutdown() {
+        tracing::warn!(error = %e, "closing the token at shutdown failed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve(config: &Config, keys: Arc<KeyStore>) -> Result<(), Fatal> {
+    let state = AppState {
+        keys,
+        principals: Arc::new(RwLock::new(Arc::new(Principals::new(&config.principals)))),
+    };
+    let app = api::router(state);
+    let listener = front::unix::bind(&config.unix).map_err(Fatal)?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Fatal(format!("cannot install the SIGTERM handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Fatal(format!("cannot install the SIGINT handler: {e}")))?;
+    let (trigger, shutdown) = front::shutdown_pair();
+    let conns = Connections::new(config.server.max_connections);
+    let unix = tokio::spawn(front::unix::serve(
+        listener,
+        app,
+        conns.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(socket = %config.unix.path.display(), "serving");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+        _ = int.recv() => tracing::info!("SIGINT received; draining"),
+    }
+    trigger.trigger();
+    let _ = unix.await;
+    let _ = std::fs::remove_file(&config.unix.path);
+    if tokio::time::timeout(config.server.drain_timeout, conns.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout_s = config.server.drain_timeout.as_secs(),
+            "requests still running after the drain timeout; stopping anyway"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The Unix-socket front door: plain HTTP/1.1, callers identified by SO_PEERCRED.
+//!
+//! The socket lives in a directory that group and others cannot write (so nobody can swap
+//! the socket file), is created with the configured mode, and replaces a stale socket left
+//! by an earlier run, but never one a live daemon still answers on.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::stat::{umask, Mode};
+use tokio::net::{UnixListener, UnixStream};
+use tower::ServiceExt;
+
+use super::{Connections, Shutdown};
+use crate::auth::Peer;
+use crate::config::UnixConfig;
+
+/// A request that has not sent its headers within this time is dropped: slow-loris
+/// protection that no legitimate local client comes near.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates the socket as described in the module doc.
+pub fn bind(cfg: &UnixConfig) -> Result<UnixListener, String> {
+    let path = &cfg.path;
+    let dir = path
+        .parent()
+        .ok_or_else(|| format!("socket path {} has no directory", path.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        format!(
+            "socket directory {} is not usable: {e}; create it (systemd: RuntimeDirectory=)",
+            dir.display()
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "socket directory {} has mode {mode:04o}: group or others could replace the \
+             socket; run chmod go-w {}",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(format!(
+            "socket directory {} belongs to uid {}, not to the daemon (uid {euid}) or root",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    remove_stale(path)?;
+    // Create the socket with no access for anyone but the owner, then widen it to the
+    // configured mode: there is never a moment it is more open than configured.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    let _ = umask(old);
+    let std_listener =
+        bound.map_err(|e| format!("cannot bind unix socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.mode))
+        .map_err(|e| format!("cannot set mode of {}: {e}", path.display()))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot configure {}: {e}", path.display()))?;
+    UnixListener::from_std(std_listener)
+        .map_err(|e| format!("cannot register {}: {e}", path.display()))
+}
+
+fn remove_stale(path: &Path) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "another process is serving on {}; stop it first (is hsmkeyd already running?)",
+            path.display()
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)
+                .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), "removed a stale socket from an earlier run");
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "cannot tell whether {} is in use ({e}); remove it if no daemon runs",
+            path.display()
+        )),
+    }
+}
+
+fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
+    let cred = getsockopt(stream, PeerCredentials).map_err(std::io::Error::from)?;
+    Ok(Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    })
+}
+
+/// Accepts connections until shutdown, then stops accepting and lets open connections
+/// finish their current request.
+pub async fn serve(listener: UnixListener, app: Router, conns: Connections, shutdown: Shutdown) {
+    let mut stop = shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            p = conns.admit() => p,
+            _ = stop.wait() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed on the unix socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => break,
+        };
+        let peer = match peer_of(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read peer credentials; closing");
+                continue;
+            }
+        };
+        let app = app.clone();
+        let mut stop = shutdown.clone();
+        // Detached: the connection owns its permit, which the drain waits for.
+        drop(tokio::spawn(async move {
+            let _permit = permit;
+            let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
+                let _ = req.extensions_mut().insert(peer);
+                req
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            let _ = builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "unix connection ended with an error");
+                    }
+                }
+                _ = stop.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }));
+    }
+}

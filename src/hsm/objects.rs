@@ -1,0 +1,271 @@
+//! Objects: reading a token's objects into plain Rust values, and the few writes hsmkeyd
+//! makes (CKA_LABEL of key objects; hsmkeyd's own CKO_DATA metadata objects).
+//!
+//! Key material is never read: CKA_VALUE is fetched only for CKO_DATA objects whose
+//! CKA_APPLICATION the caller names.
+
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use super::{Hsm, HsmError};
+
+/// An object of the token, opaque above this layer. Valid for the life of the process
+/// (a token re-initialized under the daemon shows as [`super::HsmErrorKind::ObjectGone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectRef(ObjectHandle);
+
+/// CKA_CLASS, reduced to what hsmkeyd distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// CKO_SECRET_KEY.
+    SecretKey,
+    /// CKO_PRIVATE_KEY.
+    PrivateKey,
+    /// CKO_PUBLIC_KEY.
+    PublicKey,
+    /// CKO_CERTIFICATE.
+    Certificate,
+    /// CKO_DATA.
+    Data,
+    /// Any other class.
+    Other,
+}
+
+/// CKA_KEY_TYPE, reduced to what hsmkeyd names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Algorithm {
+    /// CKK_AES.
+    Aes,
+    /// CKK_GENERIC_SECRET.
+    GenericSecret,
+    /// CKK_EC.
+    Ec,
+    /// CKK_RSA.
+    Rsa,
+    /// CKK_EC_EDWARDS.
+    EcEdwards,
+    /// CKK_EC_MONTGOMERY.
+    EcMontgomery,
+    /// Anything else, by its CKK_ name.
+    Other(String),
+}
+
+/// The attributes hsmkeyd reads from one object. Absent attributes are `None`.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    /// The object.
+    pub handle: ObjectRef,
+    /// CKA_CLASS.
+    pub kind: ObjectKind,
+    /// CKA_ID (empty when absent).
+    pub id: Vec<u8>,
+    /// CKA_LABEL (empty when absent).
+    pub label: Vec<u8>,
+    /// CKA_KEY_TYPE.
+    pub algorithm: Option<Algorithm>,
+    /// CKA_EC_PARAMS (DER).
+    pub ec_params: Option<Vec<u8>>,
+    /// CKA_MODULUS_BITS, or the bit length of CKA_MODULUS.
+    pub modulus_bits: Option<u32>,
+    /// CKA_VALUE_LEN (bytes).
+    pub value_len: Option<u32>,
+    /// CKA_SENSITIVE.
+    pub sensitive: Option<bool>,
+    /// CKA_EXTRACTABLE.
+    pub extractable: Option<bool>,
+    /// CKA_MODIFIABLE.
+    pub modifiable: Option<bool>,
+    /// CKA_SIGN.
+    pub sign: Option<bool>,
+    /// CKA_VERIFY.
+    pub verify: Option<bool>,
+    /// CKA_ENCRYPT.
+    pub encrypt: Option<bool>,
+    /// CKA_DECRYPT.
+    pub decrypt: Option<bool>,
+    /// CKA_WRAP.
+    pub wrap: Option<bool>,
+    /// CKA_UNWRAP.
+    pub unwrap: Option<bool>,
+    /// CKA_DERIVE.
+    pub derive: Option<bool>,
+    /// CKA_APPLICATION of a data object.
+    pub application: Option<Vec<u8>>,
+    /// CKA_VALUE, for data objects of the requested application only.
+    pub value: Option<Vec<u8>>,
+}
+
+const READ: &[AttributeType] = &[
+    AttributeType::Class,
+    AttributeType::Id,
+    AttributeType::Label,
+    AttributeType::KeyType,
+    AttributeType::EcParams,
+    AttributeType::ModulusBits,
+    AttributeType::Modulus,
+    AttributeType::ValueLen,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
+    AttributeType::Modifiable,
+    AttributeType::Sign,
+    AttributeType::Verify,
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::Wrap,
+    AttributeType::Unwrap,
+    AttributeType::Derive,
+    AttributeType::Application,
+];
+
+fn read_one(
+    s: &Session,
+    h: ObjectHandle,
+    data_application: &[u8],
+) -> cryptoki::error::Result<ObjectInfo> {
+    let mut o = ObjectInfo {
+        handle: ObjectRef(h),
+        kind: ObjectKind::Other,
+        id: Vec::new(),
+        label: Vec::new(),
+        algorithm: None,
+        ec_params: None,
+        modulus_bits: None,
+        value_len: None,
+        sensitive: None,
+        extractable: None,
+        modifiable: None,
+        sign: None,
+        verify: None,
+        encrypt: None,
+        decrypt: None,
+        wrap: None,
+        unwrap: None,
+        derive: None,
+        application: None,
+        value: None,
+    };
+    for a in s.get_attributes(h, READ)? {
+        match a {
+            Attribute::Class(c) => o.kind = kind_of(c),
+            Attribute::Id(v) => o.id = v,
+            Attribute::Label(v) => o.label = v,
+            Attribute::KeyType(k) => o.algorithm = Some(algorithm_of(k)),
+            Attribute::EcParams(v) => o.ec_params = Some(v),
+            Attribute::ModulusBits(b) => {
+                o.modulus_bits = u32::try_from(u64::from(b)).ok().or(o.modulus_bits)
+            }
+            Attribute::Modulus(m) if o.modulus_bits.is_none() => {
+                let leading = m.iter().take_while(|b| **b == 0).count();
+                let rest = &m[leading..];
+                o.modulus_bits = rest
+                    .first()
+                    .map(|b| (rest.len() as u32 - 1) * 8 + (8 - b.leading_zeros()));
+            }
+            Attribute::ValueLen(l) => o.value_len = u32::try_from(u64::from(l)).ok(),
+            Attribute::Sensitive(b) => o.sensitive = Some(b),
+            Attribute::Extractable(b) => o.extractable = Some(b),
+            Attribute::Modifiable(b) => o.modifiable = Some(b),
+            Attribute::Sign(b) => o.sign = Some(b),
+            Attribute::Verify(b) => o.verify = Some(b),
+            Attribute::Encrypt(b) => o.encrypt = Some(b),
+            Attribute::Decrypt(b) => o.decrypt = Some(b),
+            Attribute::Wrap(b) => o.wrap = Some(b),
+            Attribute::Unwrap(b) => o.unwrap = Some(b),
+            Attribute::Derive(b) => o.derive = Some(b),
+            Attribute::Application(v) => o.application = Some(v),
+            _ => {}
+        }
+    }
+    if o.kind == ObjectKind::Data && o.application.as_deref() == Some(data_application) {
+        for a in s.get_attributes(h, &[AttributeType::Value])? {
+            if let Attribute::Value(v) = a {
+                o.value = Some(v);
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn kind_of(c: ObjectClass) -> ObjectKind {
+    match c {
+        ObjectClass::SECRET_KEY => ObjectKind::SecretKey,
+        ObjectClass::PRIVATE_KEY => ObjectKind::PrivateKey,
+        ObjectClass::PUBLIC_KEY => ObjectKind::PublicKey,
+        ObjectClass::CERTIFICATE => ObjectKind::Certificate,
+        ObjectClass::DATA => ObjectKind::Data,
+        _ => ObjectKind::Other,
+    }
+}
+
+fn algorithm_of(k: KeyType) -> Algorithm {
+    match k {
+        KeyType::AES => Algorithm::Aes,
+        KeyType::GENERIC_SECRET => Algorithm::GenericSecret,
+        KeyType::EC => Algorithm::Ec,
+        KeyType::RSA => Algorithm::Rsa,
+        KeyType::EC_EDWARDS => Algorithm::EcEdwards,
+        KeyType::EC_MONTGOMERY => Algorithm::EcMontgomery,
+        other => Algorithm::Other(other.to_string()),
+    }
+}
+
+impl Hsm {
+    /// Reads every object the logged-in user can see: one C_FindObjects pass, then the
+    /// attributes of each object. CKA_VALUE is read only for CKO_DATA objects whose
+    /// CKA_APPLICATION equals `data_application`.
+    pub fn scan(&self, data_application: &[u8]) -> Result<Vec<ObjectInfo>, HsmError> {
+        self.pool().run(|s| {
+            let handles = s.find_objects(&[])?;
+            let mut out = Vec::with_capacity(handles.len());
+            for h in handles {
+                match read_one(s, h, data_application) {
+                    Ok(o) => out.push(o),
+                    // Deleted by another application between the find and the read.
+                    Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::ObjectHandleInvalid,
+                        _,
+                    )) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Reads one object again (after a write, or to check it still exists).
+    pub fn read(&self, r: ObjectRef, data_application: &[u8]) -> Result<ObjectInfo, HsmError> {
+        self.pool().run(|s| read_one(s, r.0, data_application))
+    }
+
+    /// Sets CKA_LABEL of one object.
+    pub fn set_label(&self, r: ObjectRef, label: &[u8]) -> Result<(), HsmError> {
+        self.pool()
+            .run(|s| s.update_attributes(r.0, &[Attribute::Label(label.to_vec())]))
+    }
+
+    /// Creates a private token CKO_DATA object.
+    pub fn create_data(
+        &self,
+        label: &[u8],
+        application: &[u8],
+        value: &[u8],
+    ) -> Result<ObjectRef, HsmError> {
+        let template = [
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(true),
+            Attribute::Label(label.to_vec()),
+            Attribute::Application(application.to_vec()),
+            Attribute::Value(value.to_vec()),
+        ];
+        self.pool()
+            .run(|s| s.create_object(&template))
+            .map(ObjectRef)
+    }
+
+    /// Destroys an object.
+    pub fn destroy(&self, r: ObjectRef) -> Result<(), HsmError> {
+        self.pool().run(|s| s.destroy_object(r.0))
+    }
+}

@@ -1,0 +1,199 @@
+//! The session pool, and the one place that recovers lost sessions and logins.
+//!
+//! Sessions are opened on demand up to a bound and reused. A call that fails with
+//! CKR_SESSION_HANDLE_INVALID or CKR_SESSION_CLOSED is retried once on a new session; one
+//! that fails with CKR_USER_NOT_LOGGED_IN is retried once after logging in again.
+//! CKR_USER_ALREADY_LOGGED_IN counts as a successful login.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+
+use super::HsmError;
+use crate::secret::SecretString;
+
+/// How long a caller waits for a free session before the token counts as unavailable.
+/// Calls take milliseconds; a wait this long means the token is wedged.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) struct Pool {
+    ctx: Pkcs11,
+    slot: Slot,
+    pin: SecretString,
+    max: usize,
+    state: Mutex<State>,
+    freed: Condvar,
+}
+
+struct State {
+    idle: Vec<Session>,
+    open: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(ctx: Pkcs11, slot: Slot, pin: SecretString, max: usize) -> Pool {
+        Pool {
+            ctx,
+            slot,
+            pin,
+            max,
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the Vec or counter half-updated.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens the first session and logs in; startup uses its error verbatim.
+    pub(crate) fn login_first(&self) -> Result<(), HsmError> {
+        let s = self.checkout()?;
+        match self.login(&s) {
+            Ok(()) => {
+                self.checkin(s);
+                Ok(())
+            }
+            Err(e) => {
+                self.discard(s);
+                Err(e)
+            }
+        }
+    }
+
+    fn login(&self, s: &Session) -> Result<(), HsmError> {
+        match s.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(e) => Err(HsmError::from_ck(&e)),
+        }
+    }
+
+    fn checkout(&self) -> Result<Session, HsmError> {
+        let mut st = self.lock();
+        loop {
+            if let Some(s) = st.idle.pop() {
+                return Ok(s);
+            }
+            if st.open < self.max {
+                st.open += 1;
+                drop(st);
+                return self.open_new();
+            }
+            let (guard, timeout) = self
+                .freed
+                .wait_timeout(st, CHECKOUT_TIMEOUT)
+                .unwrap_or_else(|p| p.into_inner());
+            st = guard;
+            if timeout.timed_out() && st.idle.is_empty() && st.open >= self.max {
+                return Err(HsmError {
+                    kind: super::HsmErrorKind::Unavailable,
+                    function: "session pool".into(),
+                    code: format!(
+                        "no PKCS#11 session became free within {}s",
+                        CHECKOUT_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Opens a session for a place already counted in `open` (a new one, or one whose
+    /// session was just dropped); gives the place back if that fails.
+    fn open_new(&self) -> Result<Session, HsmError> {
+        match self.ctx.open_rw_session(self.slot) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                self.lock().open -= 1;
+                self.freed.notify_one();
+                Err(HsmError::from_ck(&e))
+            }
+        }
+    }
+
+    fn checkin(&self, s: Session) {
+        self.lock().idle.push(s);
+        self.freed.notify_one();
+    }
+
+    /// Drops a session whose handle is no longer good.
+    fn discard(&self, s: Session) {
+        drop(s);
+        self.lock().open -= 1;
+        self.freed.notify_one();
+    }
+
+    pub(crate) fn close_all(&self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        for s in idle {
+            let _ = s.close();
+            self.lock().open -= 1;
+        }
+    }
+
+    /// Runs `f` on a pooled session, with the one retry described in the module doc.
+    pub(crate) fn run<T>(
+        &self,
+        f: impl Fn(&Session) -> cryptoki::error::Result<T>,
+    ) -> Result<T, HsmError> {
+        let s = self.checkout()?;
+        let first = f(&s);
+        let err = match first {
+            Ok(v) => {
+                self.checkin(s);
+                return Ok(v);
+            }
+            Err(e) => e,
+        };
+        let s = match err {
+            CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _) => {
+                tracing::warn!(error = %HsmError::from_ck(&err), "PKCS#11 session lost; reopening");
+                drop(s);
+                let fresh = self.open_new()?;
+                if let Err(e) = self.login(&fresh) {
+                    self.discard(fresh);
+                    return Err(e);
+                }
+                fresh
+            }
+            CkError::Pkcs11(RvError::UserNotLoggedIn, _) => {
+                tracing::warn!("PKCS#11 login lost; logging in again");
+                if let Err(e) = self.login(&s) {
+                    self.checkin(s);
+                    return Err(e);
+                }
+                s
+            }
+            other => {
+                self.checkin(s);
+                return Err(HsmError::from_ck(&other));
+            }
+        };
+        let second = f(&s);
+        match second {
+            Ok(v) => {
+                self.checkin(s);
+                Ok(v)
+            }
+            Err(e) => {
+                let he = HsmError::from_ck(&e);
+                if matches!(
+                    e,
+                    CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _)
+                ) {
+                    self.discard(s);
+                } else {
+                    self.checkin(s);
+                }
+                Err(he)
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! One logical key as the index holds it: its objects, its metadata, and the JSON view
+//! derived from them. Grouping a token's objects into keys happens here.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::meta::{self, MetaRecord};
+use super::model::{KeyAttributes, KeyClass, KeyState, KeyView, Kid};
+use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, ObjectRef};
+
+/// The metadata object of a key, when there is one.
+#[derive(Debug, Clone)]
+pub struct MetaSlot {
+    /// The CKO_DATA object.
+    pub object: ObjectRef,
+    /// Its parsed value.
+    pub record: MetaRecord,
+}
+
+/// A key in the index.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Key objects and certificates sharing the id.
+    pub objects: Vec<ObjectInfo>,
+    /// The metadata object.
+    pub meta: Option<MetaSlot>,
+    /// What the API shows.
+    pub view: KeyView,
+}
+
+/// Objects of one id before they become an entry.
+#[derive(Default)]
+pub struct Group {
+    /// Key objects and certificates.
+    pub objects: Vec<ObjectInfo>,
+    /// Metadata objects naming this id (more than one only after an interrupted write).
+    pub metas: Vec<ObjectInfo>,
+}
+
+/// Groups scanned objects by id. Objects without a usable CKA_ID and foreign data objects
+/// are left out; the count of left-out key objects is returned for the log.
+pub fn group(objects: Vec<ObjectInfo>) -> (BTreeMap<Kid, Group>, usize) {
+    let mut groups: BTreeMap<Kid, Group> = BTreeMap::new();
+    let mut skipped = 0;
+    for o in objects {
+        match o.kind {
+            ObjectKind::SecretKey
+            | ObjectKind::PrivateKey
+            | ObjectKind::PublicKey
+            | ObjectKind::Certificate => match Kid::from_id(&o.id) {
+                Some(kid) => groups.entry(kid).or_default().objects.push(o),
+                None => skipped += 1,
+            },
+            ObjectKind::Data if o.application.as_deref() == Some(meta::APPLICATION) => {
+                if let Some(kid) = meta::kid_of_label(&o.label) {
+                    groups.entry(kid).or_default().metas.push(o);
+                }
+            }
+            _ => {}
+        }
+    }
+    (groups, skipped)
+}
+
+/// Kind name used in pending records and messages.
+pub fn kind_name(k: ObjectKind) -> &'static str {
+    match k {
+        ObjectKind::SecretKey => "secret",
+        ObjectKind::PrivateKey => "private",
+        ObjectKind::PublicKey => "public",
+        ObjectKind::Certificate => "certificate",
+        ObjectKind::Data => "data",
+        ObjectKind::Other => "other",
+    }
+}
+
+impl Entry {
+    /// Builds the entry of `kid`, or `None` when the id has no key object (a lone
+    /// certificate, or metadata whose key was deleted).
+    pub fn build(kid: &Kid, group: Group) -> Option<Entry> {
+        let Group { objects, metas } = group;
+        let mut problem = None;
+        let mut meta: Option<MetaSlot> = None;
+        for m in &metas {
+            match MetaRecord::from_bytes(kid, m.value.as_deref().unwrap_or_default()) {
+                // Generations left by an interrupted write: the highest is the truth.
+                Ok(record) if meta.as_ref().is_none_or(|k| record.seq > k.record.seq) => {
+                    meta = Some(MetaSlot {
+                        object: m.handle,
+                        record,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = problem.get_or_insert(e);
+                }
+            }
+        }
+        Entry::assemble(kid, objects, meta, problem)
+    }
+
+    /// Derives class, type, attributes, state and etag from objects and metadata.
+    pub fn assemble(
+        kid: &Kid,
+        objects: Vec<ObjectInfo>,
+        meta: Option<MetaSlot>,
+        mut problem: Option<String>,
+    ) -> Option<Entry> {
+        let count = |k| objects.iter().filter(|o| o.kind == k).count();
+        let (secrets, privates, publics) = (
+            count(ObjectKind::SecretKey),
+            count(ObjectKind::PrivateKey),
+            count(ObjectKind::PublicKey),
+        );
+        let class = match (secrets, privates, publics) {
+            (0, 0, 0) => return None,
+            (s, 0, 0) if s >= 1 => KeyClass::Secret,
+            (0, p, q) if p >= 1 && q >= 1 => KeyClass::KeyPair,
+            (0, p, 0) if p >= 1 => KeyClass::PrivateOnly,
+            (0, 0, _) => KeyClass::PublicOnly,
+            _ => KeyClass::Secret,
+        };
+        if secrets > 1 || privates > 1 || publics > 1 {
+            let _ = problem.get_or_insert(format!(
+                "{} objects of one class share the id ({secrets} secret, {privates} private, \
+                 {publics} public)",
+                secrets.max(privates).max(publics)
+            ));
+        } else if secrets == 1 && privates + publics > 0 {
+            let _ = problem
+                .get_or_insert("a secret key and an asymmetric key share the id".to_string());
+        }
+        let primary = objects
+            .iter()
+            .find(|o| matches!(o.kind, ObjectKind::SecretKey | ObjectKind::PrivateKey))
+            .or_else(|| objects.iter().find(|o| o.kind == ObjectKind::PublicKey))?;
+        let algs: Vec<_> = objects
+            .iter()
+            .filter(|o| o.kind != ObjectKind::Certificate)
+            .filter_map(|o| o.algorithm.clone())
+            .collect();
+        if algs.windows(2).any(|w| w[0] != w[1]) {
+            let _ = problem
+                .get_or_insert("objects sharing the id have different key types".to_string());
+        }
+        if let Some(m) = &meta {
+            if m.record.pending.is_some() {
+                let _ = problem.get_or_insert(
+                    "an interrupted label change could not be rolled back; restart to retry"
+                        .to_string(),
+                );
+            }
+        }
+        let find = |k| objects.iter().find(|o| o.kind == k);
+        let private = find(ObjectKind::PrivateKey).or(find(ObjectKind::SecretKey));
+        let public = find(ObjectKind::PublicKey).or(find(ObjectKind::SecretKey));
+        let flag = |o: Option<&ObjectInfo>, f: fn(&ObjectInfo) -> Option<bool>| {
+            o.and_then(f).unwrap_or(false)
+        };
+        let attributes = KeyAttributes {
+            sensitive: private.and_then(|o| o.sensitive),
+            extractable: private.and_then(|o| o.extractable),
+            modifiable: objects.iter().all(|o| o.modifiable != Some(false)),
+            sign: flag(private, |o| o.sign),
+            verify: flag(public, |o| o.verify),
+            encrypt: flag(public, |o| o.encrypt),
+            decrypt: flag(private, |o| o.decrypt),
+            wrap: flag(public, |o| o.wrap),
+            unwrap: flag(private, |o| o.unwrap),
+            derive: flag(private, |o| o.derive),
+        };
+        let ec_params = objects.iter().find_map(|o| o.ec_params.as_deref());
+        let modulus_bits = objects.iter().find_map(|o| o.modulus_bits);
+        let (key_type, curve, bits) = match primary.algorithm.clone() {
+            Some(Algorithm::Aes) => ("aes".to_string(), None, primary.value_len.map(|l| l * 8)),
+            Some(Algorithm::GenericSecret) => (
+                "generic-secret".to_string(),
+                None,
+                primary.value_len.map(|l| l * 8),
+            ),
+            Some(Algorithm::Rsa) => ("rsa".to_string(), None, modulus_bits),
+            Some(Algorithm::Ec) => (
+                "ec".to_string(),
+                Some(curve_name(ec_params).to_string()),
+                None,
+            ),
+            Some(Algorithm::EcEdwards) | Some(Algorithm::EcMontgomery) => {
+                (curve_name(ec_params).to_string(), None, None)
+            }
+            Some(Algorithm::Other(name)) => (
+                name.trim_start_matches("CKK_")
+                    .to_ascii_lowercase()
+                    .replace('_', "-"),
+                None,
+                None,
+            ),
+            None => ("unknown".to_string(), None, None),
+        };
+        let record = meta.as_ref().map(|m| &m.record);
+        let mut view = KeyView {
+            kid: kid.clone(),
+            label: String::from_utf8_lossy(&primary.label).into_owned(),
+            description: record
+                .and_then(|r| r.description.as_ref())
+                .map(|d| d.as_str().to_string()),
+            roles: record.map(|r| r.roles.clone()).unwrap_or_default(),
+            key_type,
+            curve,
+            bits,
+            class,
+            has_certificate: count(ObjectKind::Certificate) > 0,
+            attributes,
+            updated_at: record.and_then(|r| r.updated_at.clone()),
+            state: match &problem {
+                None => KeyState::Ok,
+                Some(p) => KeyState::Inconsistent(p.clone()),
+            },
+            etag: String::new(),
+        };
+        view.etag = etag_of(&view, &objects);
+        Some(Entry {
+            objects,
+            meta,
+            view,
+        })
+    }
+}
+
+/// A strong validator over everything the view shows plus every object's label (labels of
+/// secondary objects are not in the view but a label change must change the etag).
+fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(view).unwrap_or_default());
+    for o in objects {
+        h.update(kind_name(o.kind).as_bytes());
+        h.update((o.label.len() as u64).to_be_bytes());
+        h.update(&o.label);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Names a curve from its DER CKA_EC_PARAMS (an OID, or a printable string for Edwards and
+/// Montgomery curves as some tokens store them).
+fn curve_name(params: Option<&[u8]>) -> &'static str {
+    const NAMES: &[(&[u8], &str)] = &[
+        (
+            &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+            "P-256",
+        ),
+        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22], "P-384"),
+        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23], "P-521"),
+        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a], "secp256k1"),
+        (
+            &[
+                0x06, 0x09, 0x2b, 0x24, 0x03, 0x03, 0x02, 0x08, 0x01, 0x01, 0x07,
+            ],
+            "brainpoolP256r1",
+        ),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x70], "ed25519"),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x71], "ed448"),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x6e], "x25519"),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x6f], "x448"),
+        (b"\x13\x0cedwards25519", "ed25519"),
+        (b"\x13\x0aedwards448", "ed448"),
+        (b"\x13\x0acurve25519", "x25519"),
+        (b"\x13\x08curve448", "x448"),
+    ];
+    match params {
+        Some(p) => NAMES
+            .iter()
+            .find(|(der, _)| *der == p)
+            .map(|(_, n)| *n)
+            .unwrap_or("unknown"),
+        None => "unknown",
+    }
+}

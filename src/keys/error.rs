@@ -1,0 +1,75 @@
+//! Errors of the key domain. `api::error` is the one place that turns them into HTTP.
+
+use crate::hsm::HsmError;
+
+use super::model::Kid;
+
+/// Why a key operation did not happen. Nothing was changed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A request value is wrong.
+    #[error("{message}")]
+    Invalid {
+        /// Machine-readable code, e.g. `invalid_label`.
+        code: &'static str,
+        /// The field at fault, when there is one.
+        field: Option<&'static str>,
+        /// One clear sentence.
+        message: String,
+    },
+    /// No key has this id.
+    #[error("no key with id {0}")]
+    NotFound(Kid),
+    /// The key carries roles and the caller holds none of them.
+    #[error("key {kid} may only be updated by a principal holding one of the roles: {roles}")]
+    MissingRole {
+        /// The key.
+        kid: Kid,
+        /// Its roles, comma-separated.
+        roles: String,
+    },
+    /// CKA_MODIFIABLE is false on the key's objects.
+    #[error("key {0} is not modifiable (CKA_MODIFIABLE is false); the token refuses changes")]
+    NotModifiable(Kid),
+    /// The token refused the write.
+    #[error("the token refused the update of key {kid}: {source}")]
+    HsmRefused {
+        /// The key.
+        kid: Kid,
+        /// The PKCS#11 failure.
+        source: HsmError,
+    },
+    /// The key's objects disagree; it can be read but not updated.
+    #[error("key {kid} is in an inconsistent state: {reason}")]
+    Inconsistent {
+        /// The key.
+        kid: Kid,
+        /// What disagrees.
+        reason: String,
+    },
+    /// `If-Match` named another version of the key.
+    #[error("key {kid} has changed: its current etag is {current}")]
+    PreconditionFailed {
+        /// The key.
+        kid: Kid,
+        /// The current etag.
+        current: String,
+    },
+    /// The token cannot be reached or answered with a device error.
+    #[error("the token is unavailable: {0}")]
+    Unavailable(HsmError),
+    /// A bug or an unexpected module answer.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl KeyError {
+    /// A 400-class error on one field.
+    pub fn invalid(code: &'static str, field: &'static str, message: impl Into<String>) -> Self {
+        KeyError::Invalid {
+            code,
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+}

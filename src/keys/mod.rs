@@ -1,0 +1,300 @@
+//! The key domain: the in-memory index of the token's keys, listing and reading from it,
+//! and updates (validation, planning, per-key locks, write order, rollback).
+//!
+//! Invariants: the token is the truth and the index only mirrors it (built by one scan at
+//! startup, refreshed from the token after every write, rescanned on a miss at most once per
+//! [`RESCAN_MIN_INTERVAL`]); no request searches the token. Writes to one key are serialized
+//! by that key's lock; writes to different keys run in parallel. Every HSM call runs on a
+//! blocking thread.
+//! May call: `hsm`. Called by: `api`, `daemon`.
+
+mod entry;
+pub mod error;
+pub mod meta;
+pub mod model;
+mod update;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub use error::KeyError;
+pub use update::{Actor, FieldChange, KeyPatch, UpdateOutcome};
+
+use crate::hsm::{Hsm, HsmError, HsmErrorKind};
+use entry::{Entry, Group};
+use model::{KeyView, Kid, RoleName};
+
+/// Least time between two rescans triggered by lookups of unknown ids: a client probing
+/// random ids must not turn every request into a full token scan.
+pub const RESCAN_MIN_INTERVAL: Duration = Duration::from_secs(2);
+/// Largest page of a listing.
+pub const MAX_PAGE: usize = 1000;
+
+/// A listing request, already validated by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Page size, 1..=[`MAX_PAGE`].
+    pub limit: usize,
+    /// Start after this kid.
+    pub after: Option<Kid>,
+    /// Only keys with exactly this label.
+    pub label: Option<String>,
+    /// Only keys whose label starts with this.
+    pub label_prefix: Option<String>,
+}
+
+/// One page of keys, ordered by kid.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The keys.
+    pub keys: Vec<KeyView>,
+    /// The last kid of this page when more keys follow.
+    pub next_after: Option<Kid>,
+    /// Keys matching the filters in the whole index.
+    pub total: usize,
+}
+
+/// The key store: index, locks and the token behind them.
+pub struct KeyStore {
+    hsm: Hsm,
+    roles: RwLock<BTreeSet<RoleName>>,
+    index: RwLock<BTreeMap<Kid, Arc<Entry>>>,
+    locks: Mutex<HashMap<Kid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Updates hold it shared; a rescan holds it exclusively so it never reads a key
+    /// half-way through an update.
+    gate: tokio::sync::RwLock<()>,
+    last_rescan: Mutex<Instant>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl KeyStore {
+    /// Scans the token, rolls back interrupted label changes and builds the index.
+    /// Blocks: call it before serving, or on a blocking thread.
+    pub fn open(hsm: Hsm, roles: BTreeSet<RoleName>) -> Result<KeyStore, HsmError> {
+        let index = scan_index(&hsm)?;
+        Ok(KeyStore {
+            hsm,
+            roles: RwLock::new(roles),
+            index: RwLock::new(index),
+            locks: Mutex::new(HashMap::new()),
+            gate: tokio::sync::RwLock::new(()),
+            last_rescan: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The token behind the store.
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    /// Number of keys in the index.
+    pub fn len(&self) -> usize {
+        read(&self.index).len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces the role names keys may carry (on reload).
+    pub fn set_roles(&self, roles: BTreeSet<RoleName>) {
+        *write(&self.roles) = roles;
+    }
+
+    /// One page of keys.
+    pub fn list(&self, q: &ListQuery) -> Page {
+        let index = read(&self.index);
+        let matches = |e: &Entry| {
+            q.label.as_deref().is_none_or(|l| e.view.label == l)
+                && q.label_prefix
+                    .as_deref()
+                    .is_none_or(|p| e.view.label.starts_with(p))
+        };
+        let total = if q.label.is_none() && q.label_prefix.is_none() {
+            index.len()
+        } else {
+            index.values().filter(|e| matches(e)).count()
+        };
+        let start = match &q.after {
+            Some(k) => Bound::Excluded(k.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut keys = Vec::new();
+        let mut more = false;
+        for (_, e) in index.range((start, Bound::Unbounded)) {
+            if !matches(e) {
+                continue;
+            }
+            if keys.len() == q.limit {
+                more = true;
+                break;
+            }
+            keys.push(e.view.clone());
+        }
+        let next_after = if more {
+            keys.last().map(|k: &KeyView| k.kid.clone())
+        } else {
+            None
+        };
+        Page {
+            keys,
+            next_after,
+            total,
+        }
+    }
+
+    /// One key; an unknown id may trigger a (rate-limited) rescan before answering
+    /// [`KeyError::NotFound`].
+    pub async fn get(&self, kid: &Kid) -> Result<KeyView, KeyError> {
+        self.entry(kid).await.map(|e| e.view.clone())
+    }
+
+    async fn entry(&self, kid: &Kid) -> Result<Arc<Entry>, KeyError> {
+        if let Some(e) = read(&self.index).get(kid) {
+            return Ok(e.clone());
+        }
+        self.rescan_if_due().await?;
+        read(&self.index)
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| KeyError::NotFound(kid.clone()))
+    }
+
+    async fn rescan_if_due(&self) -> Result<(), KeyError> {
+        {
+            let mut last = self.last_rescan.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < RESCAN_MIN_INTERVAL {
+                return Ok(());
+            }
+            *last = Instant::now();
+        }
+        let _exclusive = self.gate.write().await;
+        let hsm = self.hsm.clone();
+        let fresh = tokio::task::spawn_blocking(move || scan_index(&hsm))
+            .await
+            .map_err(|e| KeyError::Internal(format!("rescan task failed: {e}")))?
+            .map_err(KeyError::Unavailable)?;
+        tracing::info!(keys = fresh.len(), "index rebuilt after a lookup miss");
+        *write(&self.index) = fresh;
+        Ok(())
+    }
+
+    fn lock_of(&self, kid: &Kid) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kid.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Applies `patch` to the key `kid` on behalf of `actor`: all of it, or nothing.
+    pub async fn update(
+        &self,
+        kid: &Kid,
+        patch: KeyPatch,
+        actor: &Actor,
+    ) -> Result<UpdateOutcome, KeyError> {
+        // Validation that needs no key comes first, so bad input never waits on a lock.
+        patch.check_roles(&read(&self.roles))?;
+        let _ = self.entry(kid).await?;
+        let _shared = self.gate.read().await;
+        let lock = self.lock_of(kid);
+        let _guard = lock.lock().await;
+        // Re-read under the lock: the entry may have changed while we waited.
+        let current = read(&self.index)
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
+        let plan = update::plan(kid, &current, &patch, actor)?;
+        if plan.is_empty() {
+            return Ok(UpdateOutcome {
+                key: current.view.clone(),
+                changes: Vec::new(),
+            });
+        }
+        let hsm = self.hsm.clone();
+        let kid2 = kid.clone();
+        let (result, refreshed) = tokio::task::spawn_blocking(move || {
+            let mut meta_slot = current.meta.as_ref().map(|m| m.object);
+            let result = update::apply(&hsm, &kid2, &current, &plan, &mut meta_slot);
+            // Whatever happened, mirror what the token now holds.
+            let refreshed = update::reread(&hsm, &kid2, &current, meta_slot);
+            (result.map(|()| plan.changes), refreshed)
+        })
+        .await
+        .map_err(|e| KeyError::Internal(format!("update task failed: {e}")))?;
+        match refreshed {
+            Ok(Some(entry)) => {
+                let view = entry.view.clone();
+                let _ = write(&self.index).insert(kid.clone(), Arc::new(entry));
+                result.map(|changes| UpdateOutcome { key: view, changes })
+            }
+            Ok(None) => {
+                let _ = write(&self.index).remove(kid);
+                result.and(Err(KeyError::NotFound(kid.clone())))
+            }
+            Err(e) => {
+                // The token did not answer the re-read: force a rescan on the next miss.
+                *self.last_rescan.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Instant::now() - RESCAN_MIN_INTERVAL;
+                result.and(Err(hsm_error(kid, e)))
+            }
+        }
+    }
+}
+
+/// Maps an HSM failure during a key operation to the domain error.
+fn hsm_error(kid: &Kid, e: HsmError) -> KeyError {
+    match e.kind {
+        HsmErrorKind::ReadOnly | HsmErrorKind::Refused => KeyError::HsmRefused {
+            kid: kid.clone(),
+            source: e,
+        },
+        HsmErrorKind::ObjectGone => KeyError::Inconsistent {
+            kid: kid.clone(),
+            reason: format!(
+                "its objects changed in the token outside hsmkeyd ({e}); retry to use the \
+                 refreshed index"
+            ),
+        },
+        HsmErrorKind::Unavailable => KeyError::Unavailable(e),
+        HsmErrorKind::Internal => KeyError::Internal(e.to_string()),
+    }
+}
+
+/// One full scan: group objects into keys, roll back interrupted label changes.
+fn scan_index(hsm: &Hsm) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
+    let objects = hsm.scan(meta::APPLICATION)?;
+    let (groups, skipped) = entry::group(objects);
+    if skipped > 0 {
+        tracing::warn!(
+            objects = skipped,
+            "key objects without a usable CKA_ID (empty or over 128 bytes) are not served"
+        );
+    }
+    let mut index = BTreeMap::new();
+    for (kid, group) in groups {
+        let group = update::settle(hsm, &kid, group);
+        if let Some(e) = Entry::build(&kid, group) {
+            let _ = index.insert(kid, Arc::new(e));
+        }
+    }
+    Ok(index)
+}
+
+impl Group {
+    fn new(objects: Vec<crate::hsm::ObjectInfo>, metas: Vec<crate::hsm::ObjectInfo>) -> Group {
+        Group { objects, metas }
+    }
+}

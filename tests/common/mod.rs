@@ -1,0 +1,499 @@
+//! Shared setup for the integration tests: a fresh SoftHSM token per test, the real daemon
+//! as a child process, a small HTTP client over its Unix socket, and independent read-back
+//! of the token with OpenSC's pkcs11-tool.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const TOKEN_LABEL: &str = "hsmkeyd-test";
+const USER_PIN: &str = "test-user-pin-5678";
+
+fn require_tools() {
+    for tool in ["softhsm2-util", "pkcs11-tool"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found && Path::new(SOFTHSM).exists(),
+            "{tool} or {SOFTHSM} is missing: run ./softhsm-setup.sh --deps-only first"
+        );
+    }
+}
+
+/// A fresh SoftHSM token in its own directory.
+pub struct Token {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+    pub pin_file: PathBuf,
+}
+
+impl Token {
+    pub fn new() -> Token {
+        require_tools();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &conf)
+            .args(["--init-token", "--free", "--label", TOKEN_LABEL])
+            .args(["--so-pin", "test-so-pin-1234", "--pin", USER_PIN])
+            .output()
+            .expect("run softhsm2-util");
+        assert!(
+            out.status.success(),
+            "init-token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = dir.path().join("pin");
+        fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
+        fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600)).unwrap();
+        Token {
+            dir,
+            conf,
+            pin_file,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs the dev token tool against this token and returns its stdout.
+    pub fn devtoken(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_hsmkeyd-devtoken"))
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args([
+                "--module",
+                SOFTHSM,
+                "--token-label",
+                TOKEN_LABEL,
+                "--pin-file",
+            ])
+            .arg(&self.pin_file)
+            .args(args)
+            .output()
+            .expect("run hsmkeyd-devtoken");
+        assert!(
+            out.status.success(),
+            "hsmkeyd-devtoken {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Generates a key: `kind` as the dev tool names it (aes256, ec-p256, rsa2048, ...).
+    pub fn gen(&self, kind: &str, id: &str, label: &str, extra: &[&str]) -> String {
+        let mut args = vec!["gen", "--kind", kind, "--id", id, "--label", label];
+        args.extend_from_slice(extra);
+        self.devtoken(&args).trim().to_string()
+    }
+
+    /// Objects as pkcs11-tool sees them: (class line, label, id hex), read independently of
+    /// hsmkeyd.
+    pub fn objects(&self) -> Vec<P11Object> {
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
+            .args(["--login", "--pin", USER_PIN, "--list-objects"])
+            .output()
+            .expect("run pkcs11-tool");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_objects(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Labels of the key objects with this id, by class, from pkcs11-tool.
+    pub fn labels_of(&self, id: &str) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .objects()
+            .into_iter()
+            .filter(|o| o.id == id && o.class != "Data")
+            .map(|o| (o.class, o.label))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct P11Object {
+    pub class: String,
+    pub label: String,
+    pub id: String,
+}
+
+fn parse_objects(text: &str) -> Vec<P11Object> {
+    let mut out: Vec<P11Object> = Vec::new();
+    for line in text.lines() {
+        if !line.starts_with(' ') && (line.contains("Object") || line.starts_with("Data object")) {
+            let class = if line.starts_with("Secret Key") {
+                "Secret"
+            } else if line.starts_with("Private Key") {
+                "Private"
+            } else if line.starts_with("Public Key") {
+                "Public"
+            } else if line.starts_with("Certificate") {
+                "Certificate"
+            } else if line.starts_with("Data object") {
+                "Data"
+            } else {
+                "Other"
+            };
+            out.push(P11Object {
+                class: class.into(),
+                label: String::new(),
+                id: String::new(),
+            });
+        } else if let Some(o) = out.last_mut() {
+            let t = line.trim_start();
+            if let Some(l) = t.strip_prefix("label:") {
+                o.label = l.trim().trim_matches('\'').to_string();
+            } else if let Some(i) = t.strip_prefix("ID:") {
+                o.id = i.trim().to_lowercase();
+            }
+        }
+    }
+    out
+}
+
+/// Path of the fault-injecting PKCS#11 wrapper, built once per test binary into its own
+/// target directory (so it does not wait on the lock `cargo test` holds).
+pub fn fault_module() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let target = root.join("target").join("pkcs11-fault");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args(["build", "--quiet", "--manifest-path"])
+                .arg(root.join("tests/pkcs11-fault/Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .output()
+                .expect("run cargo build for the fault module");
+            assert!(
+                out.status.success(),
+                "building the fault module failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target.join("debug/libhsmkeyd_pkcs11_fault.so")
+        })
+        .clone()
+}
+
+/// Options for one daemon run.
+pub struct Setup {
+    /// TOML for `[[principals]]` and `[keys]`; `{uid}` is replaced by the test's uid.
+    pub access: String,
+    /// Route the module through the fault wrapper, controlled from this directory.
+    pub fault_dir: Option<PathBuf>,
+    /// Extra lines appended to the `[pkcs11]` section.
+    pub pkcs11_extra: String,
+}
+
+pub fn uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            access: ALL_ACCESS.to_string(),
+            fault_dir: None,
+            pkcs11_extra: String::new(),
+        }
+    }
+}
+
+/// The test's uid holds every scope and both roles.
+pub const ALL_ACCESS: &str = r#"
+[keys]
+roles = ["ops", "payments"]
+
+[[principals]]
+name = "tester"
+uids = [{uid}]
+scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
+roles = ["ops", "payments"]
+"#;
+
+/// Writes the config for `token` and returns its path.
+pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
+    let sock = token.path().join("api.sock");
+    let (module, env) = match &setup.fault_dir {
+        Some(dir) => (
+            fault_module(),
+            format!(
+                "HSMKEYD_FAULT_MODULE = \"{SOFTHSM}\"\nHSMKEYD_FAULT_DIR = \"{}\"\n",
+                dir.display()
+            ),
+        ),
+        None => (PathBuf::from(SOFTHSM), String::new()),
+    };
+    let text = format!(
+        "[pkcs11]\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n{}\n\
+         [pkcs11.module_env]\nSOFTHSM2_CONF = \"{}\"\n{env}\n\
+         [unix]\npath = \"{}\"\nmode = \"0660\"\n\n[server]\ndrain_timeout_s = 5\n{}",
+        module.display(),
+        token.pin_file.display(),
+        setup.pkcs11_extra,
+        token.conf.display(),
+        sock.display(),
+        setup.access.replace("{uid}", &uid().to_string()),
+    );
+    let path = token.path().join("hsmkeyd.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// The daemon as a child process.
+pub struct Daemon {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `token` and waits until its socket answers.
+    pub fn start(token: &Token, setup: &Setup) -> Daemon {
+        Daemon::try_start(token, setup).unwrap_or_else(|e| panic!("daemon did not start: {e}"))
+    }
+
+    /// Starts the daemon; `Err` carries its stderr if it exits before serving.
+    pub fn try_start(token: &Token, setup: &Setup) -> Result<Daemon, String> {
+        let config = write_config(token, setup);
+        let stderr = token.path().join(format!(
+            "daemon-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_hsmkeyd"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("SOFTHSM2_CONF")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn hsmkeyd");
+        let mut d = Daemon {
+            child,
+            sock: token.path().join("api.sock"),
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                return Err(format!("exited with {status}: {}", d.log()));
+            }
+            if UnixStream::connect(&d.sock).is_ok() {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("socket never answered: {}", d.log()));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client {
+            sock: self.sock.clone(),
+        }
+    }
+
+    /// SIGTERM, then waits; returns the exit code.
+    pub fn stop(mut self) -> i32 {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon ignored SIGTERM: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the status and the error code of a JSON error body.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) -> Value {
+        let body = self.json();
+        assert_eq!(self.status, status, "body: {body}");
+        assert_eq!(body["error"], code, "body: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without a message: {body}"
+        );
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "error body must be JSON"
+        );
+        body
+    }
+}
+
+/// A minimal HTTP/1.1 client over the Unix socket: one connection per request, so tests can
+/// also send malformed requests.
+#[derive(Clone)]
+pub struct Client {
+    pub sock: PathBuf,
+}
+
+impl Client {
+    pub fn raw(&self, request: &[u8]) -> Response {
+        let mut s = UnixStream::connect(&self.sock).expect("connect to the daemon");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(request).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        parse_response(&buf)
+    }
+
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || method == "PATCH" || method == "POST" {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.raw(&bytes)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.send("GET", path, &[], b"")
+    }
+
+    pub fn patch(&self, kid: &str, body: &Value) -> Response {
+        self.send(
+            "PATCH",
+            &format!("/v1/keys/{kid}"),
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    }
+}
+
+fn parse_response(buf: &[u8]) -> Response {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+}
