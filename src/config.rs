@@ -447,6 +447,15 @@ roles = ["ops"]
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let c = parse(include_str!("../config/hsmkeyd.toml")).unwrap();
+        assert_eq!(c.pkcs11.token, TokenSelector::Label("hsmkeyd".into()));
+        assert_eq!(c.unix.path, Path::new("/run/hsmkeyd/api.sock"));
+        assert_eq!(c.principals.len(), 3);
+        assert_eq!(c.roles.len(), 2);
+    }
+
+    #[test]
     fn unknown_key_names_the_file_and_key() {
         let e = parse(&GOOD.replace("[unix]", "[unix]\nsokcet = 1")).unwrap_err();
         let msg = e.to_string();

@@ -174,6 +174,11 @@ fn find_token(
                 )))
             }
         };
+        // SoftHSM2 and others offer an empty slot for initializing a new token: not a
+        // candidate, and listing it would only confuse the message.
+        if !info.token_initialized() {
+            continue;
+        }
         let desc = TokenDescription {
             label: info.label().trim_end().to_string(),
             serial: info.serial_number().trim_end().to_string(),
