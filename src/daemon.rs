@@ -1,7 +1,8 @@
 //! Startup and shutdown: the one place that wires the layers together.
 //!
-//! Order: read the PIN, open the token (login), build the key index, bind the listeners,
-//! serve; on SIGTERM or SIGINT stop accepting, let in-flight requests finish (bounded by
+//! Order: bind the listeners (refusing a live daemon or an unsafe socket directory before
+//! the token is touched), open the token (login with the PIN `main` read), build the key
+//! index, serve; on SIGTERM or SIGINT stop accepting, let in-flight requests finish (bounded by
 //! `server.drain_timeout_s`), close the sessions and call C_Finalize.
 //! May call: every module.
 
@@ -15,7 +16,7 @@ use crate::config::Config;
 use crate::front::{self, Connections};
 use crate::hsm::Hsm;
 use crate::keys::KeyStore;
-use crate::secret;
+use crate::secret::SecretString;
 
 /// A failure that stops the daemon, already worded for the operator.
 #[derive(Debug)]
@@ -34,22 +35,41 @@ pub fn set_module_env(config: &Config) {
     }
 }
 
-/// Runs the daemon until a termination signal. Call [`set_module_env`] first.
-pub fn run(config: Config) -> Result<(), Fatal> {
-    let pin = secret::read_pin_file(&config.pkcs11.pin_file).map_err(|e| Fatal(e.to_string()))?;
+/// Removes the socket file when the daemon stops, however it stops after binding.
+struct SocketFile<'a>(&'a std::path::Path);
+
+impl Drop for SocketFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// Runs the daemon until a termination signal. Call [`set_module_env`] first; `pin` comes
+/// from [`secret::read_pin_file`], which the caller checks so that a bad PIN file counts as
+/// a configuration error.
+pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hsmkeyd")
+        .build()
+        .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
+    // The socket is claimed first: a second daemon, or a socket directory others can write,
+    // is refused before anything touches the token. Clients that connect while the token
+    // is opened wait in the listen backlog.
+    let listener = {
+        let _ctx = runtime.enter();
+        front::unix::bind(&config.unix).map_err(Fatal)?
+    };
+    let _socket_file = SocketFile(&config.unix.path);
+
     let hsm = Hsm::open(&config.pkcs11, pin).map_err(|e| Fatal(e.to_string()))?;
     tracing::info!(token = %hsm.token(), module = %config.pkcs11.module.display(), "logged in");
     let keys = KeyStore::open(hsm.clone(), config.roles.clone())
         .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("hsmkeyd")
-        .build()
-        .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
     let keys = Arc::new(keys);
-    runtime.block_on(serve(&config, keys.clone()))?;
+    runtime.block_on(serve(&config, listener, keys.clone()))?;
     drop(runtime);
 
     let keys =
@@ -62,13 +82,16 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     Ok(())
 }
 
-async fn serve(config: &Config, keys: Arc<KeyStore>) -> Result<(), Fatal> {
+async fn serve(
+    config: &Config,
+    listener: tokio::net::UnixListener,
+    keys: Arc<KeyStore>,
+) -> Result<(), Fatal> {
     let state = AppState {
         keys,
         principals: Arc::new(RwLock::new(Arc::new(Principals::new(&config.principals)))),
     };
     let app = api::router(state);
-    let listener = front::unix::bind(&config.unix).map_err(Fatal)?;
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| Fatal(format!("cannot install the SIGTERM handler: {e}")))?;
     let mut int = signal(SignalKind::interrupt())
@@ -88,6 +111,7 @@ async fn serve(config: &Config, keys: Arc<KeyStore>) -> Result<(), Fatal> {
     }
     trigger.trigger();
     let _ = unix.await;
+    // Nothing accepts any more: the path goes now so a successor can bind while we drain.
     let _ = std::fs::remove_file(&config.unix.path);
     if tokio::time::timeout(config.server.drain_timeout, conns.drained())
         .await

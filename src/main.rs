@@ -43,16 +43,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if cli.check_config {
-        if let Err(e) = secret::read_pin_file(&config.pkcs11.pin_file) {
+    // A PIN file that is missing, empty or readable by others is a configuration error in
+    // both modes, so a unit's RestartPreventExitStatus=78 does not loop on it.
+    let pin = match secret::read_pin_file(&config.pkcs11.pin_file) {
+        Ok(p) => p,
+        Err(e) => {
             eprintln!("hsmkeyd: config {}: {e}", cli.config.display());
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    if cli.check_config {
         println!("config {} is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
     daemon::set_module_env(&config);
-    match daemon::run(config) {
+    match daemon::run(config, pin) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hsmkeyd: {e}");
