@@ -147,6 +147,11 @@ SOFTHSM2_CONF = "$CONF"
 path = "$SOCK"
 mode = "0660"
 
+# Development only: audit entries as JSON lines on stderr, so the daemon runs where no
+# journald listens. Production uses the default, sink = "journald".
+[audit]
+sink = "stderr-json"
+
 [keys]
 roles = ["ops", "payments"]
 

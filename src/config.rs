@@ -133,6 +133,25 @@ pub struct Config {
     pub roles: BTreeSet<RoleName>,
     /// `[[principals]]`.
     pub principals: Vec<PrincipalConfig>,
+    /// `[audit]`.
+    pub audit: AuditConfig,
+}
+
+/// Where audit entries go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditSink {
+    /// journald's native protocol (production; startup is refused without journald).
+    Journald,
+    /// The same entries as JSON lines on stderr (development only).
+    StderrJson,
+}
+
+/// The `[audit]` section.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Where entries go.
+    pub sink: AuditSink,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +165,14 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     principals: Vec<RawPrincipal>,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    sink: Option<AuditSink>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +411,9 @@ impl Config {
             },
             roles,
             principals,
+            audit: AuditConfig {
+                sink: raw.audit.sink.unwrap_or(AuditSink::Journald),
+            },
         })
     }
 }
@@ -453,6 +483,20 @@ roles = ["ops"]
         assert_eq!(c.unix.path, Path::new("/run/hsmkeyd/api.sock"));
         assert_eq!(c.principals.len(), 3);
         assert_eq!(c.roles.len(), 2);
+        assert_eq!(
+            c.audit.sink,
+            AuditSink::Journald,
+            "production audits to journald"
+        );
+    }
+
+    #[test]
+    fn audit_sink_defaults_to_journald_and_rejects_unknown_sinks() {
+        assert_eq!(parse(GOOD).unwrap().audit.sink, AuditSink::Journald);
+        let c = parse(&format!("{GOOD}\n[audit]\nsink = \"stderr-json\"\n")).unwrap();
+        assert_eq!(c.audit.sink, AuditSink::StderrJson);
+        let e = parse(&format!("{GOOD}\n[audit]\nsink = \"syslog\"\n")).unwrap_err();
+        assert!(e.to_string().contains("syslog"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::{self, AppState};
+use crate::audit::{Auditor, Entry, Event, Outcome};
 use crate::auth::Principals;
 use crate::config::Config;
 use crate::front::{self, Connections};
@@ -48,6 +49,8 @@ impl Drop for SocketFile<'_> {
 /// from [`secret::read_pin_file`], which the caller checks so that a bad PIN file counts as
 /// a configuration error.
 pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
+    // No audit trail, no daemon: checked before anything else.
+    let audit = Arc::new(Auditor::open(config.audit.sink).map_err(|e| Fatal(e.to_string()))?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hsmkeyd")
@@ -62,14 +65,34 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     };
     let _socket_file = SocketFile(&config.unix.path);
 
-    let hsm = Hsm::open(&config.pkcs11, pin).map_err(|e| Fatal(e.to_string()))?;
+    let hsm = match Hsm::open(&config.pkcs11, pin) {
+        Ok(h) => h,
+        Err(e) => {
+            let entry = Entry::new(
+                Event::HsmLogin,
+                Outcome::Failed,
+                format!("HSM login failed: {e}"),
+            );
+            if let Err(ae) = audit.write(&entry) {
+                tracing::error!(error = %ae, "could not record the failed login");
+            }
+            return Err(Fatal(e.to_string()));
+        }
+    };
     tracing::info!(token = %hsm.token(), module = %config.pkcs11.module.display(), "logged in");
+    audit
+        .write(&Entry::new(
+            Event::HsmLogin,
+            Outcome::Ok,
+            format!("logged in to {}", hsm.token()),
+        ))
+        .map_err(|e| Fatal(format!("cannot record the login in the audit trail: {e}")))?;
     let keys = KeyStore::open(hsm.clone(), config.roles.clone())
         .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");
 
     let keys = Arc::new(keys);
-    runtime.block_on(serve(&config, listener, keys.clone()))?;
+    runtime.block_on(serve(&config, listener, keys.clone(), audit.clone()))?;
     drop(runtime);
 
     let keys =
@@ -77,6 +100,9 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     drop(keys);
     if let Err(e) = hsm.shutdown() {
         tracing::warn!(error = %e, "closing the token at shutdown failed");
+    }
+    if let Err(e) = audit.write(&Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped")) {
+        tracing::warn!(error = %e, "could not record the stop in the audit trail");
     }
     tracing::info!("stopped");
     Ok(())
@@ -86,9 +112,12 @@ async fn serve(
     config: &Config,
     listener: tokio::net::UnixListener,
     keys: Arc<KeyStore>,
+    audit: Arc<Auditor>,
 ) -> Result<(), Fatal> {
+    let key_count = keys.len();
     let state = AppState {
         keys,
+        audit: audit.clone(),
         principals: Arc::new(RwLock::new(Arc::new(Principals::new(&config.principals)))),
     };
     let app = api::router(state);
@@ -105,6 +134,18 @@ async fn serve(
         shutdown.clone(),
     ));
     tracing::info!(socket = %config.unix.path.display(), "serving");
+    audit
+        .write_async(Entry::new(
+            Event::DaemonStarted,
+            Outcome::Ok,
+            format!(
+                "serving {key_count} keys on {} (config {})",
+                config.unix.path.display(),
+                config.source.display()
+            ),
+        ))
+        .await
+        .map_err(|e| Fatal(format!("cannot record the start in the audit trail: {e}")))?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; draining"),
         _ = int.recv() => tracing::info!("SIGINT received; draining"),

@@ -8,6 +8,7 @@
 #![deny(missing_docs, unused_results)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod daemon;

@@ -108,19 +108,7 @@ fn start_with(config: &Path, sock: &Path, log_dir: &Path) -> Result<Daemon, Stri
         sock: sock.to_path_buf(),
         stderr,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            return Err(format!("exited with {status}: {}", d.log()));
-        }
-        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
-            return Ok(d);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("socket never answered: {}", d.log()));
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    d.wait_ready().map(|()| d)
 }
 
 #[track_caller]

@@ -104,6 +104,15 @@ impl ApiError {
         )
     }
 
+    /// 503: the audit trail did not take the entry, so the request was refused.
+    pub fn audit_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit trail is unavailable, so nothing was done; retry later",
+        )
+    }
+
     /// 500 with a generic message; the detail goes to the log only.
     pub fn internal(detail: &str) -> ApiError {
         tracing::error!(detail, "internal error");
@@ -148,6 +157,10 @@ impl From<KeyError> for ApiError {
                     "token_unavailable",
                     "the token is unavailable; retry later",
                 )
+            }
+            KeyError::NotRecorded(d) => {
+                tracing::error!(error = %d, "update refused: its intent entry was not recorded");
+                ApiError::audit_unavailable()
             }
             KeyError::Internal(d) => ApiError::internal(&d),
         }

@@ -11,6 +11,7 @@
 //!
 //! May call: `auth`, `keys`. Called by: `front`.
 
+pub mod audited;
 pub mod body;
 pub mod error;
 
@@ -25,10 +26,12 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use serde_json::json;
 
+use crate::audit::Auditor;
 use crate::auth::scope::Scope;
 use crate::auth::{Peer, Principal, Principals};
 use crate::keys::model::KeyView;
 use crate::keys::{Actor, KeyStore};
+use audited::{AuditNote, RequestId};
 use error::ApiError;
 
 /// What every handler shares.
@@ -36,6 +39,8 @@ use error::ApiError;
 pub struct AppState {
     /// The key store.
     pub keys: Arc<KeyStore>,
+    /// The audit trail.
+    pub audit: Arc<Auditor>,
     /// The principals of the current configuration (swapped on reload).
     pub principals: Arc<RwLock<Arc<Principals>>>,
 }
@@ -49,6 +54,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            audited::layer,
+        ))
         .with_state(state)
 }
 
@@ -65,6 +74,9 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         .clone();
     match principals.resolve(&peer) {
         Some(p) => {
+            if let Some(note) = req.extensions().get::<AuditNote>() {
+                note.principal(&p.name);
+            }
             let _ = req.extensions_mut().insert(p);
             next.run(req).await
         }
@@ -123,14 +135,20 @@ async fn get_key(
     Ok(with_etag(&view, body))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn patch_key(
     State(state): State<AppState>,
     Extension(p): Extension<Arc<Principal>>,
+    Extension(note): Extension<AuditNote>,
+    Extension(rid): Extension<RequestId>,
+    peer: Option<Extension<Peer>>,
     Path(kid): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    note.update(None);
     let kid = body::kid(&kid)?;
+    note.update(Some(kid.as_str()));
     if !p.may_update(&kid) {
         return Err(ApiError::missing_scope(&format!(
             "{} or {}",
@@ -143,7 +161,14 @@ async fn patch_key(
     let actor = Actor {
         roles: p.roles.clone(),
     };
-    let outcome = state.keys.update(&kid, patch, &actor).await?;
+    let hook = audited::intent_hook(
+        state.audit.clone(),
+        note.clone(),
+        rid,
+        peer.map(|Extension(p)| p),
+    );
+    let outcome = state.keys.update(&kid, patch, &actor, hook).await?;
+    note.committed(&outcome.changes);
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();
     let body = json!({ "key": outcome.key, "changed": changed });
     Ok(with_etag(&outcome.key, body))

@@ -58,6 +58,9 @@ pub enum KeyError {
     /// The token cannot be reached or answered with a device error.
     #[error("the token is unavailable: {0}")]
     Unavailable(HsmError),
+    /// The caller's pre-write hook (the audit intent entry) failed, so nothing was written.
+    #[error("the update could not be recorded before writing: {0}")]
+    NotRecorded(String),
     /// A bug or an unexpected module answer.
     #[error("internal error: {0}")]
     Internal(String),

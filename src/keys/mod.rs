@@ -199,12 +199,21 @@ impl KeyStore {
     }
 
     /// Applies `patch` to the key `kid` on behalf of `actor`: all of it, or nothing.
-    pub async fn update(
+    ///
+    /// `before_write` runs once the changes are known and just before the first token
+    /// write, under the key's lock (not at all when nothing changes); if it fails, nothing
+    /// is written and the update answers [`KeyError::NotRecorded`]. It runs on a blocking
+    /// thread.
+    pub async fn update<F>(
         &self,
         kid: &Kid,
         patch: KeyPatch,
         actor: &Actor,
-    ) -> Result<UpdateOutcome, KeyError> {
+        before_write: F,
+    ) -> Result<UpdateOutcome, KeyError>
+    where
+        F: FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static,
+    {
         // Validation that needs no key comes first, so bad input never waits on a lock.
         patch.check_roles(&read(&self.roles))?;
         let _ = self.entry(kid).await?;
@@ -226,14 +235,15 @@ impl KeyStore {
         let hsm = self.hsm.clone();
         let kid2 = kid.clone();
         let (result, refreshed) = tokio::task::spawn_blocking(move || {
+            before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
             let mut meta_slot = current.meta.as_ref().map(|m| m.object);
             let result = update::apply(&hsm, &kid2, &current, &plan, &mut meta_slot);
             // Whatever happened, mirror what the token now holds.
             let refreshed = update::reread(&hsm, &kid2, &current, meta_slot);
-            (result.map(|()| plan.changes), refreshed)
+            Ok((result.map(|()| plan.changes), refreshed))
         })
         .await
-        .map_err(|e| KeyError::Internal(format!("update task failed: {e}")))?;
+        .map_err(|e| KeyError::Internal(format!("update task failed: {e}")))??;
         match refreshed {
             Ok(Some(entry)) => {
                 let view = entry.view.clone();

@@ -3,6 +3,8 @@
 //! of the token with OpenSC's pkcs11-tool.
 #![allow(dead_code)]
 
+pub mod journal;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -214,6 +216,10 @@ pub struct Setup {
     pub fault_dir: Option<PathBuf>,
     /// Extra lines appended to the `[pkcs11]` section.
     pub pkcs11_extra: String,
+    /// Body of the `[audit]` section (default: the stderr-json development sink).
+    pub audit: String,
+    /// Run the daemon in this process's mount namespace (a [`journal::Journal`]'s pid).
+    pub namespace: Option<u32>,
 }
 
 pub fn uid() -> u32 {
@@ -226,6 +232,8 @@ impl Default for Setup {
             access: ALL_ACCESS.to_string(),
             fault_dir: None,
             pkcs11_extra: String::new(),
+            audit: "sink = \"stderr-json\"\n".to_string(),
+            namespace: None,
         }
     }
 }
@@ -258,12 +266,14 @@ pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
     let text = format!(
         "[pkcs11]\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n{}\n\
          [pkcs11.module_env]\nSOFTHSM2_CONF = \"{}\"\n{env}\n\
-         [unix]\npath = \"{}\"\nmode = \"0660\"\n\n[server]\ndrain_timeout_s = 5\n{}",
+         [unix]\npath = \"{}\"\nmode = \"0660\"\n\n[server]\ndrain_timeout_s = 5\n\n\
+         [audit]\n{}\n{}",
         module.display(),
         token.pin_file.display(),
         setup.pkcs11_extra,
         token.conf.display(),
         sock.display(),
+        setup.audit,
         setup.access.replace("{uid}", &uid().to_string()),
     );
     let path = token.path().join("hsmkeyd.toml");
@@ -294,7 +304,17 @@ impl Daemon {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = Command::new(env!("CARGO_BIN_EXE_hsmkeyd"))
+        let mut cmd = match setup.namespace {
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                let _ = c
+                    .args(["-t", &pid.to_string(), "-m", "--"])
+                    .arg(env!("CARGO_BIN_EXE_hsmkeyd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_hsmkeyd")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .env_remove("SOFTHSM2_CONF")
@@ -308,16 +328,22 @@ impl Daemon {
             sock: token.path().join("api.sock"),
             stderr,
         };
+        d.wait_ready().map(|()| d)
+    }
+
+    /// Waits until the daemon serves (it logs `serving` once the token is open and the
+    /// index built; the socket itself is bound earlier), or `Err` with its log if it exits.
+    pub fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                return Err(format!("exited with {status}: {}", d.log()));
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(format!("exited with {status}: {}", self.log()));
             }
-            if UnixStream::connect(&d.sock).is_ok() {
-                return Ok(d);
+            if self.log().contains(" serving socket=") && UnixStream::connect(&self.sock).is_ok() {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("socket never answered: {}", d.log()));
+                return Err(format!("never started serving: {}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(25));
         }

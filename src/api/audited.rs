@@ -1,0 +1,227 @@
+//! The one place requests meet the audit trail: every request gets an id (`X-Request-Id`),
+//! and every key update, every 401 and every 403 gets exactly one result entry, written
+//! before the answer leaves. If that entry cannot be written the answer becomes 503
+//! `audit_unavailable`, except for an update already committed to the token, whose intent
+//! entry records it (the answer stays 200 and the failure goes to the log).
+//!
+//! Handlers tell this layer what they learned through the request's [`AuditNote`].
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::audit::{caller, describe_changes, Auditor, Entry, Event, Outcome};
+use crate::auth::Peer;
+use crate::keys::FieldChange;
+
+/// Header carrying the request id on every response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Audited answers are JSON of a few KiB at most; anything larger is not ours to rewrite.
+const MAX_AUDITED_BODY: usize = 1 << 20;
+/// Longest request path copied into an entry.
+const MAX_PATH_IN_ENTRY: usize = 256;
+
+/// The request's id: 128 random bits, lowercase hex.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// What the handlers learned about a request, for its audit entry.
+#[derive(Debug, Default)]
+pub struct Note {
+    principal: Option<String>,
+    update: bool,
+    kid: Option<String>,
+    changes: Option<Value>,
+    committed: bool,
+    intent_failed: bool,
+}
+
+/// Shared between this layer and the handlers of one request.
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote(Arc<Mutex<Note>>);
+
+impl AuditNote {
+    fn with<T>(&self, f: impl FnOnce(&mut Note) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The caller was identified as this principal.
+    pub fn principal(&self, name: &str) {
+        self.with(|n| n.principal = Some(name.to_string()));
+    }
+
+    /// This request is an update of a key's attributes (`kid` once it parsed).
+    pub fn update(&self, kid: Option<&str>) {
+        self.with(|n| {
+            n.update = true;
+            n.kid = kid.map(str::to_string);
+        });
+    }
+
+    /// The update wrote these changes to the token.
+    pub fn committed(&self, changes: &[FieldChange]) {
+        self.with(|n| {
+            n.changes = Some(changes_json(changes));
+            n.committed = !changes.is_empty();
+        });
+    }
+}
+
+/// `HSMKEYD_CHANGES`: field -> {"before", "after"}.
+pub fn changes_json(changes: &[FieldChange]) -> Value {
+    Value::Object(
+        changes
+            .iter()
+            .map(|c| {
+                (
+                    c.field.to_string(),
+                    serde_json::json!({"before": c.before, "after": c.after}),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The hook an update runs before its first token write: the intent entry.
+pub fn intent_hook(
+    audit: Arc<Auditor>,
+    note: AuditNote,
+    rid: RequestId,
+    peer: Option<Peer>,
+) -> impl FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static {
+    move |changes| {
+        let (principal, kid) = note.with(|n| (n.principal.clone(), n.kid.clone()));
+        let changes = changes_json(changes);
+        let mut e = Entry::new(
+            Event::KeyAttributesChangeIntent,
+            Outcome::Pending,
+            format!(
+                "key {}: about to change {} for {}",
+                kid.as_deref().unwrap_or("?"),
+                describe_changes(&changes),
+                caller(principal.as_deref(), peer.as_ref())
+            ),
+        );
+        e.kid = kid;
+        e.principal = principal;
+        e.peer = peer;
+        e.request_id = Some(rid.0);
+        e.changes = Some(changes.clone());
+        note.with(|n| n.changes = Some(changes));
+        audit.write(&e).map_err(|err| {
+            note.with(|n| n.intent_failed = true);
+            err.to_string()
+        })
+    }
+}
+
+/// The middleware: request id in, result entry out.
+pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let rid = RequestId(format!("{:032x}", rand::random::<u128>()));
+    let note = AuditNote::default();
+    let peer = req.extensions().get::<Peer>().copied();
+    let request = format!("{} {}", req.method(), truncate(req.uri().path()));
+    let _ = req.extensions_mut().insert(rid.clone());
+    let _ = req.extensions_mut().insert(note.clone());
+
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let n = note.with(std::mem::take);
+    let event = if n.intent_failed {
+        None
+    } else if status == 401 {
+        Some(Event::AuthFailed)
+    } else if status == 403 {
+        Some(Event::FailedScopeCheck)
+    } else if n.update {
+        Some(Event::KeyAttributesChanged)
+    } else {
+        None
+    };
+    let Some(event) = event else {
+        return with_request_id(resp, &rid);
+    };
+
+    let (parts, body) = resp.into_parts();
+    let bytes = to_bytes(body, MAX_AUDITED_BODY).await.unwrap_or_default();
+    let mut json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let error = json["error"].as_str().map(str::to_string);
+    let reason = json["message"].as_str().unwrap_or("").to_string();
+
+    let outcome = match event {
+        Event::KeyAttributesChanged => Outcome::of_status(status),
+        _ => Outcome::Error,
+    };
+    let who = caller(n.principal.as_deref(), peer.as_ref());
+    let key = n.kid.as_deref().unwrap_or("?");
+    let message = match (event, outcome) {
+        (Event::AuthFailed, _) => format!("{request} from {who} refused: {reason}"),
+        (Event::FailedScopeCheck, _) => format!("{request} by {who} refused: {reason}"),
+        (_, Outcome::Ok) => match n
+            .changes
+            .as_ref()
+            .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
+        {
+            Some(c) => format!("key {key}: {} by {who}: OK", describe_changes(c)),
+            None => format!("key {key}: update by {who} changed nothing: OK"),
+        },
+        (_, o) => format!(
+            "key {key}: update by {who} refused ({status} {}): {reason}: {}",
+            error.as_deref().unwrap_or("error"),
+            o.name()
+        ),
+    };
+    let mut entry = Entry::new(event, outcome, message);
+    entry.status = Some(status);
+    entry.kid = n.kid.clone();
+    entry.principal = n.principal.clone();
+    entry.peer = peer;
+    entry.request_id = Some(rid.0.clone());
+    entry.error = error;
+    entry.changes = n.changes.clone();
+    entry.request = Some(request);
+
+    if let Err(e) = state.audit.write_async(entry).await {
+        if n.committed {
+            tracing::error!(request_id = %rid.0, error = %e,
+                "the result entry of a committed update was not recorded; its intent entry \
+                 records the change");
+        } else {
+            tracing::error!(request_id = %rid.0, error = %e, "audit entry not recorded; refusing");
+            return with_request_id(ApiError::audit_unavailable().into_response(), &rid);
+        }
+    }
+    let body = match json.as_object_mut().filter(|_| n.update) {
+        Some(obj) => {
+            let _ = obj.insert("audit_id".into(), Value::String(rid.0.clone()));
+            Body::from(serde_json::to_vec(&json).unwrap_or_else(|_| bytes.to_vec()))
+        }
+        None => Body::from(bytes),
+    };
+    let mut resp = Response::from_parts(parts, body);
+    let _ = resp
+        .headers_mut()
+        .remove(axum::http::header::CONTENT_LENGTH);
+    with_request_id(resp, &rid)
+}
+
+fn with_request_id(mut resp: Response, rid: &RequestId) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&rid.0) {
+        let _ = resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+fn truncate(path: &str) -> &str {
+    match path.char_indices().nth(MAX_PATH_IN_ENTRY) {
+        Some((i, _)) => &path[..i],
+        None => path,
+    }
+}

@@ -1,0 +1,309 @@
+//! The audit trail: one structured entry for every change and every refusal, written to
+//! journald (or, in development, as JSON lines on stderr).
+//!
+//! Owns: the event names and their MESSAGE_IDs (explained in `systemd/hsmkeyd.catalog`),
+//! the fields of an entry, and the sinks. Writing is **fail-closed**: [`Auditor::write`]
+//! reports every failure, and the callers refuse the request (503 `audit_unavailable`) when
+//! an entry cannot be written. A key update is recorded twice: an intent entry before the
+//! first token write (no entry, no write) and a result entry before the answer (see
+//! ARCHITECTURE.md).
+//! Called by: `api` (request entries, from one middleware and the update hook) and `daemon`
+//! (start, stop, HSM login). May call: `config`, `auth` (the `Peer` type).
+
+mod sink;
+
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::auth::Peer;
+use crate::config::AuditSink;
+pub use sink::AuditError;
+
+/// What an entry records. The names are the Encedo appliance's log event names where one
+/// exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An update of a key's attributes was answered (OK, ERROR or FAILED).
+    KeyAttributesChanged,
+    /// An update is about to write to the token: written before the first write.
+    KeyAttributesChangeIntent,
+    /// A known caller lacked the scope or role an operation needs (403).
+    FailedScopeCheck,
+    /// A caller could not be identified (401).
+    AuthFailed,
+    /// The daemon logged in to the token, or failed to.
+    HsmLogin,
+    /// The daemon is serving.
+    DaemonStarted,
+    /// The daemon stopped serving.
+    DaemonStopped,
+}
+
+impl Event {
+    /// Every event, for the catalog check.
+    pub const ALL: [Event; 7] = [
+        Event::KeyAttributesChanged,
+        Event::KeyAttributesChangeIntent,
+        Event::FailedScopeCheck,
+        Event::AuthFailed,
+        Event::HsmLogin,
+        Event::DaemonStarted,
+        Event::DaemonStopped,
+    ];
+
+    /// `HSMKEYD_EVENT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::KeyAttributesChanged => "KEY_ATTRIBUTES_CHANGED",
+            Event::KeyAttributesChangeIntent => "KEY_ATTRIBUTES_CHANGE_INTENT",
+            Event::FailedScopeCheck => "FAILED_SCOPE_CHECK",
+            Event::AuthFailed => "AUTH_FAILED",
+            Event::HsmLogin => "HSM_LOGIN",
+            Event::DaemonStarted => "DAEMON_STARTED",
+            Event::DaemonStopped => "DAEMON_STOPPED",
+        }
+    }
+
+    /// `MESSAGE_ID`: fixed per event, never reused; `systemd/hsmkeyd.catalog` explains each.
+    pub fn message_id(self) -> &'static str {
+        match self {
+            Event::KeyAttributesChanged => "f9bf139de14e405dba1878ce1516ee29",
+            Event::KeyAttributesChangeIntent => "305f1301f3e743879cee23f22a200e04",
+            Event::FailedScopeCheck => "a0c40bcc976346d3926164df90487c42",
+            Event::AuthFailed => "97b9ffb830b142acbfcfcb9a55c3b00f",
+            Event::HsmLogin => "da56916af73041a8b023081743995c61",
+            Event::DaemonStarted => "a692b43d60d64dcbaaca6bb3e7973a66",
+            Event::DaemonStopped => "d67dc6e9f1ff4de9b79a79e3f5a18642",
+        }
+    }
+}
+
+/// `HSMKEYD_RESULT`, which also sets the entry's priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (notice).
+    Ok,
+    /// About to be done: the intent entry (notice).
+    Pending,
+    /// Refused: bad arguments, unknown caller, missing scope (warning).
+    Error,
+    /// The operation failed: the HSM refused, the key is inconsistent, 5xx (err).
+    Failed,
+}
+
+impl Outcome {
+    /// The value of `HSMKEYD_RESULT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::Pending => "PENDING",
+            Outcome::Error => "ERROR",
+            Outcome::Failed => "FAILED",
+        }
+    }
+
+    /// syslog priority: notice, warning or err.
+    pub fn priority(self) -> u8 {
+        match self {
+            Outcome::Ok | Outcome::Pending => 5,
+            Outcome::Error => 4,
+            Outcome::Failed => 3,
+        }
+    }
+
+    /// The outcome of an answered request, by status: 2xx OK; 406, 409 and 5xx FAILED
+    /// (the operation failed); other 4xx ERROR (the request was wrong).
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            200..=299 => Outcome::Ok,
+            406 | 409 | 500..=599 => Outcome::Failed,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+/// One audit entry. Fields left `None` are not written.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// What happened.
+    pub event: Event,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// One human line (`MESSAGE`).
+    pub message: String,
+    /// HTTP status of the answer.
+    pub status: Option<u16>,
+    /// The key concerned.
+    pub kid: Option<String>,
+    /// The principal that called.
+    pub principal: Option<String>,
+    /// The connection's peer.
+    pub peer: Option<Peer>,
+    /// The request (`X-Request-Id`, `audit_id`).
+    pub request_id: Option<String>,
+    /// The error code of a refusal (`HSMKEYD_ERROR`).
+    pub error: Option<String>,
+    /// field -> {"before", "after"}.
+    pub changes: Option<Value>,
+    /// Method and path of the request (`HSMKEYD_REQUEST`).
+    pub request: Option<String>,
+}
+
+impl Entry {
+    /// An entry with only the event, outcome and message set.
+    pub fn new(event: Event, outcome: Outcome, message: impl Into<String>) -> Entry {
+        Entry {
+            event,
+            outcome,
+            message: message.into(),
+            status: None,
+            kid: None,
+            principal: None,
+            peer: None,
+            request_id: None,
+            error: None,
+            changes: None,
+            request: None,
+        }
+    }
+
+    /// The journal fields, `MESSAGE` and `PRIORITY` first.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("MESSAGE", self.message.clone()),
+            ("PRIORITY", self.outcome.priority().to_string()),
+            ("MESSAGE_ID", self.event.message_id().to_string()),
+            ("SYSLOG_IDENTIFIER", "hsmkeyd".to_string()),
+            ("HSMKEYD_EVENT", self.event.name().to_string()),
+            ("HSMKEYD_RESULT", self.outcome.name().to_string()),
+        ];
+        let mut opt = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                f.push((k, v));
+            }
+        };
+        opt("HSMKEYD_STATUS", self.status.map(|s| s.to_string()));
+        opt("HSMKEYD_KID", self.kid.clone());
+        opt("HSMKEYD_PRINCIPAL", self.principal.clone());
+        opt(
+            "HSMKEYD_PEER",
+            self.peer
+                .map(|p| format!("uid={} gid={} pid={}", p.uid, p.gid, p.pid)),
+        );
+        opt("HSMKEYD_REQUEST_ID", self.request_id.clone());
+        opt("HSMKEYD_ERROR", self.error.clone());
+        opt(
+            "HSMKEYD_CHANGES",
+            self.changes.as_ref().map(Value::to_string),
+        );
+        opt("HSMKEYD_REQUEST", self.request.clone());
+        f
+    }
+}
+
+/// Describes a caller for `MESSAGE`: `ops (uid 1000)`, or the bare peer when unknown.
+pub fn caller(principal: Option<&str>, peer: Option<&Peer>) -> String {
+    match (principal, peer) {
+        (Some(n), Some(p)) => format!("{n} (uid {})", p.uid),
+        (Some(n), None) => n.to_string(),
+        (None, Some(p)) => format!("uid {} gid {}", p.uid, p.gid),
+        (None, None) => "an unidentified caller".to_string(),
+    }
+}
+
+/// Renders changes for `MESSAGE`: `label "old" -> "new", roles [] -> ["ops"]`.
+pub fn describe_changes(changes: &Value) -> String {
+    let Some(map) = changes.as_object() else {
+        return String::new();
+    };
+    map.iter()
+        .map(|(field, c)| format!("{field} {} -> {}", c["before"], c["after"]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The audit trail of the running daemon.
+pub struct Auditor {
+    sink: sink::Sink,
+}
+
+impl fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auditor").field("sink", &self.sink).finish()
+    }
+}
+
+impl Auditor {
+    /// Opens the configured sink. For journald, fails with a message saying what to do
+    /// when journald does not answer: the daemon must not run without its audit trail.
+    pub fn open(sink: AuditSink) -> Result<Auditor, AuditError> {
+        Ok(Auditor {
+            sink: sink::Sink::open(sink)?,
+        })
+    }
+
+    /// Writes one entry; an error means it was **not** recorded. Blocks briefly (one
+    /// datagram); async callers use [`Auditor::write_async`].
+    pub fn write(&self, entry: &Entry) -> Result<(), AuditError> {
+        self.sink.write(entry)
+    }
+
+    /// [`Auditor::write`] on a blocking thread.
+    pub async fn write_async(self: &std::sync::Arc<Self>, entry: Entry) -> Result<(), AuditError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.write(&entry))
+            .await
+            .map_err(|e| AuditError(format!("audit task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_distinct_128_bit_hex() {
+        let mut seen = std::collections::BTreeSet::new();
+        for e in Event::ALL {
+            let id = e.message_id();
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(seen.insert(id), "{id} used twice");
+        }
+    }
+
+    #[test]
+    fn outcome_follows_the_status() {
+        assert_eq!(Outcome::of_status(200), Outcome::Ok);
+        for s in [400, 404, 412, 413, 415] {
+            assert_eq!(Outcome::of_status(s), Outcome::Error, "{s}");
+        }
+        for s in [406, 409, 500, 503] {
+            assert_eq!(Outcome::of_status(s), Outcome::Failed, "{s}");
+        }
+    }
+
+    #[test]
+    fn fields_carry_every_set_value_and_skip_unset_ones() {
+        let mut e = Entry::new(Event::KeyAttributesChanged, Outcome::Ok, "m");
+        e.kid = Some("0a".into());
+        e.peer = Some(Peer {
+            uid: 1,
+            gid: 2,
+            pid: 3,
+        });
+        e.changes = Some(serde_json::json!({"label": {"before": "a", "after": "b"}}));
+        let f: std::collections::BTreeMap<_, _> = e.fields().into_iter().collect();
+        assert_eq!(f["PRIORITY"], "5");
+        assert_eq!(f["HSMKEYD_PEER"], "uid=1 gid=2 pid=3");
+        assert_eq!(f["HSMKEYD_KID"], "0a");
+        assert!(!f.contains_key("HSMKEYD_PRINCIPAL"));
+        assert_eq!(
+            describe_changes(e.changes.as_ref().unwrap()),
+            "label \"a\" -> \"b\""
+        );
+    }
+}
