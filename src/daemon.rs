@@ -18,6 +18,7 @@ use crate::front::{self, Connections};
 use crate::hsm::Hsm;
 use crate::keys::KeyStore;
 use crate::secret::SecretString;
+use crate::systemd;
 
 /// A failure that stops the daemon, already worded for the operator.
 #[derive(Debug)]
@@ -115,6 +116,7 @@ async fn serve(
     audit: Arc<Auditor>,
 ) -> Result<(), Fatal> {
     let key_count = keys.len();
+    let token = keys.hsm().token().to_string();
     let state = AppState {
         keys,
         audit: audit.clone(),
@@ -146,10 +148,16 @@ async fn serve(
         ))
         .await
         .map_err(|e| Fatal(format!("cannot record the start in the audit trail: {e}")))?;
+    systemd::ready(&format!(
+        "serving {key_count} keys from {} on {}",
+        token,
+        config.unix.path.display()
+    ));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; draining"),
         _ = int.recv() => tracing::info!("SIGINT received; draining"),
     }
+    systemd::stopping("draining in-flight requests");
     trigger.trigger();
     let _ = unix.await;
     // Nothing accepts any more: the path goes now so a successor can bind while we drain.

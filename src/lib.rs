@@ -16,3 +16,4 @@ pub mod front;
 pub mod hsm;
 pub mod keys;
 pub mod secret;
+pub mod systemd;

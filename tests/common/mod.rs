@@ -220,6 +220,8 @@ pub struct Setup {
     pub audit: String,
     /// Run the daemon in this process's mount namespace (a [`journal::Journal`]'s pid).
     pub namespace: Option<u32>,
+    /// Extra environment for the daemon process (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 pub fn uid() -> u32 {
@@ -234,6 +236,7 @@ impl Default for Setup {
             pkcs11_extra: String::new(),
             audit: "sink = \"stderr-json\"\n".to_string(),
             namespace: None,
+            env: Vec::new(),
         }
     }
 }
@@ -315,6 +318,7 @@ impl Daemon {
             None => Command::new(env!("CARGO_BIN_EXE_hsmkeyd")),
         };
         let child = cmd
+            .envs(setup.env.iter().map(|(k, v)| (k, v)))
             .arg("--config")
             .arg(&config)
             .env_remove("SOFTHSM2_CONF")

@@ -1,0 +1,135 @@
+//! The service-manager side: the shipped units verify cleanly and score as hardened, and
+//! the daemon reports readiness, status and stopping over a test-bound NOTIFY_SOCKET.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Setup, Token};
+
+const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
+
+/// The shipped unit with ExecStart pointing at the binary under test (verify checks that
+/// the command exists).
+fn unit_copy(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("{UNITS}/hsmkeyd.service")).unwrap();
+    assert!(
+        text.contains("ExecStart=/usr/bin/hsmkeyd "),
+        "unit runs /usr/bin/hsmkeyd"
+    );
+    let path = dir.join("hsmkeyd.service");
+    std::fs::write(
+        &path,
+        text.replace("/usr/bin/hsmkeyd", env!("CARGO_BIN_EXE_hsmkeyd")),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_service_unit_verifies_without_a_word_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_copy(dir.path());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    assert!(out.status.success());
+}
+
+#[test]
+fn the_service_unit_is_hardened_to_exposure_one_or_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_copy(dir.path());
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=10", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exposure over 1.0:\n{text}");
+    let level: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for hsmkeyd.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= 1.0, "exposure {level}");
+}
+
+#[test]
+fn the_unit_never_rate_limits_the_audit_trail_and_sysusers_parses() {
+    let text = std::fs::read_to_string(format!("{UNITS}/hsmkeyd.service")).unwrap();
+    assert!(text.lines().any(|l| l == "LogRateLimitIntervalSec=0"));
+    assert!(text.lines().any(|l| l == "RestartPreventExitStatus=78"));
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("--dry-run")
+        .arg(format!("{UNITS}/hsmkeyd.sysusers"))
+        .output()
+        .expect("systemd-sysusers");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("Creating user 'hsmkeyd'"), "{stderr}");
+}
+
+fn receive_until(sock: &UnixDatagram, want: &str, got: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !got.iter().any(|m| m.lines().any(|l| l == want)) {
+        assert!(Instant::now() < deadline, "no {want} in {got:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+#[test]
+fn notify_socket_gets_ready_with_status_then_stopping() {
+    let t = Token::new();
+    t.gen("aes256", "a1a1", "aes-key", &[]);
+    t.gen("ec-p256", "ec01", "ec-key", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let setup = Setup {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Setup::default()
+    };
+    let d = Daemon::start(&t, &setup);
+    let mut got = Vec::new();
+    receive_until(&sock, "READY=1", &mut got);
+    let ready = got.iter().find(|m| m.contains("READY=1")).unwrap();
+    // READY comes only once the token is open and the index built: the log says so.
+    let log = d.log();
+    assert!(log.contains("key index built"), "{log}");
+    let status = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_else(|| panic!("no STATUS with READY: {ready:?}"));
+    assert!(
+        status.starts_with("serving 2 keys from token \"hsmkeyd-test\""),
+        "{status}"
+    );
+    assert!(status.ends_with(&d.sock.display().to_string()), "{status}");
+    assert_eq!(d.client().get("/v1/keys").status, 200);
+    assert!(
+        !got.iter().any(|m| m.contains("STOPPING=1")),
+        "STOPPING before SIGTERM: {got:?}"
+    );
+
+    assert_eq!(d.stop(), 0);
+    receive_until(&sock, "STOPPING=1", &mut got);
+}
