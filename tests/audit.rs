@@ -168,7 +168,7 @@ fn every_event_type_is_recorded_with_its_fields() {
 
     let e = &by[&rid(&scope)];
     assert_eq!(e.len(), 1, "{e:#?}");
-    assert_common(&e[0], Event::FailedScopeCheck, "ERROR", "4");
+    assert_common(&e[0], Event::FailedScopeCheck, "FAILED", "4");
     assert_eq!(e[0]["HSMKEYD_STATUS"], "403");
     assert_eq!(e[0]["HSMKEYD_PRINCIPAL"], "auditee");
     assert_eq!(e[0]["HSMKEYD_REQUEST"], format!("PATCH /v1/keys/{OTHER}"));
@@ -191,7 +191,7 @@ fn every_event_type_is_recorded_with_its_fields() {
     let entries = j.wait_for("the 401", |e| by_request(e).contains_key(&id));
     let e = &by_request(&entries)[&id];
     assert_eq!(e.len(), 1);
-    assert_common(&e[0], Event::AuthFailed, "ERROR", "4");
+    assert_common(&e[0], Event::AuthFailed, "FAILED", "4");
     assert_eq!(e[0]["HSMKEYD_STATUS"], "401");
     assert_eq!(e[0]["HSMKEYD_PEER"], peer.as_str());
     assert!(e[0].get("HSMKEYD_PRINCIPAL").is_none());

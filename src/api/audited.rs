@@ -155,9 +155,11 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     let error = json["error"].as_str().map(str::to_string);
     let reason = json["message"].as_str().unwrap_or("").to_string();
 
+    // As the Encedo appliance logs them: a failed scope check (and a failed
+    // authentication) has result FAILED.
     let outcome = match event {
         Event::KeyAttributesChanged => Outcome::of_status(status),
-        _ => Outcome::Error,
+        _ => Outcome::Failed,
     };
     let who = caller(n.principal.as_deref(), peer.as_ref());
     let key = n.kid.as_deref().unwrap_or("?");

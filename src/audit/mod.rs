@@ -168,11 +168,20 @@ impl Entry {
         }
     }
 
+    /// syslog priority: refusals of a caller (401, 403) are warnings whatever their result;
+    /// otherwise the outcome decides.
+    pub fn priority(&self) -> u8 {
+        match self.event {
+            Event::AuthFailed | Event::FailedScopeCheck => 4,
+            _ => self.outcome.priority(),
+        }
+    }
+
     /// The journal fields, `MESSAGE` and `PRIORITY` first.
     pub fn fields(&self) -> Vec<(&'static str, String)> {
         let mut f = vec![
             ("MESSAGE", self.message.clone()),
-            ("PRIORITY", self.outcome.priority().to_string()),
+            ("PRIORITY", self.priority().to_string()),
             ("MESSAGE_ID", self.event.message_id().to_string()),
             ("SYSLOG_IDENTIFIER", "hsmkeyd".to_string()),
             ("HSMKEYD_EVENT", self.event.name().to_string()),

@@ -49,7 +49,7 @@ impl Sink {
         let fields = entry.fields();
         match self {
             Sink::Journald => {
-                let priority = match entry.outcome.priority() {
+                let priority = match entry.priority() {
                     3 => Priority::Error,
                     4 => Priority::Warning,
                     _ => Priority::Notice,
