@@ -126,12 +126,15 @@ else
 fi
 
 # --- 5. demo keys ----------------------------------------------------------
-cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin hsmkeyd-devtoken
+cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin hsmkeyd-devtoken --bin hsmkeyd-devcert
 tool="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hsmkeyd-devtoken"
 demo_out="$("$tool" --module "$MODULE" --token-label "$TOKEN_LABEL" --pin-file "$PIN" demo)"
 aes_kid="$(awk '$2 == "demo-aes" { print $1 }' <<<"$demo_out")"
 
-# --- 6. daemon configuration (always rewritten) ----------------------------
+# --- 6. development TLS: a throw-away CA and a localhost certificate ---------
+"${CARGO_TARGET_DIR:-$ROOT/target}/debug/hsmkeyd-devcert" --out "$DEV/tls" >/dev/null
+
+# --- 7. daemon configuration (always rewritten) ----------------------------
 tmp_config="$(mktemp "$DEV/.hsmkeyd.toml.XXXXXX")"
 cat >"$tmp_config" <<EOF
 # Development config written by softhsm-setup.sh; rewritten on every run.
@@ -152,19 +155,25 @@ mode = "0660"
 [audit]
 sink = "stderr-json"
 
+# HTTPS on loopback with the development CA's certificate (.dev/tls/ca.pem for clients).
+[tls]
+listen = "127.0.0.1:8443"
+cert = "$DEV/tls/cert.pem"
+key = "$DEV/tls/key.pem"
+
 [keys]
 roles = ["ops", "payments"]
 
 [[principals]]
 name = "$user_name"
 uids = [$user_uid]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
+scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
 roles = ["ops", "payments"]
 EOF
 chmod 0600 "$tmp_config" # mktemp creates it 0600 already; be explicit
 mv -f -- "$tmp_config" "$CONFIG"
 
-# --- 7. .gitignore ---------------------------------------------------------
+# --- 8. .gitignore ---------------------------------------------------------
 gitignore="$ROOT/.gitignore"
 for line in .dev/ /target; do
   if ! { [ -f "$gitignore" ] && grep -qxF -- "$line" "$gitignore"; }; then
@@ -181,7 +190,7 @@ if [ -n "${SUDO_UID:-}" ] && [ "$SUDO_UID" != 0 ]; then
   chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" "$DEV"
 fi
 
-# --- 8. summary (no PINs) --------------------------------------------------
+# --- 9. summary (no PINs) --------------------------------------------------
 info ""
 info "Demo keys on token $TOKEN_LABEL (kid  label  status):"
 while IFS= read -r line; do info "  $line"; done <<<"$demo_out"
@@ -194,6 +203,12 @@ info ""
 info "Then, in another terminal:"
 info "  curl --unix-socket .dev/hsmkeyd.sock http://localhost/v1/keys"
 info "  curl --unix-socket .dev/hsmkeyd.sock -X PATCH -H 'Content-Type: application/json' -d '{\"label\":\"renamed\"}' http://localhost/v1/keys/${aes_kid:-<kid>}"
+info ""
+info "Over HTTPS with a bearer token minted on the Unix socket:"
+# shellcheck disable=SC2016 # printed for the user to run, not expanded here
+info '  TOKEN=$(curl -s --unix-socket .dev/hsmkeyd.sock -H "Content-Type: application/json" -d '"'"'{"scopes":["keymgmt:list"],"ttl_s":600}'"'"' http://localhost/v1/auth/token | jq -r .token)'
+# shellcheck disable=SC2016
+info '  curl --cacert .dev/tls/ca.pem -H "Authorization: Bearer $TOKEN" https://localhost:8443/v1/keys'
 info ""
 info "Look at the token independently of the daemon:"
 # shellcheck disable=SC2016 # printed for the user to run, not expanded here

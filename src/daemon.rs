@@ -12,11 +12,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::{self, AppState};
 use crate::audit::{Auditor, Entry, Event, Outcome};
+use crate::auth::jwt::{Signer, TokenService};
 use crate::auth::Principals;
 use crate::config::Config;
 use crate::front::{self, Connections};
-use crate::hsm::Hsm;
+use crate::hsm::{Hsm, SigningKey, SIGNING_KEY_LABEL};
 use crate::keys::KeyStore;
+use crate::secret;
 use crate::secret::SecretString;
 use crate::systemd;
 
@@ -60,9 +62,18 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     // The socket is claimed first: a second daemon, or a socket directory others can write,
     // is refused before anything touches the token. Clients that connect while the token
     // is opened wait in the listen backlog.
-    let listener = {
+    let tls = match &config.tls {
+        Some(t) => Some((t, front::tls::server_config(t).map_err(Fatal)?)),
+        None => None,
+    };
+    let (listener, tls_listener) = {
         let _ctx = runtime.enter();
-        front::unix::bind(&config.unix).map_err(Fatal)?
+        let unix = front::unix::bind(&config.unix).map_err(Fatal)?;
+        let tcp = match &tls {
+            Some((t, _)) => Some(front::tls::bind(t).map_err(Fatal)?),
+            None => None,
+        };
+        (unix, tcp)
     };
     let _socket_file = SocketFile(&config.unix.path);
 
@@ -91,9 +102,22 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     let keys = KeyStore::open(hsm.clone(), config.roles.clone())
         .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");
+    let tokens = token_service(&config, &hsm)?;
+    let listeners = Listeners {
+        unix: listener,
+        tls: tls_listener
+            .zip(tls)
+            .map(|(l, (t, c))| (l, c, t.handshake_timeout)),
+    };
 
     let keys = Arc::new(keys);
-    runtime.block_on(serve(&config, listener, keys.clone(), audit.clone()))?;
+    runtime.block_on(serve(
+        &config,
+        listeners,
+        keys.clone(),
+        audit.clone(),
+        tokens,
+    ))?;
     drop(runtime);
 
     let keys =
@@ -109,17 +133,77 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// The bound listeners, before serving.
+struct Listeners {
+    unix: tokio::net::UnixListener,
+    tls: Option<(
+        tokio::net::TcpListener,
+        Arc<rustls::ServerConfig>,
+        std::time::Duration,
+    )>,
+}
+
+/// Signs bearer tokens with the token-signing key in the HSM.
+struct HsmSigner {
+    hsm: Hsm,
+    key: SigningKey,
+}
+
+impl Signer for HsmSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        self.hsm
+            .sign_es256(&self.key, message)
+            .map_err(|e| e.to_string())
+    }
+
+    fn public_point(&self) -> Vec<u8> {
+        self.key.public_point().to_vec()
+    }
+
+    fn key_id(&self) -> String {
+        self.key.key_id()
+    }
+}
+
+fn token_service(config: &Config, hsm: &Hsm) -> Result<Arc<TokenService>, Fatal> {
+    let key = hsm.signing_key().map_err(|e| {
+        Fatal(format!(
+            "the token-signing key ({SIGNING_KEY_LABEL}) in {} is unusable: {e}",
+            hsm.token()
+        ))
+    })?;
+    let signer = Arc::new(HsmSigner {
+        hsm: hsm.clone(),
+        key,
+    });
+    let secret = |path: &std::path::Path| {
+        secret::read_private_file(path, "HS256 secret").map(|s| {
+            let mut v = s.to_vec();
+            while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                let _ = v.pop();
+            }
+            v
+        })
+    };
+    TokenService::new(&config.tokens, &config.issuers, signer, secret)
+        .map(Arc::new)
+        .map_err(|e| Fatal(format!("config {}: {e}", config.source.display())))
+}
+
 async fn serve(
     config: &Config,
-    listener: tokio::net::UnixListener,
+    listeners: Listeners,
     keys: Arc<KeyStore>,
     audit: Arc<Auditor>,
+    tokens: Arc<TokenService>,
 ) -> Result<(), Fatal> {
     let key_count = keys.len();
     let token = keys.hsm().token().to_string();
     let state = AppState {
         keys,
         audit: audit.clone(),
+        tokens,
+        roles: Arc::new(config.roles.iter().cloned().collect()),
         principals: Arc::new(RwLock::new(Arc::new(Principals::new(&config.principals)))),
     };
     let app = api::router(state);
@@ -129,29 +213,44 @@ async fn serve(
         .map_err(|e| Fatal(format!("cannot install the SIGINT handler: {e}")))?;
     let (trigger, shutdown) = front::shutdown_pair();
     let conns = Connections::new(config.server.max_connections);
+    let tls_conns = Connections::new(config.server.max_connections);
+    let mut where_ = config.unix.path.display().to_string();
+    let tls = listeners.tls.map(|(listener, tls, timeout)| {
+        if let Some(t) = &config.tls {
+            where_ = format!("https://{} and {where_}", t.listen);
+        }
+        tokio::spawn(front::tls::serve(
+            listener,
+            tls,
+            timeout,
+            app.clone(),
+            tls_conns.clone(),
+            shutdown.clone(),
+        ))
+    });
     let unix = tokio::spawn(front::unix::serve(
-        listener,
+        listeners.unix,
         app,
         conns.clone(),
         shutdown.clone(),
     ));
+    if let Some(t) = &config.tls {
+        tracing::info!(address = %t.listen, "serving HTTPS");
+    }
     tracing::info!(socket = %config.unix.path.display(), "serving");
     audit
         .write_async(Entry::new(
             Event::DaemonStarted,
             Outcome::Ok,
             format!(
-                "serving {key_count} keys on {} (config {})",
-                config.unix.path.display(),
+                "serving {key_count} keys on {where_} (config {})",
                 config.source.display()
             ),
         ))
         .await
         .map_err(|e| Fatal(format!("cannot record the start in the audit trail: {e}")))?;
     systemd::ready(&format!(
-        "serving {key_count} keys from {} on {}",
-        token,
-        config.unix.path.display()
+        "serving {key_count} keys from {token} on {where_}"
     ));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; draining"),
@@ -160,9 +259,16 @@ async fn serve(
     systemd::stopping("draining in-flight requests");
     trigger.trigger();
     let _ = unix.await;
+    if let Some(t) = tls {
+        let _ = t.await;
+    }
     // Nothing accepts any more: the path goes now so a successor can bind while we drain.
     let _ = std::fs::remove_file(&config.unix.path);
-    if tokio::time::timeout(config.server.drain_timeout, conns.drained())
+    let drained = async {
+        conns.drained().await;
+        tls_conns.drained().await;
+    };
+    if tokio::time::timeout(config.server.drain_timeout, drained)
         .await
         .is_err()
     {

@@ -69,3 +69,22 @@ pub fn read_pin_file(path: &Path) -> Result<SecretString, SecretFileError> {
     }
     Ok(SecretString::from(text.as_str()))
 }
+
+/// Reads a file that holds a secret other than the PIN (a TLS private key, an HS256
+/// secret), with the same rule: group and others get no access. `what` names it in errors.
+pub fn read_private_file(path: &Path, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let meta =
+        fs::metadata(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} {} has mode {mode:04o}; it must not be accessible by group or others \
+             (run: chmod 600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    fs::read(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}

@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::audit::{caller, describe_changes, Auditor, Entry, Event, Outcome};
-use crate::auth::Peer;
+use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
+use crate::auth::{Peer, TlsPeer};
 use crate::keys::FieldChange;
 
 /// Header carrying the request id on every response.
@@ -32,11 +32,19 @@ const MAX_PATH_IN_ENTRY: usize = 256;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// The mutating operations that are audited whatever their answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    KeyUpdate,
+    TokenMint,
+}
+
 /// What the handlers learned about a request, for its audit entry.
 #[derive(Debug, Default)]
 pub struct Note {
     principal: Option<String>,
-    update: bool,
+    token_id: Option<String>,
+    action: Option<Action>,
     kid: Option<String>,
     changes: Option<Value>,
     committed: bool,
@@ -52,17 +60,30 @@ impl AuditNote {
         f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The caller was identified as this principal.
-    pub fn principal(&self, name: &str) {
-        self.with(|n| n.principal = Some(name.to_string()));
+    /// The caller was identified as this principal (by this token, on TLS).
+    pub fn principal(&self, name: &str, token_id: Option<&str>) {
+        self.with(|n| {
+            n.principal = Some(name.to_string());
+            n.token_id = token_id.map(str::to_string);
+        });
     }
 
     /// This request is an update of a key's attributes (`kid` once it parsed).
     pub fn update(&self, kid: Option<&str>) {
         self.with(|n| {
-            n.update = true;
+            n.action = Some(Action::KeyUpdate);
             n.kid = kid.map(str::to_string);
         });
+    }
+
+    /// This request asks for a bearer token.
+    pub fn mint(&self) {
+        self.with(|n| n.action = Some(Action::TokenMint));
+    }
+
+    /// A token with this `jti` is about to be handed out (if its entry is written).
+    pub fn minted(&self, jti: &str) {
+        self.with(|n| n.token_id = Some(jti.to_string()));
     }
 
     /// The update wrote these changes to the token.
@@ -94,10 +115,11 @@ pub fn intent_hook(
     audit: Arc<Auditor>,
     note: AuditNote,
     rid: RequestId,
-    peer: Option<Peer>,
+    peer: Option<String>,
 ) -> impl FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static {
     move |changes| {
-        let (principal, kid) = note.with(|n| (n.principal.clone(), n.kid.clone()));
+        let (principal, kid, token_id) =
+            note.with(|n| (n.principal.clone(), n.kid.clone(), n.token_id.clone()));
         let changes = changes_json(changes);
         let mut e = Entry::new(
             Event::KeyAttributesChangeIntent,
@@ -106,12 +128,13 @@ pub fn intent_hook(
                 "key {}: about to change {} for {}",
                 kid.as_deref().unwrap_or("?"),
                 describe_changes(&changes),
-                caller(principal.as_deref(), peer.as_ref())
+                caller(principal.as_deref(), peer.as_deref())
             ),
         );
         e.kid = kid;
         e.principal = principal;
         e.peer = peer;
+        e.token_id = token_id;
         e.request_id = Some(rid.0);
         e.changes = Some(changes.clone());
         note.with(|n| n.changes = Some(changes));
@@ -126,7 +149,7 @@ pub fn intent_hook(
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let rid = RequestId(format!("{:032x}", rand::random::<u128>()));
     let note = AuditNote::default();
-    let peer = req.extensions().get::<Peer>().copied();
+    let peer = peer_of(&req);
     let request = format!("{} {}", req.method(), truncate(req.uri().path()));
     let _ = req.extensions_mut().insert(rid.clone());
     let _ = req.extensions_mut().insert(note.clone());
@@ -140,10 +163,12 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         Some(Event::AuthFailed)
     } else if status == 403 {
         Some(Event::FailedScopeCheck)
-    } else if n.update {
-        Some(Event::KeyAttributesChanged)
     } else {
-        None
+        match n.action {
+            Some(Action::KeyUpdate) => Some(Event::KeyAttributesChanged),
+            Some(Action::TokenMint) => Some(Event::TokenIssued),
+            None => None,
+        }
     };
     let Some(event) = event else {
         return with_request_id(resp, &rid);
@@ -158,14 +183,23 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     // As the Encedo appliance logs them: a failed scope check (and a failed
     // authentication) has result FAILED.
     let outcome = match event {
-        Event::KeyAttributesChanged => Outcome::of_status(status),
-        _ => Outcome::Failed,
+        Event::AuthFailed | Event::FailedScopeCheck => Outcome::Failed,
+        _ => Outcome::of_status(status),
     };
-    let who = caller(n.principal.as_deref(), peer.as_ref());
+    let who = caller(n.principal.as_deref(), peer.as_deref());
     let key = n.kid.as_deref().unwrap_or("?");
     let message = match (event, outcome) {
         (Event::AuthFailed, _) => format!("{request} from {who} refused: {reason}"),
         (Event::FailedScopeCheck, _) => format!("{request} by {who} refused: {reason}"),
+        (Event::TokenIssued, Outcome::Ok) => format!(
+            "token {} issued to {who}: OK",
+            n.token_id.as_deref().unwrap_or("?")
+        ),
+        (Event::TokenIssued, o) => format!(
+            "token request by {who} refused ({status} {}): {reason}: {}",
+            error.as_deref().unwrap_or("error"),
+            o.name()
+        ),
         (_, Outcome::Ok) => match n
             .changes
             .as_ref()
@@ -185,6 +219,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     entry.kid = n.kid.clone();
     entry.principal = n.principal.clone();
     entry.peer = peer;
+    entry.token_id = n.token_id.clone();
     entry.request_id = Some(rid.0.clone());
     entry.error = error;
     entry.changes = n.changes.clone();
@@ -200,7 +235,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
             return with_request_id(ApiError::audit_unavailable().into_response(), &rid);
         }
     }
-    let body = match json.as_object_mut().filter(|_| n.update) {
+    let body = match json.as_object_mut().filter(|_| n.action.is_some()) {
         Some(obj) => {
             let _ = obj.insert("audit_id".into(), Value::String(rid.0.clone()));
             Body::from(serde_json::to_vec(&json).unwrap_or_else(|_| bytes.to_vec()))
@@ -212,6 +247,16 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         .headers_mut()
         .remove(axum::http::header::CONTENT_LENGTH);
     with_request_id(resp, &rid)
+}
+
+/// `HSMKEYD_PEER` of the request's connection.
+pub fn peer_of<B>(req: &axum::http::Request<B>) -> Option<String> {
+    if let Some(p) = req.extensions().get::<Peer>() {
+        return Some(unix_peer(p));
+    }
+    req.extensions()
+        .get::<TlsPeer>()
+        .map(|t| t.addr.to_string())
 }
 
 fn with_request_id(mut resp: Response, rid: &RequestId) -> Response {

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, when one is.
     pub field: Option<String>,
+    /// `WWW-Authenticate` challenge of a 401 on the TLS front door.
+    pub challenge: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -35,6 +37,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            challenge: None,
         }
     }
 
@@ -49,6 +52,35 @@ impl ApiError {
     /// 400 on the request as a whole.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401 on TLS without a bearer token (RFC 6750: a bare challenge).
+    pub fn token_missing() -> ApiError {
+        ApiError {
+            challenge: Some("Bearer realm=\"hsmkeyd\""),
+            ..ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "this request needs an Authorization: Bearer token",
+            )
+        }
+    }
+
+    /// 401 on TLS for a token that is malformed, expired, badly signed or untrusted.
+    pub fn invalid_token(message: impl Into<String>) -> ApiError {
+        ApiError {
+            challenge: Some("Bearer realm=\"hsmkeyd\", error=\"invalid_token\""),
+            ..ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message)
+        }
+    }
+
+    /// 403 for a token request over TLS: tokens are minted over the Unix socket only.
+    pub fn unix_socket_only() -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "unix_socket_only",
+            "bearer tokens are minted over the Unix socket only",
+        )
     }
 
     /// 401: the caller is not known.
@@ -104,6 +136,15 @@ impl ApiError {
         )
     }
 
+    /// 503: the token did not answer.
+    pub fn token_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "token_unavailable",
+            "the token is unavailable; retry later",
+        )
+    }
+
     /// 503: the audit trail did not take the entry, so the request was refused.
     pub fn audit_unavailable() -> ApiError {
         ApiError::new(
@@ -152,11 +193,7 @@ impl From<KeyError> for ApiError {
             ),
             KeyError::Unavailable(_) => {
                 tracing::warn!(error = %message, "token unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "token_unavailable",
-                    "the token is unavailable; retry later",
-                )
+                ApiError::token_unavailable()
             }
             KeyError::NotRecorded(d) => {
                 tracing::error!(error = %d, "update refused: its intent entry was not recorded");
@@ -180,6 +217,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(c) = self.challenge {
+            let _ = r
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             let _ = r
                 .headers_mut()

@@ -14,22 +14,24 @@
 pub mod audited;
 pub mod body;
 pub mod error;
+mod tokens;
 
 use std::sync::{Arc, RwLock};
 
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 
 use crate::audit::Auditor;
+use crate::auth::jwt::TokenService;
 use crate::auth::scope::Scope;
-use crate::auth::{Peer, Principal, Principals};
+use crate::auth::{Peer, Principal, Principals, TlsPeer};
 use crate::keys::model::KeyView;
+use crate::keys::model::RoleName;
 use crate::keys::{Actor, KeyStore};
 use audited::{AuditNote, RequestId};
 use error::ApiError;
@@ -41,6 +43,10 @@ pub struct AppState {
     pub keys: Arc<KeyStore>,
     /// The audit trail.
     pub audit: Arc<Auditor>,
+    /// Bearer tokens: minting and verification.
+    pub tokens: Arc<TokenService>,
+    /// Role names of the configuration (roles in tokens are limited to these).
+    pub roles: Arc<Vec<RoleName>>,
     /// The principals of the current configuration (swapped on reload).
     pub principals: Arc<RwLock<Arc<Principals>>>,
 }
@@ -51,6 +57,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/keys", get(list_keys))
         .route("/v1/keys/{kid}", get(get_key).patch(patch_key))
+        .route("/v1/auth/token", post(tokens::mint))
+        .route("/v1/auth/jwks", get(tokens::jwks))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -61,8 +69,27 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Resolves the caller before any handler runs; unknown callers get 401 whatever the path.
+/// Resolves the caller before any handler runs: by peer credentials on the Unix socket,
+/// by bearer token on TLS. Unknown callers get 401 whatever the path; only the JWK set is
+/// public.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if req.method() == Method::GET && req.uri().path() == tokens::JWKS_PATH {
+        return next.run(req).await;
+    }
+    if req.extensions().get::<TlsPeer>().is_some() {
+        let principal = match bearer(req.headers()) {
+            None => return ApiError::token_missing().into_response(),
+            Some(token) => match state.tokens.verify(token, &state.roles) {
+                Ok(p) => Arc::new(p),
+                Err(e) => return ApiError::invalid_token(e.to_string()).into_response(),
+            },
+        };
+        if let Some(note) = req.extensions().get::<AuditNote>() {
+            note.principal(&principal.name, principal.token_id.as_deref());
+        }
+        let _ = req.extensions_mut().insert(principal);
+        return next.run(req).await;
+    }
     let Some(peer) = req.extensions().get::<Peer>().copied() else {
         return ApiError::unauthenticated("the connection carries no peer credentials")
             .into_response();
@@ -75,7 +102,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     match principals.resolve(&peer) {
         Some(p) => {
             if let Some(note) = req.extensions().get::<AuditNote>() {
-                note.principal(&p.name);
+                note.principal(&p.name, None);
             }
             let _ = req.extensions_mut().insert(p);
             next.run(req).await
@@ -89,6 +116,16 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
             .into_response()
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn require(p: &Principal, scope: Scope) -> Result<(), ApiError> {
@@ -141,11 +178,12 @@ async fn patch_key(
     Extension(p): Extension<Arc<Principal>>,
     Extension(note): Extension<AuditNote>,
     Extension(rid): Extension<RequestId>,
-    peer: Option<Extension<Peer>>,
     Path(kid): Path<String>,
     headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let peer = audited::peer_of(&request);
+    let body = request.into_body();
     note.update(None);
     let kid = body::kid(&kid)?;
     note.update(Some(kid.as_str()));
@@ -161,12 +199,7 @@ async fn patch_key(
     let actor = Actor {
         roles: p.roles.clone(),
     };
-    let hook = audited::intent_hook(
-        state.audit.clone(),
-        note.clone(),
-        rid,
-        peer.map(|Extension(p)| p),
-    );
+    let hook = audited::intent_hook(state.audit.clone(), note.clone(), rid, peer);
     let outcome = state.keys.update(&kid, patch, &actor, hook).await?;
     note.committed(&outcome.changes);
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();

@@ -28,6 +28,8 @@ pub enum Event {
     KeyAttributesChanged,
     /// An update is about to write to the token: written before the first write.
     KeyAttributesChangeIntent,
+    /// A request to mint a bearer token was answered (OK, ERROR or FAILED).
+    TokenIssued,
     /// A known caller lacked the scope or role an operation needs (403).
     FailedScopeCheck,
     /// A caller could not be identified (401).
@@ -42,9 +44,10 @@ pub enum Event {
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 7] = [
+    pub const ALL: [Event; 8] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
+        Event::TokenIssued,
         Event::FailedScopeCheck,
         Event::AuthFailed,
         Event::HsmLogin,
@@ -57,6 +60,7 @@ impl Event {
         match self {
             Event::KeyAttributesChanged => "KEY_ATTRIBUTES_CHANGED",
             Event::KeyAttributesChangeIntent => "KEY_ATTRIBUTES_CHANGE_INTENT",
+            Event::TokenIssued => "TOKEN_ISSUED",
             Event::FailedScopeCheck => "FAILED_SCOPE_CHECK",
             Event::AuthFailed => "AUTH_FAILED",
             Event::HsmLogin => "HSM_LOGIN",
@@ -70,6 +74,7 @@ impl Event {
         match self {
             Event::KeyAttributesChanged => "f9bf139de14e405dba1878ce1516ee29",
             Event::KeyAttributesChangeIntent => "305f1301f3e743879cee23f22a200e04",
+            Event::TokenIssued => "3ddb88d0796940469831b8d9018ec3ed",
             Event::FailedScopeCheck => "a0c40bcc976346d3926164df90487c42",
             Event::AuthFailed => "97b9ffb830b142acbfcfcb9a55c3b00f",
             Event::HsmLogin => "da56916af73041a8b023081743995c61",
@@ -138,8 +143,10 @@ pub struct Entry {
     pub kid: Option<String>,
     /// The principal that called.
     pub principal: Option<String>,
-    /// The connection's peer.
-    pub peer: Option<Peer>,
+    /// The connection's peer: `uid=… gid=… pid=…` on the Unix socket, the address on TLS.
+    pub peer: Option<String>,
+    /// The `jti` of the bearer token the caller presented, or of the token minted.
+    pub token_id: Option<String>,
     /// The request (`X-Request-Id`, `audit_id`).
     pub request_id: Option<String>,
     /// The error code of a refusal (`HSMKEYD_ERROR`).
@@ -161,6 +168,7 @@ impl Entry {
             kid: None,
             principal: None,
             peer: None,
+            token_id: None,
             request_id: None,
             error: None,
             changes: None,
@@ -195,11 +203,8 @@ impl Entry {
         opt("HSMKEYD_STATUS", self.status.map(|s| s.to_string()));
         opt("HSMKEYD_KID", self.kid.clone());
         opt("HSMKEYD_PRINCIPAL", self.principal.clone());
-        opt(
-            "HSMKEYD_PEER",
-            self.peer
-                .map(|p| format!("uid={} gid={} pid={}", p.uid, p.gid, p.pid)),
-        );
+        opt("HSMKEYD_PEER", self.peer.clone());
+        opt("HSMKEYD_TOKEN_ID", self.token_id.clone());
         opt("HSMKEYD_REQUEST_ID", self.request_id.clone());
         opt("HSMKEYD_ERROR", self.error.clone());
         opt(
@@ -211,12 +216,22 @@ impl Entry {
     }
 }
 
-/// Describes a caller for `MESSAGE`: `ops (uid 1000)`, or the bare peer when unknown.
-pub fn caller(principal: Option<&str>, peer: Option<&Peer>) -> String {
-    match (principal, peer) {
-        (Some(n), Some(p)) => format!("{n} (uid {})", p.uid),
+/// `HSMKEYD_PEER` of a Unix-socket caller.
+pub fn unix_peer(p: &Peer) -> String {
+    format!("uid={} gid={} pid={}", p.uid, p.gid, p.pid)
+}
+
+/// Describes a caller for `MESSAGE`: `ops (uid 1000)`, `ops (127.0.0.1:41234)`, or the
+/// bare peer when unknown.
+pub fn caller(principal: Option<&str>, peer: Option<&str>) -> String {
+    let short = peer.map(|p| match p.strip_prefix("uid=") {
+        Some(rest) => format!("uid {}", rest.split(' ').next().unwrap_or(rest)),
+        None => p.to_string(),
+    });
+    match (principal, short) {
+        (Some(n), Some(p)) => format!("{n} ({p})"),
         (Some(n), None) => n.to_string(),
-        (None, Some(p)) => format!("uid {} gid {}", p.uid, p.gid),
+        (None, Some(p)) => p,
         (None, None) => "an unidentified caller".to_string(),
     }
 }
@@ -299,15 +314,20 @@ mod tests {
     fn fields_carry_every_set_value_and_skip_unset_ones() {
         let mut e = Entry::new(Event::KeyAttributesChanged, Outcome::Ok, "m");
         e.kid = Some("0a".into());
-        e.peer = Some(Peer {
+        e.peer = Some(unix_peer(&Peer {
             uid: 1,
             gid: 2,
             pid: 3,
-        });
+        }));
         e.changes = Some(serde_json::json!({"label": {"before": "a", "after": "b"}}));
         let f: std::collections::BTreeMap<_, _> = e.fields().into_iter().collect();
         assert_eq!(f["PRIORITY"], "5");
         assert_eq!(f["HSMKEYD_PEER"], "uid=1 gid=2 pid=3");
+        assert_eq!(
+            caller(Some("ops"), Some("uid=1 gid=2 pid=3")),
+            "ops (uid 1)"
+        );
+        assert_eq!(caller(None, Some("127.0.0.1:9")), "127.0.0.1:9");
         assert_eq!(f["HSMKEYD_KID"], "0a");
         assert!(!f.contains_key("HSMKEYD_PRINCIPAL"));
         assert_eq!(

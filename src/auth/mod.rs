@@ -1,10 +1,11 @@
 //! Who is calling and what they may do.
 //!
 //! Owns: the principals of the configuration, mapping a Unix peer (SO_PEERCRED uid/gid) to
-//! one of them, and scope checks. A uid match wins over a gid match; a peer that maps to no
-//! principal is unknown (401).
-//! May call: `config`, `keys::model` (value types). Called by: `api`, `front`.
+//! one of them, bearer tokens for TLS callers ([`jwt`]), and scope checks. A uid match wins
+//! over a gid match; a peer that maps to no principal is unknown (401).
+//! May call: `config`, `keys::model` (value types). Called by: `api`, `front`, `daemon`.
 
+pub mod jwt;
 pub mod scope;
 
 use std::collections::HashMap;
@@ -41,6 +42,15 @@ pub struct Principal {
     pub scopes: Vec<Scope>,
     /// Roles held.
     pub roles: Vec<RoleName>,
+    /// The bearer token's `jti`, for callers identified by a token (never the token).
+    pub token_id: Option<String>,
+}
+
+/// The remote end of a TLS connection; such callers are identified by bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsPeer {
+    /// Address and port of the client.
+    pub addr: std::net::SocketAddr,
 }
 
 impl Principal {
@@ -75,6 +85,7 @@ impl Principals {
                 name: c.name.clone(),
                 scopes: c.scopes.clone(),
                 roles: c.roles.clone(),
+                token_id: None,
             });
             for uid in &c.uids {
                 let _ = p.by_uid.insert(*uid, principal.clone());

@@ -1,14 +1,57 @@
 //! Listeners: accept loops, per-connection HTTP, connection limits and draining.
 //!
-//! Owns: sockets. Puts the caller's identity (the [`crate::auth::Peer`]) into every
-//! request's extensions and hands requests to the `api` router.
-//! May call: `api` (the router), `auth` (the `Peer` type), `config`.
+//! Owns: sockets. Puts the caller's identity (a [`crate::auth::Peer`] on the Unix socket,
+//! a [`crate::auth::TlsPeer`] on TLS) into every request's extensions and hands requests
+//! to the `api` router.
+//! May call: `api` (the router), `auth` (the peer types), `config`, `secret`.
 
+pub mod tls;
 pub mod unix;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
+
+/// A request that has not sent its headers within this time is dropped: slow-loris
+/// protection that no legitimate client comes near.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 on one connection, with `identity` in every request's extensions, until
+/// the client closes or shutdown asks the connection to finish its current request.
+pub(crate) async fn serve_http<I, T>(io: I, app: Router, identity: T, mut stop: Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
+        let _ = req.extensions_mut().insert(identity.clone());
+        req
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    let _ = builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = stop.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
 
 /// Signals listeners and connections to stop. Cloned into every task.
 #[derive(Clone)]

@@ -10,21 +10,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use axum::Router;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::{umask, Mode};
 use tokio::net::{UnixListener, UnixStream};
-use tower::ServiceExt;
 
 use super::{Connections, Shutdown};
 use crate::auth::Peer;
 use crate::config::UnixConfig;
-
-/// A request that has not sent its headers within this time is dropped: slow-loris
-/// protection that no legitimate local client comes near.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates the socket as described in the module doc.
 pub fn bind(cfg: &UnixConfig) -> Result<UnixListener, String> {
@@ -143,32 +135,11 @@ pub async fn serve(listener: UnixListener, app: Router, conns: Connections, shut
             }
         };
         let app = app.clone();
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
         // Detached: the connection owns its permit, which the drain waits for.
         drop(tokio::spawn(async move {
             let _permit = permit;
-            let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
-                let _ = req.extensions_mut().insert(peer);
-                req
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            let _ = builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let conn =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "unix connection ended with an error");
-                    }
-                }
-                _ = stop.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            super::serve_http(stream, app, peer, stop).await;
         }));
     }
 }

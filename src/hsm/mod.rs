@@ -10,6 +10,7 @@
 mod error;
 pub mod objects;
 mod pool;
+pub mod sign;
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use cryptoki::slot::Slot;
 
 pub use error::{HsmError, HsmErrorKind};
 pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef};
+pub use sign::{SigningKey, SIGNING_KEY_LABEL};
 
 use crate::config::{Pkcs11Config, TokenSelector};
 use crate::secret::SecretString;

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::meta::{self, MetaRecord};
 use super::model::{KeyAttributes, KeyClass, KeyState, KeyView, Kid};
-use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, ObjectRef};
+use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, SIGNING_KEY_LABEL};
 
 /// The metadata object of a key, when there is one.
 #[derive(Debug, Clone)]
@@ -38,12 +38,16 @@ pub struct Group {
     pub metas: Vec<ObjectInfo>,
 }
 
-/// Groups scanned objects by id. Objects without a usable CKA_ID and foreign data objects
-/// are left out; the count of left-out key objects is returned for the log.
+/// Groups scanned objects by id. Objects without a usable CKA_ID, foreign data objects and
+/// hsmkeyd's token-signing pair are left out; the count of left-out key objects is returned for the log.
 pub fn group(objects: Vec<ObjectInfo>) -> (BTreeMap<Kid, Group>, usize) {
     let mut groups: BTreeMap<Kid, Group> = BTreeMap::new();
     let mut skipped = 0;
     for o in objects {
+        // hsmkeyd's own token-signing pair is not a managed key.
+        if o.label == SIGNING_KEY_LABEL.as_bytes() && o.kind != ObjectKind::Data {
+            continue;
+        }
         match o.kind {
             ObjectKind::SecretKey
             | ObjectKind::PrivateKey

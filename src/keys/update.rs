@@ -23,7 +23,7 @@ use super::entry::{kind_name, Entry, Group};
 use super::meta::{self, MetaRecord, OldLabel, Pending};
 use super::model::{Description, KeyState, Kid, Label, RoleName};
 use super::{hsm_error, KeyError};
-use crate::hsm::{Hsm, HsmError, HsmErrorKind, ObjectRef};
+use crate::hsm::{Hsm, HsmError, HsmErrorKind, ObjectRef, SIGNING_KEY_LABEL};
 
 /// A validated partial update. `None` leaves a field alone.
 #[derive(Debug, Clone, Default)]
@@ -154,6 +154,13 @@ pub(super) fn plan(
 
     let mut changes = Vec::new();
     let mut label_writes = Vec::new();
+    if patch.label.as_ref().map(Label::as_str) == Some(SIGNING_KEY_LABEL) {
+        return Err(KeyError::invalid(
+            "invalid_label",
+            "label",
+            format!("the label {SIGNING_KEY_LABEL} is reserved for hsmkeyd's token-signing key"),
+        ));
+    }
     if let Some(label) = &patch.label {
         let bytes = label.as_str().as_bytes();
         label_writes = current

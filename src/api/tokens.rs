@@ -1,0 +1,110 @@
+//! Bearer-token endpoints: `POST /v1/auth/token` mints a token over the Unix socket for a
+//! principal holding `auth:token` (only scopes it holds itself, lifetime capped by
+//! `tokens.max_ttl_s`); `GET /v1/auth/jwks` publishes the verification key on both front
+//! doors, unauthenticated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::audited::AuditNote;
+use super::error::ApiError;
+use super::{body, require, AppState};
+use crate::auth::scope::Scope;
+use crate::auth::{Peer, Principal};
+
+/// Path of the JWK set (the one unauthenticated route).
+pub const JWKS_PATH: &str = "/v1/auth/jwks";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintRequest {
+    scopes: Vec<String>,
+    ttl_s: Option<u64>,
+}
+
+/// `POST /v1/auth/token`.
+pub async fn mint(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Extension(note): Extension<AuditNote>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    note.mint();
+    if peer.is_none() {
+        return Err(ApiError::unix_socket_only());
+    }
+    require(&p, Scope::AuthToken)?;
+    let object = body::json_object(&headers, body).await?;
+    let req: MintRequest = serde_json::from_value(Value::Object(object)).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_token_request",
+            format!("a token request is {{\"scopes\": [...], \"ttl_s\": N}}: {e}"),
+        )
+    })?;
+    if req.scopes.is_empty() {
+        return Err(ApiError::bad_field(
+            "invalid_scopes",
+            "scopes",
+            "name at least one scope",
+        ));
+    }
+    let mut scopes = Vec::new();
+    for s in &req.scopes {
+        let scope =
+            Scope::parse(s).map_err(|e| ApiError::bad_field("invalid_scopes", "scopes", e))?;
+        if !p.has(&scope) && !matches!(&scope, Scope::KeysUpdateOne(k) if p.may_update(k)) {
+            return Err(ApiError::missing_scope(&scope.to_string()));
+        }
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    let max = state.tokens.max_ttl();
+    let ttl = match req.ttl_s {
+        None => max,
+        Some(t) if t >= 1 && t <= max.as_secs() => Duration::from_secs(t),
+        Some(t) => {
+            return Err(ApiError::bad_field(
+                "invalid_ttl",
+                "ttl_s",
+                format!("ttl_s {t} is out of range 1..={}", max.as_secs()),
+            ))
+        }
+    };
+    let tokens = state.tokens.clone();
+    let principal = p.clone();
+    let minted = tokio::task::spawn_blocking(move || {
+        tokens.mint(&principal, &scopes, ttl).map(|m| (m, scopes))
+    })
+    .await
+    .map_err(|e| ApiError::internal(&format!("mint task failed: {e}")))?;
+    let (minted, scopes) = minted.map_err(|e| {
+        tracing::warn!(error = %e, "signing a token failed");
+        ApiError::token_unavailable()
+    })?;
+    note.minted(&minted.jti);
+    let expires = time::OffsetDateTime::from(minted.expires_at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "token": minted.token,
+        "expires_at": expires,
+        "scopes": scopes.iter().map(Scope::to_string).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/auth/jwks`.
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    Json(state.tokens.jwks()).into_response()
+}

@@ -1,0 +1,180 @@
+//! The HTTPS front door: rustls (TLS 1.2 and 1.3) on a loopback TCP address, callers
+//! identified by bearer token (checked in `api`, from the [`TlsPeer`] put in each request).
+//!
+//! Every connection must finish its handshake within the configured timeout. The first
+//! bytes decide what a connection is: a TLS record goes to the handshake; clear-text HTTP
+//! (any HTTP/1.x request line, or the HTTP/2 preface) gets `418 tls_required` and is
+//! closed, as the Encedo appliance answers; anything else is closed at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{Connections, Shutdown};
+use crate::auth::TlsPeer;
+use crate::config::TlsConfig;
+use crate::secret;
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// How much of a clear-text request is read before answering 418 (so the answer is not
+/// lost to a reset of unread data).
+const MAX_CLEARTEXT_READ: usize = 16 * 1024;
+
+/// Loads the certificate chain and key into a rustls configuration (ring provider; TLS 1.3
+/// and 1.2; ALPN http/1.1).
+pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
+    let chain_pem = std::fs::read(&cfg.cert)
+        .map_err(|e| format!("cannot read tls.cert {}: {e}", cfg.cert.display()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            format!(
+                "tls.cert {} is not PEM certificates: {e}",
+                cfg.cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(format!(
+            "tls.cert {} holds no certificate",
+            cfg.cert.display()
+        ));
+    }
+    let key_pem = secret::read_private_file(&cfg.key, "tls.key")?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        format!(
+            "tls.key {} is not a PEM private key: {e}",
+            cfg.key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            format!(
+                "tls.cert {} and tls.key {} do not make a usable pair: {e}",
+                cfg.cert.display(),
+                cfg.key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Binds the TCP listener (inside the runtime).
+pub fn bind(cfg: &TlsConfig) -> Result<TcpListener, String> {
+    let std_listener = std::net::TcpListener::bind(cfg.listen)
+        .map_err(|e| format!("cannot listen on {} (tls.listen): {e}", cfg.listen))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot configure {}: {e}", cfg.listen))?;
+    TcpListener::from_std(std_listener).map_err(|e| format!("cannot register {}: {e}", cfg.listen))
+}
+
+/// Accepts connections until shutdown; see the module doc for what each one gets.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+    app: Router,
+    conns: Connections,
+    shutdown: Shutdown,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let mut stop = shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            p = conns.admit() => p,
+            _ = stop.wait() => break,
+        };
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on the TLS listener");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => break,
+        };
+        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), shutdown.clone());
+        drop(tokio::spawn(async move {
+            let _permit = permit;
+            let tls = tokio::time::timeout(handshake_timeout, handshake(stream, addr, acceptor));
+            match tls.await {
+                Ok(Some(stream)) => {
+                    super::serve_http(stream, app, TlsPeer { addr }, stop).await;
+                }
+                Ok(None) => {}
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out; closed"),
+            }
+        }));
+    }
+}
+
+/// Sorts a new connection: TLS handshake, 418 for clear-text HTTP, or close.
+async fn handshake(
+    stream: TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) => {}
+        _ => return None,
+    }
+    if first[0] == TLS_HANDSHAKE {
+        return match acceptor.accept(stream).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                None
+            }
+        };
+    }
+    if first[0].is_ascii_uppercase() {
+        answer_tls_required(stream).await;
+    } else {
+        tracing::debug!(%addr, "closed a connection that speaks neither TLS nor HTTP");
+    }
+    None
+}
+
+/// Reads the clear-text request head, answers 418 and closes.
+async fn answer_tls_required(mut stream: TcpStream) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_CLEARTEXT_READ {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let version =
+        if head.starts_with(b"PRI * HTTP/2.0") || !head.windows(8).any(|w| w == b"HTTP/1.0") {
+            "HTTP/1.1"
+        } else {
+            "HTTP/1.0"
+        };
+    let body =
+        r#"{"error":"tls_required","message":"this port speaks HTTPS only: connect with TLS"}"#;
+    let answer = format!(
+        "{version} 418 I'm a teapot\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

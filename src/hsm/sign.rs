@@ -1,0 +1,164 @@
+//! hsmkeyd's own token-signing key: an EC P-256 pair kept in the token under a reserved
+//! label, created on first start when missing, never extractable. Bearer tokens are signed
+//! with C_Sign (CKM_ECDSA over a SHA-256 digest computed here), so the private key never
+//! leaves the HSM. The pair is not a managed key: the key index leaves it out and no
+//! update may take its label.
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use sha2::{Digest, Sha256};
+
+use super::{Hsm, HsmError};
+
+/// CKA_LABEL of the signing pair (both objects).
+pub const SIGNING_KEY_LABEL: &str = "hsmkeyd-jwt-signing";
+/// DER OID of P-256 (prime256v1), CKA_EC_PARAMS.
+const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The signing pair, opaque above this layer.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    private: ObjectHandle,
+    point: Vec<u8>,
+    id: Vec<u8>,
+}
+
+impl SigningKey {
+    /// The public point, uncompressed SEC1 (0x04 || X || Y), 65 bytes.
+    pub fn public_point(&self) -> &[u8] {
+        &self.point
+    }
+
+    /// CKA_ID of the pair, hex: the JWT `kid` header.
+    pub fn key_id(&self) -> String {
+        hex::encode(&self.id)
+    }
+}
+
+/// CKA_EC_POINT is a DER OCTET STRING around the point on most tokens; some store it bare.
+pub fn unwrap_ec_point(raw: &[u8]) -> Vec<u8> {
+    match raw {
+        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest.to_vec(),
+        _ => raw.to_vec(),
+    }
+}
+
+impl Hsm {
+    /// Finds the signing pair, or creates it when the token has none. Startup only: this
+    /// searches the token.
+    pub fn signing_key(&self) -> Result<SigningKey, HsmError> {
+        let label = SIGNING_KEY_LABEL.as_bytes().to_vec();
+        let find = |class: ObjectClass| {
+            self.pool().run(|s| {
+                s.find_objects(&[
+                    Attribute::Class(class),
+                    Attribute::Label(label.clone()),
+                    Attribute::KeyType(KeyType::EC),
+                ])
+            })
+        };
+        let (mut privs, mut pubs) = (
+            find(ObjectClass::PRIVATE_KEY)?,
+            find(ObjectClass::PUBLIC_KEY)?,
+        );
+        if privs.len() > 1 || pubs.len() > 1 {
+            return Err(HsmError::internal(
+                "C_FindObjects",
+                format!(
+                    "{} private and {} public keys carry the reserved label {SIGNING_KEY_LABEL}; \
+                     keep one pair",
+                    privs.len(),
+                    pubs.len()
+                ),
+            ));
+        }
+        let (private, public) = match (privs.pop(), pubs.pop()) {
+            (Some(p), Some(q)) => (p, q),
+            (None, None) => self.generate_signing_pair(&label)?,
+            _ => {
+                return Err(HsmError::internal(
+                    "C_FindObjects",
+                    format!("the {SIGNING_KEY_LABEL} pair is incomplete in the token; remove the lone object"),
+                ))
+            }
+        };
+        let attrs = self
+            .pool()
+            .run(|s| s.get_attributes(public, &[AttributeType::EcPoint, AttributeType::Id]))?;
+        let (mut point, mut id) = (Vec::new(), Vec::new());
+        for a in attrs {
+            match a {
+                Attribute::EcPoint(p) => point = unwrap_ec_point(&p),
+                Attribute::Id(i) => id = i,
+                _ => {}
+            }
+        }
+        if point.len() != 65 || point[0] != 0x04 {
+            return Err(HsmError::internal(
+                "C_GetAttributeValue",
+                format!("the {SIGNING_KEY_LABEL} public key is not an uncompressed P-256 point"),
+            ));
+        }
+        Ok(SigningKey { private, point, id })
+    }
+
+    fn generate_signing_pair(
+        &self,
+        label: &[u8],
+    ) -> Result<(ObjectHandle, ObjectHandle), HsmError> {
+        let id: [u8; 16] = rand::random();
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(P256_OID.to_vec()),
+            Attribute::Label(label.to_vec()),
+            Attribute::Id(id.to_vec()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Derive(false),
+            Attribute::Label(label.to_vec()),
+            Attribute::Id(id.to_vec()),
+        ];
+        let (pubk, privk) = self
+            .pool()
+            .run(|s| s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private))?;
+        tracing::info!(kid = %hex::encode(id), "created the token-signing key {SIGNING_KEY_LABEL}");
+        Ok((privk, pubk))
+    }
+
+    /// An ES256 signature (r || s, 64 bytes, as JWS wants it) of `message`.
+    pub fn sign_es256(&self, key: &SigningKey, message: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let digest = Sha256::digest(message);
+        let sig = self
+            .pool()
+            .run(|s| s.sign(&Mechanism::Ecdsa, key.private, &digest))?;
+        if sig.len() != 64 {
+            return Err(HsmError::internal(
+                "C_Sign",
+                format!("CKM_ECDSA gave {} bytes, not 64", sig.len()),
+            ));
+        }
+        Ok(sig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec_points_are_unwrapped_from_der_only_when_wrapped() {
+        let mut point = vec![0x04];
+        point.extend([7u8; 64]);
+        let mut der = vec![0x04, 65];
+        der.extend(&point);
+        assert_eq!(unwrap_ec_point(&der), point);
+        assert_eq!(unwrap_ec_point(&point), point);
+    }
+}
