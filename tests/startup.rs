@@ -107,6 +107,7 @@ fn start_with(config: &Path, sock: &Path, log_dir: &Path) -> Result<Daemon, Stri
         child,
         sock: sock.to_path_buf(),
         stderr,
+        https: None,
     };
     d.wait_ready().map(|()| d)
 }

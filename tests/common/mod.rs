@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod journal;
+pub mod tls;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -222,6 +223,10 @@ pub struct Setup {
     pub namespace: Option<u32>,
     /// Extra environment for the daemon process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// Serve HTTPS on this loopback port (certificates made in the token's directory).
+    pub tls_port: Option<u16>,
+    /// More TOML appended to the config (e.g. `[tokens]`, `[[issuers]]`).
+    pub extra: String,
 }
 
 pub fn uid() -> u32 {
@@ -237,6 +242,8 @@ impl Default for Setup {
             audit: "sink = \"stderr-json\"\n".to_string(),
             namespace: None,
             env: Vec::new(),
+            tls_port: None,
+            extra: String::new(),
         }
     }
 }
@@ -279,6 +286,19 @@ pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
         setup.audit,
         setup.access.replace("{uid}", &uid().to_string()),
     );
+    let mut text = text;
+    if let Some(port) = setup.tls_port {
+        let dir = tls::tls_dir(token.path());
+        tls::make_certs(&dir);
+        text.push_str(&format!(
+            "\n[tls]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             handshake_timeout_s = 2\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        ));
+    }
+    text.push('\n');
+    text.push_str(&setup.extra);
     let path = token.path().join("hsmkeyd.toml");
     fs::write(&path, text).unwrap();
     path
@@ -289,6 +309,8 @@ pub struct Daemon {
     pub child: Child,
     pub sock: PathBuf,
     pub stderr: PathBuf,
+    /// The HTTPS client, when the daemon serves TLS.
+    pub https: Option<tls::TlsClient>,
 }
 
 impl Daemon {
@@ -331,6 +353,12 @@ impl Daemon {
             child,
             sock: token.path().join("api.sock"),
             stderr,
+            https: setup.tls_port.map(|port| {
+                tls::TlsClient::new(
+                    ([127, 0, 0, 1], port).into(),
+                    &tls::tls_dir(token.path()).join("ca.pem"),
+                )
+            }),
         };
         d.wait_ready().map(|()| d)
     }
@@ -355,6 +383,30 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The HTTPS client (panics if the setup had no `tls_port`).
+    pub fn https(&self) -> tls::TlsClient {
+        self.https.clone().expect("this daemon serves no TLS")
+    }
+
+    /// Mints a bearer token over the Unix socket.
+    pub fn mint(&self, scopes: &[&str], ttl_s: u64) -> String {
+        let r = self.client().send(
+            "POST",
+            "/v1/auth/token",
+            &[("Content-Type", "application/json")],
+            serde_json::json!({"scopes": scopes, "ttl_s": ttl_s})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "minting failed: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["token"].as_str().unwrap().to_string()
     }
 
     pub fn client(&self) -> Client {
