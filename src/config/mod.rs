@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod tls;
+
+use tls::{issuer_config, tls_config, tokens_config, RawIssuer, RawTls, RawTokens};
+pub use tls::{IssuerConfig, JwtAlgorithm, TlsConfig, TokensConfig};
+
 use crate::auth::scope::Scope;
 use crate::keys::model::RoleName;
 
@@ -143,61 +148,6 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
 }
 
-/// The `[tls]` section.
-#[derive(Debug, Clone)]
-pub struct TlsConfig {
-    /// Address to listen on (loopback unless `allow_non_loopback`).
-    pub listen: std::net::SocketAddr,
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key of the leaf (permission-checked like the PIN file).
-    pub key: PathBuf,
-    /// Time a client gets to complete the TLS handshake.
-    pub handshake_timeout: Duration,
-}
-
-/// The `[tokens]` section: hsmkeyd's own issuer (ES256, key in the HSM).
-#[derive(Debug, Clone)]
-pub struct TokensConfig {
-    /// `iss` of minted tokens.
-    pub issuer: String,
-    /// `aud` of minted tokens, and the audience every accepted token must name.
-    pub audience: String,
-    /// Longest lifetime a minted token may ask for.
-    pub max_ttl: Duration,
-    /// Clock skew allowed on `exp` and `nbf`, for every issuer.
-    pub leeway: Duration,
-}
-
-/// A JWT algorithm an external issuer may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum JwtAlgorithm {
-    /// ECDSA P-256 with SHA-256.
-    ES256,
-    /// Ed25519.
-    EdDSA,
-    /// RSA PKCS#1 v1.5 with SHA-256.
-    RS256,
-    /// HMAC SHA-256 with a shared secret.
-    HS256,
-}
-
-/// One `[[issuers]]` entry.
-#[derive(Debug, Clone)]
-pub struct IssuerConfig {
-    /// `iss` the tokens carry.
-    pub iss: String,
-    /// `aud` the tokens must carry.
-    pub aud: String,
-    /// Accepted algorithms (one family: asymmetric with `key_file`, or HS256 with
-    /// `secret_file`).
-    pub algorithms: Vec<JwtAlgorithm>,
-    /// PEM public key (ES256, EdDSA, RS256).
-    pub key_file: Option<PathBuf>,
-    /// File holding the HS256 secret (permission-checked like the PIN file).
-    pub secret_file: Option<PathBuf>,
-}
-
 /// Where audit entries go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -233,36 +183,6 @@ struct RawConfig {
     tokens: RawTokens,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    listen: Option<String>,
-    cert: PathBuf,
-    key: PathBuf,
-    #[serde(default)]
-    allow_non_loopback: bool,
-    handshake_timeout_s: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTokens {
-    issuer: Option<String>,
-    audience: Option<String>,
-    max_ttl_s: Option<u64>,
-    leeway_s: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawIssuer {
-    iss: String,
-    aud: String,
-    algorithms: Vec<JwtAlgorithm>,
-    key_file: Option<PathBuf>,
-    secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -522,133 +442,6 @@ impl Config {
     }
 }
 
-/// Default HTTPS address: loopback only.
-const DEFAULT_TLS_LISTEN: &str = "127.0.0.1:8443";
-/// Default time for a TLS handshake; a peer that sends nothing useful is closed after it.
-const DEFAULT_HANDSHAKE_TIMEOUT_S: u64 = 10;
-/// Default cap on a minted token's lifetime.
-const DEFAULT_MAX_TTL_S: u64 = 3600;
-/// Default clock skew allowed on `exp` and `nbf`.
-const DEFAULT_LEEWAY_S: u64 = 30;
-
-fn tls_config(
-    t: RawTls,
-    err: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<TlsConfig, ConfigError> {
-    let text = t.listen.unwrap_or_else(|| DEFAULT_TLS_LISTEN.to_string());
-    let listen: std::net::SocketAddr = text.parse().map_err(|_| {
-        err(
-            "tls.listen",
-            format!("{text:?} is not an address like \"127.0.0.1:8443\""),
-        )
-    })?;
-    if !listen.ip().is_loopback() && !t.allow_non_loopback {
-        return Err(err(
-            "tls.listen",
-            format!(
-                "{listen} is not a loopback address; set tls.allow_non_loopback = true to \
-                 serve beyond this host"
-            ),
-        ));
-    }
-    absolute(&t.cert).map_err(|r| err("tls.cert", r))?;
-    absolute(&t.key).map_err(|r| err("tls.key", r))?;
-    let hs = t.handshake_timeout_s.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_S);
-    if !(1..=300).contains(&hs) {
-        return Err(err(
-            "tls.handshake_timeout_s",
-            format!("{hs} is out of range 1..=300"),
-        ));
-    }
-    Ok(TlsConfig {
-        listen,
-        cert: t.cert,
-        key: t.key,
-        handshake_timeout: Duration::from_secs(hs),
-    })
-}
-
-fn tokens_config(
-    t: RawTokens,
-    err: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<TokensConfig, ConfigError> {
-    let nonempty = |v: Option<String>, key: &str| match v {
-        None => Ok("hsmkeyd".to_string()),
-        Some(s) if !s.trim().is_empty() => Ok(s),
-        Some(_) => Err(err(key, "must not be empty".into())),
-    };
-    let max_ttl = t.max_ttl_s.unwrap_or(DEFAULT_MAX_TTL_S);
-    if !(1..=86_400).contains(&max_ttl) {
-        return Err(err(
-            "tokens.max_ttl_s",
-            format!("{max_ttl} is out of range 1..=86400"),
-        ));
-    }
-    let leeway = t.leeway_s.unwrap_or(DEFAULT_LEEWAY_S);
-    if leeway > 300 {
-        return Err(err(
-            "tokens.leeway_s",
-            format!("{leeway} is over 300 seconds"),
-        ));
-    }
-    Ok(TokensConfig {
-        issuer: nonempty(t.issuer, "tokens.issuer")?,
-        audience: nonempty(t.audience, "tokens.audience")?,
-        max_ttl: Duration::from_secs(max_ttl),
-        leeway: Duration::from_secs(leeway),
-    })
-}
-
-fn issuer_config(
-    i: usize,
-    r: RawIssuer,
-    err: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<IssuerConfig, ConfigError> {
-    let key = |k: &str| format!("issuers[{i}].{k}");
-    if r.iss.trim().is_empty() {
-        return Err(err(&key("iss"), "must not be empty".into()));
-    }
-    if r.aud.trim().is_empty() {
-        return Err(err(&key("aud"), "must not be empty".into()));
-    }
-    if r.algorithms.is_empty() {
-        return Err(err(
-            &key("algorithms"),
-            "name at least one algorithm".into(),
-        ));
-    }
-    let hmac = r.algorithms.contains(&JwtAlgorithm::HS256);
-    if hmac && r.algorithms.len() > 1 {
-        return Err(err(
-            &key("algorithms"),
-            "HS256 cannot be mixed with public-key algorithms for one issuer".into(),
-        ));
-    }
-    match (hmac, &r.key_file, &r.secret_file) {
-        (true, None, Some(f)) => absolute(f).map_err(|e| err(&key("secret_file"), e))?,
-        (false, Some(f), None) => absolute(f).map_err(|e| err(&key("key_file"), e))?,
-        (true, _, _) => {
-            return Err(err(
-                &key("secret_file"),
-                "HS256 needs secret_file and no key_file".into(),
-            ))
-        }
-        (false, _, _) => {
-            return Err(err(
-                &key("key_file"),
-                "public-key algorithms need key_file (a PEM public key) and no secret_file".into(),
-            ))
-        }
-    }
-    Ok(IssuerConfig {
-        iss: r.iss,
-        aud: r.aud,
-        algorithms: r.algorithms,
-        key_file: r.key_file,
-        secret_file: r.secret_file,
-    })
-}
-
 fn absolute(p: &Path) -> Result<(), String> {
     if p.is_absolute() {
         Ok(())
@@ -675,107 +468,4 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-[pkcs11]
-module = "/usr/lib/softhsm/libsofthsm2.so"
-token_label = "t"
-pin_file = "/etc/hsmkeyd/pin"
-[unix]
-path = "/run/hsmkeyd/api.sock"
-[keys]
-roles = ["ops"]
-[[principals]]
-name = "ops"
-uids = [1000]
-scopes = ["keymgmt:list", "keymgmt:upd:0a1b"]
-roles = ["ops"]
-"#;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("/etc/hsmkeyd/hsmkeyd.toml"), text)
-    }
-
-    #[test]
-    fn good_config_parses_with_defaults() {
-        let c = parse(GOOD).unwrap();
-        assert_eq!(c.unix.mode, 0o660);
-        assert_eq!(c.pkcs11.max_sessions, DEFAULT_MAX_SESSIONS);
-        assert_eq!(c.principals[0].scopes.len(), 2);
-        assert_eq!(c.pkcs11.token, TokenSelector::Label("t".into()));
-    }
-
-    #[test]
-    fn shipped_example_config_is_valid() {
-        let c = parse(include_str!("../config/hsmkeyd.toml")).unwrap();
-        assert_eq!(c.pkcs11.token, TokenSelector::Label("hsmkeyd".into()));
-        assert_eq!(c.unix.path, Path::new("/run/hsmkeyd/api.sock"));
-        assert_eq!(c.principals.len(), 3);
-        assert_eq!(c.roles.len(), 2);
-        assert_eq!(
-            c.audit.sink,
-            AuditSink::Journald,
-            "production audits to journald"
-        );
-    }
-
-    #[test]
-    fn audit_sink_defaults_to_journald_and_rejects_unknown_sinks() {
-        assert_eq!(parse(GOOD).unwrap().audit.sink, AuditSink::Journald);
-        let c = parse(&format!("{GOOD}\n[audit]\nsink = \"stderr-json\"\n")).unwrap();
-        assert_eq!(c.audit.sink, AuditSink::StderrJson);
-        let e = parse(&format!("{GOOD}\n[audit]\nsink = \"syslog\"\n")).unwrap_err();
-        assert!(e.to_string().contains("syslog"), "{e}");
-    }
-
-    #[test]
-    fn unknown_key_names_the_file_and_key() {
-        let e = parse(&GOOD.replace("[unix]", "[unix]\nsokcet = 1")).unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains("/etc/hsmkeyd/hsmkeyd.toml"), "{msg}");
-        assert!(msg.contains("sokcet"), "{msg}");
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let cases = [
-            (
-                GOOD.replace("\"/etc/hsmkeyd/pin\"", "\"pin\""),
-                "pkcs11.pin_file",
-            ),
-            (
-                GOOD.replace("token_label = \"t\"", ""),
-                "pkcs11.token_label",
-            ),
-            (
-                GOOD.replace("[unix]", "[unix]\nmode = \"0666\""),
-                "unix.mode",
-            ),
-            (
-                GOOD.replace("\"keymgmt:list\"", "\"keymgmt:delete\""),
-                "principals[0].scopes[0]",
-            ),
-            (
-                GOOD.replace(
-                    "scopes = [\"keymgmt:list\", \"keymgmt:upd:0a1b\"]\nroles = [\"ops\"]",
-                    "scopes = []\nroles = [\"finance\"]",
-                ),
-                "principals[0].roles[0]",
-            ),
-            (GOOD.replace("uids = [1000]", ""), "principals[0].uids"),
-        ];
-        for (text, key) in cases {
-            let e = parse(&text).unwrap_err();
-            assert_eq!(e.key, key, "{e}");
-        }
-    }
-
-    #[test]
-    fn a_uid_maps_to_one_principal_only() {
-        let text = format!("{GOOD}\n[[principals]]\nname = \"b\"\nuids = [1000]\n");
-        let e = parse(&text).unwrap_err();
-        assert_eq!(e.key, "principals[1].uids");
-    }
-}
+mod tests;

@@ -1,0 +1,143 @@
+//! Unit tests of the configuration format: defaults, the shipped example, and errors that
+//! name their key.
+
+use super::*;
+
+const GOOD: &str = r#"
+[pkcs11]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "t"
+pin_file = "/etc/hsmkeyd/pin"
+[unix]
+path = "/run/hsmkeyd/api.sock"
+[keys]
+roles = ["ops"]
+[[principals]]
+name = "ops"
+uids = [1000]
+scopes = ["keymgmt:list", "keymgmt:upd:0a1b"]
+roles = ["ops"]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/hsmkeyd/hsmkeyd.toml"), text)
+}
+
+#[test]
+fn good_config_parses_with_defaults() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.unix.mode, 0o660);
+    assert_eq!(c.pkcs11.max_sessions, DEFAULT_MAX_SESSIONS);
+    assert_eq!(c.principals[0].scopes.len(), 2);
+    assert_eq!(c.pkcs11.token, TokenSelector::Label("t".into()));
+}
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let c = parse(include_str!("../../config/hsmkeyd.toml")).unwrap();
+    assert_eq!(c.pkcs11.token, TokenSelector::Label("hsmkeyd".into()));
+    assert_eq!(c.unix.path, Path::new("/run/hsmkeyd/api.sock"));
+    assert_eq!(c.principals.len(), 3);
+    assert_eq!(c.roles.len(), 2);
+    assert_eq!(
+        c.audit.sink,
+        AuditSink::Journald,
+        "production audits to journald"
+    );
+    let tls = c.tls.expect("the example serves HTTPS");
+    assert_eq!(tls.listen.to_string(), "127.0.0.1:8443");
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.tokens.max_ttl, Duration::from_secs(3600));
+    assert_eq!(c.tokens.leeway, Duration::from_secs(30));
+}
+
+#[test]
+fn tls_is_loopback_only_unless_allowed_and_issuers_are_checked() {
+    let tls = |extra: &str| format!("{GOOD}\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n{extra}");
+    assert!(parse(&tls("")).unwrap().tls.is_some());
+    let e = parse(&tls("listen = \"0.0.0.0:8443\"\n")).unwrap_err();
+    assert_eq!(e.key, "tls.listen", "{e}");
+    assert!(e.reason.contains("allow_non_loopback"), "{e}");
+    let c = parse(&tls(
+        "listen = \"0.0.0.0:8443\"\nallow_non_loopback = true\n",
+    ))
+    .unwrap();
+    assert!(!c.tls.unwrap().listen.ip().is_loopback());
+    assert_eq!(
+        parse(&tls("listen = \"nowhere\"\n")).unwrap_err().key,
+        "tls.listen"
+    );
+
+    let issuer = |body: &str| format!("{GOOD}\n[[issuers]]\niss = \"i\"\naud = \"a\"\n{body}");
+    assert!(parse(&issuer("algorithms = [\"ES256\"]\nkey_file = \"/k.pem\"\n")).is_ok());
+    let e = parse(&issuer(
+        "algorithms = [\"HS256\", \"ES256\"]\nkey_file = \"/k\"\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "issuers[0].algorithms", "{e}");
+    let e = parse(&issuer("algorithms = [\"HS256\"]\nkey_file = \"/k\"\n")).unwrap_err();
+    assert_eq!(e.key, "issuers[0].secret_file", "{e}");
+    let e = parse(&issuer("algorithms = [\"ES256\"]\n")).unwrap_err();
+    assert_eq!(e.key, "issuers[0].key_file", "{e}");
+    assert!(parse(&issuer("algorithms = [\"none\"]\nkey_file = \"/k\"\n")).is_err());
+    let e = parse(&format!("{GOOD}\n[tokens]\nmax_ttl_s = 0\n")).unwrap_err();
+    assert_eq!(e.key, "tokens.max_ttl_s");
+}
+
+#[test]
+fn audit_sink_defaults_to_journald_and_rejects_unknown_sinks() {
+    assert_eq!(parse(GOOD).unwrap().audit.sink, AuditSink::Journald);
+    let c = parse(&format!("{GOOD}\n[audit]\nsink = \"stderr-json\"\n")).unwrap();
+    assert_eq!(c.audit.sink, AuditSink::StderrJson);
+    let e = parse(&format!("{GOOD}\n[audit]\nsink = \"syslog\"\n")).unwrap_err();
+    assert!(e.to_string().contains("syslog"), "{e}");
+}
+
+#[test]
+fn unknown_key_names_the_file_and_key() {
+    let e = parse(&GOOD.replace("[unix]", "[unix]\nsokcet = 1")).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("/etc/hsmkeyd/hsmkeyd.toml"), "{msg}");
+    assert!(msg.contains("sokcet"), "{msg}");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases = [
+        (
+            GOOD.replace("\"/etc/hsmkeyd/pin\"", "\"pin\""),
+            "pkcs11.pin_file",
+        ),
+        (
+            GOOD.replace("token_label = \"t\"", ""),
+            "pkcs11.token_label",
+        ),
+        (
+            GOOD.replace("[unix]", "[unix]\nmode = \"0666\""),
+            "unix.mode",
+        ),
+        (
+            GOOD.replace("\"keymgmt:list\"", "\"keymgmt:delete\""),
+            "principals[0].scopes[0]",
+        ),
+        (
+            GOOD.replace(
+                "scopes = [\"keymgmt:list\", \"keymgmt:upd:0a1b\"]\nroles = [\"ops\"]",
+                "scopes = []\nroles = [\"finance\"]",
+            ),
+            "principals[0].roles[0]",
+        ),
+        (GOOD.replace("uids = [1000]", ""), "principals[0].uids"),
+    ];
+    for (text, key) in cases {
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+}
+
+#[test]
+fn a_uid_maps_to_one_principal_only() {
+    let text = format!("{GOOD}\n[[principals]]\nname = \"b\"\nuids = [1000]\n");
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "principals[1].uids");
+}
