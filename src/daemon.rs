@@ -198,7 +198,8 @@ async fn serve(
     tokens: Arc<TokenService>,
 ) -> Result<(), Fatal> {
     let key_count = keys.len();
-    let token = keys.hsm().token().to_string();
+    let hsm = keys.hsm().clone();
+    let token = hsm.token().to_string();
     let state = AppState {
         keys,
         audit: audit.clone(),
@@ -252,11 +253,19 @@ async fn serve(
     systemd::ready(&format!(
         "serving {key_count} keys from {token} on {where_}"
     ));
+    // The watchdog proves the HSM answers (C_GetSessionInfo on a pooled session).
+    let watchdog = systemd::watchdog_interval().map(|interval| {
+        let hsm = hsm.clone();
+        tokio::spawn(systemd::feed_watchdog(interval, move || hsm.ping().is_ok()))
+    });
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; draining"),
         _ = int.recv() => tracing::info!("SIGINT received; draining"),
     }
     systemd::stopping("draining in-flight requests");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     trigger.trigger();
     let _ = unix.await;
     if let Some(t) = tls {

@@ -133,3 +133,83 @@ fn notify_socket_gets_ready_with_status_then_stopping() {
     assert_eq!(d.stop(), 0);
     receive_until(&sock, "STOPPING=1", &mut got);
 }
+
+/// Collects notification datagrams for `d`.
+fn collect(sock: &UnixDatagram, d: Duration) -> Vec<String> {
+    let end = Instant::now() + d;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+fn feeds(msgs: &[String]) -> usize {
+    msgs.iter()
+        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+        .count()
+}
+
+#[test]
+fn the_watchdog_is_fed_at_half_the_interval_and_stops_when_the_hsm_hangs() {
+    let t = Token::new();
+    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let setup = Setup {
+        fault_dir: Some(faults.path().to_path_buf()),
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            // 400 ms: a feed every 200 ms.
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        ..Setup::default()
+    };
+    let d = Daemon::start(&t, &setup);
+    let mut got = Vec::new();
+    receive_until(&sock, "READY=1", &mut got);
+
+    let healthy = feeds(&collect(&sock, Duration::from_secs(2)));
+    assert!(
+        (6..=14).contains(&healthy),
+        "{healthy} feeds in 2 s at a 200 ms cadence"
+    );
+
+    // A wedged HSM: every C_GetSessionInfo blocks. Feeding stops.
+    std::fs::write(faults.path().join("hang"), "").unwrap();
+    let _ = collect(&sock, Duration::from_millis(600));
+    let hung = feeds(&collect(&sock, Duration::from_secs(2)));
+    assert_eq!(hung, 0, "fed the watchdog while the HSM hung");
+
+    // The HSM answers again: feeding resumes.
+    std::fs::remove_file(faults.path().join("hang")).unwrap();
+    let back = feeds(&collect(&sock, Duration::from_secs(2)));
+    assert!(back >= 4, "{back} feeds after the HSM came back");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn without_watchdog_usec_nothing_is_fed() {
+    let t = Token::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let setup = Setup {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Setup::default()
+    };
+    let d = Daemon::start(&t, &setup);
+    let msgs = collect(&sock, Duration::from_secs(1));
+    assert!(msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    assert_eq!(feeds(&msgs), 0);
+    assert_eq!(d.stop(), 0);
+}
