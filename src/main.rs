@@ -45,7 +45,13 @@ fn main() -> ExitCode {
     };
     // A PIN file that is missing, empty or readable by others is a configuration error in
     // both modes, so a unit's RestartPreventExitStatus=78 does not loop on it.
-    let pin = match secret::read_pin_file(&config.pkcs11.pin_file) {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let pin = match config
+        .pkcs11
+        .pin
+        .path(credentials.as_deref())
+        .and_then(|p| secret::read_pin_file(&p).map_err(|e| e.to_string()))
+    {
         Ok(p) => p,
         Err(e) => {
             eprintln!("hsmkeyd: config {}: {e}", cli.config.display());

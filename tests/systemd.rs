@@ -213,3 +213,60 @@ fn without_watchdog_usec_nothing_is_fed() {
     assert_eq!(feeds(&msgs), 0);
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn the_pin_comes_from_a_systemd_credential_and_never_reaches_environ_or_logs() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Token::new();
+    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let pin = std::fs::read_to_string(&t.pin_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    // What systemd's LoadCredential=pin:/etc/hsmkeyd/pin makes: a 0400 file in a 0500 dir.
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("pin"), format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(
+        creds.path().join("pin"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
+    std::fs::set_permissions(creds.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+    // The PIN file is gone: only the credential can log in.
+    std::fs::remove_file(&t.pin_file).unwrap();
+
+    let setup = Setup {
+        pin_credential: Some("pin".into()),
+        env: vec![(
+            "CREDENTIALS_DIRECTORY".into(),
+            creds.path().display().to_string(),
+        )],
+        ..Setup::default()
+    };
+    let d = Daemon::start(&t, &setup);
+    let c = d.client();
+    assert_eq!(c.get("/v1/keys").status, 200);
+    let r = c.patch("a1a1", &serde_json::json!({"label": "via-credential"}));
+    assert_eq!(r.status, 200);
+    let environ = std::fs::read(format!("/proc/{}/environ", d.child.id())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains(&pin),
+        "the PIN is in the daemon's environment"
+    );
+    assert!(!String::from_utf8_lossy(&r.body).contains(&pin));
+    let log = d.log();
+    assert_eq!(d.stop(), 0);
+    assert!(!log.contains(&pin), "the PIN reached the log");
+
+    // Without $CREDENTIALS_DIRECTORY (not started by systemd): a config error naming why.
+    let setup = Setup {
+        pin_credential: Some("pin".into()),
+        ..Setup::default()
+    };
+    let e = Daemon::try_start(&t, &setup).err().expect("must not start");
+    assert!(e.contains("exit status: 78"), "{e}");
+    assert!(
+        e.contains("CREDENTIALS_DIRECTORY") && e.contains("LoadCredential"),
+        "{e}"
+    );
+}

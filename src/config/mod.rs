@@ -82,12 +82,40 @@ pub struct Pkcs11Config {
     pub module: PathBuf,
     /// Which token to use.
     pub token: TokenSelector,
-    /// File holding the user PIN (mode must deny group and others).
-    pub pin_file: PathBuf,
+    /// Where the user PIN comes from.
+    pub pin: PinSource,
     /// Environment variables the module reads (e.g. `SOFTHSM2_CONF`), set before it loads.
     pub module_env: BTreeMap<String, String>,
     /// Upper bound on open PKCS#11 sessions.
     pub max_sessions: usize,
+}
+
+/// Where the user PIN is read from. Never inline in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// A file whose mode denies group and others.
+    File(PathBuf),
+    /// A systemd credential (`LoadCredential=<name>:...`), read from
+    /// `$CREDENTIALS_DIRECTORY/<name>`.
+    Credential(String),
+}
+
+impl PinSource {
+    /// The file to read, resolving a credential against `credentials_dir`
+    /// (`$CREDENTIALS_DIRECTORY`).
+    pub fn path(&self, credentials_dir: Option<&Path>) -> Result<PathBuf, String> {
+        match self {
+            PinSource::File(p) => Ok(p.clone()),
+            PinSource::Credential(name) => match credentials_dir {
+                Some(dir) => Ok(dir.join(name)),
+                None => Err(format!(
+                    "pkcs11.pin_credential {name:?} needs $CREDENTIALS_DIRECTORY, which systemd \
+                     sets for units with LoadCredential={name}:<file>; outside systemd use \
+                     pkcs11.pin_file"
+                )),
+            },
+        }
+    }
 }
 
 /// The `[unix]` section: the local socket.
@@ -197,7 +225,8 @@ struct RawPkcs11 {
     module: PathBuf,
     token_label: Option<String>,
     token_serial: Option<String>,
-    pin_file: PathBuf,
+    pin_file: Option<PathBuf>,
+    pin_credential: Option<String>,
     #[serde(default)]
     module_env: BTreeMap<String, String>,
     max_sessions: Option<usize>,
@@ -268,7 +297,35 @@ impl Config {
 
         let p = raw.pkcs11;
         absolute(&p.module).map_err(|r| err("pkcs11.module", r))?;
-        absolute(&p.pin_file).map_err(|r| err("pkcs11.pin_file", r))?;
+        let pin = match (p.pin_file, p.pin_credential) {
+            (Some(f), None) => {
+                absolute(&f).map_err(|r| err("pkcs11.pin_file", r))?;
+                PinSource::File(f)
+            }
+            (None, Some(c)) => {
+                if c.is_empty() || c.contains('/') || c == "." || c == ".." {
+                    return Err(err(
+                        "pkcs11.pin_credential",
+                        format!("{c:?} is not a credential name"),
+                    ));
+                }
+                PinSource::Credential(c)
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "pkcs11.pin_file",
+                    "set pin_file or pin_credential, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    "pkcs11.pin_file",
+                    "name where the PIN comes from: pin_file (a mode 0600 file) or \
+                     pin_credential (a systemd credential); never the PIN itself"
+                        .into(),
+                ))
+            }
+        };
         let token = match (p.token_label, p.token_serial) {
             (Some(l), None) if !l.trim().is_empty() => TokenSelector::Label(l.trim().to_string()),
             (None, Some(s)) if !s.trim().is_empty() => TokenSelector::Serial(s.trim().to_string()),
@@ -413,7 +470,7 @@ impl Config {
             pkcs11: Pkcs11Config {
                 module: p.module,
                 token,
-                pin_file: p.pin_file,
+                pin,
                 module_env: p.module_env,
                 max_sessions,
             },

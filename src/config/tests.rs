@@ -52,6 +52,42 @@ fn shipped_example_config_is_valid() {
 }
 
 #[test]
+fn the_pin_comes_from_a_file_or_a_credential_never_both() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.pkcs11.pin, PinSource::File("/etc/hsmkeyd/pin".into()));
+    let cred = GOOD.replace(
+        "pin_file = \"/etc/hsmkeyd/pin\"",
+        "pin_credential = \"pin\"",
+    );
+    let c = parse(&cred).unwrap();
+    assert_eq!(c.pkcs11.pin, PinSource::Credential("pin".into()));
+    assert_eq!(
+        c.pkcs11
+            .pin
+            .path(Some(Path::new("/run/credentials/hsmkeyd.service")))
+            .unwrap(),
+        Path::new("/run/credentials/hsmkeyd.service/pin")
+    );
+    assert!(c
+        .pkcs11
+        .pin
+        .path(None)
+        .unwrap_err()
+        .contains("CREDENTIALS_DIRECTORY"));
+    let both = GOOD.replace("pin_file = ", "pin_credential = \"pin\"\npin_file = ");
+    assert_eq!(parse(&both).unwrap_err().key, "pkcs11.pin_file");
+    let neither = GOOD.replace("pin_file = \"/etc/hsmkeyd/pin\"", "");
+    assert_eq!(parse(&neither).unwrap_err().key, "pkcs11.pin_file");
+    let sneaky = GOOD.replace(
+        "pin_file = \"/etc/hsmkeyd/pin\"",
+        "pin_credential = \"../pin\"",
+    );
+    assert_eq!(parse(&sneaky).unwrap_err().key, "pkcs11.pin_credential");
+    let inline = GOOD.replace("pin_file = \"/etc/hsmkeyd/pin\"", "pin = \"1234\"");
+    assert!(parse(&inline).is_err(), "an inline PIN is an unknown key");
+}
+
+#[test]
 fn tls_is_loopback_only_unless_allowed_and_issuers_are_checked() {
     let tls = |extra: &str| format!("{GOOD}\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n{extra}");
     assert!(parse(&tls("")).unwrap().tls.is_some());

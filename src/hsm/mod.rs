@@ -23,7 +23,7 @@ pub use error::{HsmError, HsmErrorKind};
 pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef};
 pub use sign::{SigningKey, SIGNING_KEY_LABEL};
 
-use crate::config::{Pkcs11Config, TokenSelector};
+use crate::config::{PinSource, Pkcs11Config, TokenSelector};
 use crate::secret::SecretString;
 use pool::Pool;
 
@@ -105,13 +105,13 @@ impl Hsm {
         // The first session logs in; the login then holds for every session of the process.
         pool.login_first().map_err(|e| {
             let hint = if e.is_ckr("CKR_PIN_INCORRECT") {
-                format!("the PIN in {} is wrong", cfg.pin_file.display())
+                format!("the PIN from {} is wrong", pin_source(cfg))
             } else if e.is_ckr("CKR_PIN_LOCKED") {
                 "the user PIN is locked; the security officer must unlock it".to_string()
             } else {
                 format!(
-                    "check the PIN in {} and the token's state",
-                    cfg.pin_file.display()
+                    "check the PIN from {} and the token's state",
+                    pin_source(cfg)
                 )
             };
             StartupError(format!(
@@ -146,6 +146,14 @@ impl Hsm {
 
     pub(crate) fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+}
+
+/// Names where the PIN came from, for messages.
+fn pin_source(cfg: &Pkcs11Config) -> String {
+    match &cfg.pin {
+        PinSource::File(p) => p.display().to_string(),
+        PinSource::Credential(c) => format!("credential {c:?}"),
     }
 }
 

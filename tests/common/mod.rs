@@ -227,6 +227,8 @@ pub struct Setup {
     pub tls_port: Option<u16>,
     /// More TOML appended to the config (e.g. `[tokens]`, `[[issuers]]`).
     pub extra: String,
+    /// Read the PIN from this systemd credential instead of the PIN file.
+    pub pin_credential: Option<String>,
 }
 
 pub fn uid() -> u32 {
@@ -244,6 +246,7 @@ impl Default for Setup {
             env: Vec::new(),
             tls_port: None,
             extra: String::new(),
+            pin_credential: None,
         }
     }
 }
@@ -274,12 +277,15 @@ pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
         None => (PathBuf::from(SOFTHSM), String::new()),
     };
     let text = format!(
-        "[pkcs11]\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n{}\n\
+        "[pkcs11]\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\n{}\n{}\n\
          [pkcs11.module_env]\nSOFTHSM2_CONF = \"{}\"\n{env}\n\
          [unix]\npath = \"{}\"\nmode = \"0660\"\n\n[server]\ndrain_timeout_s = 5\n\n\
          [audit]\n{}\n{}",
         module.display(),
-        token.pin_file.display(),
+        match &setup.pin_credential {
+            Some(name) => format!("pin_credential = \"{name}\""),
+            None => format!("pin_file = \"{}\"", token.pin_file.display()),
+        },
         setup.pkcs11_extra,
         token.conf.display(),
         sock.display(),
