@@ -66,16 +66,35 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         Some(t) => Some((t, front::tls::server_config(t).map_err(Fatal)?)),
         None => None,
     };
+    // Sockets systemd passed (socket activation) are used as they are; the others are
+    // bound here.
+    let activated = front::activation::from_env()
+        .map_err(Fatal)?
+        .unwrap_or_default();
+    if activated.tls.is_some() && tls.is_none() {
+        return Err(Fatal(format!(
+            "systemd passed a socket named tls but config {} has no [tls] section with the \
+             certificate and key to serve it",
+            config.source.display()
+        )));
+    }
+    let owns_unix_path = activated.unix.is_none();
     let (listener, tls_listener) = {
         let _ctx = runtime.enter();
-        let unix = front::unix::bind(&config.unix).map_err(Fatal)?;
-        let tcp = match &tls {
-            Some((t, _)) => Some(front::tls::bind(t).map_err(Fatal)?),
-            None => None,
+        let unix = match activated.unix {
+            Some(l) => front::unix::adopt(l),
+            None => front::unix::bind(&config.unix),
+        }
+        .map_err(Fatal)?;
+        let tcp = match (activated.tls, &tls) {
+            (Some(l), _) => Some(front::tls::adopt(l).map_err(Fatal)?),
+            (None, Some((t, _))) => Some(front::tls::bind(t).map_err(Fatal)?),
+            (None, None) => None,
         };
         (unix, tcp)
     };
-    let _socket_file = SocketFile(&config.unix.path);
+    // A socket systemd made stays systemd's: only a socket bound here is removed.
+    let _socket_file = owns_unix_path.then(|| SocketFile(&config.unix.path));
 
     let hsm = match Hsm::open(&config.pkcs11, pin) {
         Ok(h) => h,
@@ -104,6 +123,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     tracing::info!(keys = keys.len(), "key index built");
     let tokens = token_service(&config, &hsm)?;
     let listeners = Listeners {
+        owns_unix_path,
         unix: listener,
         tls: tls_listener
             .zip(tls)
@@ -135,6 +155,8 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
 
 /// The bound listeners, before serving.
 struct Listeners {
+    /// Whether the Unix socket was bound here (not passed by systemd).
+    owns_unix_path: bool,
     unix: tokio::net::UnixListener,
     tls: Option<(
         tokio::net::TcpListener,
@@ -197,6 +219,7 @@ async fn serve(
     audit: Arc<Auditor>,
     tokens: Arc<TokenService>,
 ) -> Result<(), Fatal> {
+    let owns_unix_path = listeners.owns_unix_path;
     let key_count = keys.len();
     let hsm = keys.hsm().clone();
     let token = hsm.token().to_string();
@@ -215,11 +238,22 @@ async fn serve(
     let (trigger, shutdown) = front::shutdown_pair();
     let conns = Connections::new(config.server.max_connections);
     let tls_conns = Connections::new(config.server.max_connections);
-    let mut where_ = config.unix.path.display().to_string();
+    // Where the daemon really listens (an activated socket may differ from the config).
+    let unix_at = listeners
+        .unix
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_else(|| config.unix.path.display().to_string());
+    let tls_at = listeners
+        .tls
+        .as_ref()
+        .and_then(|(l, _, _)| l.local_addr().ok());
+    let where_ = match tls_at {
+        Some(a) => format!("https://{a} and {unix_at}"),
+        None => unix_at.clone(),
+    };
     let tls = listeners.tls.map(|(listener, tls, timeout)| {
-        if let Some(t) = &config.tls {
-            where_ = format!("https://{} and {where_}", t.listen);
-        }
         tokio::spawn(front::tls::serve(
             listener,
             tls,
@@ -235,10 +269,10 @@ async fn serve(
         conns.clone(),
         shutdown.clone(),
     ));
-    if let Some(t) = &config.tls {
-        tracing::info!(address = %t.listen, "serving HTTPS");
+    if let Some(a) = tls_at {
+        tracing::info!(address = %a, "serving HTTPS");
     }
-    tracing::info!(socket = %config.unix.path.display(), "serving");
+    tracing::info!(socket = %unix_at, "serving");
     audit
         .write_async(Entry::new(
             Event::DaemonStarted,
@@ -272,7 +306,9 @@ async fn serve(
         let _ = t.await;
     }
     // Nothing accepts any more: the path goes now so a successor can bind while we drain.
-    let _ = std::fs::remove_file(&config.unix.path);
+    if owns_unix_path {
+        let _ = std::fs::remove_file(&config.unix.path);
+    }
     let drained = async {
         conns.drained().await;
         tls_conns.drained().await;

@@ -12,10 +12,11 @@ use common::{Daemon, Setup, Token};
 
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
 
-/// The shipped unit with ExecStart pointing at the binary under test (verify checks that
-/// the command exists).
-fn unit_copy(dir: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(format!("{UNITS}/hsmkeyd.service")).unwrap();
+/// The shipped service unit of `variant` ("" standalone, "socket-activated/") with
+/// ExecStart pointing at the binary under test (verify checks that the command exists),
+/// and the variant's socket unit beside it.
+fn unit_copy_of(variant: &str, dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("{UNITS}/{variant}hsmkeyd.service")).unwrap();
     assert!(
         text.contains("ExecStart=/usr/bin/hsmkeyd "),
         "unit runs /usr/bin/hsmkeyd"
@@ -26,7 +27,62 @@ fn unit_copy(dir: &Path) -> std::path::PathBuf {
         text.replace("/usr/bin/hsmkeyd", env!("CARGO_BIN_EXE_hsmkeyd")),
     )
     .unwrap();
+    let socket = format!("{UNITS}/{variant}hsmkeyd.socket");
+    if Path::new(&socket).exists() {
+        let _ = std::fs::copy(&socket, dir.join("hsmkeyd.socket")).unwrap();
+    }
     path
+}
+
+fn unit_copy(dir: &Path) -> std::path::PathBuf {
+    unit_copy_of("", dir)
+}
+
+/// `systemd-analyze security --offline` of `unit`: passes `threshold` (0-100 scale) and
+/// returns the exposure (0-10 scale).
+fn exposure(unit: &Path, threshold: &str) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--threshold={threshold}"))
+        .arg(unit)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exposure over the threshold {threshold}:\n{text}"
+    );
+    text.lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for hsmkeyd.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"))
+}
+
+#[test]
+fn the_socket_activated_variant_verifies_and_scores_half_or_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_copy_of("socket-activated/", dir.path());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .arg(dir.path().join("hsmkeyd.socket"))
+        .output()
+        .expect("systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    let level = exposure(&unit, "5");
+    assert!(level <= 0.5, "exposure {level}");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(text.lines().any(|l| l == "PrivateNetwork=yes"));
+    assert!(text.lines().any(|l| l == "RestrictAddressFamilies=AF_UNIX"));
+    let socket = std::fs::read_to_string(dir.path().join("hsmkeyd.socket")).unwrap();
+    assert!(
+        socket.contains("FileDescriptorName=unix") && socket.contains("FileDescriptorName=tls")
+    );
 }
 
 #[test]
@@ -47,22 +103,7 @@ fn the_service_unit_verifies_without_a_word_on_stderr() {
 fn the_service_unit_is_hardened_to_exposure_one_or_less() {
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_copy(dir.path());
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=10", "--no-pager"])
-        .arg(&unit)
-        .output()
-        .expect("systemd-analyze");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exposure over 1.0:\n{text}");
-    let level: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.split("Overall exposure level for hsmkeyd.service: ")
-                .nth(1)
-        })
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    let level = exposure(&unit, "10");
     assert!(level <= 1.0, "exposure {level}");
 }
 
@@ -268,5 +309,96 @@ fn the_pin_comes_from_a_systemd_credential_and_never_reaches_environ_or_logs() {
     assert!(
         e.contains("CREDENTIALS_DIRECTORY") && e.contains("LoadCredential"),
         "{e}"
+    );
+}
+
+#[test]
+fn socket_activation_serves_through_the_named_unix_and_tls_sockets() {
+    use common::tls::{free_port, TlsClient};
+    let t = Token::new();
+    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let access = r#"
+[[principals]]
+name = "activated"
+uids = [{uid}]
+scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
+"#;
+    let setup = Setup {
+        access: access.into(),
+        tls_port: Some(free_port()),
+        ..Setup::default()
+    };
+    // The config names its own socket path and port; systemd's sockets must win.
+    let config = common::write_config(&t, &setup);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("activated.sock");
+    let port = free_port();
+    let log = t.path().join("activate.log");
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=unix:tls")
+        .arg(env!("CARGO_BIN_EXE_hsmkeyd"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts the daemon, which takes over both sockets.
+    let unix = common::Client { sock: sock.clone() };
+    let r = unix.get("/v1/keys");
+    assert_eq!(r.status, 200, "{}", std::fs::read_to_string(&log).unwrap());
+    let tok = {
+        let r = unix.send(
+            "POST",
+            "/v1/auth/token",
+            &[("Content-Type", "application/json")],
+            br#"{"scopes": ["keymgmt:list", "keymgmt:upd"], "ttl_s": 60}"#,
+        );
+        assert_eq!(r.status, 200);
+        r.json()["token"].as_str().unwrap().to_string()
+    };
+    let https = TlsClient::new(
+        ([127, 0, 0, 1], port).into(),
+        &common::tls::tls_dir(t.path()).join("ca.pem"),
+    );
+    assert_eq!(https.get("/v1/keys", &tok).status, 200);
+    let r = https.patch("a1a1", &tok, &serde_json::json!({"label": "activated"}));
+    assert_eq!(r.status, 200);
+    assert_eq!(t.labels_of("a1a1")[0].1, "activated");
+    // Nothing was bound from the config.
+    assert!(!t.path().join("api.sock").exists());
+    let configured = setup.tls_port.unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", configured)).is_err());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("serving HTTPS address=127.0.0.1:{port}")),
+        "{text}"
+    );
+
+    // SIGTERM: a clean exit, and systemd's socket file is left for systemd.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        sock.exists(),
+        "the daemon removed a socket it did not create"
     );
 }

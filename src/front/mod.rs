@@ -5,6 +5,7 @@
 //! to the `api` router.
 //! May call: `api` (the router), `auth` (the peer types), `config`, `secret`.
 
+pub mod activation;
 pub mod tls;
 pub mod unix;
 

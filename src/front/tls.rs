@@ -82,6 +82,15 @@ pub fn bind(cfg: &TlsConfig) -> Result<TcpListener, String> {
     TcpListener::from_std(std_listener).map_err(|e| format!("cannot register {}: {e}", cfg.listen))
 }
 
+/// Takes over a listening TCP socket systemd created (socket activation).
+pub fn adopt(listener: std::net::TcpListener) -> Result<TcpListener, String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot configure the activated TLS socket: {e}"))?;
+    TcpListener::from_std(listener)
+        .map_err(|e| format!("cannot register the activated TLS socket: {e}"))
+}
+
 /// Accepts connections until shutdown; see the module doc for what each one gets.
 pub async fn serve(
     listener: TcpListener,

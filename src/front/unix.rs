@@ -67,6 +67,15 @@ pub fn bind(cfg: &UnixConfig) -> Result<UnixListener, String> {
         .map_err(|e| format!("cannot register {}: {e}", path.display()))
 }
 
+/// Takes over a listening socket systemd created (socket activation).
+pub fn adopt(listener: std::os::unix::net::UnixListener) -> Result<UnixListener, String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot configure the activated unix socket: {e}"))?;
+    UnixListener::from_std(listener)
+        .map_err(|e| format!("cannot register the activated unix socket: {e}"))
+}
+
 fn remove_stale(path: &Path) -> Result<(), String> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
