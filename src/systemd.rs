@@ -65,3 +65,16 @@ where
         }
     }
 }
+
+/// `RELOADING=1` with `MONOTONIC_USEC=` (the time the reload began, CLOCK_MONOTONIC), as
+/// `Type=notify-reload` expects; [`ready`] follows when the reload is done or refused.
+pub fn reloading() {
+    let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0);
+    send(&[
+        NotifyState::Reloading,
+        NotifyState::Other(format!("MONOTONIC_USEC={usec}")),
+        NotifyState::Status("reloading the configuration".to_string()),
+    ]);
+}

@@ -43,12 +43,26 @@ pub struct AppState {
     pub keys: Arc<KeyStore>,
     /// The audit trail.
     pub audit: Arc<Auditor>,
+    /// What a reload replaces, swapped as one.
+    pub live: Arc<RwLock<Arc<Live>>>,
+}
+
+/// The parts of the configuration a reload replaces. Requests take a snapshot when they
+/// start, so one in flight finishes on the configuration it began with.
+pub struct Live {
+    /// The principals of the Unix socket.
+    pub principals: Principals,
     /// Bearer tokens: minting and verification.
     pub tokens: Arc<TokenService>,
     /// Role names of the configuration (roles in tokens are limited to these).
-    pub roles: Arc<Vec<RoleName>>,
-    /// The principals of the current configuration (swapped on reload).
-    pub principals: Arc<RwLock<Arc<Principals>>>,
+    pub roles: Vec<RoleName>,
+}
+
+impl AppState {
+    /// The current configuration snapshot.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Builds the router. The listener must put the connection's [`Peer`] into each request's
@@ -76,10 +90,11 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     if req.method() == Method::GET && req.uri().path() == tokens::JWKS_PATH {
         return next.run(req).await;
     }
+    let live = state.live();
     if req.extensions().get::<TlsPeer>().is_some() {
         let principal = match bearer(req.headers()) {
             None => return ApiError::token_missing().into_response(),
-            Some(token) => match state.tokens.verify(token, &state.roles) {
+            Some(token) => match live.tokens.verify(token, &live.roles) {
                 Ok(p) => Arc::new(p),
                 Err(e) => return ApiError::invalid_token(e.to_string()).into_response(),
             },
@@ -94,12 +109,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         return ApiError::unauthenticated("the connection carries no peer credentials")
             .into_response();
     };
-    let principals = state
-        .principals
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    match principals.resolve(&peer) {
+    match live.principals.resolve(&peer) {
         Some(p) => {
             if let Some(note) = req.extensions().get::<AuditNote>() {
                 note.principal(&p.name, None);

@@ -69,7 +69,8 @@ pub async fn mint(
             scopes.push(scope);
         }
     }
-    let max = state.tokens.max_ttl();
+    let live = state.live();
+    let max = live.tokens.max_ttl();
     let ttl = match req.ttl_s {
         None => max,
         Some(t) if t >= 1 && t <= max.as_secs() => Duration::from_secs(t),
@@ -81,7 +82,7 @@ pub async fn mint(
             ))
         }
     };
-    let tokens = state.tokens.clone();
+    let tokens = live.tokens.clone();
     let principal = p.clone();
     let minted = tokio::task::spawn_blocking(move || {
         tokens.mint(&principal, &scopes, ttl).map(|m| (m, scopes))
@@ -106,5 +107,5 @@ pub async fn mint(
 
 /// `GET /v1/auth/jwks`.
 pub async fn jwks(State(state): State<AppState>) -> Response {
-    Json(state.tokens.jwks()).into_response()
+    Json(state.live().tokens.jwks()).into_response()
 }

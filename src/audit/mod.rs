@@ -8,7 +8,7 @@
 //! first token write (no entry, no write) and a result entry before the answer (see
 //! ARCHITECTURE.md).
 //! Called by: `api` (request entries, from one middleware and the update hook) and `daemon`
-//! (start, stop, HSM login). May call: `config`, `auth` (the `Peer` type).
+//! (start, stop, reload, HSM login). May call: `config`, `auth` (the `Peer` type).
 
 mod sink;
 
@@ -38,13 +38,15 @@ pub enum Event {
     HsmLogin,
     /// The daemon is serving.
     DaemonStarted,
+    /// A reload (SIGHUP) was applied (OK) or refused (FAILED, the old configuration stays).
+    ConfigReloaded,
     /// The daemon stopped serving.
     DaemonStopped,
 }
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 8] = [
+    pub const ALL: [Event; 9] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
         Event::TokenIssued,
@@ -52,6 +54,7 @@ impl Event {
         Event::AuthFailed,
         Event::HsmLogin,
         Event::DaemonStarted,
+        Event::ConfigReloaded,
         Event::DaemonStopped,
     ];
 
@@ -65,6 +68,7 @@ impl Event {
             Event::AuthFailed => "AUTH_FAILED",
             Event::HsmLogin => "HSM_LOGIN",
             Event::DaemonStarted => "DAEMON_STARTED",
+            Event::ConfigReloaded => "CONFIG_RELOADED",
             Event::DaemonStopped => "DAEMON_STOPPED",
         }
     }
@@ -79,6 +83,7 @@ impl Event {
             Event::AuthFailed => "97b9ffb830b142acbfcfcb9a55c3b00f",
             Event::HsmLogin => "da56916af73041a8b023081743995c61",
             Event::DaemonStarted => "a692b43d60d64dcbaaca6bb3e7973a66",
+            Event::ConfigReloaded => "0a58dde6720542fc988bd5a9ba6ada33",
             Event::DaemonStopped => "d67dc6e9f1ff4de9b79a79e3f5a18642",
         }
     }

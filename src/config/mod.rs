@@ -76,7 +76,7 @@ impl fmt::Display for TokenSelector {
 }
 
 /// The `[pkcs11]` section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 module.
     pub module: PathBuf,
@@ -119,7 +119,7 @@ impl PinSource {
 }
 
 /// The `[unix]` section: the local socket.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UnixConfig {
     /// Socket path; its directory must not be writable by group or others.
     pub path: PathBuf,
@@ -128,7 +128,7 @@ pub struct UnixConfig {
 }
 
 /// The `[server]` section: limits shared by the listeners.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Open connections per listener.
     pub max_connections: usize,
@@ -187,7 +187,7 @@ pub enum AuditSink {
 }
 
 /// The `[audit]` section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditConfig {
     /// Where entries go.
     pub sink: AuditSink,

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::{absolute, ConfigError};
 
 /// The `[tls]` section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     /// Address to listen on (loopback unless `allow_non_loopback`).
     pub listen: std::net::SocketAddr,

@@ -7,7 +7,7 @@
 //! closed, as the Encedo appliance answers; anything else is closed at once.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -91,16 +91,19 @@ pub fn adopt(listener: std::net::TcpListener) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot register the activated TLS socket: {e}"))
 }
 
+/// The TLS configuration in force; a reload swaps it (new connections get the new
+/// certificate, established ones keep theirs).
+pub type SharedConfig = Arc<RwLock<Arc<ServerConfig>>>;
+
 /// Accepts connections until shutdown; see the module doc for what each one gets.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    tls: SharedConfig,
     handshake_timeout: Duration,
     app: Router,
     conns: Connections,
     shutdown: Shutdown,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let mut stop = shutdown.clone();
     loop {
         let permit = tokio::select! {
@@ -118,7 +121,8 @@ pub async fn serve(
             },
             _ = stop.wait() => break,
         };
-        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), shutdown.clone());
+        let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|p| p.into_inner()).clone());
+        let (app, stop) = (app.clone(), shutdown.clone());
         drop(tokio::spawn(async move {
             let _permit = permit;
             let tls = tokio::time::timeout(handshake_timeout, handshake(stream, addr, acceptor));

@@ -128,6 +128,21 @@ impl Hsm {
         &self.inner.token
     }
 
+    /// Logs in again with `pin` if it differs from the PIN in use (a reload after the PIN
+    /// changed); on refusal the old login is restored and the error returned.
+    pub fn change_pin(&self, pin: SecretString) -> Result<bool, HsmError> {
+        if self.inner.pool.pin_is(&pin) {
+            return Ok(false);
+        }
+        self.inner.pool.change_pin(pin).map(|()| true)
+    }
+
+    /// Counts the logins made so far. When it moves, object handles read before may be
+    /// stale (a token may renumber private objects across a logout): look them up again.
+    pub fn login_generation(&self) -> u64 {
+        self.inner.pool.logins()
+    }
+
     /// Proves the token answers: one C_GetSessionInfo on a pooled session.
     pub fn ping(&self) -> Result<(), HsmError> {
         self.inner.pool.run(|s| s.get_session_info().map(|_| ()))

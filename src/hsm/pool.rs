@@ -2,10 +2,12 @@
 //!
 //! Sessions are opened on demand up to a bound and reused. A call that fails with
 //! CKR_SESSION_HANDLE_INVALID or CKR_SESSION_CLOSED is retried once on a new session; one
-//! that fails with CKR_USER_NOT_LOGGED_IN is retried once after logging in again.
+//! that fails with CKR_USER_NOT_LOGGED_IN (or CKR_OBJECT_HANDLE_INVALID while the session
+//! shows no login: private objects vanish when the login does) is retried once after
+//! logging in again.
 //! CKR_USER_ALREADY_LOGGED_IN counts as a successful login.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
@@ -23,10 +25,17 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Pool {
     ctx: Pkcs11,
     slot: Slot,
-    pin: SecretString,
+    /// The user PIN, kept for logging in again after the token forgets the login; replaced
+    /// by [`Pool::change_pin`] on reload.
+    pin: RwLock<SecretString>,
+    logins: std::sync::atomic::AtomicU64,
     max: usize,
     state: Mutex<State>,
     freed: Condvar,
+    /// A session that is never handed out. PKCS#11 logs the user out when an
+    /// application's last session closes (and SoftHSM2 then renumbers private objects), so
+    /// a lost pooled session must never be the last one.
+    anchor: Mutex<Option<Session>>,
 }
 
 struct State {
@@ -39,13 +48,15 @@ impl Pool {
         Pool {
             ctx,
             slot,
-            pin,
+            pin: RwLock::new(pin),
+            logins: std::sync::atomic::AtomicU64::new(0),
             max,
             state: Mutex::new(State {
                 idle: Vec::new(),
                 open: 0,
             }),
             freed: Condvar::new(),
+            anchor: Mutex::new(None),
         }
     }
 
@@ -54,26 +65,74 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens the first session and logs in; startup uses its error verbatim.
+    /// Opens the anchor session and logs in; startup uses its error verbatim.
     pub(crate) fn login_first(&self) -> Result<(), HsmError> {
-        let s = self.checkout()?;
-        match self.login(&s) {
-            Ok(()) => {
-                self.checkin(s);
-                Ok(())
-            }
-            Err(e) => {
-                self.discard(s);
-                Err(e)
-            }
-        }
+        let s = self
+            .ctx
+            .open_ro_session(self.slot)
+            .map_err(|e| HsmError::from_ck(&e))?;
+        self.login(&s)?;
+        *self.anchor.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        Ok(())
     }
 
     fn login(&self, s: &Session) -> Result<(), HsmError> {
-        match s.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-            Err(e) => Err(HsmError::from_ck(&e)),
+        let pin = self.pin.read().unwrap_or_else(|p| p.into_inner());
+        if login_with(s, &pin)? {
+            self.bump_logins();
         }
+        Ok(())
+    }
+
+    /// A new login (after a logout or a lost login) can renumber private objects: tokens
+    /// such as SoftHSM2 drop their handles on logout. Callers holding handles compare
+    /// [`Pool::logins`] and look objects up again when it moved.
+    fn bump_logins(&self) {
+        let _ = self
+            .logins
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many logins the pool has made.
+    pub(crate) fn logins(&self) -> u64 {
+        self.logins.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether `pin` is the PIN in use.
+    pub(crate) fn pin_is(&self, pin: &SecretString) -> bool {
+        use secrecy::ExposeSecret;
+        let current = self.pin.read().unwrap_or_else(|p| p.into_inner());
+        current.expose_secret() == pin.expose_secret()
+    }
+
+    /// Logs out and in again with `pin`; keeps it for later logins if that works. If the
+    /// token refuses it, logs in again with the old PIN and returns the refusal.
+    pub(crate) fn change_pin(&self, pin: SecretString) -> Result<(), HsmError> {
+        let s = self.checkout()?;
+        let mut current = self.pin.write().unwrap_or_else(|p| p.into_inner());
+        match s.logout() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) => {}
+            Err(e) => {
+                self.checkin(s);
+                return Err(HsmError::from_ck(&e));
+            }
+        }
+        self.bump_logins();
+        let result = match login_with(&s, &pin) {
+            Ok(_) => {
+                *current = pin;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(again) = login_with(&s, &current) {
+                    tracing::error!(error = %again, "logging in again with the old PIN failed");
+                }
+                Err(e)
+            }
+        };
+        drop(current);
+        self.checkin(s);
+        result
     }
 
     fn checkout(&self) -> Result<Session, HsmError> {
@@ -136,6 +195,9 @@ impl Pool {
             let _ = s.close();
             self.lock().open -= 1;
         }
+        if let Some(a) = self.anchor.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = a.close();
+        }
     }
 
     /// Runs `f` on a pooled session, with the one retry described in the module doc.
@@ -171,6 +233,16 @@ impl Pool {
                 }
                 s
             }
+            // Private objects are invisible without a login: a handle that turns invalid
+            // may only mean the login was lost (the token was logged out under us).
+            CkError::Pkcs11(RvError::ObjectHandleInvalid, _) if !logged_in(&s) => {
+                tracing::warn!("PKCS#11 login lost (objects invisible); logging in again");
+                if let Err(e) = self.login(&s) {
+                    self.checkin(s);
+                    return Err(e);
+                }
+                s
+            }
             other => {
                 self.checkin(s);
                 return Err(HsmError::from_ck(&other));
@@ -195,5 +267,27 @@ impl Pool {
                 Err(he)
             }
         }
+    }
+}
+
+/// Whether the session's state shows a user login.
+fn logged_in(s: &Session) -> bool {
+    use cryptoki::session::SessionState;
+    match s.get_session_info() {
+        Ok(info) => matches!(
+            info.session_state(),
+            SessionState::RwUser | SessionState::RoUser | SessionState::RwSecurityOfficer
+        ),
+        // Cannot tell: let the original error stand.
+        Err(_) => true,
+    }
+}
+
+/// Logs in; `true` if this call made a new login (not one already in place).
+fn login_with(s: &Session, pin: &SecretString) -> Result<bool, HsmError> {
+    match s.login(UserType::User, Some(pin)) {
+        Ok(()) => Ok(true),
+        Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(false),
+        Err(e) => Err(HsmError::from_ck(&e)),
     }
 }

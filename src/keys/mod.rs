@@ -66,6 +66,8 @@ pub struct KeyStore {
     /// half-way through an update.
     gate: tokio::sync::RwLock<()>,
     last_rescan: Mutex<Instant>,
+    /// The token's login generation the index's handles belong to.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -80,8 +82,10 @@ impl KeyStore {
     /// Scans the token, rolls back interrupted label changes and builds the index.
     /// Blocks: call it before serving, or on a blocking thread.
     pub fn open(hsm: Hsm, roles: BTreeSet<RoleName>) -> Result<KeyStore, HsmError> {
+        let generation = hsm.login_generation();
         let index = scan_index(&hsm)?;
         Ok(KeyStore {
+            generation: generation.into(),
             hsm,
             roles: RwLock::new(roles),
             index: RwLock::new(index),
@@ -178,14 +182,35 @@ impl KeyStore {
             }
             *last = Instant::now();
         }
+        self.rescan("a lookup miss").await
+    }
+
+    /// Rebuilds the index from one scan, with no update running.
+    async fn rescan(&self, why: &str) -> Result<(), KeyError> {
         let _exclusive = self.gate.write().await;
         let hsm = self.hsm.clone();
-        let fresh = tokio::task::spawn_blocking(move || scan_index(&hsm))
-            .await
-            .map_err(|e| KeyError::Internal(format!("rescan task failed: {e}")))?
-            .map_err(KeyError::Unavailable)?;
-        tracing::info!(keys = fresh.len(), "index rebuilt after a lookup miss");
+        let (generation, fresh) = tokio::task::spawn_blocking(move || {
+            let generation = hsm.login_generation();
+            scan_index(&hsm).map(|index| (generation, index))
+        })
+        .await
+        .map_err(|e| KeyError::Internal(format!("rescan task failed: {e}")))?
+        .map_err(KeyError::Unavailable)?;
+        tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *write(&self.index) = fresh;
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Rescans when the token logged in again since the index was built: its object
+    /// handles may have been renumbered.
+    async fn refresh_handles(&self) -> Result<(), KeyError> {
+        let now = self.hsm.login_generation();
+        if now != self.generation.load(std::sync::atomic::Ordering::SeqCst) {
+            self.rescan("the token logged in again; object handles may have changed")
+                .await?;
+        }
         Ok(())
     }
 
@@ -216,6 +241,7 @@ impl KeyStore {
     {
         // Validation that needs no key comes first, so bad input never waits on a lock.
         patch.check_roles(&read(&self.roles))?;
+        self.refresh_handles().await?;
         let _ = self.entry(kid).await?;
         let _shared = self.gate.read().await;
         let lock = self.lock_of(kid);

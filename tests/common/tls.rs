@@ -107,6 +107,27 @@ impl TlsClient {
         )
     }
 
+    /// Whether a TLS handshake with the daemon succeeds (the server's certificate chains to
+    /// this client's CA).
+    pub fn handshake_ok(&self) -> bool {
+        let mut conn = rustls::ClientConnection::new(
+            self.config.clone(),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let Ok(mut sock) = TcpStream::connect(self.addr) else {
+            return false;
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut sock).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Raw bytes over TLS; the response parsed.
     pub fn raw(&self, request: &[u8]) -> Response {
         let conn = rustls::ClientConnection::new(

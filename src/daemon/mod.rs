@@ -6,15 +6,18 @@
 //! `server.drain_timeout_s`), close the sessions and call C_Finalize.
 //! May call: every module.
 
+mod reload;
+
 use std::sync::{Arc, RwLock};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, Live};
 use crate::audit::{Auditor, Entry, Event, Outcome};
 use crate::auth::jwt::{Signer, TokenService};
 use crate::auth::Principals;
 use crate::config::Config;
+use crate::front::tls::SharedConfig;
 use crate::front::{self, Connections};
 use crate::hsm::{Hsm, SigningKey, SIGNING_KEY_LABEL};
 use crate::keys::KeyStore;
@@ -121,13 +124,14 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     let keys = KeyStore::open(hsm.clone(), config.roles.clone())
         .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");
-    let tokens = token_service(&config, &hsm)?;
+    let signer = signer(&hsm)?;
+    let tokens = token_service(&config, signer.clone())?;
     let listeners = Listeners {
         owns_unix_path,
         unix: listener,
         tls: tls_listener
             .zip(tls)
-            .map(|(l, (t, c))| (l, c, t.handshake_timeout)),
+            .map(|(l, (t, c))| (l, Arc::new(RwLock::new(c)), t.handshake_timeout)),
     };
 
     let keys = Arc::new(keys);
@@ -136,7 +140,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         listeners,
         keys.clone(),
         audit.clone(),
-        tokens,
+        (signer, tokens),
     ))?;
     drop(runtime);
 
@@ -158,11 +162,7 @@ struct Listeners {
     /// Whether the Unix socket was bound here (not passed by systemd).
     owns_unix_path: bool,
     unix: tokio::net::UnixListener,
-    tls: Option<(
-        tokio::net::TcpListener,
-        Arc<rustls::ServerConfig>,
-        std::time::Duration,
-    )>,
+    tls: Option<(tokio::net::TcpListener, SharedConfig, std::time::Duration)>,
 }
 
 /// Signs bearer tokens with the token-signing key in the HSM.
@@ -187,17 +187,21 @@ impl Signer for HsmSigner {
     }
 }
 
-fn token_service(config: &Config, hsm: &Hsm) -> Result<Arc<TokenService>, Fatal> {
+fn signer(hsm: &Hsm) -> Result<Arc<dyn Signer>, Fatal> {
     let key = hsm.signing_key().map_err(|e| {
         Fatal(format!(
             "the token-signing key ({SIGNING_KEY_LABEL}) in {} is unusable: {e}",
             hsm.token()
         ))
     })?;
-    let signer = Arc::new(HsmSigner {
+    Ok(Arc::new(HsmSigner {
         hsm: hsm.clone(),
         key,
-    });
+    }))
+}
+
+/// The bearer-token service of `config` (also built by a reload).
+fn token_service(config: &Config, signer: Arc<dyn Signer>) -> Result<Arc<TokenService>, Fatal> {
     let secret = |path: &std::path::Path| {
         secret::read_private_file(path, "HS256 secret").map(|s| {
             let mut v = s.to_vec();
@@ -217,24 +221,30 @@ async fn serve(
     listeners: Listeners,
     keys: Arc<KeyStore>,
     audit: Arc<Auditor>,
-    tokens: Arc<TokenService>,
+    (signer, tokens): (Arc<dyn Signer>, Arc<TokenService>),
 ) -> Result<(), Fatal> {
     let owns_unix_path = listeners.owns_unix_path;
     let key_count = keys.len();
     let hsm = keys.hsm().clone();
     let token = hsm.token().to_string();
-    let state = AppState {
-        keys,
-        audit: audit.clone(),
+    let live = Arc::new(RwLock::new(Arc::new(Live {
+        principals: Principals::new(&config.principals),
         tokens,
-        roles: Arc::new(config.roles.iter().cloned().collect()),
-        principals: Arc::new(RwLock::new(Arc::new(Principals::new(&config.principals)))),
+        roles: config.roles.iter().cloned().collect(),
+    })));
+    let tls_shared = listeners.tls.as_ref().map(|(_, c, _)| c.clone());
+    let state = AppState {
+        keys: keys.clone(),
+        audit: audit.clone(),
+        live: live.clone(),
     };
     let app = api::router(state);
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| Fatal(format!("cannot install the SIGTERM handler: {e}")))?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| Fatal(format!("cannot install the SIGINT handler: {e}")))?;
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| Fatal(format!("cannot install the SIGHUP handler: {e}")))?;
     let (trigger, shutdown) = front::shutdown_pair();
     let conns = Connections::new(config.server.max_connections);
     let tls_conns = Connections::new(config.server.max_connections);
@@ -284,18 +294,36 @@ async fn serve(
         ))
         .await
         .map_err(|e| Fatal(format!("cannot record the start in the audit trail: {e}")))?;
-    systemd::ready(&format!(
-        "serving {key_count} keys from {token} on {where_}"
-    ));
+    let status = format!("serving {key_count} keys from {token} on {where_}");
+    systemd::ready(&status);
     // The watchdog proves the HSM answers (C_GetSessionInfo on a pooled session).
     let watchdog = systemd::watchdog_interval().map(|interval| {
         let hsm = hsm.clone();
         tokio::spawn(systemd::feed_watchdog(interval, move || hsm.ping().is_ok()))
     });
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
-        _ = int.recv() => tracing::info!("SIGINT received; draining"),
+    let mut reloader = reload::Reloader {
+        running: config.clone(),
+        live,
+        tls: tls_shared,
+        keys,
+        signer,
+        audit: audit.clone(),
+        status,
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received; draining");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received; draining");
+                break;
+            }
+            _ = hup.recv() => reloader.reload().await,
+        }
     }
+    drop(reloader);
     systemd::stopping("draining in-flight requests");
     if let Some(w) = watchdog {
         w.abort();
