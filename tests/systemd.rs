@@ -147,6 +147,14 @@ fn notify_socket_gets_ready_with_status_then_stopping() {
         .unwrap();
     let setup = Setup {
         env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        tls_port: Some(common::tls::free_port()),
+        access: r#"
+[[principals]]
+name = "ops"
+uids = [{uid}]
+scopes = ["keymgmt:list", "auth:token"]
+"#
+        .into(),
         ..Setup::default()
     };
     let d = Daemon::start(&t, &setup);
@@ -165,7 +173,15 @@ fn notify_socket_gets_ready_with_status_then_stopping() {
         "{status}"
     );
     assert!(status.ends_with(&d.sock.display().to_string()), "{status}");
+    let port = setup.tls_port.unwrap();
+    assert!(
+        status.contains(&format!("https://127.0.0.1:{port}")),
+        "{status}"
+    );
+    // Both listeners answer once READY=1 has been sent.
     assert_eq!(d.client().get("/v1/keys").status, 200);
+    let tok = d.mint(&["keymgmt:list"], 60);
+    assert_eq!(d.https().get("/v1/keys", &tok).status, 200);
     assert!(
         !got.iter().any(|m| m.contains("STOPPING=1")),
         "STOPPING before SIGTERM: {got:?}"
