@@ -40,6 +40,8 @@ const ENV_DIR: &str = "HSMKEYD_FAULT_DIR";
 
 /// Control file: decimal N; C_SetAttributeValue fails once after N successes.
 const FILE_SETATTR_FAIL_AFTER: &str = "setattr_fail_after";
+/// Control file: decimal N; C_CreateObject fails once after N successes.
+const FILE_CREATE_FAIL_AFTER: &str = "create_fail_after";
 /// Control file: while it exists, selected calls block before forwarding.
 const FILE_HANG: &str = "hang";
 /// Control file: hex CKR value that C_Login returns without forwarding.
@@ -69,6 +71,9 @@ static WRAPPER: OnceLock<Result<Wrapper, String>> = OnceLock::new();
 
 /// Serializes the read-modify-write of `setattr_fail_after`.
 static SETATTR_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serializes the read-modify-write of `create_fail_after`.
+static CREATE_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serializes writing the `count_*` files, so the file last written always
 /// holds the latest counter value.
@@ -171,28 +176,40 @@ impl Wrapper {
 
     /// Applies `setattr_fail_after`; returns true if this call must fail.
     fn setattr_must_fail(&self) -> bool {
+        self.fail_after(FILE_SETATTR_FAIL_AFTER, &SETATTR_LOCK)
+    }
+
+    /// Applies `create_fail_after`; returns true if this call must fail.
+    fn create_must_fail(&self) -> bool {
+        self.fail_after(FILE_CREATE_FAIL_AFTER, &CREATE_LOCK)
+    }
+
+    /// A "fail after N" control file: N > 0 is decremented (the call goes
+    /// through), N = 0 deletes the file and makes this call fail. Absent or
+    /// unparsable means no fault. `guard` serializes the read-modify-write.
+    fn fail_after(&self, name: &str, guard: &'static Mutex<()>) -> bool {
         let Some(dir) = &self.dir else { return false };
-        let _guard = lock(&SETATTR_LOCK);
-        let Some(text) = read_control(dir, FILE_SETATTR_FAIL_AFTER) else {
+        let _guard = lock(guard);
+        let Some(text) = read_control(dir, name) else {
             return false;
         };
         let n: u64 = match text.trim().parse() {
             Ok(n) => n,
             Err(_) => {
                 warn(&format!(
-                    "{FILE_SETATTR_FAIL_AFTER} does not hold a decimal integer; ignoring it"
+                    "{name} does not hold a decimal integer; ignoring it"
                 ));
                 return false;
             }
         };
         if n > 0 {
-            if let Err(e) = write_atomically(dir, FILE_SETATTR_FAIL_AFTER, &(n - 1).to_string()) {
-                warn(&format!("cannot rewrite {FILE_SETATTR_FAIL_AFTER}: {e}"));
+            if let Err(e) = write_atomically(dir, name, &(n - 1).to_string()) {
+                warn(&format!("cannot rewrite {name}: {e}"));
             }
             false
         } else {
-            if let Err(e) = fs::remove_file(dir.join(FILE_SETATTR_FAIL_AFTER)) {
-                warn(&format!("cannot delete {FILE_SETATTR_FAIL_AFTER}: {e}"));
+            if let Err(e) = fs::remove_file(dir.join(name)) {
+                warn(&format!("cannot delete {name}: {e}"));
             }
             true
         }
@@ -287,7 +304,8 @@ unsafe extern "C" fn wrap_get_session_info(
     })
 }
 
-/// Wrapper for `C_CreateObject`: counted.
+/// Wrapper for `C_CreateObject`: counted; fails on demand via
+/// `create_fail_after`.
 unsafe extern "C" fn wrap_create_object(
     session: CK_SESSION_HANDLE,
     template: CK_ATTRIBUTE_PTR,
@@ -296,6 +314,9 @@ unsafe extern "C" fn wrap_create_object(
 ) -> CK_RV {
     guarded(|w| {
         w.count(Counted::CreateObject);
+        if w.create_must_fail() {
+            return CKR_DEVICE_ERROR;
+        }
         let Some(real) = w.real.C_CreateObject else {
             return CKR_GENERAL_ERROR;
         };
