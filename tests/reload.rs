@@ -255,7 +255,7 @@ fn sighup_rereads_the_tls_certificate() {
 fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
     let t = token();
     let setup = Setup {
-        access: principal(&["keymgmt:list", "keymgmt:upd"]),
+        access: principal(&["keymgmt:list", "keymgmt:upd", "auth:token"]),
         ..Setup::default()
     };
     let d = Daemon::start(&t, &setup);
@@ -278,6 +278,8 @@ fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
     let r = d.client().patch(AES, &json!({"label": "one"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(t.labels_of(AES)[0].1, "one");
+    // The token-signing key is found again under its new handle: minting still works.
+    let _ = d.mint(&["keymgmt:list"], 60);
 
     // The same PIN again: the reload applies without logging in again.
     std::fs::write(&t.pin_file, format!("{old_pin}\n")).unwrap();

@@ -7,6 +7,7 @@
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use sha2::{Digest, Sha256};
+use std::sync::Mutex;
 
 use super::{Hsm, HsmError};
 
@@ -16,9 +17,11 @@ pub const SIGNING_KEY_LABEL: &str = "hsmkeyd-jwt-signing";
 const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// The signing pair, opaque above this layer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SigningKey {
-    private: ObjectHandle,
+    /// The private key's handle and the login generation it belongs to: a token may
+    /// renumber private objects across a logout, so a stale handle is looked up again.
+    private: Mutex<(u64, ObjectHandle)>,
     point: Vec<u8>,
     id: Vec<u8>,
 }
@@ -99,7 +102,11 @@ impl Hsm {
                 format!("the {SIGNING_KEY_LABEL} public key is not an uncompressed P-256 point"),
             ));
         }
-        Ok(SigningKey { private, point, id })
+        Ok(SigningKey {
+            private: Mutex::new((self.login_generation(), private)),
+            point,
+            id,
+        })
     }
 
     fn generate_signing_pair(
@@ -135,9 +142,30 @@ impl Hsm {
     /// An ES256 signature (r || s, 64 bytes, as JWS wants it) of `message`.
     pub fn sign_es256(&self, key: &SigningKey, message: &[u8]) -> Result<Vec<u8>, HsmError> {
         let digest = Sha256::digest(message);
+        let private = {
+            let mut slot = key.private.lock().unwrap_or_else(|p| p.into_inner());
+            let now = self.login_generation();
+            if slot.0 != now {
+                let found = self.pool().run(|s| {
+                    s.find_objects(&[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::Label(SIGNING_KEY_LABEL.as_bytes().to_vec()),
+                        Attribute::Id(key.id.clone()),
+                    ])
+                })?;
+                let [h] = found.as_slice() else {
+                    return Err(HsmError::internal(
+                        "C_FindObjects",
+                        format!("the {SIGNING_KEY_LABEL} private key is gone from the token"),
+                    ));
+                };
+                *slot = (now, *h);
+            }
+            slot.1
+        };
         let sig = self
             .pool()
-            .run(|s| s.sign(&Mechanism::Ecdsa, key.private, &digest))?;
+            .run(|s| s.sign(&Mechanism::Ecdsa, private, &digest))?;
         if sig.len() != 64 {
             return Err(HsmError::internal(
                 "C_Sign",
