@@ -479,3 +479,70 @@ fn the_catalog_explains_every_message_id() {
         "no stale entries:\n{list}"
     );
 }
+
+#[test]
+fn token_requests_and_reloads_reach_the_journal() {
+    let j = Journal::start();
+    let t = token();
+    let minter = r#"
+[[principals]]
+name = "minter"
+uids = [{uid}]
+scopes = ["keymgmt:list", "auth:token"]
+"#;
+    let d = Daemon::start(&t, &in_journal(&j, minter));
+    let c = d.client();
+    let mint = |body: serde_json::Value| {
+        c.send(
+            "POST",
+            "/v1/auth/token",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let ok = mint(json!({"scopes": ["keymgmt:list"], "ttl_s": 60}));
+    assert_eq!(ok.status, 200);
+    let token = ok.json()["token"].as_str().unwrap().to_string();
+    let bad = mint(json!({"scopes": ["keymgmt:list"], "ttl_s": 999_999}));
+    assert_eq!(bad.status, 400);
+    let denied = mint(json!({"scopes": ["keymgmt:upd"]}));
+    assert_eq!(denied.status, 403);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let entries = j.wait_for("the reload", |e| {
+        !of_event(e, Event::ConfigReloaded).is_empty() && by_request(e).contains_key(&rid(&denied))
+    });
+    let by = by_request(&entries);
+
+    let e = &by[&rid(&ok)];
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_common(&e[0], Event::TokenIssued, "OK", "5");
+    let jti = {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        serde_json::from_slice::<Value>(&bytes).unwrap()["jti"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(e[0]["HSMKEYD_TOKEN_ID"], jti.as_str());
+    assert_eq!(e[0]["HSMKEYD_PRINCIPAL"], "minter");
+    let e = &by[&rid(&bad)];
+    assert_common(&e[0], Event::TokenIssued, "ERROR", "4");
+    assert_eq!(e[0]["HSMKEYD_ERROR"], "invalid_ttl");
+    let e = &by[&rid(&denied)];
+    assert_common(&e[0], Event::FailedScopeCheck, "FAILED", "4");
+    let reload = of_event(&entries, Event::ConfigReloaded);
+    assert_common(reload[0], Event::ConfigReloaded, "OK", "5");
+    // The token itself never reaches the journal.
+    let export = String::from_utf8_lossy(&j.export()).into_owned();
+    assert!(!export.contains(&token));
+    assert!(!export.contains(token.split('.').nth(2).unwrap()));
+}
