@@ -88,20 +88,7 @@ fn faulty(dir: &Path) -> Setup {
 }
 
 fn counter(dir: &Path, name: &str) -> u64 {
-    std::fs::read_to_string(dir.join(format!("count_{name}")))
-        .map(|s| s.trim().parse().unwrap())
-        .unwrap_or(0)
-}
-
-#[track_caller]
-fn assert_ok(r: &common::Response) -> Value {
-    assert_eq!(
-        r.status,
-        200,
-        "body: {:?}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r.json()
+    common::fault_count(dir, name)
 }
 
 #[test]
@@ -114,7 +101,7 @@ fn a_failed_label_write_is_rolled_back() {
     let c = d.client();
 
     // EC gets a metadata record first, so the rollback has a record to restore.
-    assert_ok(&c.patch(EC, &json!({"description": "before"})));
+    common::Response::ok(&c.patch(EC, &json!({"description": "before"})));
     assert_eq!(meta_count(&t, EC), 1);
 
     // The first C_SetAttributeValue (one object's label) passes, the second fails.
@@ -130,7 +117,7 @@ fn a_failed_label_write_is_rolled_back() {
         pair("ec-old"),
         "both objects must carry the old label again"
     );
-    let key = assert_ok(&c.get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["label"], "ec-old");
     assert_eq!(key["state"], "ok");
     assert_eq!(key["description"], "before");
@@ -145,14 +132,14 @@ fn a_failed_label_write_is_rolled_back() {
         .assert_error(503, "token_unavailable");
     assert_eq!(t.labels_of(EC2), pair("ec2-old"));
     assert_eq!(meta_count(&t, EC2), 0, "the pending record must be gone");
-    let key = assert_ok(&c.get(&format!("/v1/keys/{EC2}")));
+    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC2}")));
     assert_eq!(
         (key["label"].as_str(), key["state"].as_str()),
         (Some("ec2-old"), Some("ok"))
     );
 
     // The key is not blocked: the same update now goes through.
-    let body = assert_ok(&c.patch(EC, &json!({"label": "ec-new"})));
+    let body = common::Response::ok(&c.patch(EC, &json!({"label": "ec-new"})));
     assert_eq!(body["key"]["label"], "ec-new");
     assert_eq!(t.labels_of(EC), pair("ec-new"));
     assert_eq!(meta_count(&t, EC), 1);
@@ -168,7 +155,7 @@ fn a_failed_commit_is_rolled_back_and_stays_so_after_a_restart() {
     let setup = faulty(faults.path());
     let d = Daemon::start(&t, &setup);
     let c = d.client();
-    assert_ok(&c.patch(EC, &json!({"description": "kept"})));
+    common::Response::ok(&c.patch(EC, &json!({"description": "kept"})));
     let seq_before = read_meta(&t, EC)["seq"].as_u64().unwrap();
 
     // The first write (the pending record) fails: nothing at all happens.
@@ -199,7 +186,7 @@ fn a_failed_commit_is_rolled_back_and_stays_so_after_a_restart() {
         "the commit was never attempted"
     );
     assert_eq!(t.labels_of(EC), pair("ec-old"));
-    let key = assert_ok(&c.get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["label"], "ec-old");
     assert_eq!(key["state"], "ok");
     assert_eq!(key["description"], "kept");
@@ -218,11 +205,11 @@ fn a_failed_commit_is_rolled_back_and_stays_so_after_a_restart() {
     assert_eq!(d.stop(), 0);
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
-    let key = assert_ok(&c.get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["label"], "ec-old");
     assert_eq!(key["state"], "ok");
     assert_eq!(key["description"], "kept");
-    let key = assert_ok(&c.get(&format!("/v1/keys/{EC2}")));
+    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC2}")));
     assert_eq!(
         (key["label"].as_str(), key["state"].as_str()),
         (Some("ec2-old"), Some("ok"))
@@ -261,7 +248,7 @@ fn a_label_change_interrupted_by_a_crash_is_rolled_back_at_startup() {
 
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
-    let key = assert_ok(&c.get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC}")));
     assert_eq!(
         key["label"], "old",
         "a half-applied label must never be served"
@@ -285,7 +272,7 @@ fn a_label_change_interrupted_by_a_crash_is_rolled_back_at_startup() {
     );
 
     // The key is usable again.
-    let body = assert_ok(&c.patch(EC, &json!({"label": "after"})));
+    let body = common::Response::ok(&c.patch(EC, &json!({"label": "after"})));
     assert_eq!(body["key"]["label"], "after");
     assert_eq!(t.labels_of(EC), pair("after"));
     assert_eq!(meta_count(&t, EC), 1);
@@ -307,7 +294,7 @@ fn superseded_metadata_generations_are_removed_at_startup() {
     assert_eq!(meta_count(&t, EC), 2, "setup");
 
     let d = Daemon::start(&t, &Setup::default());
-    let key = assert_ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["description"], "new");
     assert_eq!(key["state"], "ok");
     assert_eq!(
@@ -323,7 +310,7 @@ fn superseded_metadata_generations_are_removed_at_startup() {
 
     assert_eq!(d.stop(), 0);
     let d = Daemon::start(&t, &Setup::default());
-    let key = assert_ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["description"], "new");
     assert_eq!(meta_count(&t, EC), 1);
 }
@@ -380,7 +367,7 @@ fn fifty_concurrent_updates_of_one_key_are_serialized() {
     let results = patch_all_at_once(&d, requests);
     assert_all_succeeded(&results);
 
-    let key = assert_ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     let label = key["label"].as_str().unwrap().to_string();
     assert!(
         wanted.contains(&label),
@@ -425,7 +412,7 @@ fn concurrent_updates_of_different_keys_all_succeed() {
 
     let c = d.client();
     for (i, kid) in kids.iter().enumerate() {
-        let key = assert_ok(&c.get(&format!("/v1/keys/{kid}")));
+        let key = common::Response::ok(&c.get(&format!("/v1/keys/{kid}")));
         let label = key["label"].as_str().unwrap().to_string();
         assert!(
             wanted[kid].contains(&label),
@@ -459,7 +446,7 @@ fn a_lost_session_is_recovered_transparently() {
     let logins = counter(faults.path(), "C_Login");
     std::fs::write(faults.path().join("session_invalid_once"), "").unwrap();
 
-    let body = assert_ok(&d.client().patch(EC, &json!({"label": "ec-new"})));
+    let body = common::Response::ok(&d.client().patch(EC, &json!({"label": "ec-new"})));
     assert_eq!(body["key"]["label"], "ec-new");
     assert!(
         !faults.path().join("session_invalid_once").exists(),
@@ -472,7 +459,7 @@ fn a_lost_session_is_recovered_transparently() {
     assert_eq!(t.labels_of(EC), pair("ec-new"));
     assert_eq!(meta_count(&t, EC), 1);
     assert!(read_meta(&t, EC).get("pending").is_none());
-    let key = assert_ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(
         (key["label"].as_str(), key["state"].as_str()),
         (Some("ec-new"), Some("ok"))
@@ -480,9 +467,9 @@ fn a_lost_session_is_recovered_transparently() {
 
     // And the daemon keeps working afterwards, on this key and on one it never touched
     // since the session was lost.
-    assert_ok(&d.client().patch(EC, &json!({"label": "ec-again"})));
+    common::Response::ok(&d.client().patch(EC, &json!({"label": "ec-again"})));
     assert_eq!(t.labels_of(EC), pair("ec-again"));
-    let body = assert_ok(&d.client().patch(EC2, &json!({"label": "ec2-new"})));
+    let body = common::Response::ok(&d.client().patch(EC2, &json!({"label": "ec2-new"})));
     assert_eq!(body["key"]["label"], "ec2-new");
     assert_eq!(t.labels_of(EC2), pair("ec2-new"));
 }

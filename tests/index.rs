@@ -15,20 +15,7 @@ use serde_json::{json, Value};
 const PAST_RESCAN_INTERVAL: Duration = Duration::from_millis(2300);
 
 fn finds(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("count_C_FindObjectsInit"))
-        .map(|s| s.trim().parse().unwrap())
-        .unwrap_or(0)
-}
-
-#[track_caller]
-fn assert_ok(r: &common::Response) -> Value {
-    assert_eq!(
-        r.status,
-        200,
-        "body: {:?}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r.json()
+    common::fault_count(dir, "C_FindObjectsInit")
 }
 
 fn bulk_kid(index: u32) -> String {
@@ -64,7 +51,7 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
     let expected: Vec<String> = (0..1000).map(bulk_kid).collect();
 
     // One page of everything.
-    let body = assert_ok(&c.get("/v1/keys?limit=1000"));
+    let body = common::Response::ok(&c.get("/v1/keys?limit=1000"));
     assert_eq!(body["total"], 1000);
     assert_eq!(body["next_cursor"], Value::Null);
     let kids: Vec<String> = body["keys"]
@@ -80,7 +67,7 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
     let mut path = "/v1/keys?limit=100".to_string();
     let mut pages = 0;
     loop {
-        let body = assert_ok(&c.get(&path));
+        let body = common::Response::ok(&c.get(&path));
         pages += 1;
         assert_eq!(body["total"], 1000);
         let page = body["keys"].as_array().unwrap();
@@ -97,7 +84,7 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
 
     // Single keys, spread over the token.
     for index in [0u32, 1, 99, 100, 499, 500, 777, 998, 999] {
-        let key = assert_ok(&c.get(&format!("/v1/keys/{}", bulk_kid(index))));
+        let key = common::Response::ok(&c.get(&format!("/v1/keys/{}", bulk_kid(index))));
         assert_eq!(key["label"], format!("bulk-{index}"));
         assert_eq!(key["type"], "aes");
         assert_eq!(key["state"], "ok");
@@ -106,18 +93,22 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
     // Updates read back by handle, not by searching.
     for index in [3u32, 333, 666] {
         let kid = bulk_kid(index);
-        let body = assert_ok(&c.patch(&kid, &json!({"label": format!("renamed-{index}")})));
+        let body =
+            common::Response::ok(&c.patch(&kid, &json!({"label": format!("renamed-{index}")})));
         assert_eq!(body["key"]["label"], format!("renamed-{index}"));
         assert_eq!(
             t.labels_of(&kid),
             vec![("Secret".to_string(), format!("renamed-{index}"))]
         );
-        let key = assert_ok(&c.get(&format!("/v1/keys/{kid}")));
+        let key = common::Response::ok(&c.get(&format!("/v1/keys/{kid}")));
         assert_eq!(key["label"], format!("renamed-{index}"));
     }
-    let body = assert_ok(&c.get("/v1/keys?label_prefix=renamed-&limit=1000"));
+    let body = common::Response::ok(&c.get("/v1/keys?label_prefix=renamed-&limit=1000"));
     assert_eq!(body["total"], 3, "the index follows the updates: {body}");
-    assert_eq!(assert_ok(&c.get("/v1/keys?limit=1"))["total"], 1000);
+    assert_eq!(
+        common::Response::ok(&c.get("/v1/keys?limit=1"))["total"],
+        1000
+    );
 
     assert_eq!(
         finds(faults.path()),
@@ -171,12 +162,12 @@ fn misses_rescan_at_most_once_per_interval_and_find_keys_added_meanwhile() {
     // Another tool adds a key while the daemon runs.
     t.gen("ec-p256", "ad01", "added-later", &[]);
     std::thread::sleep(PAST_RESCAN_INTERVAL);
-    let key = assert_ok(&c.get("/v1/keys/ad01"));
+    let key = common::Response::ok(&c.get("/v1/keys/ad01"));
     assert_eq!(key["label"], "added-later");
     assert_eq!(key["class"], "key-pair");
     assert_eq!(finds(faults.path()), after_first + 1, "one rescan found it");
     // From now on it is in the index: listed, and found without a search.
-    let body = assert_ok(&c.get("/v1/keys"));
+    let body = common::Response::ok(&c.get("/v1/keys"));
     let kids: BTreeSet<&str> = body["keys"]
         .as_array()
         .unwrap()
@@ -184,6 +175,6 @@ fn misses_rescan_at_most_once_per_interval_and_find_keys_added_meanwhile() {
         .map(|k| k["kid"].as_str().unwrap())
         .collect();
     assert_eq!(kids, BTreeSet::from(["ad01", "ec01"]));
-    assert_ok(&c.get("/v1/keys/ad01"));
+    common::Response::ok(&c.get("/v1/keys/ad01"));
     assert_eq!(finds(faults.path()), after_first + 1);
 }

@@ -183,6 +183,14 @@ fn parse_objects(text: &str) -> Vec<P11Object> {
     out
 }
 
+/// A call counter the fault wrapper writes (`count_C_FindObjectsInit`, ...); 0 before the
+/// first call.
+pub fn fault_count(dir: &Path, function: &str) -> u64 {
+    fs::read_to_string(dir.join(format!("count_{function}")))
+        .map(|s| s.trim().parse().expect("a counter file holds a number"))
+        .unwrap_or(0)
+}
+
 /// Path of the fault-injecting PKCS#11 wrapper, built once per test binary into its own
 /// target directory (so it does not wait on the lock `cargo test` holds).
 pub fn fault_module() -> PathBuf {
@@ -456,6 +464,18 @@ pub struct Response {
 }
 
 impl Response {
+    /// Asserts 200 and returns the JSON body.
+    #[track_caller]
+    pub fn ok(&self) -> Value {
+        assert_eq!(
+            self.status,
+            200,
+            "body: {:?}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json()
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -515,18 +535,7 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Response {
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if !body.is_empty() || method == "PATCH" || method == "POST" {
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        self.raw(&bytes)
+        self.raw(&request(method, path, headers, body))
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -541,6 +550,22 @@ impl Client {
             body.to_string().as_bytes(),
         )
     }
+}
+
+/// One HTTP/1.1 request with `Connection: close` (and a Content-Length when there is a
+/// body, or for PATCH and POST).
+fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "PATCH" || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }
 
 fn parse_response(buf: &[u8]) -> Response {

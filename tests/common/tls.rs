@@ -70,18 +70,7 @@ impl TlsClient {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Response {
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if !body.is_empty() || method == "PATCH" || method == "POST" {
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        self.raw(&bytes)
+        self.raw(&super::request(method, path, headers, body))
     }
 
     /// GET with a bearer token.
