@@ -418,3 +418,42 @@ scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
         "the daemon removed a socket it did not create"
     );
 }
+
+#[test]
+fn sysusers_and_tmpfiles_create_the_user_and_the_config_directory() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    let run = |tool: &str, args: &[&str]| {
+        let out = Command::new(tool)
+            .arg(format!("--root={}", root.path().display()))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("systemd-sysusers", &[&format!("{UNITS}/hsmkeyd.sysusers")]);
+    run(
+        "systemd-tmpfiles",
+        &["--create", &format!("{UNITS}/hsmkeyd.tmpfiles")],
+    );
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    let gid: u32 = group
+        .lines()
+        .find_map(|l| l.strip_prefix("hsmkeyd:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no hsmkeyd group in {group}"));
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("hsmkeyd:")),
+        "{passwd}"
+    );
+    let dir = std::fs::metadata(root.path().join("etc/hsmkeyd")).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o7777, 0o750);
+    assert_eq!((dir.uid(), dir.gid()), (0, gid));
+}
