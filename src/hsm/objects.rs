@@ -269,3 +269,41 @@ impl Hsm {
         self.pool().run(|s| s.destroy_object(r.0))
     }
 }
+
+/// The public parts of a key object, as the token stores them. Reading them never touches
+/// private or secret material: CKA_EC_POINT and CKA_PUBLIC_KEY_INFO exist on public keys
+/// only, and CKA_MODULUS / CKA_PUBLIC_EXPONENT are public on RSA private keys too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublicParts {
+    /// CKA_EC_POINT (EC and Edwards public keys), usually a DER OCTET STRING.
+    pub ec_point: Option<Vec<u8>>,
+    /// CKA_MODULUS (RSA), big-endian.
+    pub modulus: Option<Vec<u8>>,
+    /// CKA_PUBLIC_EXPONENT (RSA), big-endian.
+    pub public_exponent: Option<Vec<u8>>,
+}
+
+impl Hsm {
+    /// Reads the public parts of a key object (absent attributes stay `None`).
+    pub fn public_parts(&self, r: ObjectRef) -> Result<PublicParts, HsmError> {
+        self.pool().run(|s| {
+            let mut p = PublicParts::default();
+            for a in s.get_attributes(
+                r.0,
+                &[
+                    AttributeType::EcPoint,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                ],
+            )? {
+                match a {
+                    Attribute::EcPoint(v) => p.ec_point = Some(v),
+                    Attribute::Modulus(v) => p.modulus = Some(v),
+                    Attribute::PublicExponent(v) => p.public_exponent = Some(v),
+                    _ => {}
+                }
+            }
+            Ok(p)
+        })
+    }
+}

@@ -12,6 +12,7 @@ mod entry;
 pub mod error;
 pub mod meta;
 pub mod model;
+mod public;
 mod update;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -155,6 +156,37 @@ impl KeyStore {
             next_after,
             total,
         }
+    }
+
+    /// Keys `offset..offset + limit` in kid order, and the number of keys in the index.
+    pub fn slice(&self, offset: usize, limit: usize) -> (usize, Vec<KeyView>) {
+        let index = read(&self.index);
+        let keys = index
+            .values()
+            .skip(offset)
+            .take(limit)
+            .map(|e| e.view.clone())
+            .collect();
+        (index.len(), keys)
+    }
+
+    /// A key and its public key, encoded as [`public`] describes (`None` for secret keys,
+    /// and for an EC private key stored without its public half).
+    pub async fn get_with_public(&self, kid: &Kid) -> Result<(KeyView, Option<Vec<u8>>), KeyError> {
+        self.refresh_handles().await?;
+        let entry = self.entry(kid).await?;
+        let Some(source) = public::source(&entry.objects) else {
+            return Ok((entry.view.clone(), None));
+        };
+        let (hsm, handle, algorithm) = (self.hsm.clone(), source.handle, source.algorithm.clone());
+        let parts = tokio::task::spawn_blocking(move || hsm.public_parts(handle))
+            .await
+            .map_err(|e| KeyError::Internal(format!("public key task failed: {e}")))?
+            .map_err(|e| hsm_error(kid, e))?;
+        Ok((
+            entry.view.clone(),
+            public::encode(algorithm.as_ref(), &parts),
+        ))
     }
 
     /// One key; an unknown id may trigger a (rate-limited) rescan before answering
