@@ -115,7 +115,20 @@ fn every_event_type_is_recorded_with_its_fields() {
     assert_eq!(locked.status, 406);
     let scope = c.patch(OTHER, &json!({"label": "x"}));
     assert_eq!(scope.status, 403);
-    for r in [&bad, &locked, &scope] {
+    // The Encedo-compatible update writes the same entries.
+    let encedo = |body: Value| {
+        c.send(
+            "POST",
+            "/api/keymgmt/update",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let enc_ok = encedo(json!({"kid": AES, "label": "aes-encedo", "descr": "ZW5j"}));
+    assert_eq!(enc_ok.status, 200, "{:?}", enc_ok.json());
+    let enc_gone = encedo(json!({"kid": "00ff", "label": "x"}));
+    assert_eq!(enc_gone.status, 406);
+    for r in [&bad, &locked, &scope, &enc_ok, &enc_gone] {
         assert_eq!(r.json()["audit_id"], rid(r).as_str());
     }
     // A read that succeeds is not audited, but still carries a request id.
@@ -123,8 +136,9 @@ fn every_event_type_is_recorded_with_its_fields() {
     assert_eq!(read.status, 200);
     let read_id = rid(&read);
 
-    let entries = j.wait_for("the scope refusal", |e| {
-        by_request(e).contains_key(&rid(&scope))
+    let entries = j.wait_for("the last refusal", |e| {
+        let by = by_request(e);
+        by.contains_key(&rid(&scope)) && by.contains_key(&rid(&enc_gone))
     });
     let by = by_request(&entries);
 
@@ -152,6 +166,24 @@ fn every_event_type_is_recorded_with_its_fields() {
             && msg.ends_with("OK"),
         "{msg}"
     );
+
+    let e = &by[&rid(&enc_ok)];
+    assert_eq!(e.len(), 2, "intent and result: {e:#?}");
+    assert_common(&e[0], Event::KeyAttributesChangeIntent, "PENDING", "5");
+    assert_common(&e[1], Event::KeyAttributesChanged, "OK", "5");
+    assert_eq!(e[1]["HSMKEYD_REQUEST"], "POST /api/keymgmt/update");
+    let changes: Value = serde_json::from_str(e[1]["HSMKEYD_CHANGES"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        changes,
+        json!({"label": {"before": "aes-key", "after": "aes-encedo"},
+               "description": {"before": null, "after": "enc"}})
+    );
+    let e = &by[&rid(&enc_gone)];
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_common(&e[0], Event::KeyAttributesChanged, "FAILED", "3");
+    assert_eq!(e[0]["HSMKEYD_STATUS"], "406");
+    assert_eq!(e[0]["HSMKEYD_ERROR"], "key_not_found");
+    assert_eq!(e[0]["HSMKEYD_KID"], "00ff");
 
     let e = &by[&rid(&bad)];
     assert_eq!(e.len(), 1, "a refused update has no intent entry: {e:#?}");

@@ -318,28 +318,28 @@ fn the_jwks_verifies_minted_tokens_with_an_independent_library() {
 fn expected(scopes: &[&str], endpoint: &str) -> u16 {
     let has = |s: &str| scopes.contains(&s);
     match endpoint {
-        "list" => {
+        "list" | "enc-list" => {
             if has("keymgmt:list") {
                 200
             } else {
                 403
             }
         }
-        "get" => {
+        "get" | "enc-get" => {
             if has("keymgmt:get") {
                 200
             } else {
                 403
             }
         }
-        "patch-aes" => {
+        "patch-aes" | "enc-upd-aes" => {
             if has("keymgmt:upd") || has("keymgmt:upd:a1a1") {
                 200
             } else {
                 403
             }
         }
-        "patch-ec" => {
+        "patch-ec" | "enc-upd-ec" => {
             if has("keymgmt:upd") {
                 200
             } else {
@@ -368,6 +368,18 @@ fn call(
             &format!("/v1/keys/{EC}"),
             Some(json!({"label": format!("m{i}")})),
         ),
+        "enc-list" => send("GET", "/api/keymgmt/list/0/10", None),
+        "enc-get" => send("GET", &format!("/api/keymgmt/get/{EC}"), None),
+        "enc-upd-aes" => send(
+            "POST",
+            "/api/keymgmt/update",
+            Some(json!({"kid": AES, "label": format!("e{i}")})),
+        ),
+        "enc-upd-ec" => send(
+            "POST",
+            "/api/keymgmt/update",
+            Some(json!({"kid": EC, "label": format!("e{i}")})),
+        ),
         _ => unreachable!(),
     }
 }
@@ -388,7 +400,16 @@ fn scope_by_endpoint_matrix_over_both_front_doors() {
             "keymgmt:listing",
         ],
     ];
-    let endpoints = ["list", "get", "patch-aes", "patch-ec"];
+    let endpoints = [
+        "list",
+        "get",
+        "patch-aes",
+        "patch-ec",
+        "enc-list",
+        "enc-get",
+        "enc-upd-aes",
+        "enc-upd-ec",
+    ];
     let t = token();
     let mut cells = 0;
 
@@ -475,5 +496,5 @@ fn scope_by_endpoint_matrix_over_both_front_doors() {
             cells += 1;
         }
     }
-    assert_eq!(cells, 5 * 4 * 2);
+    assert_eq!(cells, 5 * 8 * 2);
 }

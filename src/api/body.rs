@@ -19,6 +19,15 @@ pub const DEFAULT_PAGE: usize = 100;
 /// Checks the content type is JSON (`application/json` or `application/merge-patch+json`,
 /// parameters allowed) and reads at most [`MAX_BODY`] bytes of an object.
 pub async fn json_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+    json_object_within(headers, body, MAX_BODY).await
+}
+
+/// [`json_object`] with a body limit of `max` bytes.
+pub async fn json_object_within(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<Map<String, Value>, ApiError> {
     const ACCEPTED: &str = "application/json or application/merge-patch+json";
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -38,12 +47,12 @@ pub async fn json_object(headers: &HeaderMap, body: Body) -> Result<Map<String, 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(ApiError::too_large(MAX_BODY));
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::too_large(max));
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY)
+    let bytes = axum::body::to_bytes(body, max)
         .await
-        .map_err(|_| ApiError::too_large(MAX_BODY))?;
+        .map_err(|_| ApiError::too_large(max))?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",

@@ -115,6 +115,26 @@ impl ApiError {
         )
     }
 
+    /// 411: the Encedo endpoints, like the appliance, want a Content-Length.
+    pub fn length_required() -> ApiError {
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "this endpoint needs a Content-Length header (chunked bodies are not accepted)",
+        )
+    }
+
+    /// A domain error on an Encedo-compatible endpoint: as the appliance, an unknown key is
+    /// 406 (operation failed) rather than 404; everything else maps as on `/v1`.
+    pub fn encedo(e: KeyError) -> ApiError {
+        match e {
+            KeyError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_ACCEPTABLE, "key_not_found", e.to_string())
+            }
+            other => other.into(),
+        }
+    }
+
     /// 413.
     pub fn too_large(limit: usize) -> ApiError {
         ApiError::new(

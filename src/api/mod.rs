@@ -8,11 +8,14 @@
 //! - `GET /v1/keys/{kid}` (scope `keymgmt:get`): one key, with an `ETag`.
 //! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
 //!   description, roles; honours `If-Match`.
+//! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}/{limit}`,
+//!   `GET /api/keymgmt/get/{kid}`: the Encedo HEM-compatible endpoints ([`encedo`]).
 //!
 //! May call: `auth`, `keys`. Called by: `front`.
 
 pub mod audited;
 pub mod body;
+pub mod encedo;
 pub mod error;
 mod tokens;
 
@@ -30,9 +33,8 @@ use crate::audit::Auditor;
 use crate::auth::jwt::TokenService;
 use crate::auth::scope::Scope;
 use crate::auth::{Peer, Principal, Principals, TlsPeer};
-use crate::keys::model::KeyView;
-use crate::keys::model::RoleName;
-use crate::keys::{Actor, KeyStore};
+use crate::keys::model::{KeyView, Kid, RoleName};
+use crate::keys::{Actor, KeyError, KeyPatch, KeyStore, UpdateOutcome};
 use audited::{AuditNote, RequestId};
 use error::ApiError;
 
@@ -73,6 +75,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/{kid}", get(get_key).patch(patch_key))
         .route("/v1/auth/token", post(tokens::mint))
         .route("/v1/auth/jwks", get(tokens::jwks))
+        .route("/api/keymgmt/update", post(encedo::update))
+        .route("/api/keymgmt/list/{offset}/{limit}", get(encedo::list))
+        .route("/api/keymgmt/get/{kid}", get(encedo::get))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -146,6 +151,39 @@ fn require(p: &Principal, scope: Scope) -> Result<(), ApiError> {
     }
 }
 
+/// 403 unless the principal may update this key (`keymgmt:upd` or `keymgmt:upd:<kid>`).
+fn require_update(p: &Principal, kid: &Kid) -> Result<(), ApiError> {
+    if p.may_update(kid) {
+        Ok(())
+    } else {
+        Err(ApiError::missing_scope(&format!(
+            "{} or {}",
+            Scope::KeysUpdate,
+            Scope::KeysUpdateOne(kid.clone())
+        )))
+    }
+}
+
+/// The one way a handler updates a key: the intent entry is written just before the first
+/// token write, and the request's note records what was committed.
+async fn update_key(
+    state: &AppState,
+    p: &Principal,
+    note: &AuditNote,
+    rid: RequestId,
+    peer: Option<String>,
+    kid: &Kid,
+    patch: KeyPatch,
+) -> Result<UpdateOutcome, KeyError> {
+    let actor = Actor {
+        roles: p.roles.clone(),
+    };
+    let hook = audited::intent_hook(state.audit.clone(), note.clone(), rid, peer);
+    let outcome = state.keys.update(kid, patch, &actor, hook).await?;
+    note.committed(&outcome.changes);
+    Ok(outcome)
+}
+
 fn with_etag(view: &KeyView, body: serde_json::Value) -> Response {
     let mut r = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", view.etag)) {
@@ -197,21 +235,10 @@ async fn patch_key(
     note.update(None);
     let kid = body::kid(&kid)?;
     note.update(Some(kid.as_str()));
-    if !p.may_update(&kid) {
-        return Err(ApiError::missing_scope(&format!(
-            "{} or {}",
-            Scope::KeysUpdate,
-            Scope::KeysUpdateOne(kid.clone())
-        )));
-    }
+    require_update(&p, &kid)?;
     let mut patch = body::key_patch(body::json_object(&headers, body).await?)?;
     patch.if_match = if_match(&headers)?;
-    let actor = Actor {
-        roles: p.roles.clone(),
-    };
-    let hook = audited::intent_hook(state.audit.clone(), note.clone(), rid, peer);
-    let outcome = state.keys.update(&kid, patch, &actor, hook).await?;
-    note.committed(&outcome.changes);
+    let outcome = update_key(&state, &p, &note, rid, peer, &kid, patch).await?;
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();
     let body = json!({ "key": outcome.key, "changed": changed });
     Ok(with_etag(&outcome.key, body))

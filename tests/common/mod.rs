@@ -129,6 +129,44 @@ impl Token {
         parse_objects(&String::from_utf8_lossy(&out.stdout))
     }
 
+    /// The public key object with this id as pkcs11-tool exports it (DER
+    /// SubjectPublicKeyInfo), read independently of hsmkeyd.
+    pub fn public_key_der(&self, id: &str) -> Vec<u8> {
+        let out = self.dir.path().join(format!("pub-{id}.der"));
+        let status = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
+            .args([
+                "--login",
+                "--pin",
+                USER_PIN,
+                "--read-object",
+                "--type",
+                "pubkey",
+            ])
+            .args(["--id", id, "--output-file"])
+            .arg(&out)
+            .output()
+            .expect("run pkcs11-tool");
+        assert!(
+            status.status.success(),
+            "pkcs11-tool --read-object: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let bytes = fs::read(&out).unwrap();
+        // OpenSC writes some key types (EdDSA) as PEM.
+        match std::str::from_utf8(&bytes) {
+            Ok(pem) if pem.starts_with("-----BEGIN") => {
+                use base64::Engine;
+                let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .expect("PEM body is base64")
+            }
+            _ => bytes,
+        }
+    }
+
     /// Labels of the key objects with this id, by class, from pkcs11-tool.
     pub fn labels_of(&self, id: &str) -> Vec<(String, String)> {
         let mut v: Vec<_> = self

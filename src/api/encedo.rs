@@ -1,0 +1,304 @@
+//! The Encedo HEM-compatible key endpoints, so scripts written for the appliance work
+//! against hsmkeyd unchanged. Same domain calls, permission checks and audit trail as `/v1`;
+//! only the shapes differ:
+//!
+//! - `POST /api/keymgmt/update` `{"kid", "label", "descr"}` (scope `keymgmt:upd` or
+//!   `keymgmt:upd:<kid>`): `label` is required, 1..=32 printable ASCII characters; `descr`
+//!   is the base64 of the description, and leaving it out clears the description (the
+//!   appliance rewrites the whole record). The body needs a Content-Length (411) and is at
+//!   most 7,300 bytes (413). An unknown kid is 406, as on the appliance.
+//! - `GET /api/keymgmt/list/{offset}/{limit}` (scope `keymgmt:list`).
+//! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get`): type, public key, last update.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use super::audited::{self, AuditNote, RequestId};
+use super::error::ApiError;
+use super::{body, AppState};
+use crate::auth::scope::Scope;
+use crate::auth::Principal;
+use crate::keys::model::{Description, KeyView, Kid, Label};
+use crate::keys::{KeyPatch, MAX_PAGE};
+
+/// The appliance's request body limit.
+pub const MAX_BODY: usize = 7300;
+/// The appliance's label limit, in characters (printable ASCII only).
+pub const MAX_LABEL_CHARS: usize = 32;
+
+/// `POST /api/keymgmt/update`.
+pub async fn update(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Extension(note): Extension<AuditNote>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let peer = audited::peer_of(&request);
+    note.update(None);
+    // Without any update scope the body is not worth reading.
+    if !p
+        .scopes
+        .iter()
+        .any(|s| matches!(s, Scope::KeysUpdate | Scope::KeysUpdateOne(_)))
+    {
+        return Err(ApiError::missing_scope(&Scope::KeysUpdate.to_string()));
+    }
+    if !headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(ApiError::length_required());
+    }
+    let fields = body::json_object_within(&headers, request.into_body(), MAX_BODY).await?;
+    let (kid, patch) = update_body(fields)?;
+    note.update(Some(kid.as_str()));
+    super::require_update(&p, &kid)?;
+    let _ = super::update_key(&state, &p, &note, rid, peer, &kid, patch)
+        .await
+        .map_err(ApiError::encedo)?;
+    // The appliance answers 200 with an empty object; the audit layer adds `audit_id`.
+    Ok(Json(json!({})).into_response())
+}
+
+/// Validates `{"kid", "label", "descr"}`.
+fn update_body(fields: Map<String, Value>) -> Result<(Kid, KeyPatch), ApiError> {
+    let (mut kid, mut label, mut descr) = (None, None, None);
+    for (name, value) in fields {
+        match name.as_str() {
+            "kid" => match value {
+                Value::String(s) => kid = Some(body::kid(&s)?),
+                _ => {
+                    return Err(ApiError::bad_field(
+                        "invalid_kid",
+                        "kid",
+                        "kid must be a hex string",
+                    ))
+                }
+            },
+            "label" => match value {
+                Value::String(s) => label = Some(encedo_label(&s)?),
+                _ => {
+                    return Err(ApiError::bad_field(
+                        "invalid_label",
+                        "label",
+                        "label must be a string",
+                    ))
+                }
+            },
+            "descr" => match value {
+                Value::Null => {}
+                Value::String(s) => descr = Some(description(&s)?),
+                _ => {
+                    return Err(ApiError::bad_field(
+                        "invalid_descr",
+                        "descr",
+                        "descr must be a base64 string",
+                    ))
+                }
+            },
+            other => {
+                return Err(ApiError::bad_field(
+                    "unknown_field",
+                    other,
+                    format!("unknown field {other:?}; an update accepts kid, label and descr"),
+                ))
+            }
+        }
+    }
+    let kid = kid.ok_or_else(|| ApiError::bad_field("missing_kid", "kid", "kid is required"))?;
+    let label =
+        label.ok_or_else(|| ApiError::bad_field("missing_label", "label", "label is required"))?;
+    Ok((
+        kid,
+        KeyPatch {
+            label: Some(label),
+            description: Some(descr),
+            ..KeyPatch::default()
+        },
+    ))
+}
+
+/// 1..=32 printable ASCII characters, as the appliance enforces.
+fn encedo_label(s: &str) -> Result<Label, ApiError> {
+    let bad = |m: String| ApiError::bad_field("invalid_label", "label", m);
+    if s.is_empty() || s.len() > MAX_LABEL_CHARS {
+        return Err(bad(format!(
+            "label must be 1..={MAX_LABEL_CHARS} characters; it is {}",
+            s.chars().count()
+        )));
+    }
+    if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(bad("label must be printable ASCII (0x20..0x7e)".into()));
+    }
+    Label::parse(s).map_err(bad)
+}
+
+/// Standard base64 (padded) of a UTF-8 description within the description limit.
+fn description(b64: &str) -> Result<Description, ApiError> {
+    let bytes = STANDARD.decode(b64).map_err(|e| {
+        ApiError::bad_field(
+            "invalid_descr",
+            "descr",
+            format!("descr is not standard base64: {e}"),
+        )
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        ApiError::bad_field(
+            "invalid_descr",
+            "descr",
+            "descr does not decode to UTF-8 text",
+        )
+    })?;
+    Description::parse(&text).map_err(|e| ApiError::bad_field("invalid_descr", "descr", e))
+}
+
+/// `GET /api/keymgmt/list/{offset}/{limit}`.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((offset, limit)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    super::require(&p, Scope::KeysList)?;
+    let offset = offset.parse::<usize>().map_err(|_| {
+        ApiError::bad_field(
+            "invalid_offset",
+            "offset",
+            "offset must be a non-negative integer",
+        )
+    })?;
+    let limit = limit
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_field(
+                "invalid_limit",
+                "limit",
+                format!("limit must be an integer in 1..={MAX_PAGE}"),
+            )
+        })?;
+    let (total, keys) = state.keys.slice(offset, limit);
+    let list: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            json!({
+                "kid": k.kid,
+                "label": k.label,
+                "type": type_name(k),
+                "descr": k.description.as_deref().map(|d| STANDARD.encode(d)),
+                "updated": updated(k),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"total": total, "listed": list.len(), "list": list})).into_response())
+}
+
+/// `GET /api/keymgmt/get/{kid}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(kid): Path<String>,
+) -> Result<Response, ApiError> {
+    super::require(&p, Scope::KeysGet)?;
+    let kid = body::kid(&kid)?;
+    let (view, public) = state
+        .keys
+        .get_with_public(&kid)
+        .await
+        .map_err(ApiError::encedo)?;
+    let mut out = json!({"type": type_name(&view), "updated": updated(&view)});
+    if let Some(pk) = public {
+        out["pubkey"] = Value::String(STANDARD.encode(pk));
+    }
+    Ok(Json(out).into_response())
+}
+
+/// The appliance's names for key types: `AES256`, `SECP256R1`, `ED25519`, `RSA2048`, ...
+pub fn type_name(k: &KeyView) -> String {
+    let bits = k.bits.map(|b| b.to_string()).unwrap_or_default();
+    match (k.key_type.as_str(), k.curve.as_deref()) {
+        ("aes", _) => format!("AES{bits}"),
+        ("rsa", _) => format!("RSA{bits}"),
+        ("generic-secret", _) => "GENERIC_SECRET".into(),
+        ("ec", Some("P-256")) => "SECP256R1".into(),
+        ("ec", Some("P-384")) => "SECP384R1".into(),
+        ("ec", Some("P-521")) => "SECP521R1".into(),
+        ("ec", Some(curve)) => curve.to_ascii_uppercase(),
+        ("x25519", _) => "CURVE25519".into(),
+        ("x448", _) => "CURVE448".into(),
+        (other, _) => other.to_ascii_uppercase().replace('-', "_"),
+    }
+}
+
+/// `updated`: seconds since the epoch of the last update through hsmkeyd, or null.
+fn updated(k: &KeyView) -> Option<i64> {
+    let at = k.updated_at.as_deref()?;
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn update_body_follows_the_appliance() {
+        let (kid, p) = update_body(fields(
+            json!({"kid": "0A0B", "label": "x", "descr": "aMOpbGxv"}),
+        ))
+        .unwrap();
+        assert_eq!(kid.as_str(), "0a0b");
+        assert_eq!(p.description.unwrap().unwrap().as_str(), "héllo");
+        let (_, p) = update_body(fields(json!({"kid": "0a0b", "label": "x"}))).unwrap();
+        assert_eq!(p.description, Some(None), "no descr clears the description");
+        for (body, code) in [
+            (json!({"kid": "0a0b"}), "missing_label"),
+            (json!({"label": "x"}), "missing_kid"),
+            (json!({"kid": "0a0b", "label": ""}), "invalid_label"),
+            (
+                json!({"kid": "0a0b", "label": "a".repeat(33)}),
+                "invalid_label",
+            ),
+            (
+                json!({"kid": "0a0b", "label": "tab\there"}),
+                "invalid_label",
+            ),
+            (json!({"kid": "0a0b", "label": "é"}), "invalid_label"),
+            (
+                json!({"kid": "0a0b", "label": "x", "descr": "!!"}),
+                "invalid_descr",
+            ),
+            (
+                json!({"kid": "0a0b", "label": "x", "descr": "//79"}),
+                "invalid_descr",
+            ),
+            (
+                json!({"kid": "0a0b", "label": "x", "descr": 5}),
+                "invalid_descr",
+            ),
+            (
+                json!({"kid": "0a0b", "label": "x", "desc": ""}),
+                "unknown_field",
+            ),
+            (json!({"kid": "xyz", "label": "x"}), "invalid_kid"),
+        ] {
+            assert_eq!(
+                update_body(fields(body.clone())).unwrap_err().code,
+                code,
+                "{body}"
+            );
+        }
+        assert!(update_body(fields(json!({"kid": "0a0b", "label": "a".repeat(32)}))).is_ok());
+    }
+}
