@@ -551,7 +551,16 @@ fn a_stale_socket_is_replaced_and_served() {
         fs::symlink_metadata(&sock).unwrap().file_type().is_socket(),
         "the stale socket file must remain for this test"
     );
-    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
+    // A child another test forks at this moment holds a copy of the listener until it
+    // execs (close-on-exec): wait for that copy to go before checking the socket is dead.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale socket still accepts connections"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     let d = Daemon::start(&t, &Setup::default());
     let r = d.client().get("/v1/keys");
