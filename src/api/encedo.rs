@@ -45,11 +45,7 @@ pub async fn update(
     let peer = audited::peer_of(&request);
     note.update(None);
     // Without any update scope the body is not worth reading.
-    if !p
-        .scopes
-        .iter()
-        .any(|s| matches!(s, Scope::KeysUpdate | Scope::KeysUpdateOne(_)))
-    {
+    if !p.may_update_some() {
         return Err(ApiError::missing_scope(&Scope::KeysUpdate.to_string()));
     }
     if !headers.contains_key(header::CONTENT_LENGTH) {

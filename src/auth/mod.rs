@@ -67,6 +67,13 @@ impl Principal {
             _ => false,
         })
     }
+
+    /// Whether the principal may update some key: `keymgmt:upd` or any `keymgmt:upd:<kid>`.
+    pub fn may_update_some(&self) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| matches!(s, Scope::KeysUpdate | Scope::KeysUpdateOne(_)))
+    }
 }
 
 /// The principals of one configuration, indexed by uid and gid.
