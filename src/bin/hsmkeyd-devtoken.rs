@@ -107,6 +107,10 @@ struct GenArgs {
     /// CKA_LABEL for every object created.
     #[arg(long)]
     label: String,
+    /// Key pairs only: CKA_LABEL of the public object, when it is to differ from --label
+    /// (as a half-made relabelling would leave it).
+    #[arg(long)]
+    public_label: Option<String>,
     /// Set CKA_MODIFIABLE=false on every object created.
     #[arg(long)]
     non_modifiable: bool,
@@ -166,8 +170,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Res<()> {
     if let Cmd::Gen(g) = &cli.command {
         let pair = !matches!(g.kind, Kind::Aes256 | Kind::Aes128 | Kind::GenericSecret);
-        if !pair && (g.private_only || g.public_only) {
-            return Err("--private-only/--public-only only apply to key pairs".into());
+        if !pair && (g.private_only || g.public_only || g.public_label.is_some()) {
+            return Err(
+                "--private-only/--public-only/--public-label only apply to key pairs".into(),
+            );
         }
     }
     let pin = read_pin(&cli.pin_file)?;
@@ -305,7 +311,10 @@ fn object(
         Attribute::Token(true),
         Attribute::Private(secret),
         Attribute::Id(spec.id.0.clone()),
-        Attribute::Label(spec.label.as_bytes().to_vec()),
+        Attribute::Label(match (&spec.public_label, class) {
+            (Some(l), ObjectClass::PUBLIC_KEY) => l.as_bytes().to_vec(),
+            _ => spec.label.as_bytes().to_vec(),
+        }),
     ];
     if secret {
         t.extend([Attribute::Sensitive(true), Attribute::Extractable(false)]);
@@ -456,6 +465,7 @@ fn demo(session: &Session) -> Res<()> {
             kind,
             id: Hex(id),
             label: label.into(),
+            public_label: None,
             non_modifiable,
             private_only: false,
             public_only: false,

@@ -44,6 +44,11 @@ const FILE_SETATTR_FAIL_AFTER: &str = "setattr_fail_after";
 const FILE_CREATE_FAIL_AFTER: &str = "create_fail_after";
 /// Control file: while it exists, selected calls block before forwarding.
 const FILE_HANG: &str = "hang";
+/// Control files `hang_<Function>` (C_CreateObject, C_SetAttributeValue, C_DestroyObject):
+/// decimal N (empty = 0); N calls pass, then one call is held while the file exists.
+const FILE_HANG_PREFIX: &str = "hang_";
+/// Marker `held_<Function>`: present while a call is held by its `hang_<Function>` file.
+const FILE_HELD_PREFIX: &str = "held_";
 /// Control file: hex CKR value that C_Login returns without forwarding.
 const FILE_FAIL_LOGIN_WITH: &str = "fail_login_with";
 /// Control file: next C_GetAttributeValue/C_SetAttributeValue loses its session.
@@ -75,12 +80,15 @@ static SETATTR_LOCK: Mutex<()> = Mutex::new(());
 /// Serializes the read-modify-write of `create_fail_after`.
 static CREATE_LOCK: Mutex<()> = Mutex::new(());
 
+/// Serializes the read-modify-write of the `hang_<Function>` files.
+static HOLD_LOCK: Mutex<()> = Mutex::new(());
+
 /// Serializes writing the `count_*` files, so the file last written always
 /// holds the latest counter value.
 static COUNT_FILE_LOCK: Mutex<()> = Mutex::new(());
 
 /// In-process call counters, indexed by [`Counted`].
-static COUNTERS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static COUNTERS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 /// Functions whose calls are counted into `count_<FunctionName>` files.
 #[derive(Clone, Copy)]
@@ -95,6 +103,8 @@ enum Counted {
     Login = 3,
     /// `C_GetSessionInfo`
     GetSessionInfo = 4,
+    /// `C_DestroyObject`
+    DestroyObject = 5,
 }
 
 impl Counted {
@@ -106,6 +116,7 @@ impl Counted {
             Counted::CreateObject => "count_C_CreateObject",
             Counted::Login => "count_C_Login",
             Counted::GetSessionInfo => "count_C_GetSessionInfo",
+            Counted::DestroyObject => "count_C_DestroyObject",
         }
     }
 }
@@ -172,6 +183,45 @@ impl Wrapper {
         while path.exists() {
             thread::sleep(HANG_POLL);
         }
+    }
+
+    /// Applies `hang_<function>`: lets N calls pass (decrementing the file), then holds
+    /// this call, with `held_<function>` present, until the file is removed.
+    fn hold(&self, function: &str) {
+        let Some(dir) = &self.dir else { return };
+        let name = format!("{FILE_HANG_PREFIX}{function}");
+        {
+            let _guard = lock(&HOLD_LOCK);
+            let Some(text) = read_control(dir, &name) else {
+                return;
+            };
+            let n: u64 = if text.trim().is_empty() {
+                0
+            } else {
+                match text.trim().parse() {
+                    Ok(n) => n,
+                    Err(_) => {
+                        warn(&format!("{name} does not hold a decimal integer; ignoring it"));
+                        return;
+                    }
+                }
+            };
+            if n > 0 {
+                if let Err(e) = write_atomically(dir, &name, &(n - 1).to_string()) {
+                    warn(&format!("cannot rewrite {name}: {e}"));
+                }
+                return;
+            }
+        }
+        let held = format!("{FILE_HELD_PREFIX}{function}");
+        if let Err(e) = write_atomically(dir, &held, "") {
+            warn(&format!("cannot write {held}: {e}"));
+        }
+        let path = dir.join(&name);
+        while path.exists() {
+            thread::sleep(HANG_POLL);
+        }
+        let _ = fs::remove_file(dir.join(&held));
     }
 
     /// Applies `setattr_fail_after`; returns true if this call must fail.
@@ -314,6 +364,7 @@ unsafe extern "C" fn wrap_create_object(
 ) -> CK_RV {
     guarded(|w| {
         w.count(Counted::CreateObject);
+        w.hold("C_CreateObject");
         if w.create_must_fail() {
             return CKR_DEVICE_ERROR;
         }
@@ -357,6 +408,7 @@ unsafe extern "C" fn wrap_set_attribute_value(
     guarded(|w| {
         w.count(Counted::SetAttributeValue);
         w.wait_while_hung();
+        w.hold("C_SetAttributeValue");
         if let Some(rv) = w.drop_session_once(session) {
             return rv;
         }
@@ -368,6 +420,22 @@ unsafe extern "C" fn wrap_set_attribute_value(
         };
         // SAFETY: arguments forwarded unchanged to the real module.
         unsafe { real(session, object, template, count) }
+    })
+}
+
+/// Wrapper for `C_DestroyObject`: counted; held by `hang_C_DestroyObject`.
+unsafe extern "C" fn wrap_destroy_object(
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guarded(|w| {
+        w.count(Counted::DestroyObject);
+        w.hold("C_DestroyObject");
+        let Some(real) = w.real.C_DestroyObject else {
+            return CKR_GENERAL_ERROR;
+        };
+        // SAFETY: arguments forwarded unchanged to the real module.
+        unsafe { real(session, object) }
     })
 }
 
@@ -456,6 +524,7 @@ fn load() -> Result<Wrapper, String> {
     wrap!(C_GetAttributeValue => wrap_get_attribute_value);
     wrap!(C_SetAttributeValue => wrap_set_attribute_value);
     wrap!(C_FindObjectsInit => wrap_find_objects_init);
+    wrap!(C_DestroyObject => wrap_destroy_object);
 
     let dir = std::env::var_os(ENV_DIR)
         .filter(|v| !v.is_empty())
