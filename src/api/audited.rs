@@ -4,7 +4,9 @@
 //! `audit_unavailable`, except for an update already committed to the token, whose intent
 //! entry records it (the answer stays 200 and the failure goes to the log).
 //!
-//! Handlers tell this layer what they learned through the request's [`AuditNote`].
+//! Handlers tell this layer what they learned through the request's [`AuditNote`]. An
+//! update writes its own result entry ([`finish_update`]) from the task it runs in, so the
+//! entry is written even when the client has gone; this layer then only adds `audit_id`.
 
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +21,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
 use crate::auth::{Peer, TlsPeer};
-use crate::keys::FieldChange;
+use crate::keys::{FieldChange, UpdateOutcome};
 
 /// Header carrying the request id on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -40,7 +42,7 @@ enum Action {
 }
 
 /// What the handlers learned about a request, for its audit entry.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Note {
     principal: Option<String>,
     token_id: Option<String>,
@@ -49,6 +51,12 @@ pub struct Note {
     changes: Option<Value>,
     committed: bool,
     intent_failed: bool,
+    /// The result entry was written (by an update task), so this layer writes none.
+    recorded: bool,
+    /// `HSMKEYD_PEER` of the connection.
+    peer: Option<String>,
+    /// Method and path (`HSMKEYD_REQUEST`).
+    request: String,
 }
 
 /// Shared between this layer and the handlers of one request.
@@ -95,6 +103,130 @@ impl AuditNote {
     }
 }
 
+/// The answer a result entry describes.
+struct Answer<'a> {
+    status: u16,
+    error: Option<&'a str>,
+    reason: &'a str,
+}
+
+/// The result event of a request with this note and status, if it gets one.
+fn event_of(n: &Note, status: u16) -> Option<Event> {
+    if n.intent_failed || n.recorded {
+        None
+    } else if status == 401 {
+        Some(Event::AuthFailed)
+    } else if status == 403 {
+        Some(Event::FailedScopeCheck)
+    } else {
+        match n.action {
+            Some(Action::KeyUpdate) => Some(Event::KeyAttributesChanged),
+            Some(Action::TokenMint) => Some(Event::TokenIssued),
+            None => None,
+        }
+    }
+}
+
+/// The one builder of result entries, from what the request learned and how it was answered.
+fn result_entry(n: &Note, rid: &RequestId, event: Event, a: &Answer<'_>) -> Entry {
+    let (status, reason, request) = (a.status, a.reason, &n.request);
+    let error = a.error;
+    // As the Encedo appliance logs them: a failed scope check (and a failed
+    // authentication) has result FAILED.
+    let outcome = match event {
+        Event::AuthFailed | Event::FailedScopeCheck => Outcome::Failed,
+        _ => Outcome::of_status(status),
+    };
+    let who = caller(n.principal.as_deref(), n.peer.as_deref());
+    let key = n.kid.as_deref().unwrap_or("?");
+    let message = match (event, outcome) {
+        (Event::AuthFailed, _) => format!("{request} from {who} refused: {reason}"),
+        (Event::FailedScopeCheck, _) => format!("{request} by {who} refused: {reason}"),
+        (Event::TokenIssued, Outcome::Ok) => format!(
+            "token {} issued to {who}: OK",
+            n.token_id.as_deref().unwrap_or("?")
+        ),
+        (Event::TokenIssued, o) => format!(
+            "token request by {who} refused ({status} {}): {reason}: {}",
+            error.unwrap_or("error"),
+            o.name()
+        ),
+        (_, Outcome::Ok) => match n
+            .changes
+            .as_ref()
+            .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
+        {
+            Some(c) => format!("key {key}: {} by {who}: OK", describe_changes(c)),
+            None => format!("key {key}: update by {who} changed nothing: OK"),
+        },
+        (_, o) => format!(
+            "key {key}: update by {who} refused ({status} {}): {reason}: {}",
+            error.unwrap_or("error"),
+            o.name()
+        ),
+    };
+    let mut entry = Entry::new(event, outcome, message);
+    entry.status = Some(status);
+    entry.kid = n.kid.clone();
+    entry.principal = n.principal.clone();
+    entry.peer = n.peer.clone();
+    entry.token_id = n.token_id.clone();
+    entry.request_id = Some(rid.0.clone());
+    entry.error = error.map(str::to_string);
+    entry.changes = n.changes.clone();
+    entry.request = Some(request.clone());
+    entry
+}
+
+/// Ends an update: writes its result entry and returns what the client is to be answered.
+/// Runs inside the update's own task, so a client that goes away cannot stop it. A change
+/// that was committed stays answered 200 if the entry cannot be written (its intent entry
+/// records it); anything else becomes 503 `audit_unavailable`.
+pub async fn finish_update(
+    audit: &Arc<Auditor>,
+    note: &AuditNote,
+    rid: &RequestId,
+    result: Result<UpdateOutcome, ApiError>,
+) -> Result<UpdateOutcome, ApiError> {
+    if let Ok(o) = &result {
+        note.committed(&o.changes);
+    }
+    let n = note.with(|n| {
+        let snapshot = n.clone();
+        n.recorded = true;
+        snapshot
+    });
+    let answer = match &result {
+        Ok(_) => Answer {
+            status: 200,
+            error: None,
+            reason: "",
+        },
+        Err(e) => Answer {
+            status: e.status.as_u16(),
+            error: Some(e.code),
+            reason: &e.message,
+        },
+    };
+    let Some(event) = event_of(&n, answer.status) else {
+        return result;
+    };
+    let entry = result_entry(&n, rid, event, &answer);
+    match audit.write_async(entry).await {
+        Ok(()) => result,
+        Err(e) if n.committed => {
+            tracing::error!(request_id = %rid.0, error = %e,
+                "the result entry of a committed update was not recorded; its intent entry \
+                 records the change");
+            result
+        }
+        Err(e) => {
+            tracing::error!(request_id = %rid.0, error = %e, "audit entry not recorded; refusing");
+            Err(ApiError::audit_unavailable())
+        }
+    }
+}
+
 /// `HSMKEYD_CHANGES`: field -> {"before", "after"}.
 pub fn changes_json(changes: &[FieldChange]) -> Value {
     Value::Object(
@@ -115,11 +247,16 @@ pub fn intent_hook(
     audit: Arc<Auditor>,
     note: AuditNote,
     rid: RequestId,
-    peer: Option<String>,
 ) -> impl FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static {
     move |changes| {
-        let (principal, kid, token_id) =
-            note.with(|n| (n.principal.clone(), n.kid.clone(), n.token_id.clone()));
+        let (principal, kid, token_id, peer) = note.with(|n| {
+            (
+                n.principal.clone(),
+                n.kid.clone(),
+                n.token_id.clone(),
+                n.peer.clone(),
+            )
+        });
         let changes = changes_json(changes);
         let mut e = Entry::new(
             Event::KeyAttributesChangeIntent,
@@ -149,90 +286,42 @@ pub fn intent_hook(
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let rid = RequestId(format!("{:032x}", rand::random::<u128>()));
     let note = AuditNote::default();
-    let peer = peer_of(&req);
-    let request = format!("{} {}", req.method(), truncate(req.uri().path()));
+    note.with(|n| {
+        n.peer = peer_of(&req);
+        n.request = format!("{} {}", req.method(), truncate(req.uri().path()));
+    });
     let _ = req.extensions_mut().insert(rid.clone());
     let _ = req.extensions_mut().insert(note.clone());
 
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let n = note.with(std::mem::take);
-    let event = if n.intent_failed {
-        None
-    } else if status == 401 {
-        Some(Event::AuthFailed)
-    } else if status == 403 {
-        Some(Event::FailedScopeCheck)
-    } else {
-        match n.action {
-            Some(Action::KeyUpdate) => Some(Event::KeyAttributesChanged),
-            Some(Action::TokenMint) => Some(Event::TokenIssued),
-            None => None,
-        }
-    };
-    let Some(event) = event else {
+    let event = event_of(&n, status);
+    if event.is_none() && !(n.recorded && n.action.is_some()) {
         return with_request_id(resp, &rid);
-    };
+    }
 
     let (parts, body) = resp.into_parts();
     let bytes = to_bytes(body, MAX_AUDITED_BODY).await.unwrap_or_default();
     let mut json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let error = json["error"].as_str().map(str::to_string);
-    let reason = json["message"].as_str().unwrap_or("").to_string();
-
-    // As the Encedo appliance logs them: a failed scope check (and a failed
-    // authentication) has result FAILED.
-    let outcome = match event {
-        Event::AuthFailed | Event::FailedScopeCheck => Outcome::Failed,
-        _ => Outcome::of_status(status),
-    };
-    let who = caller(n.principal.as_deref(), peer.as_deref());
-    let key = n.kid.as_deref().unwrap_or("?");
-    let message = match (event, outcome) {
-        (Event::AuthFailed, _) => format!("{request} from {who} refused: {reason}"),
-        (Event::FailedScopeCheck, _) => format!("{request} by {who} refused: {reason}"),
-        (Event::TokenIssued, Outcome::Ok) => format!(
-            "token {} issued to {who}: OK",
-            n.token_id.as_deref().unwrap_or("?")
-        ),
-        (Event::TokenIssued, o) => format!(
-            "token request by {who} refused ({status} {}): {reason}: {}",
-            error.as_deref().unwrap_or("error"),
-            o.name()
-        ),
-        (_, Outcome::Ok) => match n
-            .changes
-            .as_ref()
-            .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
-        {
-            Some(c) => format!("key {key}: {} by {who}: OK", describe_changes(c)),
-            None => format!("key {key}: update by {who} changed nothing: OK"),
-        },
-        (_, o) => format!(
-            "key {key}: update by {who} refused ({status} {}): {reason}: {}",
-            error.as_deref().unwrap_or("error"),
-            o.name()
-        ),
-    };
-    let mut entry = Entry::new(event, outcome, message);
-    entry.status = Some(status);
-    entry.kid = n.kid.clone();
-    entry.principal = n.principal.clone();
-    entry.peer = peer;
-    entry.token_id = n.token_id.clone();
-    entry.request_id = Some(rid.0.clone());
-    entry.error = error;
-    entry.changes = n.changes.clone();
-    entry.request = Some(request);
-
-    if let Err(e) = state.audit.write_async(entry).await {
-        if n.committed {
-            tracing::error!(request_id = %rid.0, error = %e,
-                "the result entry of a committed update was not recorded; its intent entry \
-                 records the change");
-        } else {
-            tracing::error!(request_id = %rid.0, error = %e, "audit entry not recorded; refusing");
-            return with_request_id(ApiError::audit_unavailable().into_response(), &rid);
+    if let Some(event) = event {
+        let error = json["error"].as_str().map(str::to_string);
+        let reason = json["message"].as_str().unwrap_or("").to_string();
+        let answer = Answer {
+            status,
+            error: error.as_deref(),
+            reason: &reason,
+        };
+        let entry = result_entry(&n, &rid, event, &answer);
+        if let Err(e) = state.audit.write_async(entry).await {
+            if n.committed {
+                tracing::error!(request_id = %rid.0, error = %e,
+                    "the result entry of a committed update was not recorded; its intent entry \
+                     records the change");
+            } else {
+                tracing::error!(request_id = %rid.0, error = %e, "audit entry not recorded; refusing");
+                return with_request_id(ApiError::audit_unavailable().into_response(), &rid);
+            }
         }
     }
     let body = match json.as_object_mut().filter(|_| n.action.is_some()) {

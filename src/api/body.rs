@@ -7,6 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
 
+use super::deadline::BodyStalled;
 use super::error::ApiError;
 use crate::keys::model::{Description, Kid, Label, RoleName};
 use crate::keys::{KeyPatch, ListQuery, MAX_PAGE};
@@ -52,7 +53,7 @@ pub async fn json_object_within(
     }
     let bytes = axum::body::to_bytes(body, max)
         .await
-        .map_err(|_| ApiError::too_large(max))?;
+        .map_err(|e| read_error(e, max))?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -66,6 +67,23 @@ pub async fn json_object_within(
             "request body must be a JSON object",
         )),
     }
+}
+
+/// Why a body read failed: over the limit (413), too slow (408), or cut short by the client
+/// (400 `body_incomplete`, which the audit entry records as an aborted request).
+fn read_error(e: axum::Error, max: usize) -> ApiError {
+    let inner = e.into_inner();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*inner);
+    while let Some(c) = cause {
+        if let Some(stall) = c.downcast_ref::<BodyStalled>() {
+            return ApiError::request_timeout(&stall.to_string());
+        }
+        if c.is::<http_body_util::LengthLimitError>() {
+            return ApiError::too_large(max);
+        }
+        cause = c.source();
+    }
+    ApiError::body_incomplete()
 }
 
 /// Turns a PATCH body into a validated [`KeyPatch`].

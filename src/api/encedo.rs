@@ -20,7 +20,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::audited::{self, AuditNote, RequestId};
+use super::audited::{AuditNote, RequestId};
 use super::error::ApiError;
 use super::{body, AppState};
 use crate::auth::scope::Scope;
@@ -42,7 +42,6 @@ pub async fn update(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let peer = audited::peer_of(&request);
     note.update(None);
     // Without any update scope the body is not worth reading.
     if !p.may_update_some() {
@@ -55,9 +54,7 @@ pub async fn update(
     let (kid, patch) = update_body(fields)?;
     note.update(Some(kid.as_str()));
     super::require_update(&p, &kid)?;
-    let _ = super::update_key(&state, &p, &note, rid, peer, &kid, patch)
-        .await
-        .map_err(ApiError::encedo)?;
+    let _ = super::update_key(&state, &p, &note, rid, &kid, patch, ApiError::encedo).await?;
     // The appliance answers 200 with an empty object; the audit layer adds `audit_id`.
     Ok(Json(json!({})).into_response())
 }

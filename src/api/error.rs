@@ -144,6 +144,33 @@ impl ApiError {
         )
     }
 
+    /// 400: the body ended before its declared length (the client closed the connection).
+    pub fn body_incomplete() -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body_incomplete",
+            "the request body ended before its declared length; nothing was done",
+        )
+    }
+
+    /// 408: the body did not arrive within the request deadline or at the minimum rate.
+    pub fn request_timeout(why: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("{why}; nothing was done and the connection is closed"),
+        )
+    }
+
+    /// 503: the caller already holds as many connections as it may.
+    pub fn too_many_connections(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            message,
+        )
+    }
+
     /// 415.
     pub fn unsupported_media_type(got: Option<&str>, accepted: &str) -> ApiError {
         ApiError::new(
@@ -241,6 +268,13 @@ impl IntoResponse for ApiError {
             let _ = r
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+        }
+        // A connection whose body was cut, or that is over its caller's budget, is not
+        // kept alive.
+        if self.status == StatusCode::REQUEST_TIMEOUT || self.code == "too_many_connections" {
+            let _ = r
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             let _ = r

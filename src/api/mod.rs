@@ -15,6 +15,7 @@
 
 pub mod audited;
 pub mod body;
+pub mod deadline;
 pub mod encedo;
 pub mod error;
 mod tokens;
@@ -28,11 +29,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 
 use crate::audit::Auditor;
 use crate::auth::jwt::TokenService;
 use crate::auth::scope::Scope;
-use crate::auth::{Peer, Principal, Principals, TlsPeer};
+use crate::auth::{ConnectionSlot, Peer, Principal, Principals, TlsPeer};
 use crate::keys::model::{KeyView, Kid, RoleName};
 use crate::keys::{Actor, KeyError, KeyPatch, KeyStore, UpdateOutcome};
 use audited::{AuditNote, RequestId};
@@ -47,6 +49,10 @@ pub struct AppState {
     pub audit: Arc<Auditor>,
     /// What a reload replaces, swapped as one.
     pub live: Arc<RwLock<Arc<Live>>>,
+    /// Work that must finish whatever the client does (updates); shutdown waits for it.
+    pub tasks: TaskTracker,
+    /// Deadline and minimum rate of request bodies.
+    pub body_limits: deadline::BodyLimits,
 }
 
 /// The parts of the configuration a reload replaces. Requests take a snapshot when they
@@ -83,6 +89,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            deadline::layer,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             audited::layer,
         ))
         .with_state(state)
@@ -107,6 +117,9 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         if let Some(note) = req.extensions().get::<AuditNote>() {
             note.principal(&principal.name, principal.token_id.as_deref());
         }
+        if let Err(e) = admit(&req, &principal.name) {
+            return e.into_response();
+        }
         let _ = req.extensions_mut().insert(principal);
         return next.run(req).await;
     }
@@ -119,6 +132,9 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
             if let Some(note) = req.extensions().get::<AuditNote>() {
                 note.principal(&p.name, None);
             }
+            if let Err(e) = admit(&req, &p.name) {
+                return e.into_response();
+            }
             let _ = req.extensions_mut().insert(p);
             next.run(req).await
         }
@@ -130,6 +146,17 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
             ))
             .into_response()
         }
+    }
+}
+
+/// Counts the request's connection against its caller's connection budget.
+fn admit(req: &Request, principal: &str) -> Result<(), ApiError> {
+    match req.extensions().get::<ConnectionSlot>() {
+        Some(slot) => slot.0.admit(principal).map_err(|why| {
+            tracing::warn!(principal, reason = %why, "refused a connection over its caller's budget");
+            ApiError::too_many_connections(why)
+        }),
+        None => Ok(()),
     }
 }
 
@@ -164,24 +191,36 @@ fn require_update(p: &Principal, kid: &Kid) -> Result<(), ApiError> {
     }
 }
 
-/// The one way a handler updates a key: the intent entry is written just before the first
-/// token write, and the request's note records what was committed.
+/// The one way a handler updates a key. Once the request has passed its checks the update
+/// runs as its own task, not in the connection's future: token writes, rollback, the index
+/// refresh and the result entry all happen even if the client disconnects, and the key's
+/// lock is held until the token work is over. `map` turns domain errors into the answer of
+/// the calling endpoint.
 async fn update_key(
     state: &AppState,
     p: &Principal,
     note: &AuditNote,
     rid: RequestId,
-    peer: Option<String>,
     kid: &Kid,
     patch: KeyPatch,
-) -> Result<UpdateOutcome, KeyError> {
+    map: fn(KeyError) -> ApiError,
+) -> Result<UpdateOutcome, ApiError> {
     let actor = Actor {
         roles: p.roles.clone(),
     };
-    let hook = audited::intent_hook(state.audit.clone(), note.clone(), rid, peer);
-    let outcome = state.keys.update(kid, patch, &actor, hook).await?;
-    note.committed(&outcome.changes);
-    Ok(outcome)
+    let (keys, audit, note, kid) = (
+        state.keys.clone(),
+        state.audit.clone(),
+        note.clone(),
+        kid.clone(),
+    );
+    let task = state.tasks.spawn(async move {
+        let hook = audited::intent_hook(audit.clone(), note.clone(), rid.clone());
+        let result = keys.update(&kid, patch, &actor, hook).await.map_err(map);
+        audited::finish_update(&audit, &note, &rid, result).await
+    });
+    task.await
+        .map_err(|e| ApiError::internal(&format!("update task failed: {e}")))?
 }
 
 fn with_etag(view: &KeyView, body: serde_json::Value) -> Response {
@@ -230,7 +269,6 @@ async fn patch_key(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let peer = audited::peer_of(&request);
     let body = request.into_body();
     note.update(None);
     let kid = body::kid(&kid)?;
@@ -238,7 +276,7 @@ async fn patch_key(
     require_update(&p, &kid)?;
     let mut patch = body::key_patch(body::json_object(&headers, body).await?)?;
     patch.if_match = if_match(&headers)?;
-    let outcome = update_key(&state, &p, &note, rid, peer, &kid, patch).await?;
+    let outcome = update_key(&state, &p, &note, rid, &kid, patch, ApiError::from).await?;
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();
     let body = json!({ "key": outcome.key, "changed": changed });
     Ok(with_etag(&outcome.key, body))

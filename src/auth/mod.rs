@@ -46,6 +46,18 @@ pub struct Principal {
     pub token_id: Option<String>,
 }
 
+/// A connection's claim on its caller's share of the connection slots. The listener makes
+/// one per connection; `api` asks it once the caller is known, and answers 503
+/// `too_many_connections` (closing the connection) when it says no.
+pub trait Admission: Send + Sync {
+    /// Counts the connection against `principal`'s budget; `Err` says why it is over.
+    fn admit(&self, principal: &str) -> Result<(), String>;
+}
+
+/// The [`Admission`] of the request's connection, in its extensions.
+#[derive(Clone)]
+pub struct ConnectionSlot(pub std::sync::Arc<dyn Admission>);
+
 /// The remote end of a TLS connection; such callers are identified by bearer token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TlsPeer {

@@ -11,6 +11,7 @@ mod reload;
 use std::sync::{Arc, RwLock};
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState, Live};
 use crate::audit::{Auditor, Entry, Event, Outcome};
@@ -41,6 +42,9 @@ pub fn set_module_env(config: &Config) {
         std::env::set_var(k, v);
     }
 }
+
+/// How long runtime shutdown waits for blocking threads (HSM calls) after the drain.
+const RUNTIME_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Removes the socket file when the daemon stops, however it stops after binding.
 struct SocketFile<'a>(&'a std::path::Path);
@@ -135,21 +139,24 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     };
 
     let keys = Arc::new(keys);
-    runtime.block_on(serve(
+    let served = runtime.block_on(serve(
         &config,
         listeners,
         keys.clone(),
         audit.clone(),
         (signer, tokens),
-    ))?;
-    drop(runtime);
-
-    let keys =
-        Arc::try_unwrap(keys).map_err(|_| Fatal("key store still in use at shutdown".into()))?;
+    ));
+    // A wedged HSM call must not hold the process: blocking threads still inside the
+    // module after this grace are abandoned.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
     drop(keys);
-    if let Err(e) = hsm.shutdown() {
-        tracing::warn!(error = %e, "closing the token at shutdown failed");
+    match hsm.shutdown() {
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e,
+            "closing the token at shutdown failed (C_Finalize is skipped while a call may \
+             still run in the module)"),
     }
+    served?;
     if let Err(e) = audit.write(&Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped")) {
         tracing::warn!(error = %e, "could not record the stop in the audit trail");
     }
@@ -233,10 +240,16 @@ async fn serve(
         roles: config.roles.iter().cloned().collect(),
     })));
     let tls_shared = listeners.tls.as_ref().map(|(_, c, _)| c.clone());
+    let tasks = TaskTracker::new();
     let state = AppState {
         keys: keys.clone(),
         audit: audit.clone(),
         live: live.clone(),
+        tasks: tasks.clone(),
+        body_limits: api::deadline::BodyLimits {
+            deadline: config.server.request_timeout,
+            min_rate: config.server.min_body_rate,
+        },
     };
     let app = api::router(state);
     let mut term = signal(SignalKind::terminate())
@@ -248,6 +261,7 @@ async fn serve(
     let (trigger, shutdown) = front::shutdown_pair();
     let conns = Connections::new(config.server.max_connections);
     let tls_conns = Connections::new(config.server.max_connections);
+    let limits = front::limits::Limits::of(&config.server);
     // Where the daemon really listens (an activated socket may differ from the config).
     let unix_at = listeners
         .unix
@@ -270,6 +284,7 @@ async fn serve(
             timeout,
             app.clone(),
             tls_conns.clone(),
+            limits,
             shutdown.clone(),
         ))
     });
@@ -277,6 +292,7 @@ async fn serve(
         listeners.unix,
         app,
         conns.clone(),
+        limits,
         shutdown.clone(),
     ));
     if let Some(a) = tls_at {
@@ -337,9 +353,12 @@ async fn serve(
     if owns_unix_path {
         let _ = std::fs::remove_file(&config.unix.path);
     }
+    // Updates whose clients went away still run in their own tasks: wait for them too.
+    let _ = tasks.close();
     let drained = async {
         conns.drained().await;
         tls_conns.drained().await;
+        tasks.wait().await;
     };
     if tokio::time::timeout(config.server.drain_timeout, drained)
         .await

@@ -6,6 +6,7 @@
 //! May call: `api` (the router), `auth` (the peer types), `config`, `secret`.
 
 pub mod activation;
+pub mod limits;
 pub mod tls;
 pub mod unix;
 
@@ -20,25 +21,57 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 
-/// A request that has not sent its headers within this time is dropped: slow-loris
-/// protection that no legitimate client comes near.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest back-off after failed accepts (EMFILE and friends), doubling from
+/// [`ACCEPT_BACKOFF_START`]: long enough not to spin, short enough to recover quickly.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 
-/// Serves HTTP/1.1 on one connection, with `identity` in every request's extensions, until
-/// the client closes or shutdown asks the connection to finish its current request.
-pub(crate) async fn serve_http<I, T>(io: I, app: Router, identity: T, mut stop: Shutdown)
-where
+/// Exponential back-off between failed accepts; reset by a successful one.
+pub(crate) struct Backoff(Option<Duration>);
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff(None)
+    }
+
+    /// A successful accept.
+    pub(crate) fn reset(&mut self) {
+        self.0 = None;
+    }
+
+    /// Sleeps after a failed accept, longer each time in a row.
+    pub(crate) async fn wait(&mut self) {
+        let d = self
+            .0
+            .map_or(ACCEPT_BACKOFF_START, |d| (d * 2).min(ACCEPT_BACKOFF_MAX));
+        self.0 = Some(d);
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// Serves HTTP/1.1 on one connection, with `identity` and `slot` in every request's
+/// extensions, until the client closes or shutdown asks the connection to finish its
+/// current request. Headers must arrive within `header_timeout`.
+pub(crate) async fn serve_http<I, T>(
+    io: I,
+    app: Router,
+    identity: T,
+    slot: crate::auth::ConnectionSlot,
+    header_timeout: Duration,
+    mut stop: Shutdown,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: Clone + Send + Sync + 'static,
 {
     let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
         let _ = req.extensions_mut().insert(identity.clone());
+        let _ = req.extensions_mut().insert(slot.clone());
         req
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     let _ = builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);
     tokio::select! {
@@ -104,14 +137,15 @@ impl Connections {
         }
     }
 
-    /// Waits for a free slot; the permit is held for the life of the connection.
-    pub async fn admit(&self) -> tokio::sync::OwnedSemaphorePermit {
-        // The semaphore is never closed.
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("connection semaphore closed")
+    /// A free slot, held for the life of the connection; `None` when all are in use
+    /// (the connection is refused rather than left waiting).
+    pub fn try_admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// The number of slots.
+    pub fn max(&self) -> u32 {
+        self.max
     }
 
     /// Completes when every connection has ended.

@@ -18,8 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{Connections, Shutdown};
-use crate::auth::TlsPeer;
+use super::limits::{unauthenticated_pool, CallerSlots, Limits, TlsAdmission};
+use super::{Backoff, Connections, Shutdown};
+use crate::auth::{ConnectionSlot, TlsPeer};
 use crate::config::TlsConfig;
 use crate::secret;
 
@@ -95,43 +96,84 @@ pub fn adopt(listener: std::net::TcpListener) -> Result<TcpListener, String> {
 /// certificate, established ones keep theirs).
 pub type SharedConfig = Arc<RwLock<Arc<ServerConfig>>>;
 
-/// Accepts connections until shutdown; see the module doc for what each one gets.
+/// Accepts connections until shutdown; see the module doc for what each one gets. A
+/// connection over the listener's budget, or over the shared budget of unauthenticated
+/// connections, is closed at once; one that has not authenticated within
+/// `unauthenticated_timeout` of its handshake is closed ([`super::limits`]).
 pub async fn serve(
     listener: TcpListener,
     tls: SharedConfig,
     handshake_timeout: Duration,
     app: Router,
     conns: Connections,
+    limits: Limits,
     shutdown: Shutdown,
 ) {
     let mut stop = shutdown.clone();
+    let callers = CallerSlots::<String>::new(limits.per_caller);
+    let anonymous = unauthenticated_pool(limits.unauthenticated);
+    let mut backoff = Backoff::new();
     loop {
-        let permit = tokio::select! {
-            p = conns.admit() => p,
-            _ = stop.wait() => break,
-        };
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok(s) => {
+                    backoff.reset();
+                    s
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed on the TLS listener");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.wait().await;
                     continue;
                 }
             },
             _ = stop.wait() => break,
         };
+        let Some(permit) = conns.try_admit() else {
+            tracing::warn!(%addr, max = conns.max(), "TLS listener full; connection closed");
+            continue;
+        };
+        let Ok(unauthenticated) = anonymous.clone().try_acquire_owned() else {
+            tracing::warn!(%addr, max = limits.unauthenticated,
+                "too many unauthenticated TLS connections; connection closed");
+            continue;
+        };
+        let admission = Arc::new(TlsAdmission::new(unauthenticated, callers.clone()));
         let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let (app, stop) = (app.clone(), shutdown.clone());
         drop(tokio::spawn(async move {
             let _permit = permit;
             let tls = tokio::time::timeout(handshake_timeout, handshake(stream, addr, acceptor));
-            match tls.await {
-                Ok(Some(stream)) => {
-                    super::serve_http(stream, app, TlsPeer { addr }, stop).await;
+            let stream = match tls.await {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::debug!(%addr, "TLS handshake timed out; closed");
+                    return;
                 }
-                Ok(None) => {}
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out; closed"),
+            };
+            let watch = admission.clone();
+            let slot = ConnectionSlot(admission);
+            let http = super::serve_http(
+                stream,
+                app,
+                TlsPeer { addr },
+                slot,
+                limits.header_timeout,
+                stop,
+            );
+            // Unauthenticated connections get a short life; authenticated ones are
+            // bounded by their requests' own deadlines.
+            let expire = async {
+                tokio::time::sleep(limits.unauthenticated_timeout).await;
+                if watch.authenticated() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = http => {}
+                () = expire => {
+                    tracing::debug!(%addr, "closed a TLS connection that did not authenticate in time");
+                }
             }
         }));
     }

@@ -7,15 +7,18 @@
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::{umask, Mode};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 
-use super::{Connections, Shutdown};
-use crate::auth::Peer;
+use super::limits::{CallerSlots, Decided, Limits};
+use super::{Backoff, Connections, Shutdown};
+use crate::auth::{ConnectionSlot, Peer};
 use crate::config::UnixConfig;
 
 /// Creates the socket as described in the module doc.
@@ -115,22 +118,35 @@ fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
     })
 }
 
+/// How long a connection over a budget is given to send the request that gets its 503.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Refusals answered at once; past that, connections over a budget are closed unanswered.
+const MAX_REFUSALS: usize = 64;
+
 /// Accepts connections until shutdown, then stops accepting and lets open connections
-/// finish their current request.
-pub async fn serve(listener: UnixListener, app: Router, conns: Connections, shutdown: Shutdown) {
+/// finish their current request. A connection over the listener's or its uid's budget
+/// ([`super::limits`]) gets 503 `too_many_connections` and is closed.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    conns: Connections,
+    limits: Limits,
+    shutdown: Shutdown,
+) {
     let mut stop = shutdown.clone();
+    let callers = CallerSlots::<u32>::new(limits.per_caller);
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let mut backoff = Backoff::new();
     loop {
-        let permit = tokio::select! {
-            p = conns.admit() => p,
-            _ = stop.wait() => break,
-        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    backoff.reset();
+                    s
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed on the unix socket");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.wait().await;
                     continue;
                 }
             },
@@ -143,12 +159,36 @@ pub async fn serve(listener: UnixListener, app: Router, conns: Connections, shut
                 continue;
             }
         };
-        let app = app.clone();
-        let stop = shutdown.clone();
-        // Detached: the connection owns its permit, which the drain waits for.
-        drop(tokio::spawn(async move {
-            let _permit = permit;
-            super::serve_http(stream, app, peer, stop).await;
-        }));
+        let permit = conns.try_admit();
+        let caller = match &permit {
+            Some(_) => callers.try_take(peer.uid, "uid"),
+            None => Err(format!(
+                "all {} connections of the unix socket are in use (server.max_connections)",
+                conns.max()
+            )),
+        };
+        let (app, stop) = (app.clone(), shutdown.clone());
+        match caller {
+            Ok(caller) => {
+                let slot = ConnectionSlot(Arc::new(Decided(Ok(()))));
+                // Detached: the connection owns its permits, which the drain waits for.
+                drop(tokio::spawn(async move {
+                    let _permits = (permit, caller);
+                    super::serve_http(stream, app, peer, slot, limits.header_timeout, stop).await;
+                }));
+            }
+            Err(why) => {
+                tracing::warn!(%peer, reason = %why, "connection over its budget");
+                let Ok(refusal) = refusals.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let slot = ConnectionSlot(Arc::new(Decided(Err(why))));
+                drop(tokio::spawn(async move {
+                    let _refusal = refusal;
+                    let answer = super::serve_http(stream, app, peer, slot, REFUSAL_TIMEOUT, stop);
+                    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answer).await;
+                }));
+            }
+        }
     }
 }

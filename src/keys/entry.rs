@@ -27,6 +27,9 @@ pub struct Entry {
     pub meta: Option<MetaSlot>,
     /// What the API shows.
     pub view: KeyView,
+    /// The key is inconsistent only because its objects carry different labels, which a
+    /// label update repairs.
+    pub labels_differ_only: bool,
 }
 
 /// Objects of one id before they become an entry.
@@ -156,6 +159,27 @@ impl Entry {
                 );
             }
         }
+        // An update sets every object's label; objects that disagree without a pending
+        // record were changed half-way (or outside hsmkeyd) and must not read as `ok`.
+        let mut labels: Vec<&[u8]> = objects.iter().map(|o| o.label.as_slice()).collect();
+        labels.sort();
+        labels.dedup();
+        let labels_differ_only = labels.len() > 1 && problem.is_none();
+        if labels_differ_only {
+            let _ = problem.get_or_insert(format!(
+                "its objects carry different labels ({}); updating the label sets them all \
+                 alike",
+                objects
+                    .iter()
+                    .map(|o| format!(
+                        "{} {:?}",
+                        kind_name(o.kind),
+                        String::from_utf8_lossy(&o.label)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let find = |k| objects.iter().find(|o| o.kind == k);
         let private = find(ObjectKind::PrivateKey).or(find(ObjectKind::SecretKey));
         let public = find(ObjectKind::PublicKey).or(find(ObjectKind::SecretKey));
@@ -227,6 +251,7 @@ impl Entry {
             objects,
             meta,
             view,
+            labels_differ_only,
         })
     }
 }

@@ -142,7 +142,8 @@ pub(super) fn plan(
             });
         }
     }
-    if let KeyState::Inconsistent(reason) = &view.state {
+    let repair = current.labels_differ_only && patch.label.is_some();
+    if let (KeyState::Inconsistent(reason), false) = (&view.state, repair) {
         return Err(KeyError::Inconsistent {
             kid: kid.clone(),
             reason: reason.clone(),

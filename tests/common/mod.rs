@@ -167,6 +167,28 @@ impl Token {
         }
     }
 
+    /// The CKA_VALUE (JSON) of the data object with this label, read with pkcs11-tool.
+    pub fn data_value(&self, label: &str) -> Value {
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
+            .args(["--login", "--pin", USER_PIN])
+            .args(["--read-object", "--type", "data", "--label", label])
+            .output()
+            .expect("run pkcs11-tool");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool --read-object: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "data object {label} is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
     /// Labels of the key objects with this id, by class, from pkcs11-tool.
     pub fn labels_of(&self, id: &str) -> Vec<(String, String)> {
         let mut v: Vec<_> = self
@@ -275,6 +297,8 @@ pub struct Setup {
     pub extra: String,
     /// Read the PIN from this systemd credential instead of the PIN file.
     pub pin_credential: Option<String>,
+    /// More lines for the `[server]` section (e.g. limits).
+    pub server_extra: String,
 }
 
 pub fn uid() -> u32 {
@@ -293,6 +317,7 @@ impl Default for Setup {
             tls_port: None,
             extra: String::new(),
             pin_credential: None,
+            server_extra: String::new(),
         }
     }
 }
@@ -325,7 +350,7 @@ pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
     let text = format!(
         "[pkcs11]\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\n{}\n{}\n\
          [pkcs11.module_env]\nSOFTHSM2_CONF = \"{}\"\n{env}\n\
-         [unix]\npath = \"{}\"\nmode = \"0660\"\n\n[server]\ndrain_timeout_s = 5\n\n\
+         [unix]\npath = \"{}\"\nmode = \"0660\"\n\n[server]\ndrain_timeout_s = 5\n{}\n\
          [audit]\n{}\n{}",
         module.display(),
         match &setup.pin_credential {
@@ -335,6 +360,7 @@ pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
         setup.pkcs11_extra,
         token.conf.display(),
         sock.display(),
+        setup.server_extra,
         setup.audit,
         setup.access.replace("{uid}", &uid().to_string()),
     );
@@ -606,7 +632,7 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> V
     bytes
 }
 
-fn parse_response(buf: &[u8]) -> Response {
+pub fn parse_response(buf: &[u8]) -> Response {
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -117,6 +117,23 @@ impl TlsClient {
         true
     }
 
+    /// A TLS connection with its handshake done, kept open by the caller.
+    pub fn connect(
+        &self,
+    ) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+        let mut conn = rustls::ClientConnection::new(
+            self.config.clone(),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let mut sock = TcpStream::connect(self.addr)?;
+        sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+        while conn.is_handshaking() {
+            let _ = conn.complete_io(&mut sock)?;
+        }
+        Ok(rustls::StreamOwned::new(conn, sock))
+    }
+
     /// Raw bytes over TLS; the response parsed.
     pub fn raw(&self, request: &[u8]) -> Response {
         let conn = rustls::ClientConnection::new(

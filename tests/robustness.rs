@@ -1,0 +1,581 @@
+//! Misbehaving clients against a real SoftHSM token: a client that disconnects in the middle
+//! of an update never leaves a half-made change or a missing audit entry; slow and greedy
+//! connections cannot stall other callers. Token state is read back with pkcs11-tool.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Response, Setup, Token};
+use serde_json::{json, Value};
+
+const EC: &str = "ec01";
+
+fn pair(label: &str) -> Vec<(String, String)> {
+    vec![
+        ("Private".to_string(), label.to_string()),
+        ("Public".to_string(), label.to_string()),
+    ]
+}
+
+/// The audit entries the daemon wrote (stderr-json sink), in order.
+fn audit_entries(d: &Daemon) -> Vec<Value> {
+    d.log()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("HSMKEYD_EVENT").is_some())
+        .collect()
+}
+
+/// Every intent entry has exactly one result entry with the same request id, and every
+/// result entry of an update that wrote to the token has its intent entry.
+fn assert_intents_have_results(entries: &[Value]) {
+    let of = |event: &str| -> Vec<&Value> {
+        entries
+            .iter()
+            .filter(|e| e["HSMKEYD_EVENT"] == event)
+            .collect()
+    };
+    let results = of("KEY_ATTRIBUTES_CHANGED");
+    for intent in of("KEY_ATTRIBUTES_CHANGE_INTENT") {
+        let rid = &intent["HSMKEYD_REQUEST_ID"];
+        let matching: Vec<_> = results
+            .iter()
+            .filter(|r| &r["HSMKEYD_REQUEST_ID"] == rid)
+            .collect();
+        assert_eq!(
+            matching.len(),
+            1,
+            "intent {intent} needs exactly one result entry, got {matching:?}"
+        );
+    }
+}
+
+/// The result entry of the update that set the label to `label`.
+fn result_for_label<'a>(entries: &'a [Value], label: &str) -> Vec<&'a Value> {
+    entries
+        .iter()
+        .filter(|e| e["HSMKEYD_EVENT"] == "KEY_ATTRIBUTES_CHANGED")
+        .filter(|e| {
+            e["HSMKEYD_CHANGES"]
+                .as_str()
+                .and_then(|c| serde_json::from_str::<Value>(c).ok())
+                .is_some_and(|c| c["label"]["after"] == label)
+        })
+        .collect()
+}
+
+fn raw_patch(kid: &str, body: &Value) -> Vec<u8> {
+    let body = body.to_string();
+    format!(
+        "PATCH /v1/keys/{kid} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("gave up waiting for {what}");
+    false
+}
+
+fn faulty(dir: &Path) -> Setup {
+    Setup {
+        fault_dir: Some(dir.to_path_buf()),
+        ..Setup::default()
+    }
+}
+
+/// Number of hsmkeyd metadata objects of `kid`, from pkcs11-tool.
+fn meta_count(t: &Token, kid: &str) -> usize {
+    let label = format!("hsmkeyd-meta:{kid}");
+    t.objects()
+        .iter()
+        .filter(|o| o.class == "Data" && o.label == label)
+        .count()
+}
+
+#[test]
+fn an_update_whose_client_disconnects_during_any_token_write_still_completes_and_is_audited() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    let c = d.client();
+    // A record exists, so the writes that replace one are on the path too.
+    Response::ok(&c.patch(EC, &json!({"description": "first"})));
+
+    // Each token write an update of label + description makes, held in turn.
+    let holds = [
+        ("C_CreateObject", 0),
+        ("C_DestroyObject", 0),
+        ("C_SetAttributeValue", 0),
+        ("C_SetAttributeValue", 1),
+        ("C_CreateObject", 1),
+        ("C_DestroyObject", 1),
+    ];
+    let mut held_label_writes = 0;
+    for (round, (function, n)) in holds.iter().enumerate() {
+        let hang = faults.path().join(format!("hang_{function}"));
+        let held = faults.path().join(format!("held_{function}"));
+        std::fs::write(&hang, n.to_string()).unwrap();
+        let label = format!("cut-{round}");
+        let descr = format!("round {round}");
+        let mut s = UnixStream::connect(&d.sock).unwrap();
+        s.write_all(&raw_patch(
+            EC,
+            &json!({"label": label, "description": descr}),
+        ))
+        .unwrap();
+        if !wait_for(
+            &format!("{function} #{n} to be held"),
+            Duration::from_secs(5),
+            || held.exists(),
+        ) {
+            // This write is not on the update's path: the update finished without it.
+            std::fs::remove_file(&hang).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            continue;
+        }
+        if *function == "C_SetAttributeValue" {
+            held_label_writes += 1;
+        }
+        // The client goes away while the write is held.
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        drop(s);
+        // A second update of the same key must wait for the first one's token work.
+        let roles = if round % 2 == 0 { "ops" } else { "payments" };
+        let second = {
+            let c = c.clone();
+            std::thread::spawn(move || c.patch(EC, &json!({"roles": [roles]})))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !second.is_finished(),
+            "round {round}: an update of the same key was answered while the first one's \
+             {function} was still held"
+        );
+        std::fs::remove_file(&hang).unwrap();
+        let r = second.join().unwrap();
+        let body = r.ok();
+        assert_eq!(body["key"]["label"], label.as_str(), "round {round}");
+
+        // token == index == audit.
+        assert_eq!(t.labels_of(EC), pair(&label), "round {round}: token labels");
+        let key = Response::ok(&c.get(&format!("/v1/keys/{EC}")));
+        assert_eq!(key["label"], label.as_str(), "round {round}: {key}");
+        assert_eq!(key["description"], descr.as_str(), "round {round}: {key}");
+        assert_eq!(key["roles"], json!([roles]), "round {round}: {key}");
+        assert_eq!(key["state"], "ok", "round {round}: {key}");
+        assert!(
+            wait_for(
+                "the superseded record to go",
+                Duration::from_secs(5),
+                || { meta_count(&t, EC) == 1 }
+            ),
+            "round {round}: {} metadata objects left",
+            meta_count(&t, EC)
+        );
+        let rec = &t.data_value(&format!("hsmkeyd-meta:{EC}"));
+        assert!(rec.get("pending").is_none(), "round {round}: {rec}");
+        assert_eq!(rec["description"], descr.as_str(), "round {round}: {rec}");
+        let entries = audit_entries(&d);
+        assert_intents_have_results(&entries);
+        let results = result_for_label(&entries, &label);
+        assert_eq!(results.len(), 1, "round {round}: {results:?}");
+        assert_eq!(results[0]["HSMKEYD_RESULT"], "OK", "round {round}");
+        assert_eq!(results[0]["HSMKEYD_STATUS"], "200", "round {round}");
+    }
+    assert_eq!(
+        held_label_writes, 2,
+        "both label writes of the pair must have been held"
+    );
+    assert!(
+        !d.log().contains("could not restore a label"),
+        "{}",
+        d.log()
+    );
+    // A restart reads the same state back from the token.
+    let last = format!("cut-{}", holds.len() - 1);
+    assert_eq!(d.stop(), 0);
+    let d = Daemon::start(&t, &Setup::default());
+    let key = Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    assert_eq!(key["label"], last.as_str());
+    assert_eq!(key["state"], "ok");
+}
+
+#[test]
+fn a_client_that_closes_mid_body_changes_nothing_and_is_audited_as_aborted() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    let creates = common::fault_count(faults.path(), "C_CreateObject");
+    let sets = common::fault_count(faults.path(), "C_SetAttributeValue");
+
+    let full = raw_patch(EC, &json!({"label": "never"}));
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    s.write_all(&full[..full.len() - 5]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    drop(s);
+
+    assert!(
+        wait_for(
+            "the aborted request's entry",
+            Duration::from_secs(5),
+            || {
+                audit_entries(&d)
+                    .iter()
+                    .any(|e| e["HSMKEYD_EVENT"] == "KEY_ATTRIBUTES_CHANGED")
+            }
+        ),
+        "{}",
+        d.log()
+    );
+    let entries = audit_entries(&d);
+    let result: Vec<_> = entries
+        .iter()
+        .filter(|e| e["HSMKEYD_EVENT"] == "KEY_ATTRIBUTES_CHANGED")
+        .collect();
+    assert_eq!(result.len(), 1, "{result:?}");
+    assert_eq!(
+        result[0]["HSMKEYD_ERROR"], "body_incomplete",
+        "{}",
+        result[0]
+    );
+    assert_eq!(result[0]["HSMKEYD_RESULT"], "ERROR");
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e["HSMKEYD_EVENT"] == "KEY_ATTRIBUTES_CHANGE_INTENT"),
+        "no intent entry for a body that never arrived"
+    );
+    assert_eq!(
+        common::fault_count(faults.path(), "C_CreateObject"),
+        creates
+    );
+    assert_eq!(
+        common::fault_count(faults.path(), "C_SetAttributeValue"),
+        sets
+    );
+    assert_eq!(t.labels_of(EC), pair("start"));
+}
+
+#[test]
+fn a_pair_with_differing_labels_reads_inconsistent_until_a_label_update_repairs_it() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "priv-half", &["--public-label", "pub-half"]);
+    let d = Daemon::start(&t, &Setup::default());
+    let c = d.client();
+    let key = Response::ok(&c.get(&format!("/v1/keys/{EC}")));
+    assert_eq!(key["state"], "inconsistent", "{key}");
+    assert!(
+        key["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("different labels")),
+        "{key}"
+    );
+    // Other updates are refused: they would hide the problem.
+    c.patch(EC, &json!({"description": "x"}))
+        .assert_error(409, "inconsistent_key_state");
+    // A label update sets both objects alike and the key is whole again.
+    let body = Response::ok(&c.patch(EC, &json!({"label": "whole"})));
+    assert_eq!(body["key"]["state"], "ok", "{body}");
+    assert_eq!(t.labels_of(EC), pair("whole"));
+}
+
+/// The test's uid holds every scope, minting included.
+const MINTING_ACCESS: &str = r#"
+[keys]
+roles = ["ops", "payments"]
+
+[[principals]]
+name = "tester"
+uids = [{uid}]
+scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
+roles = ["ops", "payments"]
+"#;
+
+/// A daemon whose `[server]` section has these extra lines.
+fn with_server(t: &Token, server: &str, tls: bool) -> Daemon {
+    let setup = Setup {
+        tls_port: tls.then(common::tls::free_port),
+        server_extra: server.to_string(),
+        access: MINTING_ACCESS.to_string(),
+        ..Setup::default()
+    };
+    Daemon::start(t, &setup)
+}
+
+/// Sends the head of a PATCH declaring `declared` body bytes, then one byte every `every`,
+/// and returns the answer the daemon gives (reading until it closes).
+fn trickle(sock: &Path, declared: usize, every: Duration) -> (Response, Duration) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let head = format!(
+        "PATCH /v1/keys/{EC} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {declared}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut sent = 0;
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the slow body was never cut off"
+        );
+        if sent < declared - 1 && s.write_all(b" ").is_ok() {
+            sent += 1;
+        }
+        std::thread::sleep(every);
+    }
+    (common::parse_response(&buf), start.elapsed())
+}
+
+#[test]
+fn a_slow_body_is_cut_by_the_minimum_rate_and_the_deadline_even_for_a_known_caller() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let d = with_server(&t, "request_timeout_s = 3\nmin_body_rate = 100\n", false);
+    // 1 byte per 50 ms is 20 bytes/s: under the 100 bytes/s minimum.
+    let (r, _) = trickle(&d.sock, 1000, Duration::from_millis(50));
+    let body = r.assert_error(408, "request_timeout");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("slower than 100 bytes/s"),
+        "{body}"
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    drop(d);
+
+    // Without a rate check, the whole-body deadline still holds.
+    let d = with_server(&t, "request_timeout_s = 2\nmin_body_rate = 0\n", false);
+    let (r, _) = trickle(&d.sock, 1000, Duration::from_millis(50));
+    let body = r.assert_error(408, "request_timeout");
+    assert!(
+        body["message"].as_str().unwrap().contains("within 2 s"),
+        "{body}"
+    );
+    // Audited as a refused update; the key is untouched.
+    let entries = audit_entries(&d);
+    let results: Vec<_> = entries
+        .iter()
+        .filter(|e| e["HSMKEYD_EVENT"] == "KEY_ATTRIBUTES_CHANGED")
+        .collect();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["HSMKEYD_ERROR"], "request_timeout");
+    assert_eq!(t.labels_of(EC), pair("start"));
+    // A body sent at a normal pace is not affected.
+    Response::ok(&d.client().patch(EC, &json!({"label": "fine"})));
+}
+
+#[test]
+fn one_uid_cannot_hold_more_than_its_share_of_the_unix_socket() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let d = with_server(
+        &t,
+        "max_connections = 8\nmax_connections_per_caller = 3\n",
+        false,
+    );
+    // Three idle keep-alive connections: the uid's whole share.
+    let mut held: Vec<UnixStream> = (0..3)
+        .map(|_| {
+            let mut s = UnixStream::connect(&d.sock).unwrap();
+            s.write_all(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 1];
+            s.read_exact(&mut buf).unwrap();
+            s
+        })
+        .collect();
+    let r = d.client().get("/v1/keys");
+    let body = r.assert_error(503, "too_many_connections");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("uid 0 already holds 3"),
+        "{body}"
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    // The refusal is for this uid only: the share comes back when one closes.
+    drop(held.pop());
+    assert!(wait_for(
+        "a slot to come back",
+        Duration::from_secs(5),
+        || { d.client().get("/v1/keys").status == 200 }
+    ));
+}
+
+#[test]
+fn a_full_unix_socket_answers_503_at_once_instead_of_leaving_callers_waiting() {
+    let t = Token::new();
+    let d = with_server(
+        &t,
+        "max_connections = 2\nmax_connections_per_caller = 2\n",
+        false,
+    );
+    let _held: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut s = UnixStream::connect(&d.sock).unwrap();
+            s.write_all(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 1];
+            s.read_exact(&mut buf).unwrap();
+            s
+        })
+        .collect();
+    let body = d
+        .client()
+        .get("/v1/keys")
+        .assert_error(503, "too_many_connections");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("all 2 connections"),
+        "{body}"
+    );
+}
+
+#[test]
+fn unauthenticated_tls_connections_share_a_small_budget_and_a_short_life() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let d = with_server(
+        &t,
+        "max_unauthenticated = 3\nunauthenticated_timeout_s = 2\n",
+        true,
+    );
+    let https = d.https();
+    let token = d.mint(&["keymgmt:list"], 300);
+    // Three connections that never authenticate take the whole shared budget.
+    let mut idle: Vec<_> = (0..3).map(|_| https.connect().unwrap()).collect();
+    // A fourth is closed at once: its handshake never completes.
+    assert!(
+        !https.handshake_ok(),
+        "a fourth unauthenticated connection was accepted"
+    );
+    // The Unix socket does not share that budget.
+    Response::ok(&d.client().get("/v1/keys"));
+    // The idle ones are closed by the daemon after their short life.
+    for (i, c) in idle.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let n = c.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "idle connection {i} got data instead of being closed");
+    }
+    // Then an authenticated client gets in again.
+    assert!(wait_for(
+        "the budget to come back",
+        Duration::from_secs(5),
+        || { https.handshake_ok() }
+    ));
+    Response::ok(&https.get("/v1/keys", &token));
+}
+
+#[test]
+fn one_principal_cannot_hold_more_than_its_share_of_the_tls_listener() {
+    let t = Token::new();
+    let d = with_server(&t, "max_connections_per_caller = 2\n", true);
+    let https = d.https();
+    let token = d.mint(&["keymgmt:list"], 300);
+    let request =
+        format!("GET /v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    // Two authenticated keep-alive connections: the principal's share.
+    let mut held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = https.connect().unwrap();
+            c.write_all(request.as_bytes()).unwrap();
+            let mut buf = [0u8; 12];
+            c.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"HTTP/1.1 200");
+            c
+        })
+        .collect();
+    let body = https
+        .get("/v1/keys", &token)
+        .assert_error(503, "too_many_connections");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("principal tester"),
+        "{body}"
+    );
+    drop(held.pop());
+    assert!(wait_for(
+        "the share to come back",
+        Duration::from_secs(5),
+        || { https.get("/v1/keys", &token).status == 200 }
+    ));
+}
+
+#[test]
+fn slow_bodies_from_one_caller_do_not_stall_the_other_front_door() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let d = with_server(
+        &t,
+        "request_timeout_s = 20\nmin_body_rate = 0\nmax_connections_per_caller = 32\n",
+        true,
+    );
+    let token = d.mint(&["keymgmt:list", "keymgmt:get"], 300);
+    let sock = d.sock.clone();
+    // The uid's whole share of slow bodies, each held open for up to 20 s.
+    let slow: Vec<UnixStream> = (0..32)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.write_all(
+                format!(
+                    "PATCH /v1/keys/{EC} HTTP/1.1\r\nHost: x\r\nContent-Type: \
+                     application/json\r\nContent-Length: 1000\r\n\r\n{{"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    // The HTTPS door answers while they are all still open.
+    for _ in 0..20 {
+        Response::ok(&d.https().get(&format!("/v1/keys/{EC}"), &token));
+    }
+    // The greedy uid only exhausted its own share.
+    d.client()
+        .get("/v1/keys")
+        .assert_error(503, "too_many_connections");
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a slow connection was closed before the other door was tested"
+        );
+    }
+}
