@@ -20,6 +20,11 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status.to_string())]);
 }
 
+/// `STATUS=` alone: what `systemctl status` shows while serving.
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status.to_string())]);
+}
+
 /// `STOPPING=1`: shutdown has begun; new connections are refused while requests drain.
 pub fn stopping(status: &str) {
     send(&[

@@ -345,7 +345,11 @@ fn a_key_with_roles_needs_a_principal_holding_one() {
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(d.stop(), 0);
     let meta_before = meta_objects(&t);
-    assert_eq!(meta_before.len(), 1, "{meta_before:?}");
+    assert_eq!(
+        meta_before.len(),
+        2,
+        "the record and its spare: {meta_before:?}"
+    );
 
     // An "ops" principal with every scope.
     let ops = with_principals(

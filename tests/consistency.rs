@@ -7,10 +7,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Barrier};
 
-use common::{Daemon, Setup, Token, SOFTHSM, TOKEN_LABEL};
+use common::{Daemon, Setup, Token};
 use serde_json::{json, Value};
 
 const EC: &str = "ec01";
@@ -20,42 +19,71 @@ fn meta_label(kid: &str) -> String {
     format!("hsmkeyd-meta:{kid}")
 }
 
-/// hsmkeyd's metadata objects of `kid`, as pkcs11-tool lists them.
-fn meta_count(t: &Token, kid: &str) -> usize {
+/// hsmkeyd's metadata objects of `kid`, as pkcs11-tool lists them (the record may follow
+/// the label's `hsmkeyd-meta:<kid>` after a space).
+fn meta_objects(t: &Token, kid: &str) -> Vec<common::P11Object> {
     let label = meta_label(kid);
     t.objects()
-        .iter()
-        .filter(|o| o.class == "Data" && o.label == label)
-        .count()
+        .into_iter()
+        .filter(|o| {
+            o.class == "Data" && (o.label == label || o.label.starts_with(&format!("{label} ")))
+        })
+        .collect()
 }
 
-/// The JSON value of the (single) metadata object of `kid`, read with pkcs11-tool.
+fn meta_count(t: &Token, kid: &str) -> usize {
+    meta_objects(t, kid).len()
+}
+
+/// The newest record of `kid`, read with pkcs11-tool: from an object's label when it holds
+/// one, else from its CKA_VALUE.
 fn read_meta(t: &Token, kid: &str) -> Value {
-    let pin = std::fs::read_to_string(&t.pin_file).unwrap();
-    let out = Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &t.conf)
-        .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
-        .args(["--login", "--pin", pin.trim()])
-        .args([
-            "--read-object",
-            "--type",
-            "data",
-            "--label",
-            &meta_label(kid),
-        ])
-        .output()
-        .expect("run pkcs11-tool");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool --read-object: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "metadata of {kid} is not JSON ({e}): {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    let label = meta_label(kid);
+    let mut records: Vec<Value> = meta_objects(t, kid)
+        .iter()
+        .map(|o| match o.label.strip_prefix(&format!("{label} ")) {
+            Some(json) => serde_json::from_str(json).unwrap(),
+            None => t.data_value(&label),
+        })
+        .collect();
+    records.sort_by_key(|r| r["seq"].as_u64());
+    records
+        .pop()
+        .unwrap_or_else(|| panic!("{kid} has no metadata object"))
+}
+
+/// Waits (a few seconds at most) until the background worker has settled `kid`: its
+/// record and its spare (two objects, see meta.rs), no label change in progress; returns
+/// the newest record.
+fn settled_meta(t: &Token, kid: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let n = meta_count(t, kid);
+        if n == 2 {
+            let rec = read_meta(t, kid);
+            if rec.get("relabel").is_none() && rec.get("pending").is_none() {
+                return rec;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{kid} never settled: {n} metadata objects"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Waits until `kid` has no metadata object left.
+fn no_meta_eventually(t: &Token, kid: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while meta_count(t, kid) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{kid} keeps {} metadata objects",
+            meta_count(t, kid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Plants a metadata object by hand, as a crashed daemon would have left it.
@@ -102,9 +130,9 @@ fn a_failed_label_write_is_rolled_back() {
 
     // EC gets a metadata record first, so the rollback has a record to restore.
     common::Response::ok(&c.patch(EC, &json!({"description": "before"})));
-    assert_eq!(meta_count(&t, EC), 1);
+    assert_eq!(settled_meta(&t, EC)["description"], "before");
 
-    // The first C_SetAttributeValue (one object's label) passes, the second fails.
+    // The record write (in place) passes, the first object's label write fails.
     std::fs::write(faults.path().join("setattr_fail_after"), "1").unwrap();
     let r = c.patch(EC, &json!({"label": "ec-new"}));
     r.assert_error(503, "token_unavailable");
@@ -121,17 +149,17 @@ fn a_failed_label_write_is_rolled_back() {
     assert_eq!(key["label"], "ec-old");
     assert_eq!(key["state"], "ok");
     assert_eq!(key["description"], "before");
-    assert_eq!(meta_count(&t, EC), 1, "exactly one metadata object");
-    let rec = read_meta(&t, EC);
-    assert!(rec.get("pending").is_none(), "pending left behind: {rec}");
+    let rec = settled_meta(&t, EC);
+    assert!(rec.get("relabel").is_none(), "relabel left behind: {rec}");
     assert_eq!(rec["description"], "before");
 
-    // A key without metadata: the pending record is removed, not left behind.
+    // A key without metadata, and the second object fails after the first was relabelled:
+    // the first is set back and the record made for the update goes.
     std::fs::write(faults.path().join("setattr_fail_after"), "1").unwrap();
     c.patch(EC2, &json!({"label": "ec2-new"}))
         .assert_error(503, "token_unavailable");
     assert_eq!(t.labels_of(EC2), pair("ec2-old"));
-    assert_eq!(meta_count(&t, EC2), 0, "the pending record must be gone");
+    no_meta_eventually(&t, EC2);
     let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC2}")));
     assert_eq!(
         (key["label"].as_str(), key["state"].as_str()),
@@ -142,12 +170,12 @@ fn a_failed_label_write_is_rolled_back() {
     let body = common::Response::ok(&c.patch(EC, &json!({"label": "ec-new"})));
     assert_eq!(body["key"]["label"], "ec-new");
     assert_eq!(t.labels_of(EC), pair("ec-new"));
-    assert_eq!(meta_count(&t, EC), 1);
-    assert!(read_meta(&t, EC).get("pending").is_none());
+    let rec = settled_meta(&t, EC);
+    assert_eq!(rec["description"], "before");
 }
 
 #[test]
-fn a_failed_commit_is_rolled_back_and_stays_so_after_a_restart() {
+fn a_failed_record_write_changes_nothing_and_stays_so_after_a_restart() {
     let t = Token::new();
     t.gen("ec-p256", EC, "ec-old", &[]);
     t.gen("ec-p256", EC2, "ec2-old", &[]);
@@ -156,49 +184,31 @@ fn a_failed_commit_is_rolled_back_and_stays_so_after_a_restart() {
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     common::Response::ok(&c.patch(EC, &json!({"description": "kept"})));
-    let seq_before = read_meta(&t, EC)["seq"].as_u64().unwrap();
+    let seq_before = settled_meta(&t, EC)["seq"].as_u64().unwrap();
 
-    // The first write (the pending record) fails: nothing at all happens.
+    // The record (rewritten in place) is the first write: it fails, nothing else happens.
     let sets = counter(faults.path(), "C_SetAttributeValue");
-    std::fs::write(faults.path().join("create_fail_after"), "0").unwrap();
-    c.patch(EC, &json!({"label": "ec-new"}))
+    std::fs::write(faults.path().join("setattr_fail_after"), "0").unwrap();
+    c.patch(EC, &json!({"label": "ec-new", "description": "lost"}))
         .assert_error(503, "token_unavailable");
-    assert!(!faults.path().join("create_fail_after").exists());
+    assert!(!faults.path().join("setattr_fail_after").exists());
     assert_eq!(
         counter(faults.path(), "C_SetAttributeValue"),
-        sets,
-        "no label may be written when the intent record could not be"
+        sets + 1,
+        "no label may be written when the record could not be"
     );
     assert_eq!(t.labels_of(EC), pair("ec-old"));
-    assert_eq!(read_meta(&t, EC)["seq"].as_u64(), Some(seq_before));
-
-    // The pending record is written, the labels are changed, the commit fails.
-    let creates = counter(faults.path(), "C_CreateObject");
-    std::fs::write(faults.path().join("create_fail_after"), "1").unwrap();
-    c.patch(EC, &json!({"label": "ec-new"}))
-        .assert_error(503, "token_unavailable");
-    assert!(
-        !faults.path().join("create_fail_after").exists(),
-        "the fault was never injected"
-    );
-    assert!(
-        counter(faults.path(), "C_CreateObject") >= creates + 2,
-        "the commit was never attempted"
-    );
-    assert_eq!(t.labels_of(EC), pair("ec-old"));
-    let key = common::Response::ok(&c.get(&format!("/v1/keys/{EC}")));
-    assert_eq!(key["label"], "ec-old");
-    assert_eq!(key["state"], "ok");
-    assert_eq!(key["description"], "kept");
-    assert_eq!(meta_count(&t, EC), 1);
     let rec = read_meta(&t, EC);
-    assert!(rec.get("pending").is_none(), "pending left behind: {rec}");
+    assert_eq!(rec["seq"].as_u64(), Some(seq_before));
     assert_eq!(rec["description"], "kept");
 
-    // Same on a key that had no record: no metadata object is left.
-    std::fs::write(faults.path().join("create_fail_after"), "1").unwrap();
+    // A key without a record: creating it fails, nothing else happens.
+    let sets = counter(faults.path(), "C_SetAttributeValue");
+    std::fs::write(faults.path().join("create_fail_after"), "0").unwrap();
     c.patch(EC2, &json!({"label": "ec2-new"}))
         .assert_error(503, "token_unavailable");
+    assert!(!faults.path().join("create_fail_after").exists());
+    assert_eq!(counter(faults.path(), "C_SetAttributeValue"), sets);
     assert_eq!(t.labels_of(EC2), pair("ec2-old"));
     assert_eq!(meta_count(&t, EC2), 0);
 
@@ -216,9 +226,8 @@ fn a_failed_commit_is_rolled_back_and_stays_so_after_a_restart() {
     );
     assert_eq!(t.labels_of(EC), pair("ec-old"));
     assert_eq!(t.labels_of(EC2), pair("ec2-old"));
-    assert_eq!(meta_count(&t, EC), 1);
+    assert_eq!(settled_meta(&t, EC)["description"], "kept");
     assert_eq!(meta_count(&t, EC2), 0);
-    assert!(read_meta(&t, EC).get("pending").is_none());
 }
 
 #[test]
@@ -257,8 +266,7 @@ fn a_label_change_interrupted_by_a_crash_is_rolled_back_at_startup() {
     assert_eq!(key["description"], "kept");
     assert_eq!(key["roles"], json!(["ops"]));
     assert_eq!(t.labels_of(EC), pair("old"));
-    assert_eq!(meta_count(&t, EC), 1);
-    let rec = read_meta(&t, EC);
+    let rec = settled_meta(&t, EC);
     assert!(rec.get("pending").is_none(), "pending not cleared: {rec}");
     assert!(
         rec["seq"].as_u64().unwrap() > 3,
@@ -275,7 +283,7 @@ fn a_label_change_interrupted_by_a_crash_is_rolled_back_at_startup() {
     let body = common::Response::ok(&c.patch(EC, &json!({"label": "after"})));
     assert_eq!(body["key"]["label"], "after");
     assert_eq!(t.labels_of(EC), pair("after"));
-    assert_eq!(meta_count(&t, EC), 1);
+    assert_eq!(settled_meta(&t, EC)["description"], "kept");
 }
 
 #[test]
@@ -297,22 +305,32 @@ fn superseded_metadata_generations_are_removed_at_startup() {
     let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["description"], "new");
     assert_eq!(key["state"], "ok");
-    assert_eq!(
-        meta_count(&t, EC),
-        1,
-        "the older generation must be destroyed"
-    );
-    let rec = read_meta(&t, EC);
-    assert_eq!(
-        (rec["seq"].as_u64(), rec["description"].as_str()),
-        (Some(4), Some("new"))
+    // Both v1 objects go: the older generation, and the newer once migrated to v2.
+    let in_label = format!("{} {{", meta_label(EC));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !meta_objects(&t, EC)
+        .iter()
+        .any(|o| o.label.starts_with(&in_label))
+    {
+        assert!(std::time::Instant::now() < deadline, "never migrated");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let rec = settled_meta(&t, EC);
+    assert!(rec["seq"].as_u64().unwrap() > 4, "{rec}");
+    assert_eq!(rec["description"], "new");
+    let objects = meta_objects(&t, EC);
+    assert!(
+        objects[0]
+            .label
+            .starts_with(&format!("{} {{", meta_label(EC))),
+        "the record now lives in the label (v2): {objects:?}"
     );
 
     assert_eq!(d.stop(), 0);
     let d = Daemon::start(&t, &Setup::default());
     let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(key["description"], "new");
-    assert_eq!(meta_count(&t, EC), 1);
+    assert_eq!(meta_count(&t, EC), 2, "the record and its spare");
 }
 
 /// Sends every (kid, label) PATCH at once, each on its own connection and thread.
@@ -375,9 +393,8 @@ fn fifty_concurrent_updates_of_one_key_are_serialized() {
     );
     assert_eq!(key["state"], "ok");
     assert_eq!(t.labels_of(EC), pair(&label), "token and index disagree");
-    assert_eq!(meta_count(&t, EC), 1, "exactly one metadata object");
-    let rec = read_meta(&t, EC);
-    assert!(rec.get("pending").is_none(), "pending left behind: {rec}");
+    let rec = settled_meta(&t, EC);
+    assert!(rec.get("relabel").is_none(), "relabel left behind: {rec}");
     assert!(
         !d.log().contains("CKR_GENERAL_ERROR"),
         "daemon log: {}",
@@ -429,7 +446,11 @@ fn concurrent_updates_of_different_keys_all_succeed() {
             expected,
             "{kid}: token and index disagree"
         );
-        assert_eq!(meta_count(&t, kid), 1, "{kid}: exactly one metadata object");
+        let rec = settled_meta(&t, kid);
+        assert_eq!(
+            rec["updated_at"], key["updated_at"],
+            "{kid}: the token's record must catch up with the index"
+        );
     }
 }
 
@@ -457,8 +478,7 @@ fn a_lost_session_is_recovered_transparently() {
         "the fresh session must be logged in"
     );
     assert_eq!(t.labels_of(EC), pair("ec-new"));
-    assert_eq!(meta_count(&t, EC), 1);
-    assert!(read_meta(&t, EC).get("pending").is_none());
+    settled_meta(&t, EC);
     let key = common::Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(
         (key["label"].as_str(), key["state"].as_str()),

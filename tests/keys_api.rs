@@ -116,14 +116,17 @@ fn description_and_roles_survive_a_restart() {
     assert_eq!(r.json()["key"]["roles"], json!(["payments"]));
     assert_eq!(d.stop(), 0);
 
-    // The metadata lives in the token: pkcs11-tool sees hsmkeyd's data object.
+    // The metadata lives in the token: pkcs11-tool sees hsmkeyd's data object, whose
+    // label carries the record.
     let objects = t.objects();
-    assert!(
-        objects
-            .iter()
-            .any(|o| o.class == "Data" && o.label == format!("hsmkeyd-meta:{EC}")),
-        "no metadata object in {objects:?}"
-    );
+    let record = objects
+        .iter()
+        .filter(|o| o.class == "Data")
+        .find_map(|o| o.label.strip_prefix(&format!("hsmkeyd-meta:{EC} ")))
+        .unwrap_or_else(|| panic!("no metadata object in {objects:?}"));
+    let record: serde_json::Value = serde_json::from_str(record).unwrap();
+    assert_eq!(record["description"], "signs invoices");
+    assert_eq!(record["roles"], json!(["payments"]));
 
     let d = Daemon::start(&t, &Setup::default());
     let key = d.client().get(&format!("/v1/keys/{EC}")).json();

@@ -98,12 +98,25 @@ fn faulty(dir: &Path) -> Setup {
     }
 }
 
+/// The newest record of `kid` (kept in its objects' labels here), from pkcs11-tool.
+fn newest_record(t: &Token, kid: &str) -> Value {
+    let prefix = format!("hsmkeyd-meta:{kid} ");
+    t.objects()
+        .iter()
+        .filter_map(|o| o.label.strip_prefix(&prefix))
+        .map(|json| serde_json::from_str::<Value>(json).unwrap())
+        .max_by_key(|r| r["seq"].as_u64())
+        .unwrap_or_else(|| panic!("{kid} has no record in a label"))
+}
+
 /// Number of hsmkeyd metadata objects of `kid`, from pkcs11-tool.
 fn meta_count(t: &Token, kid: &str) -> usize {
     let label = format!("hsmkeyd-meta:{kid}");
     t.objects()
         .iter()
-        .filter(|o| o.class == "Data" && o.label == label)
+        .filter(|o| {
+            o.class == "Data" && (o.label == label || o.label.starts_with(&format!("{label} ")))
+        })
         .count()
 }
 
@@ -128,6 +141,12 @@ fn an_update_whose_client_disconnects_during_any_token_write_still_completes_and
     ];
     let mut held_label_writes = 0;
     for (round, (function, n)) in holds.iter().enumerate() {
+        // The worker is idle (record and spare written) before anything is held.
+        assert!(wait_for(
+            "the key to settle",
+            Duration::from_secs(5),
+            || { meta_count(&t, EC) == 2 && newest_record(&t, EC).get("relabel").is_none() }
+        ));
         let hang = faults.path().join(format!("hang_{function}"));
         let held = faults.path().join(format!("held_{function}"));
         std::fs::write(&hang, n.to_string()).unwrap();
@@ -180,17 +199,15 @@ fn an_update_whose_client_disconnects_during_any_token_write_still_completes_and
         assert_eq!(key["description"], descr.as_str(), "round {round}: {key}");
         assert_eq!(key["roles"], json!([roles]), "round {round}: {key}");
         assert_eq!(key["state"], "ok", "round {round}: {key}");
+        // The record and its spare, nothing superseded left, no relabel in progress.
         assert!(
-            wait_for(
-                "the superseded record to go",
-                Duration::from_secs(5),
-                || { meta_count(&t, EC) == 1 }
-            ),
+            wait_for("the key to settle", Duration::from_secs(5), || {
+                meta_count(&t, EC) == 2 && newest_record(&t, EC).get("relabel").is_none()
+            }),
             "round {round}: {} metadata objects left",
             meta_count(&t, EC)
         );
-        let rec = &t.data_value(&format!("hsmkeyd-meta:{EC}"));
-        assert!(rec.get("pending").is_none(), "round {round}: {rec}");
+        let rec = &newest_record(&t, EC);
         assert_eq!(rec["description"], descr.as_str(), "round {round}: {rec}");
         let entries = audit_entries(&d);
         assert_intents_have_results(&entries);
@@ -578,4 +595,156 @@ fn slow_bodies_from_one_caller_do_not_stall_the_other_front_door() {
             "a slow connection was closed before the other door was tested"
         );
     }
+}
+
+/// Kills the daemon with SIGKILL at random moments of a stream of updates (pairs and
+/// secret keys; label + description together, roles, label alone), through the fault
+/// wrapper, every other round on a token that caps labels (so records go to new objects
+/// and the worker has objects to destroy). After every kill the token must hold each key
+/// fully before or fully after one update, and the daemon must start and serve exactly
+/// that.
+#[test]
+fn kill_9_at_random_moments_never_leaves_a_half_made_update() {
+    let t = Token::new();
+    let kids = ["e001", "e002", "e003", "a001", "a002", "a003"];
+    for kid in &kids {
+        let kind = if kid.starts_with('e') {
+            "ec-p256"
+        } else {
+            "aes256"
+        };
+        t.gen(kind, kid, "init", &[]);
+    }
+    let faults = tempfile::tempdir().unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill -9 loop seed {seed}");
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut announced = String::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut remade = std::collections::BTreeSet::new();
+    for round in 0..20 {
+        let cap = faults.path().join("max_label_len");
+        if round % 2 == 1 {
+            std::fs::write(&cap, "32").unwrap();
+        } else {
+            let _ = std::fs::remove_file(&cap);
+        }
+        let mut d = Daemon::start(&t, &faulty(faults.path()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let (c, stop) = (d.client(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        n += 1;
+                        let kid = kids[((n * 7 + w * 3) % 6) as usize];
+                        let tag = format!("r{round}w{w}n{n}");
+                        let body = match n % 3 {
+                            0 => json!({"roles": [if n % 2 == 0 { "ops" } else { "payments" }]}),
+                            _ => json!({"label": tag, "description": tag}),
+                        };
+                        let _ = std::panic::catch_unwind(|| c.patch(kid, &body));
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50 + next(400)));
+        let _ = d.child.kill();
+        let _ = d.child.wait();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for w in writers {
+            let _ = w.join();
+        }
+        announced.push_str(&d.log());
+        drop(d);
+
+        // The token, read independently: each key's objects agree.
+        let objects = t.objects();
+        for kid in &kids {
+            let labels: std::collections::BTreeSet<_> = objects
+                .iter()
+                .filter(|o| &o.id == kid && o.class != "Data")
+                .map(|o| o.label.clone())
+                .collect();
+            // A pair may show two labels only until the next start rolls it forward.
+            assert!(labels.len() <= 2, "round {round}: {kid}: {labels:?}");
+        }
+        // The daemon starts and serves a state that one update (or none) made.
+        let d = Daemon::start(&t, &faulty(faults.path()));
+        let mut lost = Vec::new();
+        for kid in &kids {
+            let r = d.client().get(&format!("/v1/keys/{kid}"));
+            if r.status == 404 && t.labels_of(kid).is_empty() {
+                // SoftHSM2's file store rewrites an object's file in place: a SIGKILL in the
+                // middle of any write to it (ours included) can lose the object. The token
+                // no longer has the key, and neither does the index: consistent.
+                eprintln!("round {round}: the token lost key {kid} to the kill");
+                lost.push(*kid);
+                continue;
+            }
+            assert_eq!(
+                r.status,
+                200,
+                "round {round}: {kid}: {:?}\ntoken: {:?}\ndaemon: {}",
+                String::from_utf8_lossy(&r.body),
+                t.objects(),
+                d.log()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            let key = r.json();
+            assert_eq!(key["state"], "ok", "round {round}: {key}");
+            let label = key["label"].as_str().unwrap();
+            let labels: Vec<_> = t.labels_of(kid).into_iter().map(|(_, l)| l).collect();
+            assert!(
+                labels.iter().all(|l| l == label),
+                "round {round}: {kid}: token {labels:?}, index {label}"
+            );
+            let _ = seen.insert(label.to_string());
+            if label == "init" {
+                // A key re-made after a loss keeps the record of the lost one.
+                assert!(
+                    key["description"].is_null() || remade.contains(kid),
+                    "round {round}: {key}"
+                );
+            } else {
+                // Label and description were always written together.
+                assert_eq!(
+                    key["description"].as_str(),
+                    Some(label),
+                    "round {round}: {kid} is half-made: {key}"
+                );
+                assert!(
+                    announced.contains(&format!("\\\"after\\\":\\\"{label}\\\"")),
+                    "round {round}: {kid} has {label:?}, which no intent entry announced"
+                );
+            }
+        }
+        assert_eq!(d.stop(), 0, "round {round}");
+        for kid in lost {
+            let kind = if kid.starts_with('e') {
+                "ec-p256"
+            } else {
+                "aes256"
+            };
+            t.gen(kind, kid, "init", &[]);
+            let _ = remade.insert(kid);
+        }
+    }
+    assert!(
+        seen.len() > 20,
+        "the updates hardly ever landed, so the loop proved little: {seen:?}"
+    );
 }

@@ -32,6 +32,8 @@ const DEFAULT_REQUEST_TIMEOUT_S: u64 = 10;
 /// Bytes per second a body must keep up after its first second: far below any real client,
 /// far above a slow-loris one.
 const DEFAULT_MIN_BODY_RATE: u64 = 1024;
+/// Superseded metadata objects the background worker may be behind by.
+const DEFAULT_MAX_CLEANUP_BACKLOG: usize = 1024;
 /// TLS connections not yet authenticated, shared by every such client.
 const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
 /// Seconds a TLS connection may stay unauthenticated after its handshake.
@@ -184,6 +186,9 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[keys] roles`: the role names keys may carry.
     pub roles: BTreeSet<RoleName>,
+    /// `keys.max_cleanup_backlog`: superseded metadata objects left for the background
+    /// worker before updates wait for it.
+    pub max_cleanup_backlog: usize,
     /// `[[principals]]`.
     pub principals: Vec<PrincipalConfig>,
     /// `[audit]`.
@@ -276,6 +281,7 @@ struct RawServer {
 struct RawKeys {
     #[serde(default)]
     roles: Vec<String>,
+    max_cleanup_backlog: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -458,6 +464,17 @@ impl Config {
             ));
         }
 
+        let max_cleanup_backlog = raw
+            .keys
+            .max_cleanup_backlog
+            .unwrap_or(DEFAULT_MAX_CLEANUP_BACKLOG);
+        if !(1..=1_000_000).contains(&max_cleanup_backlog) {
+            return Err(err(
+                "keys.max_cleanup_backlog",
+                format!("{max_cleanup_backlog} is out of range 1..=1000000"),
+            ));
+        }
+
         let mut roles = BTreeSet::new();
         for (i, r) in raw.keys.roles.iter().enumerate() {
             let role = RoleName::parse(r).map_err(|e| err(&format!("keys.roles[{i}]"), e))?;
@@ -561,6 +578,7 @@ impl Config {
                 unauthenticated_timeout: Duration::from_secs(unauth_s),
             },
             roles,
+            max_cleanup_backlog,
             principals,
             audit: AuditConfig {
                 sink: raw.audit.sink.unwrap_or(AuditSink::Journald),

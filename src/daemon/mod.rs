@@ -43,6 +43,9 @@ pub fn set_module_env(config: &Config) {
     }
 }
 
+/// How often the status line is brought up to date.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long runtime shutdown waits for blocking threads (HSM calls) after the drain.
 const RUNTIME_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -125,8 +128,12 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
             format!("logged in to {}", hsm.token()),
         ))
         .map_err(|e| Fatal(format!("cannot record the login in the audit trail: {e}")))?;
-    let keys = KeyStore::open(hsm.clone(), config.roles.clone())
-        .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
+    let keys = KeyStore::open(
+        hsm.clone(),
+        config.roles.clone(),
+        config.max_cleanup_backlog,
+    )
+    .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");
     let signer = signer(&hsm)?;
     let tokens = token_service(&config, signer.clone())?;
@@ -241,6 +248,8 @@ async fn serve(
     })));
     let tls_shared = listeners.tls.as_ref().map(|(_, c, _)| c.clone());
     let tasks = TaskTracker::new();
+    let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(keys.clone().run_worker(worker_stop));
     let state = AppState {
         keys: keys.clone(),
         audit: audit.clone(),
@@ -326,8 +335,23 @@ async fn serve(
         audit: audit.clone(),
         status,
     };
+    // The status line follows the store's health (worker backlog, unreadable objects).
+    let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut shown = String::new();
     loop {
         tokio::select! {
+            _ = tick.tick() => {
+                let health = reloader.keys.health();
+                if health != shown {
+                    let line = if health.is_empty() {
+                        reloader.status.clone()
+                    } else {
+                        format!("{}; {health}", reloader.status)
+                    };
+                    systemd::status(&line);
+                    shown = health;
+                }
+            }
             _ = term.recv() => {
                 tracing::info!("SIGTERM received; draining");
                 break;
@@ -359,6 +383,9 @@ async fn serve(
         conns.drained().await;
         tls_conns.drained().await;
         tasks.wait().await;
+        // Updates are over: the worker writes the records still behind, then stops.
+        let _ = stop_worker.send(true);
+        let _ = worker.await;
     };
     if tokio::time::timeout(config.server.drain_timeout, drained)
         .await

@@ -20,7 +20,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::Slot;
 
 pub use error::{HsmError, HsmErrorKind};
-pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, PublicParts};
+pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, PublicParts, Scanned};
 pub use sign::{SigningKey, SIGNING_KEY_LABEL};
 
 use crate::config::{PinSource, Pkcs11Config, TokenSelector};

@@ -120,7 +120,7 @@ const READ: &[AttributeType] = &[
 fn read_one(
     s: &Session,
     h: ObjectHandle,
-    data_application: &[u8],
+    data_applications: &[&[u8]],
 ) -> cryptoki::error::Result<ObjectInfo> {
     let mut o = ObjectInfo {
         handle: ObjectRef(h),
@@ -176,7 +176,8 @@ fn read_one(
             _ => {}
         }
     }
-    if o.kind == ObjectKind::Data && o.application.as_deref() == Some(data_application) {
+    let ours = |a: &[u8]| data_applications.contains(&a);
+    if o.kind == ObjectKind::Data && o.application.as_deref().is_some_and(ours) {
         for a in s.get_attributes(h, &[AttributeType::Value])? {
             if let Attribute::Value(v) = a {
                 o.value = Some(v);
@@ -212,20 +213,33 @@ fn algorithm_of(k: KeyType) -> Algorithm {
 impl Hsm {
     /// Reads every object the logged-in user can see: one C_FindObjects pass, then the
     /// attributes of each object. CKA_VALUE is read only for CKO_DATA objects whose
-    /// CKA_APPLICATION equals `data_application`.
-    pub fn scan(&self, data_application: &[u8]) -> Result<Vec<ObjectInfo>, HsmError> {
+    /// CKA_APPLICATION is one of `data_applications`. An object the module cannot read
+    /// (a torn file after a crash, say) is left out with a warning and counted in the
+    /// result, never a failed scan: the keys made of readable objects keep working.
+    pub fn scan(&self, data_applications: &[&[u8]]) -> Result<Scanned, HsmError> {
+        use cryptoki::error::{Error, RvError};
         self.pool().run(|s| {
             let handles = s.find_objects(&[])?;
-            let mut out = Vec::with_capacity(handles.len());
+            let mut out = Scanned {
+                objects: Vec::with_capacity(handles.len()),
+                unreadable: 0,
+            };
             for h in handles {
-                match read_one(s, h, data_application) {
-                    Ok(o) => out.push(o),
+                match read_one(s, h, data_applications) {
+                    Ok(o) => out.objects.push(o),
                     // Deleted by another application between the find and the read.
-                    Err(cryptoki::error::Error::Pkcs11(
-                        cryptoki::error::RvError::ObjectHandleInvalid,
-                        _,
-                    )) => {}
-                    Err(e) => return Err(e),
+                    Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
+                    // The session or the token itself failed: the whole scan did.
+                    Err(e @ Error::Pkcs11(rv, _))
+                        if super::error::kind_of(rv) == super::HsmErrorKind::Unavailable =>
+                    {
+                        return Err(e)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %HsmError::from_ck(&e),
+                            "an object of the token cannot be read; it is left out");
+                        out.unreadable += 1;
+                    }
                 }
             }
             Ok(out)
@@ -233,8 +247,8 @@ impl Hsm {
     }
 
     /// Reads one object again (after a write, or to check it still exists).
-    pub fn read(&self, r: ObjectRef, data_application: &[u8]) -> Result<ObjectInfo, HsmError> {
-        self.pool().run(|s| read_one(s, r.0, data_application))
+    pub fn read(&self, r: ObjectRef, data_applications: &[&[u8]]) -> Result<ObjectInfo, HsmError> {
+        self.pool().run(|s| read_one(s, r.0, data_applications))
     }
 
     /// Sets CKA_LABEL of one object.
@@ -268,6 +282,15 @@ impl Hsm {
     pub fn destroy(&self, r: ObjectRef) -> Result<(), HsmError> {
         self.pool().run(|s| s.destroy_object(r.0))
     }
+}
+
+/// What a scan found.
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    /// The objects that could be read.
+    pub objects: Vec<ObjectInfo>,
+    /// How many objects the module could not read (left out).
+    pub unreadable: usize,
 }
 
 /// The public parts of a key object, as the token stores them. Reading them never touches

@@ -5,17 +5,29 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use super::meta::{self, MetaRecord};
+use super::meta::{self, Layout, MetaRecord};
 use super::model::{KeyAttributes, KeyClass, KeyState, KeyView, Kid};
 use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, SIGNING_KEY_LABEL};
 
-/// The metadata object of a key, when there is one.
+/// The metadata of a key, when there is some.
 #[derive(Debug, Clone)]
 pub struct MetaSlot {
-    /// The CKO_DATA object.
-    pub object: ObjectRef,
-    /// Its parsed value.
+    /// The CKO_DATA object holding the newest record in the token (`None`: the record is
+    /// not in the token yet and the background worker will create it).
+    pub object: Option<ObjectRef>,
+    /// A second v2 object whose label holds an older record: the next in-place write goes
+    /// there, so a write torn by a crash (some tokens, SoftHSM2's file store among them,
+    /// rewrite an object's file in place) never destroys the newest record.
+    pub spare: Option<ObjectRef>,
+    /// The object's layout.
+    pub layout: Layout,
+    /// Whether the object's CKA_LABEL carries the record (so it is rewritten in place).
+    pub in_label: bool,
+    /// The record as the key has it now (ahead of the token while `dirty`).
     pub record: MetaRecord,
+    /// The token holds an older `updated_at`, or a `relabel` that is done: the worker
+    /// writes `record` (without `relabel`) when the key has been quiet for a moment.
+    pub dirty: bool,
 }
 
 /// A key in the index.
@@ -23,8 +35,10 @@ pub struct MetaSlot {
 pub struct Entry {
     /// Key objects and certificates sharing the id.
     pub objects: Vec<ObjectInfo>,
-    /// The metadata object.
+    /// The metadata.
     pub meta: Option<MetaSlot>,
+    /// Superseded metadata objects (older generations) the worker is to destroy.
+    pub stale: Vec<ObjectRef>,
     /// What the API shows.
     pub view: KeyView,
     /// The key is inconsistent only because its objects carry different labels, which a
@@ -59,7 +73,7 @@ pub fn group(objects: Vec<ObjectInfo>) -> (BTreeMap<Kid, Group>, usize) {
                 Some(kid) => groups.entry(kid).or_default().objects.push(o),
                 None => skipped += 1,
             },
-            ObjectKind::Data if o.application.as_deref() == Some(meta::APPLICATION) => {
+            ObjectKind::Data if Layout::of(o.application.as_deref()).is_some() => {
                 if let Some(kid) = meta::kid_of_label(&o.label) {
                     groups.entry(kid).or_default().metas.push(o);
                 }
@@ -88,23 +102,59 @@ impl Entry {
     pub fn build(kid: &Kid, group: Group) -> Option<Entry> {
         let Group { objects, metas } = group;
         let mut problem = None;
-        let mut meta: Option<MetaSlot> = None;
+        let mut parsed = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut seen = Vec::new();
         for m in &metas {
-            match MetaRecord::from_bytes(kid, m.value.as_deref().unwrap_or_default()) {
-                // Generations left by an interrupted write: the highest is the truth.
-                Ok(record) if meta.as_ref().is_none_or(|k| record.seq > k.record.seq) => {
-                    meta = Some(MetaSlot {
-                        object: m.handle,
-                        record,
-                    })
+            if seen.contains(&m.handle) {
+                continue;
+            }
+            seen.push(m.handle);
+            let layout = Layout::of(m.application.as_deref()).unwrap_or(Layout::V2);
+            match meta::record_of(kid, &m.label, m.value.as_deref()) {
+                Ok(record) => {
+                    let in_label = m.label != meta::object_label(kid);
+                    parsed.push((record, m.handle, layout, in_label));
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = problem.get_or_insert(e);
-                }
+                Err(e) => unreadable.push((m.handle, e)),
             }
         }
-        Entry::assemble(kid, objects, meta, problem)
+        // The highest generation is the truth; the next one, if it is a v2 record kept in
+        // a label, is the spare the next write overwrites; the rest are superseded.
+        parsed.sort_by_key(|p| std::cmp::Reverse(p.0.seq));
+        let mut parsed = parsed.into_iter();
+        let meta = parsed
+            .next()
+            .map(|(record, object, layout, in_label)| MetaSlot {
+                object: Some(object),
+                spare: None,
+                layout,
+                in_label,
+                record,
+                dirty: false,
+            });
+        let mut stale = Vec::new();
+        let mut meta = meta;
+        for (_, object, layout, in_label) in parsed {
+            match &mut meta {
+                Some(m) if m.spare.is_none() && m.in_label && in_label && layout == Layout::V2 => {
+                    m.spare = Some(object)
+                }
+                _ => stale.push(object),
+            }
+        }
+        for (object, e) in unreadable {
+            if meta.is_some() {
+                // Garbage beside a good record (a torn write of a spare) is only removed.
+                tracing::warn!(%kid, error = %e, "an unreadable metadata object is removed");
+                stale.push(object);
+            } else {
+                let _ = problem.get_or_insert(e);
+            }
+        }
+        let mut e = Entry::assemble(kid, objects, meta, problem)?;
+        e.stale = stale;
+        Some(e)
     }
 
     /// Derives class, type, attributes, state and etag from objects and metadata.
@@ -157,6 +207,14 @@ impl Entry {
                     "an interrupted label change could not be rolled back; restart to retry"
                         .to_string(),
                 );
+            }
+            if let Some(l) = m.record.relabel_bytes() {
+                if objects.iter().any(|o| o.label != l) {
+                    let _ = problem.get_or_insert(
+                        "an interrupted label change could not be completed; restart to retry"
+                            .to_string(),
+                    );
+                }
             }
         }
         // An update sets every object's label; objects that disagree without a pending
@@ -250,6 +308,7 @@ impl Entry {
         Some(Entry {
             objects,
             meta,
+            stale: Vec::new(),
             view,
             labels_differ_only,
         })

@@ -1,33 +1,88 @@
 //! hsmkeyd's metadata for a key (description, roles, updated_at), kept **in the token** as one
 //! private CKO_DATA object per key, so a token backup carries it and nothing can drift.
 //!
-//! The object: CKA_APPLICATION = [`APPLICATION`], CKA_LABEL = `hsmkeyd-meta:<kid>`,
-//! CKA_VALUE = the JSON of [`MetaRecord`]. Tokens may treat CKA_VALUE of data objects as
-//! read-only once created (SoftHSM2 does), so a record is never rewritten in place: a write
-//! creates a new object with the next `seq` and then destroys the old one. If two objects
-//! exist (a crash between the two steps), the higher `seq` is the truth and the other is
-//! removed at the next scan. A `pending` entry marks a label change in progress (see
-//! `update.rs` for the write order); one found at startup is rolled back.
+//! Layout v2 (CKA_APPLICATION = [`APPLICATION`]): the record is JSON ([`MetaRecord`]) and
+//! lives in one of two places of the object:
+//! - **in CKA_LABEL**, as `hsmkeyd-meta:<kid> <json>`. PKCS#11 tokens let a data object's
+//!   label be rewritten in place (SoftHSM2 keeps CKA_VALUE read-only), so a record write is
+//!   one C_SetAttributeValue, as cheap as a key's label change;
+//! - **in CKA_VALUE**, under the short label `hsmkeyd-meta:<kid>`, for tokens that refuse
+//!   labels that long (many HSMs cap labels at 32-127 bytes). Such a record is never
+//!   rewritten: a write creates a new object with the next `seq`, and the old one is
+//!   destroyed later by the store's background worker, never on the request path.
+//!
+//! Every object is created with its record in CKA_VALUE too; a record in the label
+//! supersedes it. Across objects of one key the highest `seq` wins, so a crash between a
+//! create and the removal of its predecessor leaves a readable state.
+//!
+//! A record may carry `relabel`: a label change in progress. It is written before the first
+//! key-object label (with the rest of the new record), so from then on the update is
+//! committed: a scan that finds it sets every object of the key to that label (roll
+//! forward). The worker clears it once the change is complete.
+//!
+//! Layout v1 (`hsmkeyd.meta.v1`: record in CKA_VALUE only, `pending` = old labels to roll
+//! back) is still read; its interrupted changes are rolled back, and its records are
+//! rewritten as v2 by the worker after start.
 
 use serde::{Deserialize, Serialize};
 
 use super::model::{Description, Kid, RoleName};
 
-/// CKA_APPLICATION of hsmkeyd's metadata objects; the version changes if the JSON does.
-pub const APPLICATION: &[u8] = b"hsmkeyd.meta.v1";
+/// CKA_APPLICATION of hsmkeyd's metadata objects.
+pub const APPLICATION: &[u8] = b"hsmkeyd.meta.v2";
+/// CKA_APPLICATION of the first layout, read and migrated.
+pub const APPLICATION_V1: &[u8] = b"hsmkeyd.meta.v1";
 const LABEL_PREFIX: &str = "hsmkeyd-meta:";
 
-/// CKA_LABEL of the metadata object of `kid`.
+/// The layout an object was written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `hsmkeyd.meta.v1`.
+    V1,
+    /// `hsmkeyd.meta.v2`.
+    V2,
+}
+
+impl Layout {
+    /// The layout of a data object with this CKA_APPLICATION, if it is one of ours.
+    pub fn of(application: Option<&[u8]>) -> Option<Layout> {
+        match application {
+            Some(APPLICATION) => Some(Layout::V2),
+            Some(APPLICATION_V1) => Some(Layout::V1),
+            _ => None,
+        }
+    }
+}
+
+/// The short CKA_LABEL of the metadata object of `kid` (record in CKA_VALUE).
 pub fn object_label(kid: &Kid) -> Vec<u8> {
     format!("{LABEL_PREFIX}{kid}").into_bytes()
 }
 
+/// The CKA_LABEL that carries `record` itself.
+pub fn record_label(record: &MetaRecord) -> Vec<u8> {
+    let mut l = object_label(&record.kid);
+    l.push(b' ');
+    l.extend_from_slice(&record.to_bytes());
+    l
+}
+
 /// The kid a metadata object's label names, if it is one of ours.
 pub fn kid_of_label(label: &[u8]) -> Option<Kid> {
-    std::str::from_utf8(label)
+    let rest = std::str::from_utf8(label)
         .ok()?
-        .strip_prefix(LABEL_PREFIX)
-        .and_then(|k| Kid::parse(k).ok())
+        .strip_prefix(LABEL_PREFIX)?;
+    let kid = rest.split_once(' ').map_or(rest, |(k, _)| k);
+    Kid::parse(kid).ok()
+}
+
+/// The record an object holds: the one in its label if there is one, else its CKA_VALUE.
+pub fn record_of(kid: &Kid, label: &[u8], value: Option<&[u8]>) -> Result<MetaRecord, String> {
+    let prefix = object_label(kid);
+    match label.strip_prefix(prefix.as_slice()) {
+        Some([b' ', json @ ..]) => MetaRecord::from_bytes(kid, json),
+        _ => MetaRecord::from_bytes(kid, value.unwrap_or_default()),
+    }
 }
 
 /// The CKA_VALUE of a metadata object.
@@ -36,7 +91,7 @@ pub fn kid_of_label(label: &[u8]) -> Option<Kid> {
 pub struct MetaRecord {
     /// The key this record belongs to (checked against the object's label).
     pub kid: Kid,
-    /// Generation: each write of the record creates an object with a higher one.
+    /// Generation: each write of the record has a higher one.
     pub seq: u64,
     /// Free text.
     pub description: Option<Description>,
@@ -45,12 +100,16 @@ pub struct MetaRecord {
     pub roles: Vec<RoleName>,
     /// Last successful update (RFC 3339).
     pub updated_at: Option<String>,
-    /// A label change that was started and not yet committed.
+    /// v1: a label change that was started and not yet committed (rolled back at scan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
+    /// v2: a committed label change, hex of the label every object of the key takes
+    /// (rolled forward at scan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relabel: Option<String>,
 }
 
-/// The labels to restore if a label change is interrupted.
+/// The labels to restore if a v1 label change was interrupted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pending {
@@ -78,7 +137,13 @@ impl MetaRecord {
             roles: Vec::new(),
             updated_at: None,
             pending: None,
+            relabel: None,
         }
+    }
+
+    /// The label a committed relabel sets, decoded.
+    pub fn relabel_bytes(&self) -> Option<Vec<u8>> {
+        self.relabel.as_deref().and_then(|h| hex::decode(h).ok())
     }
 
     /// Serializes for CKA_VALUE.
@@ -87,7 +152,7 @@ impl MetaRecord {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Parses a CKA_VALUE, checking it belongs to `kid`.
+    /// Parses a record, checking it belongs to `kid`.
     pub fn from_bytes(kid: &Kid, bytes: &[u8]) -> Result<MetaRecord, String> {
         let rec: MetaRecord = serde_json::from_slice(bytes)
             .map_err(|e| format!("metadata object unreadable: {e}"))?;
@@ -122,5 +187,26 @@ mod tests {
         assert!(MetaRecord::from_bytes(&other, &bytes).is_err());
         assert_eq!(kid_of_label(&object_label(&kid)), Some(kid));
         assert_eq!(kid_of_label(b"something else"), None);
+    }
+
+    #[test]
+    fn a_record_in_the_label_supersedes_the_value() {
+        let kid = Kid::parse("0a0b").unwrap();
+        let old = MetaRecord::empty(&kid);
+        let mut new = old.clone();
+        new.seq = 7;
+        new.relabel = Some(hex::encode("x"));
+        let label = record_label(&new);
+        assert_eq!(kid_of_label(&label), Some(kid.clone()));
+        let value = old.to_bytes();
+        assert_eq!(record_of(&kid, &label, Some(&value)).unwrap(), new);
+        assert_eq!(
+            record_of(&kid, &object_label(&kid), Some(&value)).unwrap(),
+            old
+        );
+        assert_eq!(new.relabel_bytes(), Some(b"x".to_vec()));
+        // A label naming another key's record is refused, not taken.
+        let other = Kid::parse("ffff").unwrap();
+        assert!(record_of(&other, &label, None).is_err());
     }
 }

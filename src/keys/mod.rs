@@ -14,9 +14,11 @@ pub mod meta;
 pub mod model;
 mod public;
 mod update;
+mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -69,6 +71,18 @@ pub struct KeyStore {
     last_rescan: Mutex<Instant>,
     /// The token's login generation the index's handles belong to.
     generation: std::sync::atomic::AtomicU64,
+    /// What blocking writes share with the store.
+    shared: Arc<Shared>,
+    /// Work left for the background worker.
+    chores: worker::Chores,
+    /// Objects the last scan could not read.
+    unreadable: Arc<AtomicUsize>,
+}
+
+/// The parts of the store the blocking write code needs.
+struct Shared {
+    /// Shortest metadata label the token refused (records that long go to CKA_VALUE).
+    label_limit: AtomicUsize,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -82,9 +96,20 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl KeyStore {
     /// Scans the token, rolls back interrupted label changes and builds the index.
     /// Blocks: call it before serving, or on a blocking thread.
-    pub fn open(hsm: Hsm, roles: BTreeSet<RoleName>) -> Result<KeyStore, HsmError> {
+    /// `max_backlog` bounds the superseded objects waiting for the worker: updates that
+    /// would add more wait for it.
+    pub fn open(
+        hsm: Hsm,
+        roles: BTreeSet<RoleName>,
+        max_backlog: usize,
+    ) -> Result<KeyStore, HsmError> {
         let generation = hsm.login_generation();
-        let index = scan_index(&hsm)?;
+        let shared = Arc::new(Shared {
+            label_limit: AtomicUsize::new(usize::MAX),
+        });
+        let chores = worker::Chores::new(max_backlog);
+        let unreadable = Arc::new(AtomicUsize::new(0));
+        let index = scan_index(&hsm, &shared, &chores, generation, &unreadable)?;
         Ok(KeyStore {
             generation: generation.into(),
             hsm,
@@ -93,6 +118,9 @@ impl KeyStore {
             locks: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
             last_rescan: Mutex::new(Instant::now()),
+            shared,
+            chores,
+            unreadable,
         })
     }
 
@@ -221,9 +249,13 @@ impl KeyStore {
     async fn rescan(&self, why: &str) -> Result<(), KeyError> {
         let _exclusive = self.gate.write().await;
         let hsm = self.hsm.clone();
+        let shared = self.shared.clone();
+        let chores = self.chores.clone();
+        let unreadable = self.unreadable.clone();
         let (generation, fresh) = tokio::task::spawn_blocking(move || {
             let generation = hsm.login_generation();
-            scan_index(&hsm).map(|index| (generation, index))
+            scan_index(&hsm, &shared, &chores, generation, &unreadable)
+                .map(|index| (generation, index))
         })
         .await
         .map_err(|e| KeyError::Internal(format!("rescan task failed: {e}")))?
@@ -273,6 +305,7 @@ impl KeyStore {
     {
         // Validation that needs no key comes first, so bad input never waits on a lock.
         patch.check_roles(&read(&self.roles))?;
+        self.chores.room().await;
         self.refresh_handles().await?;
         let _ = self.entry(kid).await?;
         let _shared = self.gate.read().await;
@@ -290,35 +323,48 @@ impl KeyStore {
                 changes: Vec::new(),
             });
         }
-        let hsm = self.hsm.clone();
-        let kid2 = kid.clone();
-        let (result, refreshed) = tokio::task::spawn_blocking(move || {
+        let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
+        let (applied, changes) = tokio::task::spawn_blocking(move || {
             before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
-            let mut meta_slot = current.meta.as_ref().map(|m| m.object);
-            let result = update::apply(&hsm, &kid2, &current, &plan, &mut meta_slot);
-            // Whatever happened, mirror what the token now holds.
-            let refreshed = update::reread(&hsm, &kid2, &current, meta_slot);
-            Ok((result.map(|()| plan.changes), refreshed))
+            let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
+            Ok((applied, plan.changes))
         })
         .await
         .map_err(|e| KeyError::Internal(format!("update task failed: {e}")))??;
-        match refreshed {
-            Ok(Some(entry)) => {
+        let result = applied.result;
+        match applied.entry {
+            Ok(Some(mut entry)) => {
+                let stale = std::mem::take(&mut entry.stale);
+                self.chores.superseded(self.generation(), kid, stale);
+                if entry.meta.as_ref().is_some_and(|m| m.dirty) {
+                    self.chores.dirty(kid);
+                }
                 let view = entry.view.clone();
                 let _ = write(&self.index).insert(kid.clone(), Arc::new(entry));
-                result.map(|changes| UpdateOutcome { key: view, changes })
+                // Queued once the index no longer names them.
+                self.chores
+                    .superseded(self.generation(), kid, applied.superseded);
+                result.map(|()| UpdateOutcome { key: view, changes })
             }
             Ok(None) => {
                 let _ = write(&self.index).remove(kid);
+                self.chores
+                    .superseded(self.generation(), kid, applied.superseded);
                 result.and(Err(KeyError::NotFound(kid.clone())))
             }
             Err(e) => {
                 // The token did not answer the re-read: force a rescan on the next miss.
-                *self.last_rescan.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Instant::now() - RESCAN_MIN_INTERVAL;
+                let mut last = self.last_rescan.lock().unwrap_or_else(|p| p.into_inner());
+                *last = Instant::now()
+                    .checked_sub(RESCAN_MIN_INTERVAL)
+                    .unwrap_or(*last);
                 result.and(Err(hsm_error(kid, e)))
             }
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -341,10 +387,24 @@ fn hsm_error(kid: &Kid, e: HsmError) -> KeyError {
     }
 }
 
-/// One full scan: group objects into keys, roll back interrupted label changes.
-fn scan_index(hsm: &Hsm) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
-    let objects = hsm.scan(meta::APPLICATION)?;
-    let (groups, skipped) = entry::group(objects);
+/// One full scan: group objects into keys, finish interrupted label changes, and hand
+/// superseded and v1 records to the worker.
+fn scan_index(
+    hsm: &Hsm,
+    shared: &Shared,
+    chores: &worker::Chores,
+    generation: u64,
+    unreadable: &AtomicUsize,
+) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
+    let scanned = hsm.scan(&[meta::APPLICATION, meta::APPLICATION_V1])?;
+    unreadable.store(scanned.unreadable, std::sync::atomic::Ordering::Relaxed);
+    if scanned.unreadable > 0 {
+        tracing::warn!(
+            objects = scanned.unreadable,
+            "objects of the token could not be read and are not served"
+        );
+    }
+    let (groups, skipped) = entry::group(scanned.objects);
     if skipped > 0 {
         tracing::warn!(
             objects = skipped,
@@ -352,9 +412,13 @@ fn scan_index(hsm: &Hsm) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
         );
     }
     let mut index = BTreeMap::new();
+    chores.forget_all();
     for (kid, group) in groups {
-        let group = update::settle(hsm, &kid, group);
-        if let Some(e) = Entry::build(&kid, group) {
+        if let Some(mut e) = update::settle(hsm, &kid, group, &shared.label_limit) {
+            chores.superseded(generation, &kid, std::mem::take(&mut e.stale));
+            if e.meta.as_ref().is_some_and(|m| m.dirty) {
+                chores.dirty(&kid);
+            }
             let _ = index.insert(kid, Arc::new(e));
         }
     }

@@ -1,26 +1,28 @@
 //! Updates: from a validated patch to a plan, and from a plan to token writes that are
-//! either all visible or none.
+//! either all visible or none, at the token's own cost (see `meta.rs` for the layout).
 //!
-//! Write order for a change that touches labels (several objects, no transaction in
-//! PKCS#11). Every metadata write creates a new generation of the record and then destroys
-//! the previous object (see `meta.rs`), so the token always holds a complete record.
-//! 1. the metadata record is written with a `pending` entry holding every object's old
-//!    label;
-//! 2. CKA_LABEL is set on each object of the key;
-//! 3. the metadata record is written with the new description/roles/updated_at and no
-//!    `pending`: this single write commits the update.
+//! What an update writes on the request path:
+//! - description/roles (with no label change): the record, once (a C_SetAttributeValue on
+//!   the metadata object's label; a C_CreateObject if the key has no record yet or the
+//!   token refuses long labels). One write: atomic by itself.
+//! - the label of a one-object key, and nothing else: that label, once. The record's
+//!   `updated_at` follows in the background ([`MetaSlot::dirty`]).
+//! - any other label change (a pair, or a label with description/roles): first the new
+//!   record with `relabel` = the new label, which commits the update, then CKA_LABEL on
+//!   each object. A crash after the record is rolled forward at the next scan
+//!   ([`settle`]); a failed label write is undone at once (labels set back, the old record
+//!   written again). The worker later clears `relabel`.
 //!
-//! A failure in 2 or 3 sets the labels already changed back and restores the record from
-//! before. A crash between 1 and 3 leaves `pending` in the token; the next scan sees it and
-//! restores the old labels before serving ([`settle`]), so a half-applied update is never
-//! served. Changes of description or roles alone are one record write, atomic by itself.
+//! Nothing is destroyed and nothing is searched on the request path: superseded objects go
+//! to the store's background worker.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{json, Value};
 
-use super::entry::{kind_name, Entry, Group};
-use super::meta::{self, MetaRecord, OldLabel, Pending};
+use super::entry::{kind_name, Entry, Group, MetaSlot};
+use super::meta::{self, Layout, MetaRecord};
 use super::model::{Description, KeyState, Kid, Label, RoleName};
 use super::{hsm_error, KeyError};
 use crate::hsm::{Hsm, HsmError, HsmErrorKind, ObjectRef, SIGNING_KEY_LABEL};
@@ -208,7 +210,10 @@ pub(super) fn plan(
     }
     let meta_changes = changes.iter().any(|c| c.field != "label");
     record.updated_at = Some(now_rfc3339());
+    // Whatever the key's record had in progress is over by now (its update finished
+    // under this lock, or the scan finished it).
     record.pending = None;
+    record.relabel = None;
     Ok(Plan {
         label_writes,
         new_label: patch.label.as_ref().map(|l| l.as_str().as_bytes().to_vec()),
@@ -218,154 +223,278 @@ pub(super) fn plan(
     })
 }
 
-/// Writes `record` as generation `*seq + 1`: a new metadata object is created, then the
-/// previous one (`slot`) destroyed. Tokens may refuse to rewrite CKA_VALUE of a data object
-/// in place, and create-then-destroy never leaves the key without a record: if the destroy
-/// fails, the older generation is removed at the next scan (the highest `seq` wins).
-fn write_meta(
+/// Where a record write went.
+struct Written {
+    slot: MetaSlot,
+    superseded: Vec<ObjectRef>,
+}
+
+/// Writes `record` (whose `seq` the caller has set above every object's). Where the token
+/// takes a label that long, the record goes into a v2 object's label: the key's spare
+/// (never the object holding the newest record, so a torn write loses nothing), or a new
+/// object that becomes the next write's target while the current one becomes the spare.
+/// Otherwise it goes into the value of a new object, and the key's old objects are
+/// superseded. `limit` is the shortest record label the token refused so far. An `Err`
+/// means nothing was written.
+fn write_record(
     hsm: &Hsm,
     kid: &Kid,
-    slot: Option<ObjectRef>,
+    slot: Option<&MetaSlot>,
     record: &MetaRecord,
-    seq: &mut u64,
-) -> Result<ObjectRef, HsmError> {
-    let mut record = record.clone();
-    record.seq = *seq + 1;
-    let created = hsm.create_data(
-        &meta::object_label(kid),
-        meta::APPLICATION,
-        &record.to_bytes(),
-    )?;
-    *seq = record.seq;
-    if let Some(old) = slot {
-        drop_stale(hsm, kid, old);
+    limit: &AtomicUsize,
+) -> Result<Written, HsmError> {
+    let label = meta::record_label(record);
+    let fits = label.len() < limit.load(Ordering::Relaxed);
+    let refused = |e: &HsmError| matches!(e.kind, HsmErrorKind::Refused | HsmErrorKind::ReadOnly);
+    let note_limit = |e: &HsmError| {
+        let _ = limit.fetch_min(label.len(), Ordering::Relaxed);
+        tracing::info!(%kid, bytes = label.len(), error = %e,
+            "the token refuses metadata labels this long; such records go to CKA_VALUE");
+    };
+    // The current object stays as the spare if its record is in its label.
+    let keeps = slot
+        .filter(|s| s.in_label && s.layout == Layout::V2)
+        .and_then(|s| s.object);
+    let written = |object, in_label, spare| MetaSlot {
+        object: Some(object),
+        spare,
+        layout: Layout::V2,
+        in_label,
+        record: record.clone(),
+        dirty: false,
+    };
+    if let (Some(target), true) = (slot.and_then(|s| s.spare), fits) {
+        match hsm.set_label(target, &label) {
+            Ok(()) => {
+                return Ok(Written {
+                    slot: written(target, true, keeps),
+                    superseded: Vec::new(),
+                })
+            }
+            Err(e) if refused(&e) => note_limit(&e),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(created)
+    let value = record.to_bytes();
+    if label.len() < limit.load(Ordering::Relaxed) {
+        match hsm.create_data(&label, meta::APPLICATION, &value) {
+            Ok(o) => {
+                // A current object that cannot be a spare (v1, or its record in its value)
+                // is superseded.
+                let superseded = match keeps {
+                    Some(_) => Vec::new(),
+                    None => slot.and_then(|s| s.object).into_iter().collect(),
+                };
+                return Ok(Written {
+                    slot: written(o, true, keeps),
+                    superseded,
+                });
+            }
+            Err(e) if refused(&e) => note_limit(&e),
+            Err(e) => return Err(e),
+        }
+    }
+    let object = hsm.create_data(&meta::object_label(kid), meta::APPLICATION, &value)?;
+    Ok(Written {
+        slot: written(object, false, None),
+        superseded: slot
+            .into_iter()
+            .flat_map(|s| s.object.into_iter().chain(s.spare))
+            .collect(),
+    })
 }
 
-/// Destroys a superseded metadata object; a failure only delays its removal to the next scan.
-fn drop_stale(hsm: &Hsm, kid: &Kid, object: ObjectRef) {
-    match hsm.destroy(object) {
-        Ok(()) => {}
-        Err(e) if e.kind == HsmErrorKind::ObjectGone => {}
-        Err(e) => tracing::warn!(%kid, error = %e,
-            "a superseded metadata object could not be destroyed; the next scan removes it"),
-    }
+/// What carrying out a plan did.
+pub(super) struct Applied {
+    /// `Ok` when the whole update is in the token.
+    pub result: Result<(), KeyError>,
+    /// The key as the token now holds it (`Ok(None)`: it is gone).
+    pub entry: Result<Option<Entry>, HsmError>,
+    /// Metadata objects the update superseded, for the worker to destroy.
+    pub superseded: Vec<ObjectRef>,
 }
 
-/// Carries out `plan`. On error every write already made has been undone, or, if undoing
-/// failed too, the `pending` record stays in the token for the next startup to finish.
-/// `meta_slot` holds the key's metadata object and follows every generation written.
+/// Carries out `plan` as the module doc describes. On error every write already made has
+/// been undone, or, if undoing failed too, the record's `relabel` stays for the next start
+/// to finish.
 pub(super) fn apply(
     hsm: &Hsm,
     kid: &Kid,
     current: &Entry,
     plan: &Plan,
-    meta_slot: &mut Option<ObjectRef>,
-) -> Result<(), KeyError> {
-    let fail = |e: HsmError| hsm_error(kid, e);
-    let old_record = current.meta.as_ref().map(|m| m.record.clone());
-    let mut seq = old_record.as_ref().map_or(0, |r| r.seq);
-    if plan.label_writes.is_empty() {
-        let r = write_meta(hsm, kid, *meta_slot, &plan.record, &mut seq).map_err(fail)?;
-        *meta_slot = Some(r);
-        return Ok(());
-    }
-    debug_assert!(plan.new_label.is_some() || !plan.meta_changes);
-    let new_label = plan.new_label.as_deref().unwrap_or_default();
-    let mut pending = old_record.clone().unwrap_or_else(|| MetaRecord::empty(kid));
-    pending.pending = Some(Pending {
-        old_labels: plan
-            .label_writes
-            .iter()
-            .map(|(_, old, kind)| OldLabel {
-                kind: kind.to_string(),
-                label_hex: hex::encode(old),
-            })
-            .collect(),
-    });
-    // 1. Record the intent.
-    let slot = write_meta(hsm, kid, *meta_slot, &pending, &mut seq).map_err(fail)?;
-    *meta_slot = Some(slot);
-    // 2. Relabel every object.
-    for (i, (obj, _, _)) in plan.label_writes.iter().enumerate() {
-        if let Err(e) = hsm.set_label(*obj, new_label) {
-            let done = &plan.label_writes[..i];
-            undo(hsm, kid, meta_slot, done, old_record.as_ref(), &mut seq);
-            return Err(fail(e));
+    limit: &AtomicUsize,
+) -> Applied {
+    let mut superseded = Vec::new();
+    let old = current.meta.as_ref();
+    let next_seq = old.map_or(0, |m| m.record.seq) + 1;
+    let new_label = plan.new_label.clone().unwrap_or_default();
+    // After a failure the token is the truth: read back the key's objects, including a
+    // record object this update made.
+    let failed = |e: HsmError, superseded: Vec<ObjectRef>, made: Option<ObjectRef>| Applied {
+        result: Err(hsm_error(kid, e)),
+        entry: reread(hsm, kid, current, made).map(|e| e.map(|e| keep_dirty(kid, current, e))),
+        superseded,
+    };
+    let mut objects = current.objects.clone();
+    let slot = if plan.label_writes.is_empty() {
+        // The record alone: one write.
+        let mut record = plan.record.clone();
+        record.seq = next_seq;
+        match write_record(hsm, kid, old, &record, limit) {
+            Ok(w) => {
+                superseded.extend(w.superseded);
+                Some(w.slot)
+            }
+            Err(e) => return failed(e, superseded, None),
+        }
+    } else if plan.label_writes.len() == 1
+        && !plan.meta_changes
+        && old.is_none_or(|m| m.record.relabel.is_none())
+    {
+        // One label, atomic by itself; `updated_at` reaches the token in the background.
+        // (Not while the token's record still names an earlier relabel: a crash would
+        // roll that one forward over this label.)
+        let (obj, _, _) = &plan.label_writes[0];
+        if let Err(e) = hsm.set_label(*obj, &new_label) {
+            return failed(e, superseded, None);
+        }
+        let mut record = plan.record.clone();
+        record.seq = next_seq - 1;
+        Some(MetaSlot {
+            object: old.and_then(|m| m.object),
+            spare: old.and_then(|m| m.spare),
+            layout: old.map_or(Layout::V2, |m| m.layout),
+            in_label: old.is_some_and(|m| m.in_label),
+            record,
+            dirty: true,
+        })
+    } else {
+        // The record with `relabel` commits the change; then every label.
+        let mut record = plan.record.clone();
+        record.seq = next_seq;
+        record.relabel = Some(hex::encode(&new_label));
+        let mut slot = match write_record(hsm, kid, old, &record, limit) {
+            Ok(w) => {
+                superseded.extend(w.superseded);
+                w.slot
+            }
+            Err(e) => return failed(e, superseded, None),
+        };
+        for (i, (obj, _, _)) in plan.label_writes.iter().enumerate() {
+            if let Err(e) = hsm.set_label(*obj, &new_label) {
+                let keep = undo(
+                    hsm,
+                    kid,
+                    &plan.label_writes[..i],
+                    old,
+                    &slot,
+                    limit,
+                    &mut superseded,
+                );
+                return failed(e, superseded, keep);
+            }
+        }
+        slot.dirty = true;
+        Some(slot)
+    };
+    for o in objects.iter_mut() {
+        if plan.label_writes.iter().any(|(h, _, _)| *h == o.handle) {
+            o.label = new_label.clone();
         }
     }
-    // 3. Commit.
-    match write_meta(hsm, kid, Some(slot), &plan.record, &mut seq) {
-        Ok(r) => {
-            *meta_slot = Some(r);
-            Ok(())
-        }
-        Err(e) => {
-            undo(
-                hsm,
-                kid,
-                meta_slot,
-                &plan.label_writes,
-                old_record.as_ref(),
-                &mut seq,
-            );
-            Err(fail(e))
-        }
+    let mut slot = slot.or_else(|| old.cloned());
+    if let Some(s) = slot.as_mut().filter(|s| s.in_label && s.spare.is_none()) {
+        // The worker gives the record its spare, so the next write is in place.
+        s.dirty = true;
+    }
+    Applied {
+        result: Ok(()),
+        entry: Ok(Entry::assemble(kid, objects, slot, None)),
+        superseded,
     }
 }
 
-/// Sets `done` objects back to their old labels and replaces the pending record by the
-/// record from before the update (or removes it if the key had none). Logs and leaves
-/// `pending` in place if the token refuses: the next scan rolls it back.
+/// Sets `done` objects back to their old labels and writes the record from before the
+/// update again (without `relabel`). Logs and leaves `relabel` in place if the token
+/// refuses: the key then reads inconsistent and the next start rolls the change forward.
+/// Returns the record object the key keeps (a key that had no record gets none: the
+/// object made for the update is cleared and queued for destruction).
 fn undo(
     hsm: &Hsm,
     kid: &Kid,
-    meta_slot: &mut Option<ObjectRef>,
     done: &[(ObjectRef, Vec<u8>, &'static str)],
-    old_record: Option<&MetaRecord>,
-    seq: &mut u64,
-) {
-    for (obj, old, kind) in done.iter().rev() {
-        if let Err(e) = hsm.set_label(*obj, old) {
+    old: Option<&MetaSlot>,
+    written: &MetaSlot,
+    limit: &AtomicUsize,
+    superseded: &mut Vec<ObjectRef>,
+) -> Option<ObjectRef> {
+    for (obj, label, kind) in done.iter().rev() {
+        if let Err(e) = hsm.set_label(*obj, label) {
             tracing::error!(%kid, object = kind, error = %e,
                 "could not restore a label after a failed update; the key stays blocked until \
-                 the next start rolls it back");
-            return;
+                 the next start completes the change");
+            return written.object;
         }
     }
-    let Some(slot) = *meta_slot else { return };
-    let restored = match old_record {
-        Some(r) => write_meta(hsm, kid, Some(slot), r, seq).map(Some),
-        None => hsm.destroy(slot).map(|()| None),
-    };
-    match restored {
-        Ok(r) => *meta_slot = r,
-        Err(e) => tracing::error!(%kid, error = %e,
-            "labels restored but the pending record could not be cleared; the next start \
-             clears it"),
+    let mut record = old
+        .map(|m| m.record.clone())
+        .unwrap_or_else(|| MetaRecord::empty(kid));
+    record.seq = written.record.seq + 1;
+    record.relabel = None;
+    match write_record(hsm, kid, Some(written), &record, limit) {
+        Ok(w) if old.is_none() => {
+            // The older object (with `relabel`) goes before the cleared one: were the
+            // cleared one destroyed first, a crash could leave `relabel` as the newest.
+            superseded.extend(w.superseded);
+            superseded.extend(w.slot.spare);
+            superseded.extend(w.slot.object);
+            None
+        }
+        Ok(w) => {
+            superseded.extend(w.superseded);
+            w.slot.object
+        }
+        Err(e) => {
+            tracing::error!(%kid, error = %e,
+                "labels restored but the record could not be; the next start completes the \
+                 change");
+            written.object
+        }
     }
 }
 
-/// Reads the key's objects and metadata back from the token (no search: the handles are
-/// known), so the index mirrors exactly what was written. `None` if the key is gone.
+/// Reads the key's objects and metadata back from the token by handle (no search), after a
+/// failed write, so the index mirrors what the token holds. `None` if the key is gone.
 pub(super) fn reread(
     hsm: &Hsm,
     kid: &Kid,
     current: &Entry,
-    meta_slot: Option<ObjectRef>,
+    made: Option<ObjectRef>,
 ) -> Result<Option<Entry>, HsmError> {
+    let apps = [meta::APPLICATION, meta::APPLICATION_V1];
     let mut objects = Vec::with_capacity(current.objects.len());
     for o in &current.objects {
-        match hsm.read(o.handle, meta::APPLICATION) {
+        match hsm.read(o.handle, &apps) {
             Ok(fresh) => objects.push(fresh),
             Err(e) if e.kind == HsmErrorKind::ObjectGone => {}
             Err(e) => return Err(e),
         }
     }
+    // The metadata objects the key may have now: the one it had, and the one made since.
     let mut metas = Vec::new();
-    if let Some(r) = meta_slot {
-        match hsm.read(r, meta::APPLICATION) {
+    let mut known: Vec<ObjectRef> = Vec::new();
+    let candidates = current
+        .meta
+        .iter()
+        .flat_map(|m| m.object.into_iter().chain(m.spare))
+        .chain(made);
+    for r in candidates {
+        if !known.contains(&r) {
+            known.push(r);
+        }
+    }
+    for r in known {
+        match hsm.read(r, &apps) {
             Ok(m) => metas.push(m),
             Err(e) if e.kind == HsmErrorKind::ObjectGone => {}
             Err(e) => return Err(e),
@@ -374,69 +503,112 @@ pub(super) fn reread(
     Ok(Entry::build(kid, Group::new(objects, metas)))
 }
 
-/// Brings a key's metadata to one settled object at scan time: superseded generations
-/// (a crash between creating a record and destroying the one before) are destroyed, and an
-/// interrupted label change (a `pending` record) is rolled back: old labels restored, then
-/// the record rewritten without `pending`. Returns the group as the token now holds it.
-/// Unreadable metadata objects are left alone for [`Entry::build`] to report.
-pub(super) fn settle(hsm: &Hsm, kid: &Kid, mut group: Group) -> Group {
-    let newest = group
-        .metas
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            MetaRecord::from_bytes(kid, m.value.as_deref().unwrap_or_default())
-                .ok()
-                .map(|r| (i, r))
-        })
-        .max_by_key(|(_, r)| r.seq);
-    let Some((keep, mut record)) = newest else {
-        return group;
+/// A record the token has not caught up with yet (a dirty one) survives a re-read that
+/// finds the token's older one.
+fn keep_dirty(kid: &Kid, current: &Entry, fresh: Entry) -> Entry {
+    let Some(dirty) = current.meta.as_ref().filter(|m| m.dirty) else {
+        return fresh;
     };
-    let keep_ref = group.metas[keep].handle;
-    group.metas.retain(|m| {
-        let stale = m.handle != keep_ref
-            && MetaRecord::from_bytes(kid, m.value.as_deref().unwrap_or_default()).is_ok();
-        if stale {
-            drop_stale(hsm, kid, m.handle);
+    if fresh
+        .meta
+        .as_ref()
+        .is_some_and(|m| m.record.seq > dirty.record.seq)
+    {
+        return fresh;
+    }
+    let stale = fresh.stale.clone();
+    match Entry::assemble(kid, fresh.objects.clone(), Some(dirty.clone()), None) {
+        Some(mut e) => {
+            e.stale = stale;
+            e
         }
-        !stale
-    });
-    let Some(pending) = record.pending.take() else {
-        return group;
+        None => fresh,
+    }
+}
+
+/// Writes a dirty record to the token (the worker's job): `updated_at` of a label change,
+/// or a `relabel` that is complete; and gives a key whose record lives in a label its
+/// spare, so that its next write on the request path is in place. Returns the key's new
+/// slot and what it superseded.
+pub(super) fn flush(
+    hsm: &Hsm,
+    kid: &Kid,
+    slot: &MetaSlot,
+    limit: &AtomicUsize,
+) -> Result<(MetaSlot, Vec<ObjectRef>), HsmError> {
+    let mut record = slot.record.clone();
+    record.seq += 1;
+    record.relabel = None;
+    record.pending = None;
+    let mut w = write_record(hsm, kid, Some(slot), &record, limit)?;
+    if w.slot.in_label && w.slot.spare.is_none() {
+        let label = meta::record_label(&w.slot.record);
+        match hsm.create_data(&label, meta::APPLICATION, &w.slot.record.to_bytes()) {
+            Ok(spare) => w.slot.spare = Some(spare),
+            Err(e) => tracing::debug!(%kid, error = %e, "no spare record object made"),
+        }
+    }
+    Ok((w.slot, w.superseded))
+}
+
+/// Brings a key to a settled state at scan time: an interrupted v2 label change (a
+/// `relabel` record) is rolled forward, an interrupted v1 change (`pending`) rolled back;
+/// v1 records are marked for rewriting as v2. Superseded generations stay in
+/// [`Entry::stale`] for the worker. Returns the entry as the token now holds it.
+pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) -> Option<Entry> {
+    let mut entry = Entry::build(kid, group)?;
+    let Some(mut slot) = entry.meta.clone() else {
+        return Some(entry);
     };
-    let mut old = pending.old_labels.clone();
-    let mut ok = true;
-    for o in group.objects.iter_mut() {
-        let Some(pos) = old.iter().position(|l| l.kind == kind_name(o.kind)) else {
-            continue;
+    let mut objects = entry.objects.clone();
+    let (target, direction): (Vec<(usize, Vec<u8>)>, &str) =
+        if let Some(new) = slot.record.relabel_bytes() {
+            let t = (0..objects.len())
+                .filter(|&i| objects[i].label != new)
+                .map(|i| (i, new.clone()))
+                .collect();
+            (t, "completed")
+        } else if let Some(pending) = &slot.record.pending {
+            let mut old = pending.old_labels.clone();
+            let mut t = Vec::new();
+            for (i, o) in objects.iter().enumerate() {
+                if let Some(pos) = old.iter().position(|l| l.kind == kind_name(o.kind)) {
+                    let label = hex::decode(&old.remove(pos).label_hex).unwrap_or_default();
+                    if o.label != label {
+                        t.push((i, label));
+                    }
+                }
+            }
+            (t, "rolled back")
+        } else {
+            if slot.layout == Layout::V1 {
+                slot.dirty = true;
+                entry.meta = Some(slot);
+            }
+            return Some(entry);
         };
-        let label = hex::decode(&old.remove(pos).label_hex).unwrap_or_default();
-        if o.label == label {
-            continue;
-        }
-        match hsm.set_label(o.handle, &label) {
-            Ok(()) => o.label = label,
+    for (i, label) in target {
+        match hsm.set_label(objects[i].handle, &label) {
+            Ok(()) => objects[i].label = label,
             Err(e) => {
-                tracing::error!(%kid, error = %e, "rolling back an interrupted label change failed");
-                ok = false;
+                tracing::error!(%kid, error = %e, "finishing an interrupted label change failed");
+                return Some(entry);
             }
         }
     }
-    if !ok {
-        return group;
-    }
-    let mut seq = record.seq;
-    match write_meta(hsm, kid, Some(keep_ref), &record, &mut seq) {
-        Ok(fresh) => {
-            tracing::warn!(%kid, "rolled back a label change interrupted by a crash");
-            record.seq = seq;
-            if let Some(m) = group.metas.iter_mut().find(|m| m.handle == keep_ref) {
-                m.handle = fresh;
-                m.value = Some(record.to_bytes());
-            }
+    match flush(hsm, kid, &slot, limit) {
+        Ok((fresh, superseded)) => {
+            tracing::warn!(%kid, "{direction} a label change interrupted by a crash");
+            slot = fresh;
+            entry.stale.extend(superseded);
         }
-        Err(e) => tracing::error!(%kid, error = %e, "clearing a pending record failed"),
+        Err(e) => {
+            tracing::error!(%kid, error = %e, "clearing an interrupted label change failed");
+            return Some(entry);
+        }
     }
-    group
+    let stale = std::mem::take(&mut entry.stale);
+    let mut settled = Entry::assemble(kid, objects, Some(slot), None)?;
+    settled.stale = stale;
+    Some(settled)
 }

@@ -27,7 +27,7 @@ use std::thread;
 use std::time::Duration;
 
 use cryptoki_sys::{
-    CKR_ARGUMENTS_BAD, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, CKR_OK, CKR_SESSION_HANDLE_INVALID,
+    CKA_LABEL, CKR_ARGUMENTS_BAD, CKR_ATTRIBUTE_VALUE_INVALID, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, CKR_OK, CKR_SESSION_HANDLE_INVALID,
     CK_ATTRIBUTE_PTR, CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_OBJECT_HANDLE,
     CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR, CK_ULONG, CK_USER_TYPE,
     CK_UTF8CHAR_PTR, CK_VERSION,
@@ -49,6 +49,9 @@ const FILE_HANG: &str = "hang";
 const FILE_HANG_PREFIX: &str = "hang_";
 /// Marker `held_<Function>`: present while a call is held by its `hang_<Function>` file.
 const FILE_HELD_PREFIX: &str = "held_";
+/// Control file: decimal N; a CKA_LABEL longer than N bytes in C_CreateObject or
+/// C_SetAttributeValue gets CKR_ATTRIBUTE_VALUE_INVALID, as tokens that cap labels answer.
+const FILE_MAX_LABEL_LEN: &str = "max_label_len";
 /// Control file: hex CKR value that C_Login returns without forwarding.
 const FILE_FAIL_LOGIN_WITH: &str = "fail_login_with";
 /// Control file: next C_GetAttributeValue/C_SetAttributeValue loses its session.
@@ -224,6 +227,29 @@ impl Wrapper {
         let _ = fs::remove_file(dir.join(&held));
     }
 
+    /// Applies `max_label_len` to a template: true if it sets a label over the limit.
+    ///
+    /// # Safety
+    /// `template` must point at `count` valid CK_ATTRIBUTEs (or be NULL with count 0).
+    unsafe fn label_too_long(&self, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> bool {
+        let Some(dir) = &self.dir else { return false };
+        let Some(text) = read_control(dir, FILE_MAX_LABEL_LEN) else {
+            return false;
+        };
+        let Ok(max) = text.trim().parse::<CK_ULONG>() else {
+            warn(&format!("{FILE_MAX_LABEL_LEN} does not hold a decimal integer; ignoring it"));
+            return false;
+        };
+        if template.is_null() {
+            return false;
+        }
+        // SAFETY: the caller's template, valid for `count` entries per PKCS#11.
+        let attrs = unsafe { std::slice::from_raw_parts(template, count as usize) };
+        attrs
+            .iter()
+            .any(|a| a.type_ == CKA_LABEL && a.ulValueLen > max)
+    }
+
     /// Applies `setattr_fail_after`; returns true if this call must fail.
     fn setattr_must_fail(&self) -> bool {
         self.fail_after(FILE_SETATTR_FAIL_AFTER, &SETATTR_LOCK)
@@ -365,6 +391,10 @@ unsafe extern "C" fn wrap_create_object(
     guarded(|w| {
         w.count(Counted::CreateObject);
         w.hold("C_CreateObject");
+        // SAFETY: the template comes from the caller, as PKCS#11 requires it valid.
+        if unsafe { w.label_too_long(template, count) } {
+            return CKR_ATTRIBUTE_VALUE_INVALID;
+        }
         if w.create_must_fail() {
             return CKR_DEVICE_ERROR;
         }
@@ -411,6 +441,10 @@ unsafe extern "C" fn wrap_set_attribute_value(
         w.hold("C_SetAttributeValue");
         if let Some(rv) = w.drop_session_once(session) {
             return rv;
+        }
+        // SAFETY: the template comes from the caller, as PKCS#11 requires it valid.
+        if unsafe { w.label_too_long(template, count) } {
+            return CKR_ATTRIBUTE_VALUE_INVALID;
         }
         if w.setattr_must_fail() {
             return CKR_DEVICE_ERROR;

@@ -1,0 +1,294 @@
+//! The metadata layout against a real SoftHSM token, through the call-counting fault
+//! wrapper: each kind of update makes only the token calls it must (no search, no destroy
+//! while the client waits), a token that caps label length gets a slower path that is just
+//! as correct, and a label change interrupted after its record is rolled forward.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Response, Setup, Token};
+use serde_json::{json, Value};
+
+const EC: &str = "ec01";
+const AES: &str = "a1a1";
+
+fn faulty(dir: &Path) -> Setup {
+    Setup {
+        fault_dir: Some(dir.to_path_buf()),
+        ..Setup::default()
+    }
+}
+
+fn pair(label: &str) -> Vec<(String, String)> {
+    vec![
+        ("Private".to_string(), label.to_string()),
+        ("Public".to_string(), label.to_string()),
+    ]
+}
+
+/// The calls an update makes, read from the wrapper's counters around it.
+#[derive(Debug, PartialEq, Eq)]
+struct Calls {
+    set: u64,
+    create: u64,
+    destroy: u64,
+    find: u64,
+}
+
+fn calls(dir: &Path) -> Calls {
+    let c = |f| common::fault_count(dir, f);
+    Calls {
+        set: c("C_SetAttributeValue"),
+        create: c("C_CreateObject"),
+        destroy: c("C_DestroyObject"),
+        find: c("C_FindObjectsInit"),
+    }
+}
+
+/// Runs `f` and returns the calls it made (read at once after the answer: the worker's
+/// writes come [`SETTLE`] later at the earliest).
+fn counted(dir: &Path, f: impl FnOnce()) -> Calls {
+    let before = calls(dir);
+    f();
+    let after = calls(dir);
+    Calls {
+        set: after.set - before.set,
+        create: after.create - before.create,
+        destroy: after.destroy - before.destroy,
+        find: after.find - before.find,
+    }
+}
+
+/// How long the test lets the worker settle a key.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// hsmkeyd's metadata objects of `kid`: (label, record).
+fn records(t: &Token, kid: &str) -> Vec<(String, Value)> {
+    let label = format!("hsmkeyd-meta:{kid}");
+    t.objects()
+        .into_iter()
+        .filter(|o| o.class == "Data")
+        .filter_map(|o| {
+            if o.label == label {
+                Some((o.label.clone(), t.data_value(&label)))
+            } else {
+                let json = o.label.strip_prefix(&format!("{label} "))?;
+                Some((o.label.clone(), serde_json::from_str(json).unwrap()))
+            }
+        })
+        .collect()
+}
+
+/// Waits until `kid` has its record and at most one spare, the newest with no label change
+/// in progress; returns that one.
+fn settled(t: &Token, kid: &str) -> (String, Value) {
+    let deadline = Instant::now() + SETTLE;
+    let mut seen = Vec::new();
+    loop {
+        let mut r = records(t, kid);
+        r.sort_by_key(|(_, rec)| rec["seq"].as_u64());
+        if (1..=2).contains(&r.len()) && r.last().unwrap().1.get("relabel").is_none() {
+            return r.pop().unwrap();
+        }
+        if seen.last() != Some(&r) {
+            seen.push(r);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kid} never settled; seen: {seen:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn each_kind_of_update_makes_only_the_token_calls_it_must() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "ec", &[]);
+    t.gen("aes256", AES, "aes", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    let c = d.client();
+    let f = faults.path();
+    let patch = |kid: &str, body: Value| {
+        Response::ok(&c.patch(kid, &body));
+    };
+    let none = Calls {
+        set: 0,
+        create: 0,
+        destroy: 0,
+        find: 0,
+    };
+
+    // The label of a secret key: that one write.
+    let got = counted(f, || patch(AES, json!({"label": "aes-1"})));
+    assert_eq!(got, Calls { set: 1, ..none }, "label of a secret key");
+    // Its updated_at reaches the token in the background: a new record for this key.
+    let (_, rec) = settled(&t, AES);
+    let key = Response::ok(&c.get(&format!("/v1/keys/{AES}")));
+    assert_eq!(rec["updated_at"], key["updated_at"], "{rec}");
+
+    // A description, once a record exists: one write in place.
+    let got = counted(f, || patch(AES, json!({"description": "d1"})));
+    assert_eq!(got, Calls { set: 1, ..none }, "description");
+    let got = counted(f, || patch(AES, json!({"roles": ["ops"]})));
+    assert_eq!(got, Calls { set: 1, ..none }, "roles");
+    // Label and description of a secret key: the record, then the label.
+    let got = counted(f, || {
+        patch(AES, json!({"label": "aes-2", "description": "d2"}))
+    });
+    assert_eq!(got, Calls { set: 2, ..none }, "label + description");
+
+    // The label of a pair that has no record yet: the record is created, then two labels.
+    let got = counted(f, || patch(EC, json!({"label": "ec-1"})));
+    assert_eq!(
+        got,
+        Calls {
+            set: 2,
+            create: 1,
+            ..none
+        },
+        "label of a pair, first time"
+    );
+    settled(&t, EC);
+    // And with a record: three writes in place.
+    let got = counted(f, || patch(EC, json!({"label": "ec-2"})));
+    assert_eq!(got, Calls { set: 3, ..none }, "label of a pair");
+    assert_eq!(t.labels_of(EC), pair("ec-2"));
+    let (label, rec) = settled(&t, EC);
+    assert!(label.starts_with("hsmkeyd-meta:ec01 {"), "{label}");
+    assert_eq!(rec["kid"], EC);
+    let (_, rec) = settled(&t, AES);
+    assert_eq!(
+        (rec["description"].as_str(), rec["roles"].clone()),
+        (Some("d2"), json!(["ops"]))
+    );
+}
+
+#[test]
+fn no_update_waits_for_a_destroy() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "ec", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    // A token that caps labels: every record write makes a new object and leaves the old
+    // one for the worker to destroy.
+    std::fs::write(faults.path().join("max_label_len"), "32").unwrap();
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    let c = d.client();
+    Response::ok(&c.patch(EC, &json!({"description": "first"})));
+    // Every destroy is held: updates must not notice.
+    std::fs::write(faults.path().join("hang_C_DestroyObject"), "0").unwrap();
+    for i in 0..5 {
+        Response::ok(&c.patch(
+            EC,
+            &json!({"description": format!("d{i}"), "label": format!("l{i}")}),
+        ));
+    }
+    assert!(
+        faults.path().join("held_C_DestroyObject").exists(),
+        "the worker never tried to destroy a superseded object"
+    );
+    let key = Response::ok(&c.get(&format!("/v1/keys/{EC}")));
+    assert_eq!(
+        (key["label"].as_str(), key["description"].as_str()),
+        (Some("l4"), Some("d4"))
+    );
+    std::fs::remove_file(faults.path().join("hang_C_DestroyObject")).unwrap();
+    let (label, rec) = settled(&t, EC);
+    assert_eq!(
+        label, "hsmkeyd-meta:ec01",
+        "the record lives in CKA_VALUE here"
+    );
+    assert_eq!(rec["description"], "d4");
+    assert_eq!(t.labels_of(EC), pair("l4"));
+}
+
+#[test]
+fn a_token_that_caps_label_length_keeps_records_in_new_objects_correctly() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "ec", &[]);
+    t.gen("aes256", AES, "aes", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    std::fs::write(faults.path().join("max_label_len"), "32").unwrap();
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    let c = d.client();
+    Response::ok(&c.patch(EC, &json!({"description": "one", "roles": ["ops"]})));
+    Response::ok(&c.patch(EC, &json!({"label": "ec-new", "description": "two"})));
+    Response::ok(&c.patch(AES, &json!({"label": "aes-new"})));
+    // A key label the token refuses is the caller's problem, reported as such.
+    let long = "x".repeat(40);
+    c.patch(AES, &json!({ "label": long }))
+        .assert_error(406, "hsm_refused");
+    assert_eq!(
+        t.labels_of(AES),
+        vec![("Secret".to_string(), "aes-new".to_string())]
+    );
+
+    let (label, rec) = settled(&t, EC);
+    assert_eq!(label, "hsmkeyd-meta:ec01");
+    assert_eq!(
+        (rec["description"].as_str(), rec["roles"].clone()),
+        (Some("two"), json!(["ops"]))
+    );
+    assert_eq!(t.labels_of(EC), pair("ec-new"));
+    let (_, rec) = settled(&t, AES);
+    assert!(rec["updated_at"].is_string(), "{rec}");
+
+    // The same token read by a fresh daemon.
+    assert_eq!(d.stop(), 0);
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    let key = Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    assert_eq!(
+        (
+            key["label"].as_str(),
+            key["description"].as_str(),
+            key["state"].as_str()
+        ),
+        (Some("ec-new"), Some("two"), Some("ok"))
+    );
+}
+
+#[test]
+fn a_label_change_interrupted_after_its_record_is_rolled_forward_at_startup() {
+    // The token as a crash after the record and the first label leaves it: the private
+    // key already carries the new label, the public one the old.
+    let t = Token::new();
+    t.gen("ec-p256", EC, "new", &["--public-label", "old"]);
+    let record = json!({
+        "kid": EC, "seq": 2, "description": "with it", "roles": [],
+        "updated_at": "2026-01-02T03:04:05Z", "relabel": hex::encode("new"),
+    });
+    let value = t.path().join("record.json");
+    std::fs::write(&value, record.to_string()).unwrap();
+    t.devtoken(&[
+        "raw-data",
+        "--label",
+        &format!("hsmkeyd-meta:{EC} {record}"),
+        "--application",
+        "hsmkeyd.meta.v2",
+        "--value-file",
+        value.to_str().unwrap(),
+    ]);
+    let d = Daemon::start(&t, &Setup::default());
+    let key = Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    assert_eq!(
+        (
+            key["label"].as_str(),
+            key["description"].as_str(),
+            key["state"].as_str()
+        ),
+        (Some("new"), Some("with it"), Some("ok")),
+        "{key}"
+    );
+    assert_eq!(t.labels_of(EC), pair("new"));
+    let (_, rec) = settled(&t, EC);
+    assert!(rec["seq"].as_u64().unwrap() > 2, "{rec}");
+    assert!(
+        d.log()
+            .contains("completed a label change interrupted by a crash"),
+        "{}",
+        d.log()
+    );
+}
