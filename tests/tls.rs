@@ -498,3 +498,21 @@ fn scope_by_endpoint_matrix_over_both_front_doors() {
     }
     assert_eq!(cells, 5 * 8 * 2);
 }
+
+#[test]
+fn a_token_verified_before_is_refused_once_it_expires() {
+    let t = token();
+    let setup = Setup {
+        extra: "[tokens]\nleeway_s = 0\n".to_string(),
+        ..tls_setup(MINTER)
+    };
+    let d = Daemon::start(&t, &setup);
+    let h = d.https();
+    let tok = d.mint(&["keymgmt:list"], 2);
+    // Verified once, then answered from the cache of verified tokens.
+    for _ in 0..3 {
+        assert_eq!(h.get("/v1/keys", &tok).status, 200);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    h.get("/v1/keys", &tok).assert_error(401, "invalid_token");
+}

@@ -8,8 +8,8 @@
 //! checked, configured leeway. `jku`, `x5u`, `x5c` and embedded `jwk` headers are refused,
 //! never followed. Scopes come from the space-separated `scope` claim, roles from `roles`.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,6 +17,7 @@ use base64::Engine;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::scope::Scope;
 use super::Principal;
@@ -61,6 +62,11 @@ struct External {
 
 /// Every issuer hsmkeyd trusts.
 pub struct TokenService {
+    /// Tokens verified already, by SHA-256 of the compact form: a keep-alive client
+    /// presents the same token on every request, and an ES256 verification costs far more
+    /// than the request it guards. Entries die at the token's `exp` (plus leeway); a reload
+    /// builds a new service, so a changed issuer or role list never meets an old entry.
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
     issuer: String,
     audience: String,
     max_ttl: Duration,
@@ -71,8 +77,18 @@ pub struct TokenService {
     external: Vec<External>,
 }
 
+/// Most verified tokens remembered at once.
+const MAX_VERIFIED: usize = 4096;
+
+/// A verified token's principal and when it stops being valid.
+struct Verified {
+    principal: Principal,
+    until: f64,
+}
+
 #[derive(Deserialize)]
 struct Claims {
+    exp: Option<f64>,
     sub: Option<String>,
     jti: Option<String>,
     scope: Option<String>,
@@ -155,6 +171,7 @@ impl TokenService {
             });
         }
         Ok(TokenService {
+            verified: Mutex::new(HashMap::new()),
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             max_ttl: cfg.max_ttl,
@@ -176,8 +193,46 @@ impl TokenService {
         self.max_ttl
     }
 
-    /// Verifies a compact JWT and returns the principal it stands for.
+    /// Verifies a compact JWT and returns the principal it stands for (from the cache of
+    /// tokens verified before, while they are valid).
     pub fn verify(&self, token: &str, defined_roles: &[RoleName]) -> Result<Principal, TokenError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(&key) {
+            Some(v) if v.until >= now => return Ok(v.principal.clone()),
+            Some(_) => {
+                let _ = cache.remove(&key);
+            }
+            None => {}
+        }
+        drop(cache);
+        let (principal, exp) = self.verify_uncached(token, defined_roles)?;
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_VERIFIED {
+            cache.retain(|_, v| v.until >= now);
+        }
+        if cache.len() < MAX_VERIFIED {
+            let until = exp + self.leeway.as_secs_f64();
+            let _ = cache.insert(
+                key,
+                Verified {
+                    principal: principal.clone(),
+                    until,
+                },
+            );
+        }
+        Ok(principal)
+    }
+
+    fn verify_uncached(
+        &self,
+        token: &str,
+        defined_roles: &[RoleName],
+    ) -> Result<(Principal, f64), TokenError> {
         let bad = |m: &str| TokenError(m.to_string());
         if token.len() > MAX_TOKEN_LEN {
             return Err(bad("the token is too long"));
@@ -238,7 +293,7 @@ impl TokenService {
             .filter(|r| defined_roles.contains(r))
             .collect();
         let sub = c.sub.unwrap_or_else(|| "?".to_string());
-        Ok(Principal {
+        let principal = Principal {
             name: if iss == self.issuer {
                 sub
             } else {
@@ -247,7 +302,9 @@ impl TokenService {
             scopes,
             roles,
             token_id: Some(c.jti.unwrap_or_default()),
-        })
+        };
+        // `exp` is required and was checked, so it is there.
+        Ok((principal, c.exp.unwrap_or(0.0)))
     }
 
     /// Mints a token for `principal` carrying `scopes` (which the caller has checked the
