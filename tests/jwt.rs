@@ -301,6 +301,20 @@ fn forged_broken_and_misdirected_tokens_get_401_and_change_nothing() {
         c["exp"] = json!(now() - 100);
         hs256(HMAC_SECRET.as_bytes(), &c)
     }));
+    // Correctly signed, but naming a critical extension hsmkeyd does not implement
+    // (RFC 7515 4.1.11). The same construction without `crit` is the control.
+    let signed = |header: &Value| {
+        let msg = format!("{}.{}", b64(header), b64(&claims(IDP, all)));
+        let key = EncodingKey::from_ec_pem(w.idp_key.as_bytes()).unwrap();
+        let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &key, Algorithm::ES256).unwrap();
+        format!("{msg}.{sig}")
+    };
+    let plain = signed(&json!({"alg": "ES256", "typ": "JWT"}));
+    assert_eq!(h.get("/v1/keys", &plain).status, 200, "control");
+    vectors.push((
+        "crit header",
+        signed(&json!({"alg": "ES256", "typ": "JWT", "crit": ["x-ext"], "x-ext": true})),
+    ));
     assert!(vectors.len() >= 30, "{} vectors", vectors.len());
 
     for (i, (name, tok)) in vectors.iter().enumerate() {

@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
 use crate::auth::{Peer, TlsPeer};
-use crate::keys::{FieldChange, UpdateOutcome};
+use crate::keys::{FieldChange, KeyError, UpdateOutcome};
 
 /// Header carrying the request id on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -53,6 +53,8 @@ pub struct Note {
     intent_failed: bool,
     /// The result entry was written (by an update task), so this layer writes none.
     recorded: bool,
+    /// Writing that result entry failed.
+    record_failed: bool,
     /// `HSMKEYD_PEER` of the connection.
     peer: Option<String>,
     /// Method and path (`HSMKEYD_REQUEST`).
@@ -196,6 +198,14 @@ pub async fn finish_update(
         n.recorded = true;
         snapshot
     });
+    if n.recorded {
+        // Written by the result hook, next to the token writes; a committed change keeps
+        // its 200 (its intent entry records it), anything else is refused.
+        if n.record_failed && !n.committed {
+            return Err(ApiError::audit_unavailable());
+        }
+        return result;
+    }
     let answer = match &result {
         Ok(_) => Answer {
             status: 200,
@@ -279,6 +289,48 @@ pub fn intent_hook(
             note.with(|n| n.intent_failed = true);
             err.to_string()
         })
+    }
+}
+
+/// The hook an update runs right after its token writes, on the same blocking thread: the
+/// result entry, written there so the answer does not wait for another thread. `map` is the
+/// endpoint's error mapping, so the entry records the status the client gets.
+pub fn result_hook(
+    audit: Arc<Auditor>,
+    note: AuditNote,
+    rid: RequestId,
+    map: fn(KeyError) -> ApiError,
+) -> impl FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static {
+    move |outcome| {
+        if let Ok(changes) = outcome {
+            note.committed(changes);
+        }
+        let n = note.with(|n| n.clone());
+        let mapped = outcome.err().map(|e| map(e.clone()));
+        let answer = match &mapped {
+            None => Answer {
+                status: 200,
+                error: None,
+                reason: "",
+            },
+            Some(e) => Answer {
+                status: e.status.as_u16(),
+                error: Some(e.code),
+                reason: &e.message,
+            },
+        };
+        let Some(event) = event_of(&n, answer.status) else {
+            return;
+        };
+        let written = audit.write(&result_entry(&n, &rid, event, &answer));
+        if let Err(e) = &written {
+            tracing::error!(request_id = %rid.0, error = %e, committed = n.committed,
+                "the result entry of an update was not recorded");
+        }
+        note.with(|n| {
+            n.recorded = true;
+            n.record_failed = written.is_err();
+        });
     }
 }
 

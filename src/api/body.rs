@@ -1,7 +1,6 @@
 //! Request parsing: JSON bodies (content type, size, shape) and the listing query. Every
 //! failure is an [`ApiError`] naming the field at fault.
 
-use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,14 +18,17 @@ pub const DEFAULT_PAGE: usize = 100;
 
 /// Checks the content type is JSON (`application/json` or `application/merge-patch+json`,
 /// parameters allowed) and reads at most [`MAX_BODY`] bytes of an object.
-pub async fn json_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+pub async fn json_object(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Map<String, Value>, ApiError> {
     json_object_within(headers, body, MAX_BODY).await
 }
 
 /// [`json_object`] with a body limit of `max` bytes.
 pub async fn json_object_within(
     headers: &HeaderMap,
-    body: Body,
+    body: axum::body::Body,
     max: usize,
 ) -> Result<Map<String, Value>, ApiError> {
     const ACCEPTED: &str = "application/json or application/merge-patch+json";
@@ -54,18 +56,90 @@ pub async fn json_object_within(
     let bytes = axum::body::to_bytes(body, max)
         .await
         .map_err(|e| read_error(e, max))?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let body: Body = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
             format!("request body is not valid JSON: {e}"),
         )
     })?;
-    match value {
-        Value::Object(m) => Ok(m),
-        _ => Err(ApiError::bad_request(
+    match body {
+        Body::Object(m) => Ok(m),
+        Body::Duplicate(name) => Err(ApiError::bad_field(
+            "duplicate_field",
+            &name,
+            format!("field {name:?} is given twice; send each field once"),
+        )),
+        Body::NotObject => Err(ApiError::bad_request(
             "invalid_json",
             "request body must be a JSON object",
         )),
+    }
+}
+
+/// A request body as parsed: an object whose fields are unique (serde_json alone keeps the
+/// last of two equal keys, so `{"label":"a","label":"b"}` would pass as "b").
+enum Body {
+    Object(Map<String, Value>),
+    Duplicate(String),
+    NotObject,
+}
+
+impl<'de> serde::Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Body, D::Error> {
+        d.deserialize_any(BodyVisitor)
+    }
+}
+
+struct BodyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for BodyVisitor {
+    type Value = Body;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Body, A::Error> {
+        let mut m = Map::new();
+        let mut duplicate = None;
+        while let Some(k) = a.next_key::<String>()? {
+            let v: Value = a.next_value()?;
+            if m.contains_key(&k) {
+                let _ = duplicate.get_or_insert(k);
+            } else {
+                let _ = m.insert(k, v);
+            }
+        }
+        Ok(duplicate.map_or(Body::Object(m), Body::Duplicate))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Body, A::Error> {
+        while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Body::NotObject)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+
+    fn visit_unit<E>(self) -> Result<Body, E> {
+        Ok(Body::NotObject)
     }
 }
 

@@ -102,6 +102,14 @@ pub fn router(state: AppState) -> Router {
 /// by bearer token on TLS. Unknown callers get 401 whatever the path; only the JWK set is
 /// public.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // Requests name a path (origin form); `GET http://host/path` is a proxy's form.
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        return ApiError::bad_request(
+            "absolute_uri",
+            "request targets must be a path such as /v1/keys, not an absolute URI",
+        )
+        .into_response();
+    }
     if req.method() == Method::GET && req.uri().path() == tokens::JWKS_PATH {
         return next.run(req).await;
     }
@@ -215,8 +223,12 @@ async fn update_key(
         kid.clone(),
     );
     let task = state.tasks.spawn(async move {
-        let hook = audited::intent_hook(audit.clone(), note.clone(), rid.clone());
-        let result = keys.update(&kid, patch, &actor, hook).await.map_err(map);
+        let intent = audited::intent_hook(audit.clone(), note.clone(), rid.clone());
+        let result = audited::result_hook(audit.clone(), note.clone(), rid.clone(), map);
+        let result = keys
+            .update(&kid, patch, &actor, intent, result)
+            .await
+            .map_err(map);
         audited::finish_update(&audit, &note, &rid, result).await
     });
     task.await

@@ -246,6 +246,12 @@ impl TokenService {
         {
             return Err(bad("tokens with jku, x5u, x5c or jwk headers are refused"));
         }
+        if names_critical_extensions(token) {
+            return Err(bad(
+                "the token names critical header extensions (crit), which hsmkeyd does not \
+                 implement",
+            ));
+        }
         let iss = unverified_issuer(token)?;
         let (key, algorithms, aud) = if iss == self.issuer {
             if header
@@ -349,6 +355,19 @@ impl TokenService {
 }
 
 /// The `iss` claim before verification, only to pick the issuer's key and algorithms.
+/// Whether the token's header lists critical extensions (`crit`). hsmkeyd implements none,
+/// so RFC 7515 (4.1.11) says such a token must be refused.
+fn names_critical_extensions(token: &str) -> bool {
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Map<String, Value>>(&b).ok())
+        .is_some_and(|h| h.contains_key("crit"))
+}
+
 fn unverified_issuer(token: &str) -> Result<String, TokenError> {
     let payload = token
         .split('.')

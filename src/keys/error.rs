@@ -5,7 +5,7 @@ use crate::hsm::HsmError;
 use super::model::Kid;
 
 /// Why a key operation did not happen. Nothing was changed in any of these cases.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
     /// A request value is wrong.
     #[error("{message}")]

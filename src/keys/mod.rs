@@ -291,17 +291,20 @@ impl KeyStore {
     ///
     /// `before_write` runs once the changes are known and just before the first token
     /// write, under the key's lock (not at all when nothing changes); if it fails, nothing
-    /// is written and the update answers [`KeyError::NotRecorded`]. It runs on a blocking
-    /// thread.
-    pub async fn update<F>(
+    /// is written and the update answers [`KeyError::NotRecorded`]. `after_write` runs
+    /// right after the token writes, with their outcome, still under the lock. Both run on
+    /// the blocking thread that makes the writes.
+    pub async fn update<F, G>(
         &self,
         kid: &Kid,
         patch: KeyPatch,
         actor: &Actor,
         before_write: F,
+        after_write: G,
     ) -> Result<UpdateOutcome, KeyError>
     where
         F: FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static,
+        G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
     {
         // Validation that needs no key comes first, so bad input never waits on a lock.
         patch.check_roles(&read(&self.roles))?;
@@ -327,6 +330,10 @@ impl KeyStore {
         let (applied, changes) = tokio::task::spawn_blocking(move || {
             before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
             let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
+            after_write(match &applied.result {
+                Ok(()) => Ok(&plan.changes),
+                Err(e) => Err(e),
+            });
             Ok((applied, plan.changes))
         })
         .await

@@ -5,6 +5,7 @@
 use std::fmt;
 
 use serde::Serialize;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Longest CKA_ID accepted, in bytes. PKCS#11 sets no bound; 128 bytes is far beyond any
 /// HSM's key ids (Encedo uses 16) and keeps paths short.
@@ -95,6 +96,18 @@ impl Label {
         }
         if s.chars().any(char::is_control) {
             return Err("label must not contain control characters".into());
+        }
+        // Format characters (Unicode category Cf: bidi overrides, zero-width joiners and
+        // spaces, the BOM, ...) change how a label looks without being seen: a label that
+        // reads "pay-ops" must be "pay-ops".
+        if let Some(c) = s
+            .chars()
+            .find(|c| c.general_category() == GeneralCategory::Format)
+        {
+            return Err(format!(
+                "label must not contain invisible format characters (found U+{:04X})",
+                c as u32
+            ));
         }
         Ok(Label(s.to_string()))
     }

@@ -92,8 +92,9 @@ impl Chores {
 
     /// The record of `kid` in the token is behind the index.
     pub(super) fn dirty(&self, kid: &Kid) {
+        // No wake-up: the worker looks every SETTLE_DELAY anyway, and an update should
+        // not cost a thread switch.
         let _ = self.state().dirty.insert(kid.clone(), Instant::now());
-        self.0.wake.notify_one();
     }
 
     /// Forgets every queued object (before a rescan, which finds them again). Dirty
