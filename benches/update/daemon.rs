@@ -1,0 +1,198 @@
+//! The daemon measurements: GET and PATCH latencies, PATCH throughput, RSS, GETs under the
+//! slow-client attack, and the background worker's lag from its status lines.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{mpsc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::{start_daemon, tls_conn, unix_conn, Conn, Daemon};
+use crate::token::{bulk_kid, ec_kid};
+use crate::{pct, secs, warm_sample, Ctx, Figures, Opts, Res};
+
+const SLOW_CONNS: usize = 400;
+const ROLES: [&str; 2] = ["ops", "payments"];
+
+/// Mints a bearer token over the Unix socket.
+fn mint(c: &mut Conn<UnixStream>) -> Res<String> {
+    let body = json!({"scopes": ["keymgmt:list", "keymgmt:get", "keymgmt:upd"], "ttl_s": 3600});
+    let v = c.ok("POST", "/v1/auth/token", &body.to_string())?;
+    let token = v["token"].as_str().map(String::from);
+    token.ok_or(format!("no token in {v}"))
+}
+
+type Body = fn(usize) -> Value;
+
+fn label(n: usize) -> Value {
+    json!({"label": format!("bench-{}", n % 2)})
+}
+
+fn descr(n: usize) -> Value {
+    json!({"description": format!("bench description {}", n % 2)})
+}
+
+fn roles(n: usize) -> Value {
+    json!({"roles": [ROLES[n % 2]]})
+}
+
+fn both(n: usize) -> Value {
+    json!({"label": format!("bench-ld-{}", n % 2), "description": format!("ld {}", n % 2)})
+}
+
+/// PATCH p50 (ms) on one key; `body(n)` alternates between two values.
+fn patch_p50<S: Read + Write>(o: &Opts, c: &mut Conn<S>, kid: &str, body: Body) -> Res<f64> {
+    let lat = warm_sample(o.seconds, |n| c.patch(kid, &body(n)))?;
+    Ok(pct(&lat, 50.0))
+}
+
+fn get_lat<S: Read + Write>(seconds: f64, c: &mut Conn<S>, path: &str) -> Res<Vec<Duration>> {
+    warm_sample(seconds, |_| c.ok("GET", path, "").map(drop))
+}
+
+pub(crate) fn daemon_figures(
+    o: &Opts,
+    dir: &Path,
+    conf: &Path,
+    pin: &Path,
+    figs: &mut Figures,
+) -> Res<()> {
+    let (d, ready_ms) = start_daemon(dir, conf, pin)?;
+    figs.add("start_to_ready", ready_ms, "ms");
+
+    let mut unix = unix_conn(&d.sock)?;
+    let get_path = format!("/v1/keys/{}", bulk_kid(5));
+    let get = get_lat(o.seconds, &mut unix, &get_path)?;
+    figs.add("get_unix_p50", pct(&get, 50.0), "ms");
+    figs.add("get_unix_p99", pct(&get, 99.0), "ms");
+    let cases: [(&str, String, Body); 5] = [
+        ("patch_label_secret_unix", bulk_kid(0), label),
+        ("patch_label_pair_unix", ec_kid(0), label),
+        ("patch_description_unix", bulk_kid(1), descr),
+        ("patch_roles_unix", bulk_kid(2), roles),
+        ("patch_label_description_unix", bulk_kid(3), both),
+    ];
+    for (name, kid, body) in cases {
+        figs.add(name, patch_p50(o, &mut unix, &kid, body)?, "ms");
+    }
+
+    let bearer = mint(&mut unix)?;
+    let mut https = tls_conn(&d, &bearer)?;
+    let get = get_lat(o.seconds, &mut https, &get_path)?;
+    figs.add("get_https_p50", pct(&get, 50.0), "ms");
+    figs.add("get_https_p99", pct(&get, 99.0), "ms");
+    let v = patch_p50(o, &mut https, &bulk_kid(4), label)?;
+    figs.add("patch_label_secret_https", v, "ms");
+    drop(https);
+
+    for clients in [1, 2, 4, 16] {
+        let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
+        let rate = throughput(&d.sock, &kids, o.seconds)?;
+        figs.add(&format!("throughput_{clients}"), rate, "updates/s");
+    }
+    let rate = throughput(&d.sock, &vec![bulk_kid(30); 4], o.seconds)?;
+    figs.add("throughput_4_one_key", rate, "updates/s");
+    let load_end = Instant::now();
+
+    let rss = d.rss_mib()?;
+    figs.add("daemon_rss", rss, "MiB");
+    figs.add("daemon_rss_over_raw", rss - figs.value("raw_rss"), "MiB");
+
+    slow_attack(o, &d, &bearer, &get_path, figs)?;
+    // Usually known by now: the slow part takes longer than the worker needs.
+    let catch_up = d.notify.catch_up_ms(load_end)?;
+    drop(unix);
+    let (status, heard) = d.stop()?;
+    if !status.success() {
+        eprintln!("note: the daemon exited with {status} after SIGTERM");
+    }
+    let (objects, records) = heard.backlog_max()?;
+    figs.add("worker_backlog_max_objects", objects as f64, "objects");
+    figs.add("worker_backlog_max_records", records as f64, "records");
+    figs.add("worker_catch_up_ms", catch_up, "ms");
+    Ok(())
+}
+
+/// Label PATCHes/s from one thread per kid, each on its own keep-alive connection.
+fn throughput(sock: &Path, kids: &[String], seconds: f64) -> Res<f64> {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = Barrier::new(kids.len() + 1);
+    std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        for (i, kid) in kids.iter().enumerate() {
+            let start = &start;
+            workers.push(scope.spawn(move || -> Res<(u64, Instant)> {
+                // Labels only this thread writes, alternating: every PATCH changes something.
+                let label = |n: u64| json!({"label": format!("tp{run}-{i}-{}", n % 2)});
+                let conn = unix_conn(sock);
+                let warm = conn.and_then(|mut c| c.patch(kid, &label(1)).map(|()| c));
+                start.wait(); // even after an error, so that nobody waits forever
+                let (mut c, end, mut n) = (warm?, Instant::now() + secs(seconds), 0);
+                while Instant::now() < end {
+                    c.patch(kid, &label(n))?;
+                    n += 1;
+                }
+                Ok((n, Instant::now()))
+            }));
+        }
+        start.wait();
+        let t0 = Instant::now();
+        let (mut total, mut last) = (0, t0);
+        for w in workers {
+            let (n, done) = w.join().expect("client thread")?;
+            (total, last) = (total + n, last.max(done));
+        }
+        Ok(total as f64 / (last - t0).as_secs_f64())
+    })
+}
+
+/// GET latency over a fresh connection on each front door while 400 clients hold a PATCH
+/// whose body never comes (their body deadline is 30 s, so each door gets at most 12 s).
+fn slow_attack(o: &Opts, d: &Daemon, bearer: &str, path: &str, figs: &mut Figures) -> Res<()> {
+    let (ready_tx, ready_rx) = mpsc::channel::<Res<()>>();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let sock = d.sock.clone();
+    let head = format!(
+        "PATCH /v1/keys/{} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n",
+        bulk_kid(6)
+    );
+    let holder = std::thread::spawn(move || {
+        let open = |_| {
+            UnixStream::connect(&sock).and_then(|mut s| s.write_all(head.as_bytes()).map(|()| s))
+        };
+        let conns: std::io::Result<Vec<UnixStream>> = (0..SLOW_CONNS).map(open).collect();
+        let (conns, ready) = match conns {
+            Ok(conns) => (conns, Ok(())),
+            Err(e) => (Vec::new(), Err(format!("opening a slow connection: {e}"))),
+        };
+        let _ = ready_tx.send(ready);
+        let _ = stop_rx.recv();
+        conns.iter().filter(|s| still_waiting(s)).count()
+    });
+    ready_rx.recv().ctx("slow connection thread")??;
+    std::thread::sleep(Duration::from_millis(200)); // let the daemon accept them all
+    let seconds = o.seconds.min(12.0);
+    let h = get_lat(seconds, &mut tls_conn(d, bearer)?, path)?;
+    let u = get_lat(seconds, &mut unix_conn(&d.sock)?, path)?;
+    let rss = d.rss_mib()?;
+    let _ = stop_tx.send(());
+    let held = holder.join().expect("slow connection thread");
+    figs.add("slow_attack_get_https_p50", pct(&h, 50.0), "ms");
+    figs.add("slow_attack_get_https_p99", pct(&h, 99.0), "ms");
+    figs.add("slow_attack_get_unix_p50", pct(&u, 50.0), "ms");
+    figs.add("slow_attack_get_unix_p99", pct(&u, 99.0), "ms");
+    figs.add("slow_attack_conns_held", held as f64, "conns");
+    figs.add("slow_attack_daemon_rss", rss, "MiB");
+    Ok(())
+}
+
+/// Whether the daemon has neither answered (503, 408) nor closed this connection.
+fn still_waiting(mut s: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    s.set_nonblocking(true).is_ok()
+        && matches!(s.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
