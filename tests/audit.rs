@@ -216,7 +216,10 @@ fn every_event_type_is_recorded_with_its_fields() {
 
     // A caller that maps to no principal: AUTH_FAILED, from a second daemon.
     let t2 = token();
-    let d2 = Daemon::start(&t2, &in_journal(&j, STRANGERS_ONLY));
+    // One window for the whole test, however slow the machine.
+    let mut strangers_setup = in_journal(&j, STRANGERS_ONLY);
+    strangers_setup.audit.push_str("refusal_window_s = 3600\n");
+    let d2 = Daemon::start(&t2, &strangers_setup);
     let r = d2.client().get("/v1/keys");
     assert_eq!(r.status, 401);
     let id = rid(&r);
@@ -270,11 +273,15 @@ fn a_thousand_mixed_requests_give_exactly_one_result_entry_each() {
     let t = token();
     let d = Daemon::start(&t, &in_journal(&j, NARROWED));
     let t2 = token();
-    let d2 = Daemon::start(&t2, &in_journal(&j, STRANGERS_ONLY));
+    // One window for the whole test, however slow the machine.
+    let mut strangers_setup = in_journal(&j, STRANGERS_ONLY);
+    strangers_setup.audit.push_str("refusal_window_s = 3600\n");
+    let d2 = Daemon::start(&t2, &strangers_setup);
     let (c, c2) = (d.client(), d2.client());
 
     let mut expected: Vec<(String, u16, Event)> = Vec::new();
     let mut unaudited = Vec::new();
+    let mut strangers = 0u64;
     for i in 0..1000 {
         let r = match i % 7 {
             0 => c.patch(AES, &json!({"label": format!("aes-{i}")})),
@@ -294,7 +301,14 @@ fn a_thousand_mixed_requests_give_exactly_one_result_entry_each() {
         };
         if i % 7 == 6 {
             unaudited.push(rid(&r));
+        } else if want == 401 && strangers > 0 {
+            // An unidentified caller's refusals after its first are summed up per peer.
+            strangers += 1;
+            unaudited.push(rid(&r));
         } else {
+            if want == 401 {
+                strangers = 1;
+            }
             expected.push((rid(&r), want, event));
         }
     }
@@ -333,6 +347,41 @@ fn a_thousand_mixed_requests_give_exactly_one_result_entry_each() {
     assert_eq!(
         intents,
         expected.iter().filter(|(_, s, _)| *s == 200).count()
+    );
+    // The stranger's other refusals: one summary per window, counting all of them, by
+    // the time the daemon has stopped.
+    assert_eq!(d2.stop(), 0);
+    let summaries = |e: &[Value]| -> Vec<Value> {
+        e.iter()
+            .filter(|x| x["HSMKEYD_EVENT"] == Event::AuthFailed.name())
+            .filter(|x| x.get("HSMKEYD_COUNT").is_some())
+            .cloned()
+            .collect()
+    };
+    let entries = j.wait_for("the refusal summaries", |e| {
+        summaries(e)
+            .iter()
+            .map(|x| x["HSMKEYD_COUNT"].as_str().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+            >= strangers - 1
+    });
+    let summed: u64 = summaries(&entries)
+        .iter()
+        .map(|x| {
+            assert_eq!(x["HSMKEYD_PEER"], "uid=0 gid=0", "{x}");
+            assert_eq!(x["HSMKEYD_RESULT"], "FAILED");
+            assert!(x["HSMKEYD_FIRST"].is_string() && x["HSMKEYD_LAST"].is_string());
+            x["HSMKEYD_COUNT"].as_str().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(
+        summed,
+        strangers - 1,
+        "every refusal is counted exactly once"
+    );
+    assert!(
+        strangers > 100,
+        "the test sent {strangers} refused requests"
     );
 }
 

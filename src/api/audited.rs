@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::audit::aggregate::Verdict;
 use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
 use crate::auth::{Peer, TlsPeer};
 use crate::keys::{FieldChange, KeyError, UpdateOutcome};
@@ -359,6 +360,17 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     if let Some(event) = event {
         let error = json["error"].as_str().map(str::to_string);
         let reason = json["message"].as_str().unwrap_or("").to_string();
+        // An unidentified caller's refusals are summed up per peer (see audit::aggregate).
+        let counted = match (&state.audit.refusals, event, &n.principal, &n.peer) {
+            (Some(r), Event::AuthFailed, None, Some(peer)) => {
+                r.refused(peer, &reason) == Verdict::Counted
+            }
+            _ => false,
+        };
+        if counted {
+            let resp = Response::from_parts(parts, Body::from(bytes));
+            return with_request_id(resp, &rid);
+        }
         let answer = Answer {
             status,
             error: error.as_deref(),

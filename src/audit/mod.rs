@@ -10,6 +10,7 @@
 //! Called by: `api` (request entries, from one middleware and the update hook) and `daemon`
 //! (start, stop, reload, HSM login). May call: `config`, `auth` (the `Peer` type).
 
+pub mod aggregate;
 mod sink;
 
 use std::fmt;
@@ -160,6 +161,10 @@ pub struct Entry {
     pub changes: Option<Value>,
     /// Method and path of the request (`HSMKEYD_REQUEST`).
     pub request: Option<String>,
+    /// How many events an aggregated entry stands for (`HSMKEYD_COUNT`).
+    pub count: Option<u64>,
+    /// First and last of those (`HSMKEYD_FIRST`, `HSMKEYD_LAST`, RFC 3339).
+    pub between: Option<(String, String)>,
 }
 
 impl Entry {
@@ -178,6 +183,8 @@ impl Entry {
             error: None,
             changes: None,
             request: None,
+            count: None,
+            between: None,
         }
     }
 
@@ -217,6 +224,9 @@ impl Entry {
             self.changes.as_ref().map(Value::to_string),
         );
         opt("HSMKEYD_REQUEST", self.request.clone());
+        opt("HSMKEYD_COUNT", self.count.map(|c| c.to_string()));
+        opt("HSMKEYD_FIRST", self.between.as_ref().map(|b| b.0.clone()));
+        opt("HSMKEYD_LAST", self.between.as_ref().map(|b| b.1.clone()));
         f
     }
 }
@@ -255,6 +265,8 @@ pub fn describe_changes(changes: &Value) -> String {
 /// The audit trail of the running daemon.
 pub struct Auditor {
     sink: sink::Sink,
+    /// Refusals of unidentified callers, aggregated per peer (`None`: every one is an entry).
+    pub refusals: Option<aggregate::Refusals>,
 }
 
 impl fmt::Debug for Auditor {
@@ -266,10 +278,27 @@ impl fmt::Debug for Auditor {
 impl Auditor {
     /// Opens the configured sink. For journald, fails with a message saying what to do
     /// when journald does not answer: the daemon must not run without its audit trail.
-    pub fn open(sink: AuditSink) -> Result<Auditor, AuditError> {
+    /// `window` aggregates the refusals of unidentified callers per peer
+    /// ([`aggregate`]); zero gives every refusal its own entry.
+    pub fn open(sink: AuditSink, window: std::time::Duration) -> Result<Auditor, AuditError> {
         Ok(Auditor {
             sink: sink::Sink::open(sink)?,
+            refusals: (!window.is_zero()).then(|| aggregate::Refusals::new(window)),
         })
+    }
+
+    /// Writes the summaries of the aggregation windows that have closed (all when `all`).
+    pub async fn flush_refusals(self: &std::sync::Arc<Self>, all: bool) {
+        let due = self
+            .refusals
+            .as_ref()
+            .map(|r| r.due(all))
+            .unwrap_or_default();
+        for e in due {
+            if let Err(err) = self.write_async(e).await {
+                tracing::error!(error = %err, "an aggregated refusal summary was not recorded");
+            }
+        }
     }
 
     /// Writes one entry; an error means it was **not** recorded. Blocks briefly (one

@@ -32,6 +32,8 @@ const DEFAULT_REQUEST_TIMEOUT_S: u64 = 10;
 /// Bytes per second a body must keep up after its first second: far below any real client,
 /// far above a slow-loris one.
 const DEFAULT_MIN_BODY_RATE: u64 = 1024;
+/// Seconds over which refusals of unidentified callers are summed up per peer.
+const DEFAULT_REFUSAL_WINDOW_S: u64 = 10;
 /// Superseded metadata objects the background worker may be behind by.
 const DEFAULT_MAX_CLEANUP_BACKLOG: usize = 1024;
 /// TLS connections not yet authenticated, shared by every such client.
@@ -216,6 +218,8 @@ pub enum AuditSink {
 pub struct AuditConfig {
     /// Where entries go.
     pub sink: AuditSink,
+    /// Window over which refusals of unidentified callers are aggregated per peer (0: off).
+    pub refusal_window: Duration,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +246,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     sink: Option<AuditSink>,
+    refusal_window_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -464,6 +469,16 @@ impl Config {
             ));
         }
 
+        let refusal_window_s = raw
+            .audit
+            .refusal_window_s
+            .unwrap_or(DEFAULT_REFUSAL_WINDOW_S);
+        if refusal_window_s > 3600 {
+            return Err(err(
+                "audit.refusal_window_s",
+                format!("{refusal_window_s} is over 3600 seconds"),
+            ));
+        }
         let max_cleanup_backlog = raw
             .keys
             .max_cleanup_backlog
@@ -582,6 +597,7 @@ impl Config {
             principals,
             audit: AuditConfig {
                 sink: raw.audit.sink.unwrap_or(AuditSink::Journald),
+                refusal_window: Duration::from_secs(refusal_window_s),
             },
             tls: raw.tls.map(|t| tls_config(t, &err)).transpose()?,
             tokens: tokens_config(raw.tokens, &err)?,

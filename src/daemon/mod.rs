@@ -63,7 +63,10 @@ impl Drop for SocketFile<'_> {
 /// a configuration error.
 pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     // No audit trail, no daemon: checked before anything else.
-    let audit = Arc::new(Auditor::open(config.audit.sink).map_err(|e| Fatal(e.to_string()))?);
+    let audit = Arc::new(
+        Auditor::open(config.audit.sink, config.audit.refusal_window)
+            .map_err(|e| Fatal(e.to_string()))?,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hsmkeyd")
@@ -135,7 +138,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     )
     .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");
-    let signer = signer(&hsm)?;
+    let signer = signer(&hsm, &keys)?;
     let tokens = token_service(&config, signer.clone())?;
     let listeners = Listeners {
         owns_unix_path,
@@ -201,8 +204,9 @@ impl Signer for HsmSigner {
     }
 }
 
-fn signer(hsm: &Hsm) -> Result<Arc<dyn Signer>, Fatal> {
-    let key = hsm.signing_key().map_err(|e| {
+fn signer(hsm: &Hsm, keys: &KeyStore) -> Result<Arc<dyn Signer>, Fatal> {
+    let (privs, pubs) = keys.signing_candidates();
+    let key = hsm.signing_key_among(privs, pubs).map_err(|e| {
         Fatal(format!(
             "the token-signing key ({SIGNING_KEY_LABEL}) in {} is unusable: {e}",
             hsm.token()
@@ -341,6 +345,7 @@ async fn serve(
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                audit.flush_refusals(false).await;
                 let health = reloader.keys.health();
                 if health != shown {
                     let line = if health.is_empty() {
@@ -383,6 +388,7 @@ async fn serve(
         conns.drained().await;
         tls_conns.drained().await;
         tasks.wait().await;
+        audit.flush_refusals(true).await;
         // Updates are over: the worker writes the records still behind, then stops.
         let _ = stop_worker.send(true);
         let _ = worker.await;

@@ -5,19 +5,22 @@
 //!   `server.max_connections_per_caller` of them;
 //! - TLS connections that have not yet presented a valid bearer token share
 //!   `server.max_unauthenticated` slots and must authenticate within
-//!   `server.unauthenticated_timeout_s` of their handshake.
+//!   `server.unauthenticated_timeout_s` of their handshake. When the slots are full, the
+//!   oldest unauthenticated connection is closed to make room: a real client authenticates
+//!   with its first request, a millisecond after its handshake, so a flood of idle or slow
+//!   connections evicts itself and cannot lock real clients out.
 //!
 //! Over a budget, the connection's next request is answered 503 `too_many_connections`
 //! (by `api`, through the [`Admission`] in the request) and the connection closed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 use crate::auth::Admission;
 use crate::config::ServerConfig;
@@ -108,24 +111,86 @@ impl Admission for Decided {
     }
 }
 
+/// The unauthenticated TLS connections, oldest first.
+pub struct Unauthenticated {
+    max: usize,
+    queue: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    next: AtomicU64,
+}
+
+/// One connection's place among the unauthenticated ones; leaves on drop.
+pub struct Ticket {
+    id: u64,
+    evict: Arc<Notify>,
+    pool: Arc<Unauthenticated>,
+}
+
+impl Unauthenticated {
+    /// Room for `max` unauthenticated connections.
+    pub fn new(max: usize) -> Arc<Unauthenticated> {
+        Arc::new(Unauthenticated {
+            max: max.max(1),
+            queue: Mutex::new(VecDeque::new()),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// A place for a new connection; when all are taken, the oldest holder is told to go.
+    pub fn admit(self: &Arc<Self>) -> Ticket {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= self.max {
+            if let Some((_, oldest)) = q.pop_front() {
+                oldest.notify_one();
+            }
+        }
+        q.push_back((id, evict.clone()));
+        Ticket {
+            id,
+            evict,
+            pool: self.clone(),
+        }
+    }
+
+    /// Unauthenticated connections now.
+    pub fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut q = self.pool.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.retain(|(id, _)| *id != self.id);
+    }
+}
+
 /// A TLS connection's admission: anonymous until its first valid bearer token, then
 /// counted against that token's principal.
 pub struct TlsAdmission {
     slots: Arc<CallerSlots<String>>,
     state: Mutex<TlsState>,
     authenticated: AtomicBool,
+    evict: Arc<Notify>,
 }
 
 struct TlsState {
-    anonymous: Option<OwnedSemaphorePermit>,
+    anonymous: Option<Ticket>,
     caller: Option<CallerPermit<String>>,
 }
 
 impl TlsAdmission {
-    /// A connection holding one of the unauthenticated slots.
-    pub fn new(anonymous: OwnedSemaphorePermit, slots: Arc<CallerSlots<String>>) -> TlsAdmission {
+    /// A connection holding a place among the unauthenticated ones.
+    pub fn new(anonymous: Ticket, slots: Arc<CallerSlots<String>>) -> TlsAdmission {
         TlsAdmission {
             slots,
+            evict: anonymous.evict.clone(),
             state: Mutex::new(TlsState {
                 anonymous: Some(anonymous),
                 caller: None,
@@ -138,6 +203,11 @@ impl TlsAdmission {
     pub fn authenticated(&self) -> bool {
         self.authenticated.load(Ordering::SeqCst)
     }
+
+    /// Completes when the connection, still unauthenticated, must make room for a newer one.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
 }
 
 impl Admission for TlsAdmission {
@@ -148,16 +218,11 @@ impl Admission for TlsAdmission {
         }
         let permit = self.slots.try_take(principal.to_string(), "principal")?;
         st.caller = Some(permit);
-        // The connection leaves the shared unauthenticated budget.
+        // The connection leaves the unauthenticated ones.
         st.anonymous = None;
         self.authenticated.store(true, Ordering::SeqCst);
         Ok(())
     }
-}
-
-/// The shared budget of unauthenticated TLS connections.
-pub fn unauthenticated_pool(n: usize) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(n))
 }
 
 #[cfg(test)]
@@ -179,19 +244,34 @@ mod tests {
 
     #[test]
     fn a_tls_connection_moves_from_the_shared_budget_to_its_principal() {
-        let pool = unauthenticated_pool(1);
+        let pool = Unauthenticated::new(1);
         let slots = CallerSlots::<String>::new(1);
-        let first = TlsAdmission::new(pool.clone().try_acquire_owned().unwrap(), slots.clone());
-        assert!(
-            pool.clone().try_acquire_owned().is_err(),
-            "the one slot is taken"
-        );
+        let first = TlsAdmission::new(pool.admit(), slots.clone());
+        assert_eq!(pool.len(), 1);
         first.admit("app").unwrap();
         assert!(first.authenticated());
-        let second = TlsAdmission::new(pool.clone().try_acquire_owned().unwrap(), slots.clone());
+        assert!(
+            pool.is_empty(),
+            "an authenticated connection leaves the shared budget"
+        );
+        let second = TlsAdmission::new(pool.admit(), slots.clone());
         let err = second.admit("app").unwrap_err();
         assert!(err.contains("principal app"), "{err}");
         assert!(!second.authenticated());
         second.admit("other").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_unauthenticated_budget_evicts_its_oldest_holder() {
+        let pool = Unauthenticated::new(2);
+        let slots = CallerSlots::<String>::new(8);
+        let oldest = TlsAdmission::new(pool.admit(), slots.clone());
+        let _middle = TlsAdmission::new(pool.admit(), slots.clone());
+        let _newest = TlsAdmission::new(pool.admit(), slots.clone());
+        assert_eq!(pool.len(), 2);
+        // The oldest was told to go; it returns at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), oldest.evicted())
+            .await
+            .expect("the oldest connection was not evicted");
     }
 }

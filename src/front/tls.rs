@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::limits::{unauthenticated_pool, CallerSlots, Limits, TlsAdmission};
+use super::limits::{CallerSlots, Limits, TlsAdmission, Unauthenticated};
 use super::{Backoff, Connections, Shutdown};
 use crate::auth::{ConnectionSlot, TlsPeer};
 use crate::config::TlsConfig;
@@ -97,9 +97,10 @@ pub fn adopt(listener: std::net::TcpListener) -> Result<TcpListener, String> {
 pub type SharedConfig = Arc<RwLock<Arc<ServerConfig>>>;
 
 /// Accepts connections until shutdown; see the module doc for what each one gets. A
-/// connection over the listener's budget, or over the shared budget of unauthenticated
-/// connections, is closed at once; one that has not authenticated within
-/// `unauthenticated_timeout` of its handshake is closed ([`super::limits`]).
+/// connection over the listener's budget is closed at once; a new one over the shared
+/// budget of unauthenticated connections closes the oldest of those instead; one that has
+/// not authenticated within `unauthenticated_timeout` of its handshake is closed
+/// ([`super::limits`]).
 pub async fn serve(
     listener: TcpListener,
     tls: SharedConfig,
@@ -111,7 +112,7 @@ pub async fn serve(
 ) {
     let mut stop = shutdown.clone();
     let callers = CallerSlots::<String>::new(limits.per_caller);
-    let anonymous = unauthenticated_pool(limits.unauthenticated);
+    let anonymous = Unauthenticated::new(limits.unauthenticated);
     let mut backoff = Backoff::new();
     loop {
         let (stream, addr) = tokio::select! {
@@ -132,24 +133,22 @@ pub async fn serve(
             tracing::warn!(%addr, max = conns.max(), "TLS listener full; connection closed");
             continue;
         };
-        let Ok(unauthenticated) = anonymous.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, max = limits.unauthenticated,
-                "too many unauthenticated TLS connections; connection closed");
-            continue;
-        };
-        let admission = Arc::new(TlsAdmission::new(unauthenticated, callers.clone()));
+        let admission = Arc::new(TlsAdmission::new(anonymous.admit(), callers.clone()));
         let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let (app, stop) = (app.clone(), shutdown.clone());
         drop(tokio::spawn(async move {
             let _permit = permit;
             let tls = tokio::time::timeout(handshake_timeout, handshake(stream, addr, acceptor));
-            let stream = match tls.await {
-                Ok(Some(stream)) => stream,
-                Ok(None) => return,
-                Err(_) => {
-                    tracing::debug!(%addr, "TLS handshake timed out; closed");
-                    return;
-                }
+            let stream = tokio::select! {
+                r = tls => match r {
+                    Ok(Some(stream)) => stream,
+                    Ok(None) => return,
+                    Err(_) => {
+                        tracing::debug!(%addr, "TLS handshake timed out; closed");
+                        return;
+                    }
+                },
+                () = admission.evicted() => return,
             };
             let watch = admission.clone();
             let slot = ConnectionSlot(admission);
@@ -169,10 +168,15 @@ pub async fn serve(
                     std::future::pending::<()>().await;
                 }
             };
+            // Eviction only reaches connections still unauthenticated: an authenticated
+            // one has left the queue.
             tokio::select! {
                 () = http => {}
                 () = expire => {
                     tracing::debug!(%addr, "closed a TLS connection that did not authenticate in time");
+                }
+                () = watch.evicted() => {
+                    tracing::debug!(%addr, "closed the oldest unauthenticated TLS connection to make room");
                 }
             }
         }));

@@ -12,7 +12,7 @@ use super::{Hsm, HsmError};
 /// An object of the token, opaque above this layer. Valid for the life of the process
 /// (a token re-initialized under the daemon shows as [`super::HsmErrorKind::ObjectGone`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ObjectRef(ObjectHandle);
+pub struct ObjectRef(pub(super) ObjectHandle);
 
 /// CKA_CLASS, reduced to what hsmkeyd distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

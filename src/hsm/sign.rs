@@ -9,6 +9,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 
+use super::ObjectRef;
 use super::{Hsm, HsmError};
 
 /// CKA_LABEL of the signing pair (both objects).
@@ -60,10 +61,30 @@ impl Hsm {
                 ])
             })
         };
-        let (mut privs, mut pubs) = (
+        let (privs, pubs) = (
             find(ObjectClass::PRIVATE_KEY)?,
             find(ObjectClass::PUBLIC_KEY)?,
         );
+        self.signing_key_of(privs, pubs)
+    }
+
+    /// [`Hsm::signing_key`] from the objects a scan found under the reserved label (EC
+    /// private and public keys), so startup does not search the token again.
+    pub fn signing_key_among(
+        &self,
+        privs: &[ObjectRef],
+        pubs: &[ObjectRef],
+    ) -> Result<SigningKey, HsmError> {
+        let handles = |v: &[ObjectRef]| v.iter().map(|r| r.0).collect();
+        self.signing_key_of(handles(privs), handles(pubs))
+    }
+
+    fn signing_key_of(
+        &self,
+        mut privs: Vec<ObjectHandle>,
+        mut pubs: Vec<ObjectHandle>,
+    ) -> Result<SigningKey, HsmError> {
+        let label = SIGNING_KEY_LABEL.as_bytes().to_vec();
         if privs.len() > 1 || pubs.len() > 1 {
             return Err(HsmError::internal(
                 "C_FindObjects",

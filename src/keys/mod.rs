@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 pub use error::KeyError;
 pub use update::{Actor, FieldChange, KeyPatch, UpdateOutcome};
 
-use crate::hsm::{Hsm, HsmError, HsmErrorKind};
+use crate::hsm::{
+    Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef, SIGNING_KEY_LABEL,
+};
 use entry::{Entry, Group};
 use model::{KeyView, Kid, RoleName};
 
@@ -77,6 +79,9 @@ pub struct KeyStore {
     chores: worker::Chores,
     /// Objects the last scan could not read.
     unreadable: Arc<AtomicUsize>,
+    /// The EC private and public keys the opening scan found under the token-signing
+    /// key's reserved label.
+    signing: (Vec<ObjectRef>, Vec<ObjectRef>),
 }
 
 /// The parts of the store the blocking write code needs.
@@ -109,7 +114,15 @@ impl KeyStore {
         });
         let chores = worker::Chores::new(max_backlog);
         let unreadable = Arc::new(AtomicUsize::new(0));
-        let index = scan_index(&hsm, &shared, &chores, generation, &unreadable)?;
+        let mut signing = (Vec::new(), Vec::new());
+        let index = scan_index(
+            &hsm,
+            &shared,
+            &chores,
+            generation,
+            &unreadable,
+            &mut signing,
+        )?;
         Ok(KeyStore {
             generation: generation.into(),
             hsm,
@@ -121,7 +134,13 @@ impl KeyStore {
             shared,
             chores,
             unreadable,
+            signing,
         })
+    }
+
+    /// The token-signing key's objects the opening scan found (private, public).
+    pub fn signing_candidates(&self) -> (&[ObjectRef], &[ObjectRef]) {
+        (&self.signing.0, &self.signing.1)
     }
 
     /// The token behind the store.
@@ -254,8 +273,15 @@ impl KeyStore {
         let unreadable = self.unreadable.clone();
         let (generation, fresh) = tokio::task::spawn_blocking(move || {
             let generation = hsm.login_generation();
-            scan_index(&hsm, &shared, &chores, generation, &unreadable)
-                .map(|index| (generation, index))
+            scan_index(
+                &hsm,
+                &shared,
+                &chores,
+                generation,
+                &unreadable,
+                &mut (vec![], vec![]),
+            )
+            .map(|index| (generation, index))
         })
         .await
         .map_err(|e| KeyError::Internal(format!("rescan task failed: {e}")))?
@@ -402,8 +428,18 @@ fn scan_index(
     chores: &worker::Chores,
     generation: u64,
     unreadable: &AtomicUsize,
+    signing: &mut (Vec<ObjectRef>, Vec<ObjectRef>),
 ) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
     let scanned = hsm.scan(&[meta::APPLICATION, meta::APPLICATION_V1])?;
+    for o in &scanned.objects {
+        if o.label == SIGNING_KEY_LABEL.as_bytes() && o.algorithm == Some(Algorithm::Ec) {
+            match o.kind {
+                ObjectKind::PrivateKey => signing.0.push(o.handle),
+                ObjectKind::PublicKey => signing.1.push(o.handle),
+                _ => {}
+            }
+        }
+    }
     unreadable.store(scanned.unreadable, std::sync::atomic::Ordering::Relaxed);
     if scanned.unreadable > 0 {
         tracing::warn!(
