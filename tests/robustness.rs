@@ -819,3 +819,58 @@ fn a_wedged_token_does_not_block_shutdown() {
     std::fs::remove_file(faults.path().join("hang_C_SetAttributeValue")).unwrap();
     let _ = stuck.join();
 }
+
+/// A token that stops answering holds at most its sessions' worth of threads: the audit
+/// trail still gets the threads it writes with, so refusals are still answered (and
+/// recorded) while HSM calls hang.
+#[test]
+fn a_wedged_token_does_not_starve_the_audit_trail() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        fault_dir: Some(faults.path().to_path_buf()),
+        pkcs11_extra: "max_sessions = 2\n".to_string(),
+        ..Setup::default()
+    };
+    let d = Daemon::start(&t, &setup);
+    // Every attribute read hangs: each Encedo get of the public key waits on the token.
+    std::fs::write(faults.path().join("hang"), "").unwrap();
+    let sock = d.sock.clone();
+    // Far more waiting reads than the blocking threads the daemon keeps for HSM work
+    // (max_sessions + 1) plus those it keeps for the audit trail (64).
+    let stuck: Vec<UnixStream> = (0..100)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.write_all(
+                format!("GET /api/keymgmt/get/{EC} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A refusal needs an audit entry before it is answered.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!(
+            "PATCH /v1/keys/{EC} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: \
+             application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let r = common::parse_response(&buf);
+    r.assert_error(400, "empty_patch");
+    assert!(
+        audit_entries(&d)
+            .iter()
+            .any(|e| e["HSMKEYD_ERROR"] == "empty_patch"),
+        "the refusal was not recorded"
+    );
+    std::fs::remove_file(faults.path().join("hang")).unwrap();
+    drop(stuck);
+}

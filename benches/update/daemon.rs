@@ -87,18 +87,26 @@ pub(crate) fn daemon_figures(
     figs.add("patch_label_secret_https", v, "ms");
     drop(https);
 
+    // Memory per committed update: RSS across the throughput runs (after the warm-up of
+    // the latency runs), over the updates they made.
+    let rss_before_load = d.rss_mib()?;
+    let mut updates = 0.0;
     for clients in [1, 2, 4, 16] {
         let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
         let rate = throughput(&d.sock, &kids, o.seconds)?;
+        updates += rate * o.seconds;
         figs.add(&format!("throughput_{clients}"), rate, "updates/s");
     }
     let rate = throughput(&d.sock, &vec![bulk_kid(30); 4], o.seconds)?;
+    updates += rate * o.seconds;
     figs.add("throughput_4_one_key", rate, "updates/s");
     let load_end = Instant::now();
 
     let rss = d.rss_mib()?;
     figs.add("daemon_rss", rss, "MiB");
     figs.add("daemon_rss_over_raw", rss - figs.value("raw_rss"), "MiB");
+    let growth = (rss - rss_before_load) * 1024.0 * 1024.0 / updates.max(1.0);
+    figs.add("rss_growth_per_update", growth, "bytes");
 
     slow_attack(o, &d, &bearer, &get_path, figs)?;
     // Usually known by now: the slow part takes longer than the worker needs.

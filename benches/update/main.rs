@@ -13,7 +13,8 @@
 //! 2. the real daemon on the same token copy (after the raw part has finalized: SoftHSM file
 //!    tokens take one writing process at a time): start until READY=1 (sd_notify), GET
 //!    and PATCH latencies over one keep-alive connection on the Unix socket and over
-//!    HTTPS, PATCH throughput from 1..16 clients, its RSS (before the slow clients), and
+//!    HTTPS, PATCH throughput from 1..16 clients, its RSS (before the slow clients) and
+//!    how much it grew per update over the throughput runs (`rss_growth_per_update`), and
 //!    GET latency on both front doors while 400 slow clients hold stalled PATCH bodies on
 //!    the Unix socket (at most 12 s per door: the stalled bodies time out after 30 s).
 //!    One config serves throughout, with the connection limits the slow part needs;

@@ -8,6 +8,8 @@
 //! - `GET /v1/keys/{kid}` (scope `keymgmt:get`): one key, with an `ETag`.
 //! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
 //!   description, roles; honours `If-Match`.
+//! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
+//!   not read, the background worker's backlog.
 //! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}/{limit}`,
 //!   `GET /api/keymgmt/get/{kid}`: the Encedo HEM-compatible endpoints ([`encedo`]).
 //!
@@ -81,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/{kid}", get(get_key).patch(patch_key))
         .route("/v1/auth/token", post(tokens::mint))
         .route("/v1/auth/jwks", get(tokens::jwks))
+        .route("/v1/status", get(status))
         .route("/api/keymgmt/update", post(encedo::update))
         .route("/api/keymgmt/list/{offset}/{limit}", get(encedo::list))
         .route("/api/keymgmt/get/{kid}", get(encedo::get))
@@ -255,6 +258,23 @@ async fn list_keys(
         "keys": page.keys,
         "next_cursor": page.next_after.as_ref().map(body::cursor_of),
         "total": page.total,
+    }))
+    .into_response())
+}
+
+async fn status(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Result<Response, ApiError> {
+    require(&p, Scope::KeysList)?;
+    let keys = &state.keys;
+    let backlog = keys.backlog();
+    Ok(Json(json!({
+        "state": "serving",
+        "token": keys.hsm().token().to_string(),
+        "keys": keys.len(),
+        "unreadable_objects": keys.unreadable(),
+        "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},
     }))
     .into_response())
 }

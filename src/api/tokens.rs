@@ -84,11 +84,10 @@ pub async fn mint(
     };
     let tokens = live.tokens.clone();
     let principal = p.clone();
-    let minted = tokio::task::spawn_blocking(move || {
-        tokens.mint(&principal, &scopes, ttl).map(|m| (m, scopes))
-    })
-    .await
-    .map_err(|e| ApiError::internal(&format!("mint task failed: {e}")))?;
+    let minted = state
+        .keys
+        .on_token(move || tokens.mint(&principal, &scopes, ttl).map(|m| (m, scopes)))
+        .await?;
     let (minted, scopes) = minted.map_err(|e| {
         tracing::warn!(error = %e, "signing a token failed");
         ApiError::token_unavailable()

@@ -43,6 +43,10 @@ pub fn set_module_env(config: &Config) {
     }
 }
 
+/// Blocking threads kept for audit writes (and the watchdog and reload checks) beyond
+/// those HSM work may take.
+const BLOCKING_FOR_AUDIT: usize = 64;
+
 /// How often the status line is brought up to date.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -67,8 +71,11 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         Auditor::open(config.audit.sink, config.audit.refusal_window)
             .map_err(|e| Fatal(e.to_string()))?,
     );
+    // HSM work takes at most max_sessions + 1 blocking threads (KeyStore::on_token); the
+    // rest are for audit writes, which must never wait behind a token that hangs.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(config.pkcs11.max_sessions + 1 + BLOCKING_FOR_AUDIT)
         .thread_name("hsmkeyd")
         .build()
         .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
@@ -135,6 +142,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         hsm.clone(),
         config.roles.clone(),
         config.max_cleanup_backlog,
+        config.pkcs11.max_sessions,
     )
     .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     tracing::info!(keys = keys.len(), "key index built");

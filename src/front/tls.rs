@@ -133,6 +133,10 @@ pub async fn serve(
             tracing::warn!(%addr, max = conns.max(), "TLS listener full; connection closed");
             continue;
         };
+        // Answers are small and each is awaited: no Nagle delay on them.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%addr, error = %e, "TCP_NODELAY not set");
+        }
         let admission = Arc::new(TlsAdmission::new(anonymous.admit(), callers.clone()));
         let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let (app, stop) = (app.clone(), shutdown.clone());

@@ -36,6 +36,9 @@ use model::{KeyView, Kid, RoleName};
 pub const RESCAN_MIN_INTERVAL: Duration = Duration::from_secs(2);
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 1000;
+/// How long HSM work waits for its turn before the answer is 503 token_unavailable (the
+/// session pool's own checkout limit).
+const HSM_WAIT: Duration = Duration::from_secs(30);
 
 /// A listing request, already validated by the caller.
 #[derive(Debug, Clone, Default)]
@@ -82,6 +85,10 @@ pub struct KeyStore {
     /// The EC private and public keys the opening scan found under the token-signing
     /// key's reserved label.
     signing: (Vec<ObjectRef>, Vec<ObjectRef>),
+    /// Turns for HSM work on blocking threads: as many as the token has sessions, plus
+    /// one. Waiting for a turn is async, so a token that stops answering holds that many
+    /// threads and no more, and the audit trail keeps the rest.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// The parts of the store the blocking write code needs.
@@ -103,10 +110,12 @@ impl KeyStore {
     /// Blocks: call it before serving, or on a blocking thread.
     /// `max_backlog` bounds the superseded objects waiting for the worker: updates that
     /// would add more wait for it.
+    /// `sessions` is the token's session limit, which bounds concurrent HSM work.
     pub fn open(
         hsm: Hsm,
         roles: BTreeSet<RoleName>,
         max_backlog: usize,
+        sessions: usize,
     ) -> Result<KeyStore, HsmError> {
         let generation = hsm.login_generation();
         let shared = Arc::new(Shared {
@@ -135,7 +144,37 @@ impl KeyStore {
             chores,
             unreadable,
             signing,
+            turns: Arc::new(tokio::sync::Semaphore::new(sessions + 1)),
         })
+    }
+
+    /// Runs HSM work on a blocking thread when it gets a turn (see `turns`); the turn is
+    /// held until the work is over, even if the caller stops waiting.
+    pub async fn on_token<T, F>(&self, f: F) -> Result<T, KeyError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let turn = tokio::time::timeout(HSM_WAIT, self.turns.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                KeyError::Unavailable(HsmError {
+                    kind: HsmErrorKind::Unavailable,
+                    function: "the token".into(),
+                    code: format!(
+                        "no HSM call could start within {} s: every session is busy or the \
+                         token does not answer",
+                        HSM_WAIT.as_secs()
+                    ),
+                })
+            })?
+            .map_err(|_| KeyError::Internal("the HSM turns were closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            f()
+        })
+        .await
+        .map_err(|e| KeyError::Internal(format!("HSM task failed: {e}")))
     }
 
     /// The token-signing key's objects the opening scan found (private, public).
@@ -226,9 +265,9 @@ impl KeyStore {
             return Ok((entry.view.clone(), None));
         };
         let (hsm, handle, algorithm) = (self.hsm.clone(), source.handle, source.algorithm.clone());
-        let parts = tokio::task::spawn_blocking(move || hsm.public_parts(handle))
-            .await
-            .map_err(|e| KeyError::Internal(format!("public key task failed: {e}")))?
+        let parts = self
+            .on_token(move || hsm.public_parts(handle))
+            .await?
             .map_err(|e| hsm_error(kid, e))?;
         Ok((
             entry.view.clone(),
@@ -271,21 +310,22 @@ impl KeyStore {
         let shared = self.shared.clone();
         let chores = self.chores.clone();
         let unreadable = self.unreadable.clone();
-        let (generation, fresh) = tokio::task::spawn_blocking(move || {
-            let generation = hsm.login_generation();
-            scan_index(
-                &hsm,
-                &shared,
-                &chores,
-                generation,
-                &unreadable,
-                &mut (vec![], vec![]),
-            )
-            .map(|index| (generation, index))
-        })
-        .await
-        .map_err(|e| KeyError::Internal(format!("rescan task failed: {e}")))?
-        .map_err(KeyError::Unavailable)?;
+        let (generation, fresh) = self
+            .on_token(move || {
+                let generation = hsm.login_generation();
+                let mut signing = (Vec::new(), Vec::new());
+                scan_index(
+                    &hsm,
+                    &shared,
+                    &chores,
+                    generation,
+                    &unreadable,
+                    &mut signing,
+                )
+                .map(|index| (generation, index))
+            })
+            .await?
+            .map_err(KeyError::Unavailable)?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *write(&self.index) = fresh;
         self.generation
@@ -353,17 +393,17 @@ impl KeyStore {
             });
         }
         let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
-        let (applied, changes) = tokio::task::spawn_blocking(move || {
-            before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
-            let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
-            after_write(match &applied.result {
-                Ok(()) => Ok(&plan.changes),
-                Err(e) => Err(e),
-            });
-            Ok((applied, plan.changes))
-        })
-        .await
-        .map_err(|e| KeyError::Internal(format!("update task failed: {e}")))??;
+        let (applied, changes) = self
+            .on_token(move || {
+                before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
+                let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
+                after_write(match &applied.result {
+                    Ok(()) => Ok(&plan.changes),
+                    Err(e) => Err(e),
+                });
+                Ok((applied, plan.changes))
+            })
+            .await??;
         let result = applied.result;
         match applied.entry {
             Ok(Some(mut entry)) => {

@@ -152,6 +152,11 @@ impl KeyStore {
         self.chores.backlog()
     }
 
+    /// Objects the last scan could not read (and so left out).
+    pub fn unreadable(&self) -> usize {
+        self.unreadable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The store's state beyond its keys, for the service status line: the worker's
     /// backlog and the objects the last scan could not read. Empty when all is well.
     pub fn health(&self) -> String {
@@ -212,25 +217,26 @@ impl KeyStore {
         }
         let hsm = self.hsm.clone();
         let kid = d.kid.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let o = match hsm.read(d.object, &[meta::APPLICATION, meta::APPLICATION_V1]) {
-                Ok(o) => o,
-                Err(e) if e.kind == HsmErrorKind::ObjectGone => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let ours = o.kind == ObjectKind::Data
-                && Layout::of(o.application.as_deref()).is_some()
-                && meta::kid_of_label(&o.label).as_ref() == Some(&kid);
-            if !ours {
-                tracing::error!(%kid, "a queued metadata object is no longer one; left alone");
-                return Ok(());
-            }
-            match hsm.destroy(d.object) {
-                Err(e) if e.kind != HsmErrorKind::ObjectGone => Err(e),
-                _ => Ok(()),
-            }
-        })
-        .await;
+        let done = self
+            .on_token(move || {
+                let o = match hsm.read(d.object, &[meta::APPLICATION, meta::APPLICATION_V1]) {
+                    Ok(o) => o,
+                    Err(e) if e.kind == HsmErrorKind::ObjectGone => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let ours = o.kind == ObjectKind::Data
+                    && Layout::of(o.application.as_deref()).is_some()
+                    && meta::kid_of_label(&o.label).as_ref() == Some(&kid);
+                if !ours {
+                    tracing::error!(%kid, "a queued metadata object is no longer one; left alone");
+                    return Ok(());
+                }
+                match hsm.destroy(d.object) {
+                    Err(e) if e.kind != HsmErrorKind::ObjectGone => Err(e),
+                    _ => Ok(()),
+                }
+            })
+            .await;
         match done {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(kid = %d.kid, error = %e,
@@ -251,10 +257,9 @@ impl KeyStore {
             return;
         };
         let (hsm, kid2, shared) = (self.hsm.clone(), kid.clone(), self.shared.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            update::flush(&hsm, &kid2, &slot, &shared.label_limit)
-        })
-        .await;
+        let written = self
+            .on_token(move || update::flush(&hsm, &kid2, &slot, &shared.label_limit))
+            .await;
         match written {
             Ok(Ok((fresh, superseded))) => {
                 let mut e = (*entry).clone();
