@@ -176,7 +176,7 @@ pub async fn list(
                 format!("limit must be an integer in 1..={MAX_PAGE}"),
             )
         })?;
-    let (total, keys) = state.keys.slice(offset, limit);
+    let (total, keys) = state.keys.slice(offset, limit).map_err(ApiError::encedo)?;
     let list: Vec<Value> = keys
         .iter()
         .map(|k| {

@@ -253,7 +253,7 @@ async fn list_keys(
 ) -> Result<Response, ApiError> {
     require(&p, Scope::KeysList)?;
     let q = body::list_query(uri.query())?;
-    let page = state.keys.list(&q);
+    let page = state.keys.list(&q)?;
     Ok(Json(json!({
         "keys": page.keys,
         "next_cursor": page.next_after.as_ref().map(body::cursor_of),
@@ -270,7 +270,7 @@ async fn status(
     let keys = &state.keys;
     let backlog = keys.backlog();
     Ok(Json(json!({
-        "state": "serving",
+        "state": if keys.is_lost() { "token_unavailable" } else { "serving" },
         "token": keys.hsm().token().to_string(),
         "keys": keys.len(),
         "unreadable_objects": keys.unreadable(),

@@ -214,7 +214,11 @@ impl Signer for HsmSigner {
 
 fn signer(hsm: &Hsm, keys: &KeyStore) -> Result<Arc<dyn Signer>, Fatal> {
     let (privs, pubs) = keys.signing_candidates();
-    let key = hsm.signing_key_among(privs, pubs).map_err(|e| {
+    let key = hsm.signing_key_among(privs, pubs);
+    if let Ok(k) = &key {
+        keys.watch_signing_key(k.private_ref());
+    }
+    let key = key.map_err(|e| {
         Fatal(format!(
             "the token-signing key ({SIGNING_KEY_LABEL}) in {} is unusable: {e}",
             hsm.token()
@@ -335,8 +339,9 @@ async fn serve(
     systemd::ready(&status);
     // The watchdog proves the HSM answers (C_GetSessionInfo on a pooled session).
     let watchdog = systemd::watchdog_interval().map(|interval| {
-        let hsm = hsm.clone();
-        tokio::spawn(systemd::feed_watchdog(interval, move || hsm.ping().is_ok()))
+        let (hsm, lost) = (hsm.clone(), keys.lost_flag());
+        let alive = move || !lost.load(std::sync::atomic::Ordering::SeqCst) && hsm.ping().is_ok();
+        tokio::spawn(systemd::feed_watchdog(interval, alive))
     });
     let mut reloader = reload::Reloader {
         running: config.clone(),
@@ -354,6 +359,7 @@ async fn serve(
         tokio::select! {
             _ = tick.tick() => {
                 audit.flush_refusals(false).await;
+                reloader.keys.check_token(false).await;
                 let health = reloader.keys.health();
                 if health != shown {
                     let line = if health.is_empty() {
@@ -373,7 +379,11 @@ async fn serve(
                 tracing::info!("SIGINT received; draining");
                 break;
             }
-            _ = hup.recv() => reloader.reload().await,
+            _ = hup.recv() => {
+                reloader.reload().await;
+                // A lost token is looked for at once.
+                reloader.keys.check_token(true).await;
+            }
         }
     }
     drop(reloader);

@@ -28,6 +28,11 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
+    /// The private key's object, as last found.
+    pub fn private_ref(&self) -> ObjectRef {
+        ObjectRef(self.private.lock().unwrap_or_else(|p| p.into_inner()).1)
+    }
+
     /// The public point, uncompressed SEC1 (0x04 || X || Y), 65 bytes.
     pub fn public_point(&self) -> &[u8] {
         &self.point

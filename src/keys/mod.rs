@@ -10,6 +10,7 @@
 
 mod entry;
 pub mod error;
+mod health;
 pub mod meta;
 pub mod model;
 mod public;
@@ -89,6 +90,12 @@ pub struct KeyStore {
     /// one. Waiting for a turn is async, so a token that stops answering holds that many
     /// threads and no more, and the audit trail keeps the rest.
     turns: Arc<tokio::sync::Semaphore>,
+    /// The token is gone (see `health.rs`): nothing is served until it is back.
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    /// The token-signing key's private object, probed to notice a token that goes away.
+    probe: Mutex<Option<ObjectRef>>,
+    /// When a lost token was last looked for.
+    last_look: Mutex<Instant>,
 }
 
 /// The parts of the store the blocking write code needs.
@@ -132,6 +139,7 @@ impl KeyStore {
             &unreadable,
             &mut signing,
         )?;
+        let probe = signing.0.first().copied();
         Ok(KeyStore {
             generation: generation.into(),
             hsm,
@@ -145,6 +153,9 @@ impl KeyStore {
             unreadable,
             signing,
             turns: Arc::new(tokio::sync::Semaphore::new(sessions + 1)),
+            lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            probe: Mutex::new(probe),
+            last_look: Mutex::new(Instant::now()),
         })
     }
 
@@ -203,7 +214,8 @@ impl KeyStore {
     }
 
     /// One page of keys.
-    pub fn list(&self, q: &ListQuery) -> Page {
+    pub fn list(&self, q: &ListQuery) -> Result<Page, KeyError> {
+        self.ensure_token()?;
         let index = read(&self.index);
         let matches = |e: &Entry| {
             q.label.as_deref().is_none_or(|l| e.view.label == l)
@@ -237,15 +249,16 @@ impl KeyStore {
         } else {
             None
         };
-        Page {
+        Ok(Page {
             keys,
             next_after,
             total,
-        }
+        })
     }
 
     /// Keys `offset..offset + limit` in kid order, and the number of keys in the index.
-    pub fn slice(&self, offset: usize, limit: usize) -> (usize, Vec<KeyView>) {
+    pub fn slice(&self, offset: usize, limit: usize) -> Result<(usize, Vec<KeyView>), KeyError> {
+        self.ensure_token()?;
         let index = read(&self.index);
         let keys = index
             .values()
@@ -253,7 +266,7 @@ impl KeyStore {
             .take(limit)
             .map(|e| e.view.clone())
             .collect();
-        (index.len(), keys)
+        Ok((index.len(), keys))
     }
 
     /// A key and its public key, encoded as [`public`] describes (`None` for secret keys,
@@ -282,6 +295,7 @@ impl KeyStore {
     }
 
     async fn entry(&self, kid: &Kid) -> Result<Arc<Entry>, KeyError> {
+        self.ensure_token()?;
         if let Some(e) = read(&self.index).get(kid) {
             return Ok(e.clone());
         }
@@ -310,7 +324,7 @@ impl KeyStore {
         let shared = self.shared.clone();
         let chores = self.chores.clone();
         let unreadable = self.unreadable.clone();
-        let (generation, fresh) = self
+        let (generation, fresh, signing) = self
             .on_token(move || {
                 let generation = hsm.login_generation();
                 let mut signing = (Vec::new(), Vec::new());
@@ -322,10 +336,11 @@ impl KeyStore {
                     &unreadable,
                     &mut signing,
                 )
-                .map(|index| (generation, index))
+                .map(|index| (generation, index, signing.0.first().copied()))
             })
             .await?
             .map_err(KeyError::Unavailable)?;
+        self.judge_scan(signing)?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *write(&self.index) = fresh;
         self.generation

@@ -163,6 +163,9 @@ impl KeyStore {
         let b = self.backlog();
         let unreadable = self.unreadable.load(std::sync::atomic::Ordering::Relaxed);
         let mut parts = Vec::new();
+        if self.is_lost() {
+            parts.push("TOKEN UNAVAILABLE: hsmkeyd's token-signing key is gone".to_string());
+        }
         if b.objects > 0 || b.records > 0 {
             parts.push(format!(
                 "cleanup backlog {} objects, {} records",
