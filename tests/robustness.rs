@@ -411,6 +411,17 @@ fn a_slow_body_is_cut_by_the_minimum_rate_and_the_deadline_even_for_a_known_call
     Response::ok(&d.client().patch(EC, &json!({"label": "fine"})));
 }
 
+/// A keep-alive connection that has been served once (so the daemon has counted it), left
+/// open.
+fn kept_alive(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1];
+    s.read_exact(&mut buf).unwrap();
+    s
+}
+
 #[test]
 fn one_uid_cannot_hold_more_than_its_share_of_the_unix_socket() {
     let t = Token::new();
@@ -421,16 +432,7 @@ fn one_uid_cannot_hold_more_than_its_share_of_the_unix_socket() {
         false,
     );
     // Three idle keep-alive connections: the uid's whole share.
-    let mut held: Vec<UnixStream> = (0..3)
-        .map(|_| {
-            let mut s = UnixStream::connect(&d.sock).unwrap();
-            s.write_all(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut buf = [0u8; 1];
-            s.read_exact(&mut buf).unwrap();
-            s
-        })
-        .collect();
+    let mut held: Vec<UnixStream> = (0..3).map(|_| kept_alive(&d.sock)).collect();
     let r = d.client().get("/v1/keys");
     let body = r.assert_error(503, "too_many_connections");
     assert!(
@@ -458,16 +460,7 @@ fn a_full_unix_socket_answers_503_at_once_instead_of_leaving_callers_waiting() {
         "max_connections = 2\nmax_connections_per_caller = 2\n",
         false,
     );
-    let _held: Vec<UnixStream> = (0..2)
-        .map(|_| {
-            let mut s = UnixStream::connect(&d.sock).unwrap();
-            s.write_all(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut buf = [0u8; 1];
-            s.read_exact(&mut buf).unwrap();
-            s
-        })
-        .collect();
+    let _held: Vec<UnixStream> = (0..2).map(|_| kept_alive(&d.sock)).collect();
     let body = d
         .client()
         .get("/v1/keys")

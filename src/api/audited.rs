@@ -113,6 +113,24 @@ struct Answer<'a> {
     reason: &'a str,
 }
 
+impl<'a> Answer<'a> {
+    /// 200, or the status and code of `error`.
+    fn of(error: Option<&'a ApiError>) -> Answer<'a> {
+        match error {
+            None => Answer {
+                status: 200,
+                error: None,
+                reason: "",
+            },
+            Some(e) => Answer {
+                status: e.status.as_u16(),
+                error: Some(e.code),
+                reason: &e.message,
+            },
+        }
+    }
+}
+
 /// The result event of a request with this note and status, if it gets one.
 fn event_of(n: &Note, status: u16) -> Option<Event> {
     if n.intent_failed || n.recorded {
@@ -207,18 +225,7 @@ pub async fn finish_update(
         }
         return result;
     }
-    let answer = match &result {
-        Ok(_) => Answer {
-            status: 200,
-            error: None,
-            reason: "",
-        },
-        Err(e) => Answer {
-            status: e.status.as_u16(),
-            error: Some(e.code),
-            reason: &e.message,
-        },
-    };
+    let answer = Answer::of(result.as_ref().err());
     let Some(event) = event_of(&n, answer.status) else {
         return result;
     };
@@ -308,18 +315,7 @@ pub fn result_hook(
         }
         let n = note.with(|n| n.clone());
         let mapped = outcome.err().map(|e| map(e.clone()));
-        let answer = match &mapped {
-            None => Answer {
-                status: 200,
-                error: None,
-                reason: "",
-            },
-            Some(e) => Answer {
-                status: e.status.as_u16(),
-                error: Some(e.code),
-                reason: &e.message,
-            },
-        };
+        let answer = Answer::of(mapped.as_ref());
         let Some(event) = event_of(&n, answer.status) else {
             return;
         };
