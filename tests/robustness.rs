@@ -867,3 +867,29 @@ fn a_wedged_token_does_not_starve_the_audit_trail() {
     std::fs::remove_file(faults.path().join("hang")).unwrap();
     drop(stuck);
 }
+
+/// The daemon's once-a-second token probe may hang with the token; signals must still be
+/// handled (a reload here) while it does.
+#[test]
+fn a_hung_token_probe_does_not_keep_the_daemon_from_its_signals() {
+    let t = Token::new();
+    t.gen("ec-p256", EC, "start", &[]);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &faulty(faults.path()));
+    std::fs::write(faults.path().join("hang"), "").unwrap();
+    // Long enough for a probe to be stuck in the hung token.
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let reloaded = wait_for("the reload", Duration::from_secs(5), || {
+        audit_entries(&d)
+            .iter()
+            .any(|e| e["HSMKEYD_EVENT"] == "CONFIG_RELOADED")
+    });
+    std::fs::remove_file(faults.path().join("hang")).unwrap();
+    assert!(
+        reloaded,
+        "SIGHUP was not handled while the token hung: {}",
+        d.log()
+    );
+}

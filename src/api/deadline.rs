@@ -27,7 +27,7 @@ const RATE_GRACE: Duration = Duration::from_secs(1);
 pub struct BodyLimits {
     /// Time for the whole body, from the end of the headers.
     pub deadline: Duration,
-    /// Least average rate in bytes/s after [`RATE_GRACE`]; 0 means no rate check.
+    /// Least average rate in bytes/s after the first second; 0 means no rate check.
     pub min_rate: u64,
 }
 

@@ -353,13 +353,24 @@ async fn serve(
         status,
     };
     // The status line follows the store's health (worker backlog, unreadable objects).
+    // Housekeeping that may wait on the token or journald runs in a task of its own, so
+    // that a token that hangs never keeps this loop from seeing a signal.
+    let housekeeping = {
+        let (keys, audit) = (reloader.keys.clone(), audit.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STATUS_INTERVAL);
+            loop {
+                let _ = tick.tick().await;
+                audit.flush_refusals(false).await;
+                keys.check_token(false).await;
+            }
+        })
+    };
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     let mut shown = String::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                audit.flush_refusals(false).await;
-                reloader.keys.check_token(false).await;
                 let health = reloader.keys.health();
                 if health != shown {
                     let line = if health.is_empty() {
@@ -381,12 +392,14 @@ async fn serve(
             }
             _ = hup.recv() => {
                 reloader.reload().await;
-                // A lost token is looked for at once.
-                reloader.keys.check_token(true).await;
+                // A lost token is looked for at once (in the background: it may hang).
+                let keys = reloader.keys.clone();
+                drop(tokio::spawn(async move { keys.check_token(true).await }));
             }
         }
     }
     drop(reloader);
+    housekeeping.abort();
     systemd::stopping("draining in-flight requests");
     if let Some(w) = watchdog {
         w.abort();

@@ -56,7 +56,7 @@ impl KeyStore {
     }
 
     /// One health check, from the daemon's status tick: probe the token while it is there,
-    /// look for it again (at most every [`RETRY`], or at once when `now`) while it is gone.
+    /// look for it again (at most every 5 s, or at once when `now`) while it is gone.
     pub async fn check_token(&self, now: bool) {
         if self.is_lost() {
             {

@@ -14,6 +14,7 @@ mod health;
 pub mod meta;
 pub mod model;
 mod public;
+mod settle;
 mod update;
 mod worker;
 
@@ -512,7 +513,7 @@ fn scan_index(
     let mut index = BTreeMap::new();
     chores.forget_all();
     for (kid, group) in groups {
-        if let Some(mut e) = update::settle(hsm, &kid, group, &shared.label_limit) {
+        if let Some(mut e) = settle::settle(hsm, &kid, group, &shared.label_limit) {
             chores.superseded(generation, &kid, std::mem::take(&mut e.stale));
             if e.meta.as_ref().is_some_and(|m| m.dirty) {
                 chores.dirty(&kid);

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 
 use super::meta::{self, Layout};
 use super::model::Kid;
-use super::{update, KeyStore};
+use super::{settle, KeyStore};
 use crate::hsm::{HsmErrorKind, ObjectKind, ObjectRef};
 
 /// How long a key must go without an update before its dirty record is written: long
@@ -261,7 +261,7 @@ impl KeyStore {
         };
         let (hsm, kid2, shared) = (self.hsm.clone(), kid.clone(), self.shared.clone());
         let written = self
-            .on_token(move || update::flush(&hsm, &kid2, &slot, &shared.label_limit))
+            .on_token(move || settle::flush(&hsm, &kid2, &slot, &shared.label_limit))
             .await;
         match written {
             Ok(Ok((fresh, superseded))) => {

@@ -1,0 +1,98 @@
+//! Bringing a key's record to rest: the worker's write of a dirty record (and its spare),
+//! and the scan's repair of a label change a crash interrupted (v2: rolled forward from its
+//! `relabel` record; v1: rolled back from its `pending` labels).
+
+use std::sync::atomic::AtomicUsize;
+
+use super::entry::{kind_name, Entry, Group, MetaSlot};
+use super::meta::{self, Layout};
+use super::model::Kid;
+use super::update::write_record;
+use crate::hsm::{Hsm, HsmError, ObjectRef};
+
+/// Writes a dirty record to the token (the worker's job): `updated_at` of a label change,
+/// or a `relabel` that is complete; and gives a key whose record lives in a label its
+/// spare, so that its next write on the request path is in place. Returns the key's new
+/// slot and what it superseded.
+pub(super) fn flush(
+    hsm: &Hsm,
+    kid: &Kid,
+    slot: &MetaSlot,
+    limit: &AtomicUsize,
+) -> Result<(MetaSlot, Vec<ObjectRef>), HsmError> {
+    let mut record = slot.record.clone();
+    record.seq += 1;
+    record.relabel = None;
+    record.pending = None;
+    let mut w = write_record(hsm, kid, Some(slot), &record, limit)?;
+    if w.slot.in_label && w.slot.spare.is_none() {
+        let label = meta::record_label(&w.slot.record);
+        match hsm.create_data(&label, meta::APPLICATION, &w.slot.record.to_bytes()) {
+            Ok(spare) => w.slot.spare = Some(spare),
+            Err(e) => tracing::debug!(%kid, error = %e, "no spare record object made"),
+        }
+    }
+    Ok((w.slot, w.superseded))
+}
+
+/// Brings a key to a settled state at scan time: an interrupted v2 label change (a
+/// `relabel` record) is rolled forward, an interrupted v1 change (`pending`) rolled back;
+/// v1 records are marked for rewriting as v2. Superseded generations stay in
+/// [`Entry::stale`] for the worker. Returns the entry as the token now holds it.
+pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) -> Option<Entry> {
+    let mut entry = Entry::build(kid, group)?;
+    let Some(mut slot) = entry.meta.clone() else {
+        return Some(entry);
+    };
+    let mut objects = entry.objects.clone();
+    let (target, direction): (Vec<(usize, Vec<u8>)>, &str) =
+        if let Some(new) = slot.record.relabel_bytes() {
+            let t = (0..objects.len())
+                .filter(|&i| objects[i].label != new)
+                .map(|i| (i, new.clone()))
+                .collect();
+            (t, "completed")
+        } else if let Some(pending) = &slot.record.pending {
+            let mut old = pending.old_labels.clone();
+            let mut t = Vec::new();
+            for (i, o) in objects.iter().enumerate() {
+                if let Some(pos) = old.iter().position(|l| l.kind == kind_name(o.kind)) {
+                    let label = hex::decode(&old.remove(pos).label_hex).unwrap_or_default();
+                    if o.label != label {
+                        t.push((i, label));
+                    }
+                }
+            }
+            (t, "rolled back")
+        } else {
+            if slot.layout == Layout::V1 {
+                slot.dirty = true;
+                entry.meta = Some(slot);
+            }
+            return Some(entry);
+        };
+    for (i, label) in target {
+        match hsm.set_label(objects[i].handle, &label) {
+            Ok(()) => objects[i].label = label,
+            Err(e) => {
+                tracing::error!(%kid, error = %e, "finishing an interrupted label change failed");
+                return Some(entry);
+            }
+        }
+    }
+    match flush(hsm, kid, &slot, limit) {
+        Ok((fresh, superseded)) => {
+            tracing::warn!(%kid, "{direction} a label change interrupted by a crash");
+            slot = fresh;
+            entry.stale.extend(superseded);
+        }
+        Err(e) => {
+            tracing::error!(%kid, error = %e, "clearing an interrupted label change failed");
+            return Some(entry);
+        }
+    }
+    let stale = std::mem::take(&mut entry.stale);
+    let mut settled = Entry::assemble(kid, objects, Some(slot), None)?;
+    settled.stale = stale;
+    Some(settled)
+}
