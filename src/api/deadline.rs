@@ -1,7 +1,7 @@
 //! Request bodies under a deadline and a minimum rate, for every route and every caller
 //! (authenticated ones included): a body must arrive within the request timeout counted
 //! from the end of its headers, and, after its first second, on average at
-//! `min_body_rate` bytes/s at least. A body that misses either fails its read with
+//! `min_body_rate` bytes/s at least. (A request without a body is passed through as is.) A body that misses either fails its read with
 //! [`BodyStalled`], which [`super::body`] answers 408 `request_timeout` (closing the
 //! connection), so a slow sender holds its connection for a bounded time only.
 
@@ -132,6 +132,10 @@ impl http_body::Body for Guarded {
 
 /// The middleware: puts every request's body under the configured limits.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // A request without a body (most GETs) has nothing to guard: no timer for it.
+    if http_body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let body = Body::new(Guarded::new(body, state.body_limits));
     next.run(Request::from_parts(parts, body)).await

@@ -12,8 +12,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod server;
 mod tls;
 
+pub use server::ServerConfig;
+
+use server::RawServer;
 use tls::{issuer_config, tls_config, tokens_config, RawIssuer, RawTls, RawTokens};
 pub use tls::{IssuerConfig, JwtAlgorithm, TlsConfig, TokensConfig};
 
@@ -23,23 +27,10 @@ use crate::keys::model::RoleName;
 /// Default size of the PKCS#11 session pool: enough for two cores' blocking threads with
 /// headroom for requests that wait on a per-key lock.
 const DEFAULT_MAX_SESSIONS: usize = 8;
-/// Default cap on open client connections per listener; past it, accepts wait.
-const DEFAULT_MAX_CONNECTIONS: usize = 256;
-/// Default time in-flight requests get to finish after SIGTERM.
-const DEFAULT_DRAIN_TIMEOUT_S: u64 = 10;
-/// Headers, and then the body, must each arrive within this many seconds.
-const DEFAULT_REQUEST_TIMEOUT_S: u64 = 10;
-/// Bytes per second a body must keep up after its first second: far below any real client,
-/// far above a slow-loris one.
-const DEFAULT_MIN_BODY_RATE: u64 = 1024;
 /// Seconds over which refusals of unidentified callers are summed up per peer.
 const DEFAULT_REFUSAL_WINDOW_S: u64 = 10;
 /// Superseded metadata objects the background worker may be behind by.
 const DEFAULT_MAX_CLEANUP_BACKLOG: usize = 1024;
-/// TLS connections not yet authenticated, shared by every such client.
-const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
-/// Seconds a TLS connection may stay unauthenticated after its handshake.
-const DEFAULT_UNAUTHENTICATED_TIMEOUT_S: u64 = 5;
 
 /// A configuration error: which file, which key, and why.
 #[derive(Debug)]
@@ -138,26 +129,6 @@ pub struct UnixConfig {
     pub path: PathBuf,
     /// Permission bits of the socket file.
     pub mode: u32,
-}
-
-/// The `[server]` section: limits shared by the listeners.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerConfig {
-    /// Open connections per listener (each listener has its own, so TLS clients can never
-    /// take the Unix socket's).
-    pub max_connections: usize,
-    /// How long in-flight requests may run after a shutdown request.
-    pub drain_timeout: Duration,
-    /// Deadline for a request's headers, and then for its body.
-    pub request_timeout: Duration,
-    /// Least average body rate (bytes/s) after the first second; 0 turns the check off.
-    pub min_body_rate: u64,
-    /// Connections one caller may hold on one listener.
-    pub max_connections_per_caller: usize,
-    /// TLS connections not yet authenticated by a bearer token, all clients together.
-    pub max_unauthenticated: usize,
-    /// How long a TLS connection may stay unauthenticated after its handshake.
-    pub unauthenticated_timeout: Duration,
 }
 
 /// One `[[principals]]` entry: a local caller and what it may do.
@@ -267,18 +238,6 @@ struct RawPkcs11 {
 struct RawUnix {
     path: PathBuf,
     mode: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    max_connections: Option<usize>,
-    drain_timeout_s: Option<u64>,
-    request_timeout_s: Option<u64>,
-    min_body_rate: Option<u64>,
-    max_connections_per_caller: Option<usize>,
-    max_unauthenticated: Option<usize>,
-    unauthenticated_timeout_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -400,95 +359,26 @@ impl Config {
             Some(m) => parse_mode(&m).map_err(|r| err("unix.mode", r))?,
         };
 
-        let max_connections = raw
-            .server
-            .max_connections
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if !(1..=65_536).contains(&max_connections) {
-            return Err(err(
-                "server.max_connections",
-                format!("{max_connections} is out of range 1..=65536"),
-            ));
-        }
-        let drain_s = raw
-            .server
-            .drain_timeout_s
-            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_S);
-        if drain_s > 3600 {
-            return Err(err(
-                "server.drain_timeout_s",
-                format!("{drain_s} is over 3600 seconds"),
-            ));
-        }
+        let server = server::server_config(raw.server, &err)?;
 
-        let request_s = raw
-            .server
-            .request_timeout_s
-            .unwrap_or(DEFAULT_REQUEST_TIMEOUT_S);
-        if !(1..=300).contains(&request_s) {
-            return Err(err(
-                "server.request_timeout_s",
-                format!("{request_s} is out of range 1..=300"),
-            ));
-        }
-        let min_body_rate = raw.server.min_body_rate.unwrap_or(DEFAULT_MIN_BODY_RATE);
-        let per_caller = raw
-            .server
-            .max_connections_per_caller
-            // Half the listener: a pool-happy app has room, and no one caller has it all.
-            .unwrap_or((max_connections / 2).max(1));
-        if !(1..=max_connections).contains(&per_caller) {
-            return Err(err(
-                "server.max_connections_per_caller",
-                format!(
-                    "{per_caller} is out of range 1..={max_connections} (server.max_connections)"
-                ),
-            ));
-        }
-        let unauthenticated = raw
-            .server
-            .max_unauthenticated
-            .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED.min(max_connections));
-        if !(1..=max_connections).contains(&unauthenticated) {
-            return Err(err(
-                "server.max_unauthenticated",
-                format!(
-                    "{unauthenticated} is out of range 1..={max_connections} \
-                     (server.max_connections)"
-                ),
-            ));
-        }
-        let unauth_s = raw
-            .server
-            .unauthenticated_timeout_s
-            .unwrap_or(DEFAULT_UNAUTHENTICATED_TIMEOUT_S);
-        if !(1..=300).contains(&unauth_s) {
-            return Err(err(
-                "server.unauthenticated_timeout_s",
-                format!("{unauth_s} is out of range 1..=300"),
-            ));
-        }
-
-        let refusal_window_s = raw
-            .audit
-            .refusal_window_s
-            .unwrap_or(DEFAULT_REFUSAL_WINDOW_S);
-        if refusal_window_s > 3600 {
-            return Err(err(
-                "audit.refusal_window_s",
-                format!("{refusal_window_s} is over 3600 seconds"),
-            ));
-        }
-        let max_cleanup_backlog = raw
-            .keys
-            .max_cleanup_backlog
-            .unwrap_or(DEFAULT_MAX_CLEANUP_BACKLOG);
-        if !(1..=1_000_000).contains(&max_cleanup_backlog) {
-            return Err(err(
-                "keys.max_cleanup_backlog",
-                format!("{max_cleanup_backlog} is out of range 1..=1000000"),
-            ));
-        }
+        let refusal_window_s = server::in_range(
+            &err,
+            "audit.refusal_window_s",
+            raw.audit
+                .refusal_window_s
+                .unwrap_or(DEFAULT_REFUSAL_WINDOW_S),
+            0,
+            3600,
+        )?;
+        let max_cleanup_backlog = server::in_range(
+            &err,
+            "keys.max_cleanup_backlog",
+            raw.keys
+                .max_cleanup_backlog
+                .unwrap_or(DEFAULT_MAX_CLEANUP_BACKLOG),
+            1,
+            1_000_000,
+        )?;
 
         let mut roles = BTreeSet::new();
         for (i, r) in raw.keys.roles.iter().enumerate() {
@@ -583,15 +473,7 @@ impl Config {
                 path: raw.unix.path,
                 mode,
             },
-            server: ServerConfig {
-                max_connections,
-                drain_timeout: Duration::from_secs(drain_s),
-                request_timeout: Duration::from_secs(request_s),
-                min_body_rate,
-                max_connections_per_caller: per_caller,
-                max_unauthenticated: unauthenticated,
-                unauthenticated_timeout: Duration::from_secs(unauth_s),
-            },
+            server,
             roles,
             max_cleanup_backlog,
             principals,

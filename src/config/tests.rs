@@ -177,3 +177,69 @@ fn a_uid_maps_to_one_principal_only() {
     let e = parse(&text).unwrap_err();
     assert_eq!(e.key, "principals[1].uids");
 }
+
+#[test]
+fn limits_default_sensibly_and_bad_values_name_their_key() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.server.max_connections, 256);
+    assert_eq!(c.server.max_connections_per_caller, 128);
+    assert_eq!(c.server.max_unauthenticated, 32);
+    assert_eq!(c.server.request_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.min_body_rate, 1024);
+    assert_eq!(c.max_cleanup_backlog, 1024);
+    assert_eq!(c.audit.refusal_window, Duration::from_secs(10));
+    for (section, line, key) in [
+        (
+            "server",
+            "request_timeout_s = 0",
+            "server.request_timeout_s",
+        ),
+        (
+            "server",
+            "request_timeout_s = 301",
+            "server.request_timeout_s",
+        ),
+        (
+            "server",
+            "unauthenticated_timeout_s = 0",
+            "server.unauthenticated_timeout_s",
+        ),
+        ("server", "max_connections = 0", "server.max_connections"),
+        ("server", "drain_timeout_s = 3601", "server.drain_timeout_s"),
+        (
+            "server",
+            "max_connections = 10\nmax_connections_per_caller = 11",
+            "server.max_connections_per_caller",
+        ),
+        (
+            "server",
+            "max_connections = 10\nmax_unauthenticated = 0",
+            "server.max_unauthenticated",
+        ),
+        (
+            "keys",
+            "max_cleanup_backlog = 0",
+            "keys.max_cleanup_backlog",
+        ),
+        ("audit", "refusal_window_s = 3601", "audit.refusal_window_s"),
+    ] {
+        // The section may already be in GOOD ([keys]); add the line to it there.
+        let text = if GOOD.contains(&format!("[{section}]\n")) {
+            GOOD.replace(&format!("[{section}]\n"), &format!("[{section}]\n{line}\n"))
+        } else {
+            format!("{GOOD}\n[{section}]\n{line}\n")
+        };
+        let e = parse(&text).expect_err(line);
+        assert_eq!(e.key, key, "{line}: {e}");
+        assert!(e.reason.contains("out of range"), "{line}: {e}");
+    }
+    // A small listener gets shares that fit it.
+    let c = parse(&format!("{GOOD}\n[server]\nmax_connections = 10\n")).unwrap();
+    assert_eq!(
+        (
+            c.server.max_connections_per_caller,
+            c.server.max_unauthenticated
+        ),
+        (5, 10)
+    );
+}
