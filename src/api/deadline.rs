@@ -1,9 +1,10 @@
 //! Request bodies under a deadline and a minimum rate, for every route and every caller
 //! (authenticated ones included): a body must arrive within the request timeout counted
 //! from the end of its headers, and, after its first second, on average at
-//! `min_body_rate` bytes/s at least. (A request without a body is passed through as is.) A body that misses either fails its read with
+//! `min_body_rate` bytes/s at least. A body that misses either fails its read with
 //! [`BodyStalled`], which [`super::body`] answers 408 `request_timeout` (closing the
-//! connection), so a slow sender holds its connection for a bounded time only.
+//! connection), so a slow sender holds its connection for a bounded time only. A request
+//! without a body is passed through as it is.
 
 use std::future::Future;
 use std::pin::Pin;
