@@ -17,3 +17,4 @@ pub mod hsm;
 pub mod keys;
 pub mod secret;
 pub mod systemd;
+pub mod values;

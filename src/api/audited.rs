@@ -1,23 +1,31 @@
 //! The one place requests meet the audit trail: every request gets an id (`X-Request-Id`),
-//! and every key update, every 401 and every 403 gets exactly one result entry, written
-//! before the answer leaves. If that entry cannot be written the answer becomes 503
-//! `audit_unavailable`, except for an update already committed to the token, whose intent
-//! entry records it (the answer stays 200 and the failure goes to the log).
+//! and every answer of a changing route, every 401 and every 403 gets exactly one result
+//! entry, written before the answer leaves. If that entry cannot be written the answer
+//! becomes 503 `audit_unavailable`, except for an update already committed to the token,
+//! whose intent entry records it (the answer stays 200 and the failure goes to the log).
 //!
-//! Handlers tell this layer what they learned through the request's [`AuditNote`]. An
-//! update writes its own result entry ([`finish_update`]) from the task it runs in, so the
-//! entry is written even when the client has gone; this layer then only adds `audit_id`.
+//! Nothing here depends on handler discipline. Facts travel typed, in the response:
+//! - a changing route declares its [`Event`] where it is registered ([`RouteEvent`], added
+//!   by `api::change`), so every answer it gives, errors included, is recorded;
+//! - an error carries its [`ApiError`] (code, message, outcome, kind of refusal);
+//! - the authentication step adds the [`Caller`];
+//! - a handler that learned more (the kid, a minted token's id) returns [`AuditFacts`]
+//!   with its result ([`Audited`]); a success body is a [`Reply`] this layer renders, so
+//!   `audit_id` is added without re-parsing anything.
+//!
+//! An update writes its own entries from the task it runs in ([`UpdateAudit`]), so they are
+//! written even when the client has gone; this layer then only adds `audit_id`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use super::error::ApiError;
+use super::error::{ApiError, Refusal};
 use super::AppState;
 use crate::audit::aggregate::Verdict;
 use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
@@ -26,8 +34,6 @@ use crate::keys::{FieldChange, KeyError, UpdateOutcome};
 
 /// Header carrying the request id on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Audited answers are JSON of a few KiB at most; anything larger is not ours to rewrite.
-const MAX_AUDITED_BODY: usize = 1 << 20;
 /// Longest request path copied into an entry.
 const MAX_PATH_IN_ENTRY: usize = 256;
 
@@ -35,144 +41,111 @@ const MAX_PATH_IN_ENTRY: usize = 256;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// The mutating operations that are audited whatever their answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
-    KeyUpdate,
-    TokenMint,
-}
-
-/// What the handlers learned about a request, for its audit entry.
-#[derive(Debug, Default, Clone)]
-pub struct Note {
-    principal: Option<String>,
-    token_id: Option<String>,
-    action: Option<Action>,
-    kid: Option<String>,
-    changes: Option<Value>,
-    committed: bool,
-    intent_failed: bool,
-    /// The result entry was written (by an update task), so this layer writes none.
-    recorded: bool,
-    /// Writing that result entry failed.
-    record_failed: bool,
+/// What is known of a request before any handler runs; in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct RequestFacts {
+    /// The request's id.
+    pub rid: RequestId,
     /// `HSMKEYD_PEER` of the connection.
     peer: Option<String>,
     /// Method and path (`HSMKEYD_REQUEST`).
     request: String,
 }
 
-/// Shared between this layer and the handlers of one request.
-#[derive(Debug, Clone, Default)]
-pub struct AuditNote(Arc<Mutex<Note>>);
+/// Who called, as authentication found it. The authentication step adds it to the
+/// response's extensions.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The principal.
+    pub principal: String,
+    /// The `jti` of the bearer token presented, on TLS.
+    pub token_id: Option<String>,
+}
 
-impl AuditNote {
-    fn with<T>(&self, f: impl FnOnce(&mut Note) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
-    }
+/// The event a changing route records, declared where the route is registered.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteEvent(pub Event);
 
-    /// The caller was identified as this principal (by this token, on TLS).
-    pub fn principal(&self, name: &str, token_id: Option<&str>) {
-        self.with(|n| {
-            n.principal = Some(name.to_string());
-            n.token_id = token_id.map(str::to_string);
-        });
-    }
+/// What an audited handler learned, returned with its result.
+#[derive(Debug, Default, Clone)]
+pub struct AuditFacts {
+    /// The key concerned, once it parsed.
+    pub kid: Option<String>,
+    /// A minted token's `jti`.
+    pub token_id: Option<String>,
+    /// The result entry was written where the work ran (an update's own task), or must
+    /// not be (its intent entry was refused): this layer writes none.
+    pub recorded: bool,
+}
 
-    /// This request is an update of a key's attributes (`kid` once it parsed).
-    pub fn update(&self, kid: Option<&str>) {
-        self.with(|n| {
-            n.action = Some(Action::KeyUpdate);
-            n.kid = kid.map(str::to_string);
-        });
-    }
+/// A handler's result with what it learned for the audit trail.
+pub struct Audited(pub AuditFacts, pub Result<Response, ApiError>);
 
-    /// This request asks for a bearer token.
-    pub fn mint(&self) {
-        self.with(|n| n.action = Some(Action::TokenMint));
-    }
-
-    /// A token with this `jti` is about to be handed out (if its entry is written).
-    pub fn minted(&self, jti: &str) {
-        self.with(|n| n.token_id = Some(jti.to_string()));
-    }
-
-    /// The update wrote these changes to the token.
-    pub fn committed(&self, changes: &[FieldChange]) {
-        self.with(|n| {
-            n.changes = Some(changes_json(changes));
-            n.committed = !changes.is_empty();
-        });
+impl IntoResponse for Audited {
+    fn into_response(self) -> Response {
+        let Audited(facts, result) = self;
+        let mut r = match result {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let _ = r.extensions_mut().insert(facts);
+        r
     }
 }
 
-/// The answer a result entry describes.
-struct Answer<'a> {
-    status: u16,
-    error: Option<&'a str>,
-    reason: &'a str,
+/// A JSON success body, rendered by [`layer`] (which adds `audit_id` on changing routes).
+#[derive(Debug, Clone)]
+pub struct Reply(Value);
+
+/// A 200 answer with this JSON body.
+pub fn reply(body: Value) -> Response {
+    let mut r = Response::new(Body::empty());
+    let _ = r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let _ = r.extensions_mut().insert(Reply(body));
+    r
 }
 
-impl<'a> Answer<'a> {
-    /// 200, or the status and code of `error`.
-    fn of(error: Option<&'a ApiError>) -> Answer<'a> {
-        match error {
-            None => Answer {
-                status: 200,
-                error: None,
-                reason: "",
-            },
-            Some(e) => Answer {
-                status: e.status.as_u16(),
-                error: Some(e.code),
-                reason: &e.message,
-            },
-        }
-    }
+/// What one result entry is built from.
+struct Record<'a> {
+    request: &'a RequestFacts,
+    caller: Option<&'a Caller>,
+    kid: Option<&'a str>,
+    token_id: Option<&'a str>,
+    changes: Option<Value>,
+    error: Option<&'a ApiError>,
 }
 
-/// The result event of a request with this note and status, if it gets one.
-fn event_of(n: &Note, status: u16) -> Option<Event> {
-    if n.intent_failed || n.recorded {
-        None
-    } else if status == 401 {
-        Some(Event::AuthFailed)
-    } else if status == 403 {
-        Some(Event::FailedScopeCheck)
-    } else {
-        match n.action {
-            Some(Action::KeyUpdate) => Some(Event::KeyAttributesChanged),
-            Some(Action::TokenMint) => Some(Event::TokenIssued),
-            None => None,
-        }
-    }
-}
-
-/// The one builder of result entries, from what the request learned and how it was answered.
-fn result_entry(n: &Note, rid: &RequestId, event: Event, a: &Answer<'_>) -> Entry {
-    let (status, reason, request) = (a.status, a.reason, &n.request);
-    let error = a.error;
+/// The one builder of result entries.
+fn result_entry(event: Event, r: Record<'_>) -> Entry {
+    let status = r.error.map_or(200, ApiError::status);
+    let code = r.error.map(ApiError::code);
+    let reason = r.error.map_or("", ApiError::message);
+    let request = &r.request.request;
     // As the Encedo appliance logs them: a failed scope check (and a failed
     // authentication) has result FAILED.
     let outcome = match event {
         Event::AuthFailed | Event::FailedScopeCheck => Outcome::Failed,
-        _ => Outcome::of_status(status),
+        _ => r.error.map_or(Outcome::Ok, ApiError::outcome),
     };
-    let who = caller(n.principal.as_deref(), n.peer.as_deref());
-    let key = n.kid.as_deref().unwrap_or("?");
+    let principal = r.caller.map(|c| c.principal.as_str());
+    let who = caller(principal, r.request.peer.as_deref());
+    let token_id = r.token_id.or(r.caller.and_then(|c| c.token_id.as_deref()));
+    let key = r.kid.unwrap_or("?");
     let message = match (event, outcome) {
         (Event::AuthFailed, _) => format!("{request} from {who} refused: {reason}"),
         (Event::FailedScopeCheck, _) => format!("{request} by {who} refused: {reason}"),
-        (Event::TokenIssued, Outcome::Ok) => format!(
-            "token {} issued to {who}: OK",
-            n.token_id.as_deref().unwrap_or("?")
-        ),
+        (Event::TokenIssued, Outcome::Ok) => {
+            format!("token {} issued to {who}: OK", token_id.unwrap_or("?"))
+        }
         (Event::TokenIssued, o) => format!(
             "token request by {who} refused ({status} {}): {reason}: {}",
-            error.unwrap_or("error"),
+            code.unwrap_or("error"),
             o.name()
         ),
-        (_, Outcome::Ok) => match n
+        (_, Outcome::Ok) => match r
             .changes
             .as_ref()
             .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
@@ -182,67 +155,21 @@ fn result_entry(n: &Note, rid: &RequestId, event: Event, a: &Answer<'_>) -> Entr
         },
         (_, o) => format!(
             "key {key}: update by {who} refused ({status} {}): {reason}: {}",
-            error.unwrap_or("error"),
+            code.unwrap_or("error"),
             o.name()
         ),
     };
     let mut entry = Entry::new(event, outcome, message);
     entry.status = Some(status);
-    entry.kid = n.kid.clone();
-    entry.principal = n.principal.clone();
-    entry.peer = n.peer.clone();
-    entry.token_id = n.token_id.clone();
-    entry.request_id = Some(rid.0.clone());
-    entry.error = error.map(str::to_string);
-    entry.changes = n.changes.clone();
+    entry.kid = r.kid.map(str::to_string);
+    entry.principal = principal.map(str::to_string);
+    entry.peer = r.request.peer.clone();
+    entry.token_id = token_id.map(str::to_string);
+    entry.request_id = Some(r.request.rid.0.clone());
+    entry.error = code.map(str::to_string);
+    entry.changes = r.changes;
     entry.request = Some(request.clone());
     entry
-}
-
-/// Ends an update: writes its result entry and returns what the client is to be answered.
-/// Runs inside the update's own task, so a client that goes away cannot stop it. A change
-/// that was committed stays answered 200 if the entry cannot be written (its intent entry
-/// records it); anything else becomes 503 `audit_unavailable`.
-pub async fn finish_update(
-    audit: &Arc<Auditor>,
-    note: &AuditNote,
-    rid: &RequestId,
-    result: Result<UpdateOutcome, ApiError>,
-) -> Result<UpdateOutcome, ApiError> {
-    if let Ok(o) = &result {
-        note.committed(&o.changes);
-    }
-    let n = note.with(|n| {
-        let snapshot = n.clone();
-        n.recorded = true;
-        snapshot
-    });
-    if n.recorded {
-        // Written by the result hook, next to the token writes; a committed change keeps
-        // its 200 (its intent entry records it), anything else is refused.
-        if n.record_failed && !n.committed {
-            return Err(ApiError::audit_unavailable());
-        }
-        return result;
-    }
-    let answer = Answer::of(result.as_ref().err());
-    let Some(event) = event_of(&n, answer.status) else {
-        return result;
-    };
-    let entry = result_entry(&n, rid, event, &answer);
-    match audit.write_async(entry).await {
-        Ok(()) => result,
-        Err(e) if n.committed => {
-            tracing::error!(request_id = %rid.0, error = %e,
-                "the result entry of a committed update was not recorded; its intent entry \
-                 records the change");
-            result
-        }
-        Err(e) => {
-            tracing::error!(request_id = %rid.0, error = %e, "audit entry not recorded; refusing");
-            Err(ApiError::audit_unavailable())
-        }
-    }
 }
 
 /// `HSMKEYD_CHANGES`: field -> {"before", "after"}.
@@ -260,142 +187,225 @@ pub fn changes_json(changes: &[FieldChange]) -> Value {
     )
 }
 
-/// The hook an update runs before its first token write: the intent entry.
-pub fn intent_hook(
+/// The audit side of one update, carried into the task the update runs in: its intent
+/// entry before the first token write, its result entry right after the last (on the same
+/// blocking thread, so the answer does not wait for another), or, when the update stopped
+/// before writing, at its end.
+pub struct UpdateAudit {
     audit: Arc<Auditor>,
-    note: AuditNote,
-    rid: RequestId,
-) -> impl FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static {
-    move |changes| {
-        let (principal, kid, token_id, peer) = note.with(|n| {
-            (
-                n.principal.clone(),
-                n.kid.clone(),
-                n.token_id.clone(),
-                n.peer.clone(),
-            )
-        });
-        let changes = changes_json(changes);
-        let mut e = Entry::new(
-            Event::KeyAttributesChangeIntent,
-            Outcome::Pending,
-            format!(
-                "key {}: about to change {} for {}",
-                kid.as_deref().unwrap_or("?"),
-                describe_changes(&changes),
-                caller(principal.as_deref(), peer.as_deref())
-            ),
-        );
-        e.kid = kid;
-        e.principal = principal;
-        e.peer = peer;
-        e.token_id = token_id;
-        e.request_id = Some(rid.0);
-        e.changes = Some(changes.clone());
-        note.with(|n| n.changes = Some(changes));
-        audit.write(&e).map_err(|err| {
-            note.with(|n| n.intent_failed = true);
-            err.to_string()
-        })
-    }
+    request: RequestFacts,
+    caller: Caller,
+    kid: String,
+    event: Event,
+    /// The planned changes, once the intent entry was written.
+    planned: Mutex<Option<Value>>,
+    /// Set by the intent hook when journald refused the intent entry.
+    intent_refused: OnceLock<()>,
+    /// Set by the result hook: whether its entry was written.
+    written: OnceLock<bool>,
 }
 
-/// The hook an update runs right after its token writes, on the same blocking thread: the
-/// result entry, written there so the answer does not wait for another thread. `map` is the
-/// endpoint's error mapping, so the entry records the status the client gets.
-pub fn result_hook(
-    audit: Arc<Auditor>,
-    note: AuditNote,
-    rid: RequestId,
-    map: fn(KeyError) -> ApiError,
-) -> impl FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static {
-    move |outcome| {
-        if let Ok(changes) = outcome {
-            note.committed(changes);
+impl UpdateAudit {
+    /// The audit side of an update of `kid` by `caller`, recorded as `event`.
+    pub fn new(
+        audit: Arc<Auditor>,
+        request: RequestFacts,
+        caller: Caller,
+        kid: String,
+        event: Event,
+    ) -> Arc<UpdateAudit> {
+        Arc::new(UpdateAudit {
+            audit,
+            request,
+            caller,
+            kid,
+            event,
+            planned: Mutex::new(None),
+            intent_refused: OnceLock::new(),
+            written: OnceLock::new(),
+        })
+    }
+
+    fn record(&self, changes: Option<Value>, error: Option<&ApiError>) -> Entry {
+        result_entry(
+            self.event,
+            Record {
+                request: &self.request,
+                caller: Some(&self.caller),
+                kid: Some(&self.kid),
+                token_id: None,
+                changes,
+                error,
+            },
+        )
+    }
+
+    fn planned(&self) -> Option<Value> {
+        self.planned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The hook an update runs before its first token write: the intent entry. An error
+    /// stops the update before anything is written.
+    pub fn intent_hook(
+        self: &Arc<Self>,
+    ) -> impl FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static {
+        let this = self.clone();
+        move |changes| {
+            let changes = changes_json(changes);
+            let who = caller(Some(&this.caller.principal), this.request.peer.as_deref());
+            let mut e = Entry::new(
+                Event::KeyAttributesChangeIntent,
+                Outcome::Pending,
+                format!(
+                    "key {}: about to change {} for {who}",
+                    this.kid,
+                    describe_changes(&changes)
+                ),
+            );
+            e.kid = Some(this.kid.clone());
+            e.principal = Some(this.caller.principal.clone());
+            e.peer = this.request.peer.clone();
+            e.token_id = this.caller.token_id.clone();
+            e.request_id = Some(this.request.rid.0.clone());
+            e.changes = Some(changes.clone());
+            *this.planned.lock().unwrap_or_else(|p| p.into_inner()) = Some(changes);
+            this.audit.write(&e).map_err(|err| {
+                let _ = this.intent_refused.set(());
+                err.to_string()
+            })
         }
-        let n = note.with(|n| n.clone());
-        let mapped = outcome.err().map(|e| map(e.clone()));
-        let answer = Answer::of(mapped.as_ref());
-        let Some(event) = event_of(&n, answer.status) else {
-            return;
+    }
+
+    /// The hook an update runs right after its token writes: the result entry. `map` is
+    /// the endpoint's error mapping, so the entry records the status the client gets.
+    pub fn result_hook(
+        self: &Arc<Self>,
+        map: fn(KeyError) -> ApiError,
+    ) -> impl FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static {
+        let this = self.clone();
+        move |outcome| {
+            let mapped = outcome.err().map(|e| map(e.clone()));
+            let changes = match outcome {
+                Ok(changes) => Some(changes_json(changes)),
+                Err(_) => this.planned(),
+            };
+            let written = this.audit.write(&this.record(changes, mapped.as_ref()));
+            if let Err(e) = &written {
+                tracing::error!(request_id = %this.request.rid.0, error = %e,
+                    committed = outcome.is_ok_and(|c| !c.is_empty()),
+                    "the result entry of an update was not recorded");
+            }
+            let _ = this.written.set(written.is_ok());
+        }
+    }
+
+    /// Ends an update: writes its result entry if the hooks did not, and returns what the
+    /// client is to be answered. A change that was committed stays answered 200 if its
+    /// entry could not be written (its intent entry records it); anything else becomes
+    /// 503 `audit_unavailable`.
+    pub async fn finish(
+        &self,
+        result: Result<UpdateOutcome, ApiError>,
+    ) -> Result<UpdateOutcome, ApiError> {
+        let committed = result.as_ref().is_ok_and(|o| !o.changes.is_empty());
+        if let Some(&written) = self.written.get() {
+            return if written || committed {
+                result
+            } else {
+                Err(ApiError::audit_unavailable())
+            };
+        }
+        if self.intent_refused.get().is_some() {
+            return result;
+        }
+        let changes = match &result {
+            Ok(o) => Some(changes_json(&o.changes)),
+            Err(_) => self.planned(),
         };
-        let written = audit.write(&result_entry(&n, &rid, event, &answer));
-        if let Err(e) = &written {
-            tracing::error!(request_id = %rid.0, error = %e, committed = n.committed,
-                "the result entry of an update was not recorded");
+        let entry = self.record(changes, result.as_ref().err());
+        match self.audit.write_async(entry).await {
+            Ok(()) => result,
+            Err(e) => {
+                tracing::error!(request_id = %self.request.rid.0, error = %e,
+                    "audit entry not recorded; refusing");
+                Err(ApiError::audit_unavailable())
+            }
         }
-        note.with(|n| {
-            n.recorded = true;
-            n.record_failed = written.is_err();
-        });
     }
 }
 
 /// The middleware: request id in, result entry out.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let rid = RequestId(format!("{:032x}", rand::random::<u128>()));
-    let note = AuditNote::default();
-    note.with(|n| {
-        n.peer = peer_of(&req);
-        n.request = format!("{} {}", req.method(), truncate(req.uri().path()));
-    });
-    let _ = req.extensions_mut().insert(rid.clone());
-    let _ = req.extensions_mut().insert(note.clone());
+    let facts = RequestFacts {
+        rid: RequestId(format!("{:032x}", rand::random::<u128>())),
+        peer: peer_of(&req),
+        request: format!("{} {}", req.method(), truncate(req.uri().path())),
+    };
+    let _ = req.extensions_mut().insert(facts.clone());
 
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    let n = note.with(std::mem::take);
-    let event = event_of(&n, status);
-    if event.is_none() && !(n.recorded && n.action.is_some()) {
-        return with_request_id(resp, &rid);
-    }
-
-    let (parts, body) = resp.into_parts();
-    let bytes = to_bytes(body, MAX_AUDITED_BODY).await.unwrap_or_default();
-    let mut json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let mut resp = next.run(req).await;
+    let ext = resp.extensions_mut();
+    let route = ext.remove::<RouteEvent>();
+    let learned = ext.remove::<AuditFacts>().unwrap_or_default();
+    let who = ext.remove::<Caller>();
+    let error = ext.remove::<ApiError>();
+    let event = match error.as_ref().map(ApiError::refusal) {
+        _ if learned.recorded => None,
+        Some(Refusal::Unauthenticated) => Some(Event::AuthFailed),
+        Some(Refusal::Forbidden) => Some(Event::FailedScopeCheck),
+        _ => route.map(|r| r.0),
+    };
+    let rid = &facts.rid;
     if let Some(event) = event {
-        let error = json["error"].as_str().map(str::to_string);
-        let reason = json["message"].as_str().unwrap_or("").to_string();
+        let reason = error.as_ref().map_or("", ApiError::message);
         // An unidentified caller's refusals are summed up per peer (see audit::aggregate).
-        let counted = match (&state.audit.refusals, event, &n.principal, &n.peer) {
+        let counted = match (&state.audit.refusals, event, &who, &facts.peer) {
             (Some(r), Event::AuthFailed, None, Some(peer)) => {
-                r.refused(peer, &reason) == Verdict::Counted
+                r.refused(peer, reason) == Verdict::Counted
             }
             _ => false,
         };
-        if counted {
-            let resp = Response::from_parts(parts, Body::from(bytes));
-            return with_request_id(resp, &rid);
-        }
-        let answer = Answer {
-            status,
-            error: error.as_deref(),
-            reason: &reason,
-        };
-        let entry = result_entry(&n, &rid, event, &answer);
-        if let Err(e) = state.audit.write_async(entry).await {
-            if n.committed {
-                tracing::error!(request_id = %rid.0, error = %e,
-                    "the result entry of a committed update was not recorded; its intent entry \
-                     records the change");
-            } else {
+        if !counted {
+            let entry = result_entry(
+                event,
+                Record {
+                    request: &facts,
+                    caller: who.as_ref(),
+                    kid: learned.kid.as_deref(),
+                    token_id: learned.token_id.as_deref(),
+                    changes: None,
+                    error: error.as_ref(),
+                },
+            );
+            if let Err(e) = state.audit.write_async(entry).await {
                 tracing::error!(request_id = %rid.0, error = %e, "audit entry not recorded; refusing");
-                return with_request_id(ApiError::audit_unavailable().into_response(), &rid);
+                let refused = ApiError::audit_unavailable().into_response();
+                return with_request_id(refused, rid);
             }
         }
     }
-    let body = match json.as_object_mut().filter(|_| n.action.is_some()) {
-        Some(obj) => {
-            let _ = obj.insert("audit_id".into(), Value::String(rid.0.clone()));
-            Body::from(serde_json::to_vec(&json).unwrap_or_else(|_| bytes.to_vec()))
+    let audit_id = route.is_some().then_some(rid.0.as_str());
+    with_request_id(render(resp, error.as_ref(), audit_id), rid)
+}
+
+/// Writes a [`Reply`] into the body, and `audit_id` into the JSON body of an audited answer.
+fn render(mut resp: Response, error: Option<&ApiError>, audit_id: Option<&str>) -> Response {
+    let body = match (resp.extensions_mut().remove::<Reply>(), error) {
+        (Some(Reply(mut value)), _) => {
+            if let (Some(obj), Some(id)) = (value.as_object_mut(), audit_id) {
+                let _ = obj.insert("audit_id".into(), Value::String(id.to_string()));
+            }
+            serde_json::to_vec(&value).unwrap_or_default()
         }
-        None => Body::from(bytes),
+        (None, Some(e)) if audit_id.is_some() => e.body(audit_id),
+        _ => return resp,
     };
-    let mut resp = Response::from_parts(parts, body);
-    let _ = resp
-        .headers_mut()
-        .remove(axum::http::header::CONTENT_LENGTH);
-    with_request_id(resp, &rid)
+    let _ = resp.headers_mut().remove(header::CONTENT_LENGTH);
+    *resp.body_mut() = Body::from(body);
+    resp
 }
 
 /// `HSMKEYD_PEER` of the request's connection.

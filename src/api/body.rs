@@ -336,21 +336,21 @@ mod tests {
 
     #[test]
     fn patch_fields_are_validated_and_named() {
-        assert_eq!(patch(json!({})).unwrap_err().code, "empty_patch");
+        assert_eq!(patch(json!({})).unwrap_err().code(), "empty_patch");
         assert_eq!(
-            patch(json!({"lable": "x"})).unwrap_err().field.as_deref(),
+            patch(json!({"lable": "x"})).unwrap_err().field(),
             Some("lable")
         );
         assert_eq!(
-            patch(json!({"label": 5})).unwrap_err().code,
+            patch(json!({"label": 5})).unwrap_err().code(),
             "invalid_label"
         );
         assert_eq!(
-            patch(json!({"label": null})).unwrap_err().code,
+            patch(json!({"label": null})).unwrap_err().code(),
             "invalid_label"
         );
         assert_eq!(
-            patch(json!({"roles": []})).unwrap_err().code,
+            patch(json!({"roles": []})).unwrap_err().code(),
             "invalid_roles"
         );
         let p = patch(json!({"roles": ["a", "a", "b"], "description": null})).unwrap();

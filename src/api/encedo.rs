@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::body::Body;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -20,13 +21,13 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::audited::{AuditNote, RequestId};
+use super::audited::{reply, AuditFacts, Audited, RequestFacts, RouteEvent};
 use super::error::ApiError;
-use super::{body, AppState};
-use crate::auth::scope::Scope;
+use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
 use crate::keys::model::{Description, KeyView, Kid, Label};
 use crate::keys::{KeyPatch, MAX_PAGE};
+use crate::values::Scope;
 
 /// The appliance's request body limit.
 pub const MAX_BODY: usize = 7300;
@@ -37,26 +38,42 @@ pub const MAX_LABEL_CHARS: usize = 32;
 pub async fn update(
     State(state): State<AppState>,
     Extension(p): Extension<Arc<Principal>>,
-    Extension(note): Extension<AuditNote>,
-    Extension(rid): Extension<RequestId>,
+    Extension(request): Extension<RequestFacts>,
+    Extension(RouteEvent(event)): Extension<RouteEvent>,
     headers: HeaderMap,
-    request: Request,
+    body: Body,
+) -> Audited {
+    let mut facts = AuditFacts::default();
+    let u = UpdateRequest {
+        state: &state,
+        principal: &p,
+        request: &request,
+        event,
+    };
+    let result = update_inner(u, &mut facts, &headers, body).await;
+    Audited(facts, result)
+}
+
+async fn update_inner(
+    u: UpdateRequest<'_>,
+    facts: &mut AuditFacts,
+    headers: &HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    note.update(None);
     // Without any update scope the body is not worth reading.
-    if !p.may_update_some() {
+    if !u.principal.may_update_some() {
         return Err(ApiError::missing_scope(&Scope::KeysUpdate.to_string()));
     }
     if !headers.contains_key(header::CONTENT_LENGTH) {
         return Err(ApiError::length_required());
     }
-    let fields = body::json_object_within(&headers, request.into_body(), MAX_BODY).await?;
+    let fields = body::json_object_within(headers, body, MAX_BODY).await?;
     let (kid, patch) = update_body(fields)?;
-    note.update(Some(kid.as_str()));
-    super::require_update(&p, &kid)?;
-    let _ = super::update_key(&state, &p, &note, rid, &kid, patch, ApiError::encedo).await?;
+    facts.kid = Some(kid.to_string());
+    super::require_update(u.principal, &kid)?;
+    let _ = super::update_key(u, facts, &kid, patch, ApiError::encedo).await?;
     // The appliance answers 200 with an empty object; the audit layer adds `audit_id`.
-    Ok(Json(json!({})).into_response())
+    Ok(reply(json!({})))
 }
 
 /// Validates `{"kid", "label", "descr"}`.
@@ -287,7 +304,7 @@ mod tests {
             (json!({"kid": "xyz", "label": "x"}), "invalid_kid"),
         ] {
             assert_eq!(
-                update_body(fields(body.clone())).unwrap_err().code,
+                update_body(fields(body.clone())).unwrap_err().code(),
                 code,
                 "{body}"
             );

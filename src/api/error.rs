@@ -1,25 +1,37 @@
 //! The one place where errors become HTTP: status code, `error` code and JSON body
-//! `{"error": "<code>", "message": "<sentence>", "field": "<name>"}`.
+//! `{"error": "<code>", "message": "<sentence>", "field": "<name>"}`, the 418 the TLS port
+//! writes to clear-text clients included. It is also where an error's audit outcome and
+//! its kind of refusal are decided, so the audit layer never reasons about status codes.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::audit::Outcome;
+use crate::auth::authenticate::AuthError;
 use crate::keys::KeyError;
 
-/// An error response.
+/// An error response. Made only by the constructors below, so the status and the code
+/// always agree.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Machine-readable code (snake_case).
-    pub code: &'static str,
-    /// One clear sentence. Never holds secrets.
-    pub message: String,
-    /// The request field at fault, when one is.
-    pub field: Option<String>,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
     /// `WWW-Authenticate` challenge of a 401 on the TLS front door.
-    pub challenge: Option<&'static str>,
+    challenge: Option<&'static str>,
+}
+
+/// What kind of refusal an error is, for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The caller could not be identified (401).
+    Unauthenticated,
+    /// A known caller lacks a scope or role (403).
+    Forbidden,
+    /// Anything else: bad input, a failed operation, an unavailable token.
+    Other,
 }
 
 #[derive(Serialize)]
@@ -28,9 +40,50 @@ struct Body<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_id: Option<&'a str>,
 }
 
 impl ApiError {
+    /// Machine-readable code (snake_case).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// One clear sentence. Never holds secrets.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The request field at fault, when one is.
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+
+    /// The HTTP status, as recorded in audit entries (`HSMKEYD_STATUS`).
+    pub fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
+    /// The audit outcome: FAILED when the operation failed (the HSM refused, the key is
+    /// inconsistent or not modifiable, 5xx), ERROR when the request was wrong.
+    pub fn outcome(&self) -> Outcome {
+        match self.status {
+            StatusCode::NOT_ACCEPTABLE | StatusCode::CONFLICT => Outcome::Failed,
+            s if s.is_server_error() => Outcome::Failed,
+            _ => Outcome::Error,
+        }
+    }
+
+    /// Whether this refuses the caller itself (401, 403) or the request.
+    pub fn refusal(&self) -> Refusal {
+        match self.status {
+            StatusCode::UNAUTHORIZED => Refusal::Unauthenticated,
+            StatusCode::FORBIDDEN => Refusal::Forbidden,
+            _ => Refusal::Other,
+        }
+    }
+
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
@@ -251,15 +304,61 @@ impl From<KeyError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&Body {
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::TokenMissing => ApiError::token_missing(),
+            AuthError::InvalidToken(why) => ApiError::invalid_token(why),
+            AuthError::NoPeerCredentials => {
+                ApiError::unauthenticated("the connection carries no peer credentials")
+            }
+            AuthError::UnknownPeer(peer) => ApiError::unauthenticated(format!(
+                "uid {} / gid {} maps to no principal in the configuration",
+                peer.uid, peer.gid
+            )),
+        }
+    }
+}
+
+impl ApiError {
+    /// The JSON body, with the request's `audit_id` when the request was audited.
+    pub fn body(&self, audit_id: Option<&str>) -> Vec<u8> {
+        serde_json::to_vec(&Body {
             error: self.code,
             message: &self.message,
             field: self.field.as_deref(),
+            audit_id,
         })
-        .unwrap_or_default();
-        let mut r = (self.status, body).into_response();
+        .unwrap_or_default()
+    }
+
+    /// The whole clear-text answer the TLS port gives a client that spoke HTTP to it:
+    /// 418 with a JSON body, `Connection: close` (the caller closes).
+    pub fn tls_required_answer(http_version: &str) -> Vec<u8> {
+        let e = ApiError::new(
+            StatusCode::IM_A_TEAPOT,
+            "tls_required",
+            "this port speaks HTTPS only: connect with TLS",
+        );
+        let body = e.body(None);
+        let mut answer = format!(
+            "{http_version} {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n",
+            e.status.as_u16(),
+            e.status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        answer
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// The error as an answer. The typed error rides along in the response's extensions,
+    /// so the audit layer reads its code and outcome without parsing the body.
+    fn into_response(self) -> Response {
+        let mut r = (self.status, self.body(None)).into_response();
         let _ = r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -281,6 +380,49 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        let _ = r.extensions_mut().insert(self);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_and_refusal_follow_the_error() {
+        let key = crate::values::Kid::parse("0a").unwrap();
+        for e in [
+            ApiError::bad_request("x", "y"),
+            ApiError::from(KeyError::NotFound(key.clone())),
+            ApiError::too_large(1),
+            ApiError::request_timeout("slow"),
+        ] {
+            assert_eq!(e.outcome(), Outcome::Error, "{e:?}");
+            assert_eq!(e.refusal(), Refusal::Other, "{e:?}");
+        }
+        for e in [
+            ApiError::encedo(KeyError::NotFound(key)),
+            ApiError::token_unavailable(),
+            ApiError::audit_unavailable(),
+            ApiError::internal("test"),
+        ] {
+            assert_eq!(e.outcome(), Outcome::Failed, "{e:?}");
+        }
+        assert_eq!(
+            ApiError::token_missing().refusal(),
+            Refusal::Unauthenticated
+        );
+        assert_eq!(ApiError::missing_scope("s").refusal(), Refusal::Forbidden);
+    }
+
+    #[test]
+    fn the_tls_port_answer_is_a_json_418() {
+        let a = String::from_utf8(ApiError::tls_required_answer("HTTP/1.0")).unwrap();
+        let (head, body) = a.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.0 418 I'm a teapot\r\n"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "tls_required");
     }
 }

@@ -25,21 +25,23 @@ mod tokens;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::{Path, Request, State};
+use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, on, MethodFilter, MethodRouter};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::Auditor;
+use crate::audit::{Auditor, Event};
+use crate::auth::authenticate::{AuthError, Authenticator, BearerTokens, Credentials};
 use crate::auth::jwt::TokenService;
-use crate::auth::scope::Scope;
 use crate::auth::{ConnectionSlot, Peer, Principal, Principals, TlsPeer};
 use crate::keys::model::{KeyView, Kid, RoleName};
 use crate::keys::{Actor, KeyError, KeyPatch, KeyStore, UpdateOutcome};
-use audited::{AuditNote, RequestId};
+use crate::values::Scope;
+use audited::{AuditFacts, Audited, Caller, RequestFacts, RouteEvent, UpdateAudit};
 use error::ApiError;
 
 /// What every handler shares.
@@ -60,12 +62,35 @@ pub struct AppState {
 /// The parts of the configuration a reload replaces. Requests take a snapshot when they
 /// start, so one in flight finishes on the configuration it began with.
 pub struct Live {
-    /// The principals of the Unix socket.
-    pub principals: Principals,
-    /// Bearer tokens: minting and verification.
-    pub tokens: Arc<TokenService>,
-    /// Role names of the configuration (roles in tokens are limited to these).
-    pub roles: Vec<RoleName>,
+    /// The principals of the Unix socket, by peer credentials.
+    principals: Principals,
+    /// Bearer tokens on TLS: verification (and minting).
+    bearer: BearerTokens,
+}
+
+impl Live {
+    /// The principals, the token service, and the role names of the configuration (roles
+    /// in tokens are limited to these).
+    pub fn new(principals: Principals, tokens: Arc<TokenService>, roles: Vec<RoleName>) -> Live {
+        Live {
+            principals,
+            bearer: BearerTokens { tokens, roles },
+        }
+    }
+
+    /// The token service.
+    pub fn tokens(&self) -> &Arc<TokenService> {
+        &self.bearer.tokens
+    }
+
+    /// How callers of this transport are identified.
+    fn authenticator(&self, tls: bool) -> &dyn Authenticator {
+        if tls {
+            &self.bearer
+        } else {
+            &self.principals
+        }
+    }
 }
 
 impl AppState {
@@ -75,18 +100,107 @@ impl AppState {
     }
 }
 
+/// One route as registered: method, path, and the audit event of a changing route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// `GET`, `POST`, `PATCH`, ...
+    pub method: &'static str,
+    /// The path pattern, e.g. `/v1/keys/{kid}`.
+    pub path: &'static str,
+    /// What its answers are recorded as; `None` for reads (successful reads are not audited).
+    pub event: Option<Event>,
+}
+
+struct Route {
+    info: RouteInfo,
+    handler: MethodRouter<AppState>,
+}
+
+/// A route that only reads: GET only, so it cannot change anything unaudited.
+fn read<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route {
+    Route {
+        info: RouteInfo {
+            method: "GET",
+            path,
+            event: None,
+        },
+        handler: get(h),
+    }
+}
+
+/// A route that changes something. Its audit event is part of its registration: every
+/// answer it gives (errors included) carries the event, and the audit layer records it.
+fn change<H: Handler<T, AppState>, T: 'static>(
+    method: MethodFilter,
+    name: &'static str,
+    path: &'static str,
+    event: Event,
+    h: H,
+) -> Route {
+    let handler = on(method, h).layer(middleware::from_fn(
+        move |mut req: Request, next: Next| async move {
+            let _ = req.extensions_mut().insert(RouteEvent(event));
+            let mut resp = next.run(req).await;
+            let _ = resp.extensions_mut().insert(RouteEvent(event));
+            resp
+        },
+    ));
+    Route {
+        info: RouteInfo {
+            method: name,
+            path,
+            event: Some(event),
+        },
+        handler,
+    }
+}
+
+/// Every route, in one table: the router is built from it, and tests walk it.
+fn table() -> Vec<Route> {
+    vec![
+        read("/v1/keys", list_keys),
+        read("/v1/keys/{kid}", get_key),
+        change(
+            MethodFilter::PATCH,
+            "PATCH",
+            "/v1/keys/{kid}",
+            Event::KeyAttributesChanged,
+            patch_key,
+        ),
+        change(
+            MethodFilter::POST,
+            "POST",
+            "/v1/auth/token",
+            Event::TokenIssued,
+            tokens::mint,
+        ),
+        read(tokens::JWKS_PATH, tokens::jwks),
+        read("/v1/status", status),
+        change(
+            MethodFilter::POST,
+            "POST",
+            "/api/keymgmt/update",
+            Event::KeyAttributesChanged,
+            encedo::update,
+        ),
+        read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
+        read("/api/keymgmt/get/{kid}", encedo::get),
+    ]
+}
+
+/// The routes the router serves.
+pub fn routes() -> Vec<RouteInfo> {
+    table().into_iter().map(|r| r.info).collect()
+}
+
 /// Builds the router. The listener must put the connection's [`Peer`] into each request's
 /// extensions.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/keys", get(list_keys))
-        .route("/v1/keys/{kid}", get(get_key).patch(patch_key))
-        .route("/v1/auth/token", post(tokens::mint))
-        .route("/v1/auth/jwks", get(tokens::jwks))
-        .route("/v1/status", get(status))
-        .route("/api/keymgmt/update", post(encedo::update))
-        .route("/api/keymgmt/list/{offset}/{limit}", get(encedo::list))
-        .route("/api/keymgmt/get/{kid}", get(encedo::get))
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, route| {
+            r.route(route.info.path, route.handler)
+        })
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -101,9 +215,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Resolves the caller before any handler runs: by peer credentials on the Unix socket,
-/// by bearer token on TLS. Unknown callers get 401 whatever the path; only the JWK set is
-/// public.
+/// Resolves the caller before any handler runs, with the authenticator of the request's
+/// transport: peer credentials on the Unix socket, bearer token on TLS. Unknown callers
+/// get 401 whatever the path; only the JWK set is public. The answer carries the
+/// [`Caller`] for the audit layer.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     // Requests name a path (origin form); `GET http://host/path` is a proxy's form.
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
@@ -117,47 +232,33 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         return next.run(req).await;
     }
     let live = state.live();
-    if req.extensions().get::<TlsPeer>().is_some() {
-        let principal = match bearer(req.headers()) {
-            None => return ApiError::token_missing().into_response(),
-            Some(token) => match live.tokens.verify(token, &live.roles) {
-                Ok(p) => Arc::new(p),
-                Err(e) => return ApiError::invalid_token(e.to_string()).into_response(),
-            },
-        };
-        if let Some(note) = req.extensions().get::<AuditNote>() {
-            note.principal(&principal.name, principal.token_id.as_deref());
-        }
-        if let Err(e) = admit(&req, &principal.name) {
-            return e.into_response();
-        }
-        let _ = req.extensions_mut().insert(principal);
-        return next.run(req).await;
-    }
-    let Some(peer) = req.extensions().get::<Peer>().copied() else {
-        return ApiError::unauthenticated("the connection carries no peer credentials")
-            .into_response();
+    let tls = req.extensions().get::<TlsPeer>().is_some();
+    let credentials = Credentials {
+        peer: req.extensions().get::<Peer>().copied(),
+        bearer: if tls { bearer(req.headers()) } else { None },
     };
-    match live.principals.resolve(&peer) {
-        Some(p) => {
-            if let Some(note) = req.extensions().get::<AuditNote>() {
-                note.principal(&p.name, None);
+    let principal = match live.authenticator(tls).authenticate(&credentials) {
+        Ok(p) => p,
+        Err(e) => {
+            if let AuthError::UnknownPeer(peer) = &e {
+                tracing::warn!(%peer, "refused a caller that maps to no principal");
             }
-            if let Err(e) = admit(&req, &p.name) {
-                return e.into_response();
-            }
-            let _ = req.extensions_mut().insert(p);
+            return ApiError::from(e).into_response();
+        }
+    };
+    let caller = Caller {
+        principal: principal.name.clone(),
+        token_id: principal.token_id.clone(),
+    };
+    let mut resp = match admit(&req, &principal.name) {
+        Err(e) => e.into_response(),
+        Ok(()) => {
+            let _ = req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        None => {
-            tracing::warn!(%peer, "refused a caller that maps to no principal");
-            ApiError::unauthenticated(format!(
-                "uid {} / gid {} maps to no principal in the configuration",
-                peer.uid, peer.gid
-            ))
-            .into_response()
-        }
-    }
+    };
+    let _ = resp.extensions_mut().insert(caller);
+    resp
 }
 
 /// Counts the request's connection against its caller's connection budget.
@@ -202,44 +303,54 @@ fn require_update(p: &Principal, kid: &Kid) -> Result<(), ApiError> {
     }
 }
 
+/// What an updating handler hands [`update_key`]: the request, its caller and its route.
+struct UpdateRequest<'a> {
+    state: &'a AppState,
+    principal: &'a Principal,
+    request: &'a RequestFacts,
+    event: Event,
+}
+
 /// The one way a handler updates a key. Once the request has passed its checks the update
 /// runs as its own task, not in the connection's future: token writes, rollback, the index
-/// refresh and the result entry all happen even if the client disconnects, and the key's
+/// refresh and the audit entries all happen even if the client disconnects, and the key's
 /// lock is held until the token work is over. `map` turns domain errors into the answer of
-/// the calling endpoint.
+/// the calling endpoint. The update records its own result entry, so `facts` says so.
 async fn update_key(
-    state: &AppState,
-    p: &Principal,
-    note: &AuditNote,
-    rid: RequestId,
+    u: UpdateRequest<'_>,
+    facts: &mut AuditFacts,
     kid: &Kid,
     patch: KeyPatch,
     map: fn(KeyError) -> ApiError,
 ) -> Result<UpdateOutcome, ApiError> {
     let actor = Actor {
-        roles: p.roles.clone(),
+        roles: u.principal.roles.clone(),
     };
-    let (keys, audit, note, kid) = (
-        state.keys.clone(),
-        state.audit.clone(),
-        note.clone(),
-        kid.clone(),
+    let record = UpdateAudit::new(
+        u.state.audit.clone(),
+        u.request.clone(),
+        Caller {
+            principal: u.principal.name.clone(),
+            token_id: u.principal.token_id.clone(),
+        },
+        kid.to_string(),
+        u.event,
     );
-    let task = state.tasks.spawn(async move {
-        let intent = audited::intent_hook(audit.clone(), note.clone(), rid.clone());
-        let result = audited::result_hook(audit.clone(), note.clone(), rid.clone(), map);
+    let (keys, kid) = (u.state.keys.clone(), kid.clone());
+    facts.recorded = true;
+    let task = u.state.tasks.spawn(async move {
+        let (intent, result) = (record.intent_hook(), record.result_hook(map));
         let result = keys
             .update(&kid, patch, &actor, intent, result)
             .await
             .map_err(map);
-        audited::finish_update(&audit, &note, &rid, result).await
+        record.finish(result).await
     });
     task.await
         .map_err(|e| ApiError::internal(&format!("update task failed: {e}")))?
 }
 
-fn with_etag(view: &KeyView, body: serde_json::Value) -> Response {
-    let mut r = Json(body).into_response();
+fn with_etag(view: &KeyView, mut r: Response) -> Response {
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", view.etag)) {
         let _ = r.headers_mut().insert(header::ETAG, v);
     }
@@ -288,29 +399,44 @@ async fn get_key(
     let kid = body::kid(&kid)?;
     let view = state.keys.get(&kid).await?;
     let body = serde_json::to_value(&view).map_err(|e| ApiError::internal(&e.to_string()))?;
-    Ok(with_etag(&view, body))
+    Ok(with_etag(&view, Json(body).into_response()))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn patch_key(
     State(state): State<AppState>,
     Extension(p): Extension<Arc<Principal>>,
-    Extension(note): Extension<AuditNote>,
-    Extension(rid): Extension<RequestId>,
+    Extension(request): Extension<RequestFacts>,
+    Extension(RouteEvent(event)): Extension<RouteEvent>,
     Path(kid): Path<String>,
     headers: HeaderMap,
-    request: Request,
+    body: axum::body::Body,
+) -> Audited {
+    let mut facts = AuditFacts::default();
+    let u = UpdateRequest {
+        state: &state,
+        principal: &p,
+        request: &request,
+        event,
+    };
+    let result = patch_inner(u, &mut facts, &kid, &headers, body).await;
+    Audited(facts, result)
+}
+
+async fn patch_inner(
+    u: UpdateRequest<'_>,
+    facts: &mut AuditFacts,
+    kid: &str,
+    headers: &HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = request.into_body();
-    note.update(None);
-    let kid = body::kid(&kid)?;
-    note.update(Some(kid.as_str()));
-    require_update(&p, &kid)?;
-    let mut patch = body::key_patch(body::json_object(&headers, body).await?)?;
-    patch.if_match = if_match(&headers)?;
-    let outcome = update_key(&state, &p, &note, rid, &kid, patch, ApiError::from).await?;
+    let kid = body::kid(kid)?;
+    facts.kid = Some(kid.to_string());
+    require_update(u.principal, &kid)?;
+    let mut patch = body::key_patch(body::json_object(headers, body).await?)?;
+    patch.if_match = if_match(headers)?;
+    let outcome = update_key(u, facts, &kid, patch, ApiError::from).await?;
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();
-    let body = json!({ "key": outcome.key, "changed": changed });
+    let body = audited::reply(json!({ "key": outcome.key, "changed": changed }));
     Ok(with_etag(&outcome.key, body))
 }
 

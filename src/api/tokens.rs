@@ -14,11 +14,11 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::audited::AuditNote;
+use super::audited::{reply, AuditFacts, Audited};
 use super::error::ApiError;
 use super::{body, require, AppState};
-use crate::auth::scope::Scope;
 use crate::auth::{Peer, Principal};
+use crate::values::Scope;
 
 /// Path of the JWK set (the one unauthenticated route).
 pub const JWKS_PATH: &str = "/v1/auth/jwks";
@@ -34,17 +34,28 @@ struct MintRequest {
 pub async fn mint(
     State(state): State<AppState>,
     Extension(p): Extension<Arc<Principal>>,
-    Extension(note): Extension<AuditNote>,
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     body: Body,
+) -> Audited {
+    let mut facts = AuditFacts::default();
+    let result = mint_inner(&state, &p, peer.is_some(), &mut facts, &headers, body).await;
+    Audited(facts, result)
+}
+
+async fn mint_inner(
+    state: &AppState,
+    p: &Arc<Principal>,
+    on_unix_socket: bool,
+    facts: &mut AuditFacts,
+    headers: &HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    note.mint();
-    if peer.is_none() {
+    if !on_unix_socket {
         return Err(ApiError::unix_socket_only());
     }
-    require(&p, Scope::AuthToken)?;
-    let object = body::json_object(&headers, body).await?;
+    require(p, Scope::AuthToken)?;
+    let object = body::json_object(headers, body).await?;
     let req: MintRequest = serde_json::from_value(Value::Object(object)).map_err(|e| {
         ApiError::bad_request(
             "invalid_token_request",
@@ -70,7 +81,7 @@ pub async fn mint(
         }
     }
     let live = state.live();
-    let max = live.tokens.max_ttl();
+    let max = live.tokens().max_ttl();
     let ttl = match req.ttl_s {
         None => max,
         Some(t) if t >= 1 && t <= max.as_secs() => Duration::from_secs(t),
@@ -82,7 +93,7 @@ pub async fn mint(
             ))
         }
     };
-    let tokens = live.tokens.clone();
+    let tokens = live.tokens().clone();
     let principal = p.clone();
     let minted = state
         .keys
@@ -92,19 +103,18 @@ pub async fn mint(
         tracing::warn!(error = %e, "signing a token failed");
         ApiError::token_unavailable()
     })?;
-    note.minted(&minted.jti);
+    facts.token_id = Some(minted.jti.clone());
     let expires = time::OffsetDateTime::from(minted.expires_at)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    Ok(Json(json!({
+    Ok(reply(json!({
         "token": minted.token,
         "expires_at": expires,
         "scopes": scopes.iter().map(Scope::to_string).collect::<Vec<_>>(),
-    }))
-    .into_response())
+    })))
 }
 
 /// `GET /v1/auth/jwks`.
 pub async fn jwks(State(state): State<AppState>) -> Response {
-    Json(state.live().tokens.jwks()).into_response()
+    Json(state.live().tokens().jwks()).into_response()
 }

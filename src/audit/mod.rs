@@ -122,16 +122,6 @@ impl Outcome {
             Outcome::Failed => 3,
         }
     }
-
-    /// The outcome of an answered request, by status: 2xx OK; 406, 409 and 5xx FAILED
-    /// (the operation failed); other 4xx ERROR (the request was wrong).
-    pub fn of_status(status: u16) -> Outcome {
-        match status {
-            200..=299 => Outcome::Ok,
-            406 | 409 | 500..=599 => Outcome::Failed,
-            _ => Outcome::Error,
-        }
-    }
 }
 
 /// One audit entry. Fields left `None` are not written.
@@ -330,17 +320,6 @@ mod tests {
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             assert!(seen.insert(id), "{id} used twice");
-        }
-    }
-
-    #[test]
-    fn outcome_follows_the_status() {
-        assert_eq!(Outcome::of_status(200), Outcome::Ok);
-        for s in [400, 404, 412, 413, 415] {
-            assert_eq!(Outcome::of_status(s), Outcome::Error, "{s}");
-        }
-        for s in [406, 409, 500, 503] {
-            assert_eq!(Outcome::of_status(s), Outcome::Failed, "{s}");
         }
     }
 

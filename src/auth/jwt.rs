@@ -19,10 +19,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::scope::Scope;
 use super::Principal;
 use crate::config::{IssuerConfig, JwtAlgorithm, TokensConfig};
-use crate::keys::model::RoleName;
+use crate::values::RoleName;
+use crate::values::Scope;
 
 /// Longest bearer token accepted; real tokens are a few hundred bytes.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;

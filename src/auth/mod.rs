@@ -3,18 +3,18 @@
 //! Owns: the principals of the configuration, mapping a Unix peer (SO_PEERCRED uid/gid) to
 //! one of them, bearer tokens for TLS callers ([`jwt`]), and scope checks. A uid match wins
 //! over a gid match; a peer that maps to no principal is unknown (401).
-//! May call: `config`, `keys::model` (value types). Called by: `api`, `front`, `daemon`.
+//! May call: `config`, `values`. Called by: `api`, `front`, `daemon`.
 
+pub mod authenticate;
 pub mod jwt;
-pub mod scope;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use crate::config::PrincipalConfig;
-use crate::keys::model::{Kid, RoleName};
-use scope::Scope;
+use crate::values::Scope;
+use crate::values::{Kid, RoleName};
 
 /// Credentials of a Unix-socket peer, read with SO_PEERCRED when the connection was accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

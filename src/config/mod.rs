@@ -3,7 +3,7 @@
 //! Everything is checked here, before anything else starts, so a bad file stops startup with
 //! a message naming the file, the key and the reason. The result holds typed values
 //! ([`Scope`], [`RoleName`]) that the rest of the daemon uses without re-validating.
-//! Owns: the file format. May call: the value types in `auth::scope` and `keys::model`.
+//! Owns: the file format. May call: `values` only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -21,8 +21,8 @@ use server::RawServer;
 use tls::{issuer_config, tls_config, tokens_config, RawIssuer, RawTls, RawTokens};
 pub use tls::{IssuerConfig, JwtAlgorithm, TlsConfig, TokensConfig};
 
-use crate::auth::scope::Scope;
-use crate::keys::model::RoleName;
+use crate::values::RoleName;
+use crate::values::Scope;
 
 /// Default size of the PKCS#11 session pool: enough for two cores' blocking threads with
 /// headroom for requests that wait on a per-key lock.

@@ -257,11 +257,11 @@ async fn serve(
     let key_count = keys.len();
     let hsm = keys.hsm().clone();
     let token = hsm.token().to_string();
-    let live = Arc::new(RwLock::new(Arc::new(Live {
-        principals: Principals::new(&config.principals),
+    let live = Arc::new(RwLock::new(Arc::new(Live::new(
+        Principals::new(&config.principals),
         tokens,
-        roles: config.roles.iter().cloned().collect(),
-    })));
+        config.roles.iter().cloned().collect(),
+    ))));
     let tls_shared = listeners.tls.as_ref().map(|(_, c, _)| c.clone());
     let tasks = TaskTracker::new();
     let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);

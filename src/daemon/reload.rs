@@ -82,11 +82,11 @@ impl Reloader {
             .map_err(|e| format!("the PIN check failed: {e}"))?
             .map_err(|e| format!("the token refused the new PIN ({e}); the old login stays"))?;
 
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Live {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Live::new(
             principals,
             tokens,
-            roles: new.roles.iter().cloned().collect(),
-        });
+            new.roles.iter().cloned().collect(),
+        ));
         if let (Some(shared), Some(config)) = (&self.tls, tls) {
             *shared.write().unwrap_or_else(|p| p.into_inner()) = config;
         }

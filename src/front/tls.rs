@@ -231,13 +231,7 @@ async fn answer_tls_required(mut stream: TcpStream) {
         } else {
             "HTTP/1.0"
         };
-    let body =
-        r#"{"error":"tls_required","message":"this port speaks HTTPS only: connect with TLS"}"#;
-    let answer = format!(
-        "{version} 418 I'm a teapot\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(answer.as_bytes()).await;
+    let answer = crate::api::error::ApiError::tls_required_answer(version);
+    let _ = stream.write_all(&answer).await;
     let _ = stream.shutdown().await;
 }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::keys::model::Kid;
+use super::Kid;
 
 /// One permission. The textual forms are the ones used in config files and tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
