@@ -27,25 +27,98 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 
 /// Exponential back-off between failed accepts; reset by a successful one.
-pub(crate) struct Backoff(Option<Duration>);
+struct Backoff(Option<Duration>);
 
 impl Backoff {
-    pub(crate) fn new() -> Backoff {
+    fn new() -> Backoff {
         Backoff(None)
     }
 
     /// A successful accept.
-    pub(crate) fn reset(&mut self) {
+    fn reset(&mut self) {
         self.0 = None;
     }
 
-    /// Sleeps after a failed accept, longer each time in a row.
-    pub(crate) async fn wait(&mut self) {
+    /// The pause after one more failed accept in a row.
+    fn next(&mut self) -> Duration {
         let d = self
             .0
             .map_or(ACCEPT_BACKOFF_START, |d| (d * 2).min(ACCEPT_BACKOFF_MAX));
         self.0 = Some(d);
-        tokio::time::sleep(d).await;
+        d
+    }
+
+    /// Sleeps after a failed accept, longer each time in a row.
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next()).await;
+    }
+}
+
+/// A listening socket [`accept_loop`] can drive.
+pub(crate) trait Listen {
+    /// An accepted connection.
+    type Conn;
+    /// The address a connection comes from.
+    type Addr;
+    /// For the log: `the unix socket`, `the TLS listener`.
+    const NAME: &'static str;
+    /// The next connection.
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Conn, Self::Addr)>> + Send;
+}
+
+impl Listen for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+    const NAME: &'static str = "the unix socket";
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Conn, Self::Addr)>> + Send {
+        self.accept()
+    }
+}
+
+impl Listen for tokio::net::TcpListener {
+    type Conn = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+    const NAME: &'static str = "the TLS listener";
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Conn, Self::Addr)>> + Send {
+        self.accept()
+    }
+}
+
+/// The one accept loop of both listeners: accepts until shutdown, backs off exponentially
+/// while accepting fails (EMFILE and friends), and hands each connection to `handle` with
+/// its slot of the listener's connection limit, `None` when the listener is full (the
+/// listener decides how to refuse). Open connections are not waited for here: they hold
+/// their permits, which the drain waits for.
+pub(crate) async fn accept_loop<L: Listen>(
+    listener: L,
+    conns: &Connections,
+    shutdown: &Shutdown,
+    mut handle: impl FnMut(L::Conn, L::Addr, Option<tokio::sync::OwnedSemaphorePermit>),
+) {
+    let mut stop = shutdown.clone();
+    let mut backoff = Backoff::new();
+    loop {
+        let (conn, addr) = tokio::select! {
+            r = listener.accept_one() => match r {
+                Ok(c) => {
+                    backoff.reset();
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on {}", L::NAME);
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => break,
+        };
+        handle(conn, addr, conns.try_admit());
     }
 }
 
@@ -151,5 +224,76 @@ impl Connections {
     /// Completes when every connection has ended.
     pub async fn drained(&self) {
         let _ = self.slots.acquire_many(self.max).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new();
+        let ms: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(ms, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next(), ACCEPT_BACKOFF_START);
+    }
+
+    /// Fails `fail` times, then hands out connections (numbers) forever.
+    struct Flaky {
+        fail: usize,
+        calls: AtomicUsize,
+    }
+
+    impl Listen for Flaky {
+        type Conn = usize;
+        type Addr = ();
+        const NAME: &'static str = "a test listener";
+        fn accept_one(
+            &self,
+        ) -> impl std::future::Future<Output = std::io::Result<(usize, ())>> + Send {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let fail = self.fail;
+            async move {
+                if n < fail {
+                    Err(std::io::Error::other("EMFILE"))
+                } else {
+                    tokio::task::yield_now().await;
+                    Ok((n, ()))
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_accept_loop_backs_off_admits_within_the_limit_and_stops() {
+        let (trigger, shutdown) = shutdown_pair();
+        let conns = Connections::new(2);
+        let listener = Flaky {
+            fail: 4,
+            calls: AtomicUsize::new(0),
+        };
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let mut held = Vec::new();
+        accept_loop(listener, &conns, &shutdown, |n, (), permit| {
+            seen.push((n, permit.is_some()));
+            held.extend(permit);
+            if seen.len() == 3 {
+                trigger.trigger();
+            }
+        })
+        .await;
+        // Four failures in a row: 5 + 10 + 20 + 40 ms of back-off before the first success.
+        assert!(
+            started.elapsed() >= Duration::from_millis(75),
+            "{:?}",
+            started.elapsed()
+        );
+        // Two slots: the third connection finds the listener full.
+        assert_eq!(seen, [(4, true), (5, true), (6, false)]);
     }
 }

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::limits::{CallerSlots, Limits, TlsAdmission, Unauthenticated};
-use super::{Backoff, Connections, Shutdown};
+use super::{Connections, Shutdown};
 use crate::auth::{ConnectionSlot, TlsPeer};
 use crate::config::TlsConfig;
 use crate::secret;
@@ -110,28 +110,13 @@ pub async fn serve(
     limits: Limits,
     shutdown: Shutdown,
 ) {
-    let mut stop = shutdown.clone();
     let callers = CallerSlots::<String>::new(limits.per_caller);
     let anonymous = Unauthenticated::new(limits.unauthenticated);
-    let mut backoff = Backoff::new();
-    loop {
-        let (stream, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => {
-                    backoff.reset();
-                    s
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on the TLS listener");
-                    backoff.wait().await;
-                    continue;
-                }
-            },
-            _ = stop.wait() => break,
-        };
-        let Some(permit) = conns.try_admit() else {
-            tracing::warn!(%addr, max = conns.max(), "TLS listener full; connection closed");
-            continue;
+    let max = conns.max();
+    super::accept_loop(listener, &conns, &shutdown, |stream, addr, permit| {
+        let Some(permit) = permit else {
+            tracing::warn!(%addr, max, "TLS listener full; connection closed");
+            return;
         };
         // Answers are small and each is awaited: no Nagle delay on them.
         if let Err(e) = stream.set_nodelay(true) {
@@ -183,8 +168,9 @@ pub async fn serve(
                     tracing::debug!(%addr, "closed the oldest unauthenticated TLS connection to make room");
                 }
             }
-        }));
-    }
+        }))
+    })
+    .await;
 }
 
 /// Sorts a new connection: TLS handshake, 418 for clear-text HTTP, or close.

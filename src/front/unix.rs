@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use super::limits::{CallerSlots, Decided, Limits};
-use super::{Backoff, Connections, Shutdown};
+use super::{Connections, Shutdown};
 use crate::auth::{ConnectionSlot, Peer};
 use crate::config::UnixConfig;
 
@@ -133,38 +133,21 @@ pub async fn serve(
     limits: Limits,
     shutdown: Shutdown,
 ) {
-    let mut stop = shutdown.clone();
     let callers = CallerSlots::<u32>::new(limits.per_caller);
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-    let mut backoff = Backoff::new();
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => {
-                    backoff.reset();
-                    s
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on the unix socket");
-                    backoff.wait().await;
-                    continue;
-                }
-            },
-            _ = stop.wait() => break,
-        };
+    let max = conns.max();
+    super::accept_loop(listener, &conns, &shutdown, |stream, _, permit| {
         let peer = match peer_of(&stream) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read peer credentials; closing");
-                continue;
+                return;
             }
         };
-        let permit = conns.try_admit();
         let caller = match &permit {
             Some(_) => callers.try_take(peer.uid, "uid"),
             None => Err(format!(
-                "all {} connections of the unix socket are in use (server.max_connections)",
-                conns.max()
+                "all {max} connections of the unix socket are in use (server.max_connections)"
             )),
         };
         let (app, stop) = (app.clone(), shutdown.clone());
@@ -180,7 +163,7 @@ pub async fn serve(
             Err(why) => {
                 tracing::warn!(%peer, reason = %why, "connection over its budget");
                 let Ok(refusal) = refusals.clone().try_acquire_owned() else {
-                    continue;
+                    return;
                 };
                 let slot = ConnectionSlot(Arc::new(Decided(Err(why))));
                 drop(tokio::spawn(async move {
@@ -190,5 +173,6 @@ pub async fn serve(
                 }));
             }
         }
-    }
+    })
+    .await;
 }
