@@ -16,5 +16,6 @@ pub mod front;
 pub mod hsm;
 pub mod keys;
 pub mod secret;
+pub mod sync;
 pub mod systemd;
 pub mod values;

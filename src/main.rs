@@ -1,4 +1,5 @@
 //! The `hsmkeyd` binary: command line, logging, exit codes.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use hsmkeyd::config::Config;
-use hsmkeyd::{daemon, secret};
+use hsmkeyd::daemon;
 
 /// Exit status for an unusable configuration (sysexits EX_CONFIG), so systemd units can
 /// refuse to restart on it.
@@ -45,13 +46,7 @@ fn main() -> ExitCode {
     };
     // A PIN file that is missing, empty or readable by others is a configuration error in
     // both modes, so a unit's RestartPreventExitStatus=78 does not loop on it.
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let pin = match config
-        .pkcs11
-        .pin
-        .path(credentials.as_deref())
-        .and_then(|p| secret::read_pin_file(&p).map_err(|e| e.to_string()))
-    {
+    let pin = match daemon::read_pin(&config) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("hsmkeyd: config {}: {e}", cli.config.display());

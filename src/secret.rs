@@ -40,6 +40,17 @@ pub enum SecretFileError {
     },
 }
 
+/// The one rule for files holding secrets: group and others get no access. `Err` carries
+/// the permission bits found.
+fn private_mode(meta: &fs::Metadata) -> Result<(), u32> {
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        Ok(())
+    } else {
+        Err(mode)
+    }
+}
+
 /// Reads a PIN from `path`, refusing files that group or others could read or write.
 /// One trailing newline (LF or CRLF) is removed; the bytes are otherwise kept as they are.
 pub fn read_pin_file(path: &Path) -> Result<SecretString, SecretFileError> {
@@ -48,13 +59,10 @@ pub fn read_pin_file(path: &Path) -> Result<SecretString, SecretFileError> {
         source,
     };
     let meta = fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(SecretFileError::TooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
+    private_mode(&meta).map_err(|mode| SecretFileError::TooOpen {
+        path: path.to_path_buf(),
+        mode,
+    })?;
     let mut text = zeroize::Zeroizing::new(fs::read_to_string(path).map_err(io)?);
     if text.ends_with('\n') {
         let _ = text.pop();
@@ -75,15 +83,14 @@ pub fn read_pin_file(path: &Path) -> Result<SecretString, SecretFileError> {
 pub fn read_private_file(path: &Path, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     let meta =
         fs::metadata(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
+    private_mode(&meta).map_err(|mode| {
+        format!(
             "{what} {} has mode {mode:04o}; it must not be accessible by group or others \
              (run: chmod 600 {})",
             path.display(),
             path.display()
-        ));
-    }
+        )
+    })?;
     fs::read(path)
         .map(zeroize::Zeroizing::new)
         .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))

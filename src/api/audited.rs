@@ -31,6 +31,7 @@ use crate::audit::aggregate::Verdict;
 use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
 use crate::auth::{Peer, TlsPeer};
 use crate::keys::{FieldChange, KeyError, UpdateOutcome};
+use crate::sync;
 
 /// Header carrying the request id on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -241,10 +242,7 @@ impl UpdateAudit {
     }
 
     fn planned(&self) -> Option<Value> {
-        self.planned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        sync::lock(&self.planned).clone()
     }
 
     /// The hook an update runs before its first token write: the intent entry. An error
@@ -271,7 +269,7 @@ impl UpdateAudit {
             e.token_id = this.caller.token_id.clone();
             e.request_id = Some(this.request.rid.0.clone());
             e.changes = Some(changes.clone());
-            *this.planned.lock().unwrap_or_else(|p| p.into_inner()) = Some(changes);
+            *sync::lock(&this.planned) = Some(changes);
             this.audit.write(&e).map_err(|err| {
                 let _ = this.intent_refused.set(());
                 err.to_string()

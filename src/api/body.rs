@@ -281,19 +281,7 @@ pub fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
             ));
         }
         match k.as_str() {
-            "limit" => {
-                q.limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_field(
-                            "invalid_limit",
-                            "limit",
-                            format!("limit must be an integer in 1..={MAX_PAGE}"),
-                        )
-                    })?
-            }
+            "limit" => q.limit = page_limit(&v)?,
             "cursor" => {
                 let bad = || {
                     ApiError::bad_field(
@@ -323,6 +311,20 @@ pub fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
         seen.push(k);
     }
     Ok(q)
+}
+
+/// A page size: an integer in 1..=[`MAX_PAGE`] (`limit` of both listings).
+pub fn page_limit(v: &str) -> Result<usize, ApiError> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_field(
+                "invalid_limit",
+                "limit",
+                format!("limit must be an integer in 1..={MAX_PAGE}"),
+            )
+        })
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::error::ApiError;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
 use crate::keys::model::{Description, KeyView, Kid, Label};
-use crate::keys::{KeyPatch, MAX_PAGE};
+use crate::keys::KeyPatch;
 use crate::values::Scope;
 
 /// The appliance's request body limit.
@@ -182,17 +182,7 @@ pub async fn list(
             "offset must be a non-negative integer",
         )
     })?;
-    let limit = limit
-        .parse::<usize>()
-        .ok()
-        .filter(|n| (1..=MAX_PAGE).contains(n))
-        .ok_or_else(|| {
-            ApiError::bad_field(
-                "invalid_limit",
-                "limit",
-                format!("limit must be an integer in 1..={MAX_PAGE}"),
-            )
-        })?;
+    let limit = body::page_limit(&limit)?;
     let (total, keys) = state.keys.slice(offset, limit).map_err(ApiError::encedo)?;
     let list: Vec<Value> = keys
         .iter()

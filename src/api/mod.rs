@@ -40,6 +40,7 @@ use crate::auth::jwt::TokenService;
 use crate::auth::{ConnectionSlot, Peer, Principal, Principals, TlsPeer};
 use crate::keys::model::{KeyView, Kid, RoleName};
 use crate::keys::{Actor, KeyError, KeyPatch, KeyStore, UpdateOutcome};
+use crate::sync;
 use crate::values::Scope;
 use audited::{AuditFacts, Audited, Caller, RequestFacts, RouteEvent, UpdateAudit};
 use error::ApiError;
@@ -96,7 +97,7 @@ impl Live {
 impl AppState {
     /// The current configuration snapshot.
     pub fn live(&self) -> Arc<Live> {
-        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+        sync::read(&self.live).clone()
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{Entry, Event, Outcome};
+use crate::sync;
 
 /// Most peers tracked at once; past that, refusals of new peers get entries of their own
 /// (the journal's own rate limit is the last line of defence).
@@ -75,7 +76,7 @@ impl Refusals {
     /// Decides about one refusal of an unidentified caller at `peer`.
     pub fn refused(&self, peer: &str, reason: &str) -> Verdict {
         let key = Refusals::peer_key(peer);
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = sync::lock(&self.peers);
         let now = SystemTime::now();
         if let Some(w) = peers.open.get_mut(&key) {
             if w.opened.elapsed() < self.window {
@@ -109,7 +110,7 @@ impl Refusals {
     /// Summary entries of the windows that have closed (all of them when `all`), which are
     /// forgotten. A window that counted nothing needs no summary.
     pub fn due(&self, all: bool) -> Vec<Entry> {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = sync::lock(&self.peers);
         let expired: Vec<String> = peers
             .open
             .iter()

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::Principal;
 use crate::config::{IssuerConfig, JwtAlgorithm, TokensConfig};
+use crate::sync;
 use crate::values::RoleName;
 use crate::values::Scope;
 
@@ -201,7 +202,7 @@ impl TokenService {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = sync::lock(&self.verified);
         match cache.get(&key) {
             Some(v) if v.until >= now => return Ok(v.principal.clone()),
             Some(_) => {
@@ -211,7 +212,7 @@ impl TokenService {
         }
         drop(cache);
         let (principal, exp) = self.verify_uncached(token, defined_roles)?;
-        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = sync::lock(&self.verified);
         if cache.len() >= MAX_VERIFIED {
             cache.retain(|_, v| v.until >= now);
         }

@@ -7,6 +7,7 @@
 //!
 //! The CA's private key is never written: to re-issue, delete the directory and run again.
 //! Existing files are left alone unless `--force` is given. Not for production.
+#![forbid(unsafe_code)]
 
 use std::fs;
 use std::io::Write;

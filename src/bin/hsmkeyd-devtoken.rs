@@ -8,6 +8,7 @@
 //!
 //! `SOFTHSM2_CONF` is taken from the caller's environment. Every error is
 //! reported as one line on stderr with exit status 1.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

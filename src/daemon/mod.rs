@@ -36,6 +36,14 @@ impl std::fmt::Display for Fatal {
     }
 }
 
+/// Reads the token PIN the configuration names: its PIN file, or the systemd credential
+/// (under `$CREDENTIALS_DIRECTORY`). Used at start and by every reload.
+pub fn read_pin(config: &Config) -> Result<SecretString, String> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let path = config.pkcs11.pin.path(credentials.as_deref())?;
+    secret::read_pin_file(&path).map_err(|e| e.to_string())
+}
+
 /// Sets the environment the PKCS#11 module reads. Must run before any thread starts.
 pub fn set_module_env(config: &Config) {
     for (k, v) in &config.pkcs11.module_env {

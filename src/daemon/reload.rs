@@ -18,7 +18,7 @@ use crate::auth::Principals;
 use crate::config::Config;
 use crate::front::tls::SharedConfig;
 use crate::keys::KeyStore;
-use crate::{front, secret, systemd};
+use crate::{front, sync, systemd};
 
 /// Everything a reload reads or replaces.
 pub(super) struct Reloader {
@@ -63,12 +63,7 @@ impl Reloader {
     async fn try_reload(&mut self) -> Result<String, String> {
         let new = Config::load(&self.running.source).map_err(|e| e.to_string())?;
         needs_restart(&self.running, &new)?;
-        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-        let pin = new
-            .pkcs11
-            .pin
-            .path(credentials.as_deref())
-            .and_then(|p| secret::read_pin_file(&p).map_err(|e| e.to_string()))?;
+        let pin = super::read_pin(&new)?;
         let tokens = super::token_service(&new, self.signer.clone()).map_err(|e| e.0)?;
         let tls = match (&new.tls, &self.tls) {
             (Some(t), Some(_)) => Some(front::tls::server_config(t)?),
@@ -82,13 +77,13 @@ impl Reloader {
             .map_err(|e| format!("the PIN check failed: {e}"))?
             .map_err(|e| format!("the token refused the new PIN ({e}); the old login stays"))?;
 
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Live::new(
+        *sync::write(&self.live) = Arc::new(Live::new(
             principals,
             tokens,
             new.roles.iter().cloned().collect(),
         ));
         if let (Some(shared), Some(config)) = (&self.tls, tls) {
-            *shared.write().unwrap_or_else(|p| p.into_inner()) = config;
+            *sync::write(shared) = config;
         }
         self.keys.set_roles(new.roles.clone());
         let summary = format!(

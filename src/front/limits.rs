@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 
 use crate::auth::Admission;
 use crate::config::ServerConfig;
+use crate::sync;
 
 /// The limits of one listener, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +74,7 @@ impl<K: Eq + Hash + Clone + Display> CallerSlots<K> {
 
     /// Counts one more connection of `key`, unless it already holds `max`.
     pub fn try_take(self: &Arc<Self>, key: K, who: &str) -> Result<CallerPermit<K>, String> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = sync::lock(&self.held);
         let n = held.entry(key.clone()).or_insert(0);
         if *n >= self.max {
             return Err(format!(
@@ -92,7 +93,7 @@ impl<K: Eq + Hash + Clone + Display> CallerSlots<K> {
 
 impl<K: Eq + Hash> Drop for CallerPermit<K> {
     fn drop(&mut self) {
-        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = sync::lock(&self.slots.held);
         if let Some(n) = held.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -139,7 +140,7 @@ impl Unauthenticated {
     pub fn admit(self: &Arc<Self>) -> Ticket {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let evict = Arc::new(Notify::new());
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = sync::lock(&self.queue);
         if q.len() >= self.max {
             if let Some((_, oldest)) = q.pop_front() {
                 oldest.notify_one();
@@ -155,7 +156,7 @@ impl Unauthenticated {
 
     /// Unauthenticated connections now.
     pub fn len(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+        sync::lock(&self.queue).len()
     }
 
     /// Whether there are none.
@@ -166,7 +167,7 @@ impl Unauthenticated {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut q = self.pool.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = sync::lock(&self.pool.queue);
         q.retain(|(id, _)| *id != self.id);
     }
 }
@@ -212,7 +213,7 @@ impl TlsAdmission {
 
 impl Admission for TlsAdmission {
     fn admit(&self, principal: &str) -> Result<(), String> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = sync::lock(&self.state);
         if st.caller.is_some() {
             return Ok(());
         }

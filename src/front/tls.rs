@@ -23,6 +23,7 @@ use super::{Connections, Shutdown};
 use crate::auth::{ConnectionSlot, TlsPeer};
 use crate::config::TlsConfig;
 use crate::secret;
+use crate::sync;
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -123,7 +124,7 @@ pub async fn serve(
             tracing::debug!(%addr, error = %e, "TCP_NODELAY not set");
         }
         let admission = Arc::new(TlsAdmission::new(anonymous.admit(), callers.clone()));
-        let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|p| p.into_inner()).clone());
+        let acceptor = TlsAcceptor::from(sync::read(&tls).clone());
         let (app, stop) = (app.clone(), shutdown.clone());
         drop(tokio::spawn(async move {
             let _permit = permit;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::{KeyError, KeyStore};
 use crate::hsm::{HsmError, HsmErrorKind, ObjectRef};
+use crate::sync;
 
 /// How often a lost token is looked for again (each look is a full scan).
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -44,7 +45,7 @@ impl KeyStore {
     /// Names the token-signing key's private object, once the daemon has it (it may have
     /// just been created): its presence is what tells the token is still the same.
     pub fn watch_signing_key(&self, private: ObjectRef) {
-        *self.probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(private);
+        *sync::lock(&self.probe) = Some(private);
     }
 
     pub(super) fn ensure_token(&self) -> Result<(), KeyError> {
@@ -60,7 +61,7 @@ impl KeyStore {
     pub async fn check_token(&self, now: bool) {
         if self.is_lost() {
             {
-                let mut last = self.last_look.lock().unwrap_or_else(|p| p.into_inner());
+                let mut last = sync::lock(&self.last_look);
                 if !now && last.elapsed() < RETRY {
                     return;
                 }
@@ -69,7 +70,7 @@ impl KeyStore {
             let _ = self.rescan("looking for the lost token").await;
             return;
         }
-        let Some(probe) = *self.probe.lock().unwrap_or_else(|p| p.into_inner()) else {
+        let Some(probe) = *sync::lock(&self.probe) else {
             return;
         };
         let hsm = self.hsm.clone();
@@ -89,15 +90,11 @@ impl KeyStore {
     /// After a scan: `Err` (the index is not replaced) when the signing key we knew is not
     /// in it; otherwise notes a return and the key's handle.
     pub(super) fn judge_scan(&self, signing_private: Option<ObjectRef>) -> Result<(), KeyError> {
-        let knew = self
-            .probe
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let knew = sync::lock(&self.probe).is_some();
         match signing_private {
             None if knew => {
                 if !self.lost.swap(true, Ordering::SeqCst) {
-                    *self.last_look.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    *sync::lock(&self.last_look) = Instant::now();
                     tracing::error!(
                         "the token no longer holds hsmkeyd's token-signing key: it is gone or \
                          was replaced; key operations answer 503 until it is back"

@@ -30,6 +30,7 @@ pub use update::{Actor, FieldChange, KeyPatch, UpdateOutcome};
 use crate::hsm::{
     Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef, SIGNING_KEY_LABEL,
 };
+use crate::sync;
 use entry::{Entry, Group};
 use model::{KeyView, Kid, RoleName};
 
@@ -75,7 +76,8 @@ pub struct KeyStore {
     /// Updates hold it shared; a rescan holds it exclusively so it never reads a key
     /// half-way through an update.
     gate: tokio::sync::RwLock<()>,
-    last_rescan: Mutex<Instant>,
+    /// When a lookup miss last rescanned; `None` makes the next miss rescan.
+    last_rescan: Mutex<Option<Instant>>,
     /// The token's login generation the index's handles belong to.
     generation: std::sync::atomic::AtomicU64,
     /// What blocking writes share with the store.
@@ -103,14 +105,6 @@ pub struct KeyStore {
 struct Shared {
     /// Shortest metadata label the token refused (records that long go to CKA_VALUE).
     label_limit: AtomicUsize,
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl KeyStore {
@@ -148,7 +142,7 @@ impl KeyStore {
             index: RwLock::new(index),
             locks: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
-            last_rescan: Mutex::new(Instant::now()),
+            last_rescan: Mutex::new(Some(Instant::now())),
             shared,
             chores,
             unreadable,
@@ -201,7 +195,7 @@ impl KeyStore {
 
     /// Number of keys in the index.
     pub fn len(&self) -> usize {
-        read(&self.index).len()
+        sync::read(&self.index).len()
     }
 
     /// Whether the index is empty.
@@ -211,13 +205,13 @@ impl KeyStore {
 
     /// Replaces the role names keys may carry (on reload).
     pub fn set_roles(&self, roles: BTreeSet<RoleName>) {
-        *write(&self.roles) = roles;
+        *sync::write(&self.roles) = roles;
     }
 
     /// One page of keys.
     pub fn list(&self, q: &ListQuery) -> Result<Page, KeyError> {
         self.ensure_token()?;
-        let index = read(&self.index);
+        let index = sync::read(&self.index);
         let matches = |e: &Entry| {
             q.label.as_deref().is_none_or(|l| e.view.label == l)
                 && q.label_prefix
@@ -260,7 +254,7 @@ impl KeyStore {
     /// Keys `offset..offset + limit` in kid order, and the number of keys in the index.
     pub fn slice(&self, offset: usize, limit: usize) -> Result<(usize, Vec<KeyView>), KeyError> {
         self.ensure_token()?;
-        let index = read(&self.index);
+        let index = sync::read(&self.index);
         let keys = index
             .values()
             .skip(offset)
@@ -297,11 +291,11 @@ impl KeyStore {
 
     async fn entry(&self, kid: &Kid) -> Result<Arc<Entry>, KeyError> {
         self.ensure_token()?;
-        if let Some(e) = read(&self.index).get(kid) {
+        if let Some(e) = sync::read(&self.index).get(kid) {
             return Ok(e.clone());
         }
         self.rescan_if_due().await?;
-        read(&self.index)
+        sync::read(&self.index)
             .get(kid)
             .cloned()
             .ok_or_else(|| KeyError::NotFound(kid.clone()))
@@ -309,11 +303,11 @@ impl KeyStore {
 
     async fn rescan_if_due(&self) -> Result<(), KeyError> {
         {
-            let mut last = self.last_rescan.lock().unwrap_or_else(|p| p.into_inner());
-            if last.elapsed() < RESCAN_MIN_INTERVAL {
+            let mut last = sync::lock(&self.last_rescan);
+            if last.is_some_and(|t| t.elapsed() < RESCAN_MIN_INTERVAL) {
                 return Ok(());
             }
-            *last = Instant::now();
+            *last = Some(Instant::now());
         }
         self.rescan("a lookup miss").await
     }
@@ -343,7 +337,7 @@ impl KeyStore {
             .map_err(KeyError::Unavailable)?;
         self.judge_scan(signing)?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
-        *write(&self.index) = fresh;
+        *sync::write(&self.index) = fresh;
         self.generation
             .store(generation, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -361,9 +355,7 @@ impl KeyStore {
     }
 
     fn lock_of(&self, kid: &Kid) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.locks)
             .entry(kid.clone())
             .or_default()
             .clone()
@@ -389,7 +381,7 @@ impl KeyStore {
         G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
     {
         // Validation that needs no key comes first, so bad input never waits on a lock.
-        patch.check_roles(&read(&self.roles))?;
+        patch.check_roles(&sync::read(&self.roles))?;
         self.chores.room().await;
         self.refresh_handles().await?;
         let _ = self.entry(kid).await?;
@@ -397,7 +389,7 @@ impl KeyStore {
         let lock = self.lock_of(kid);
         let _guard = lock.lock().await;
         // Re-read under the lock: the entry may have changed while we waited.
-        let current = read(&self.index)
+        let current = sync::read(&self.index)
             .get(kid)
             .cloned()
             .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
@@ -429,24 +421,21 @@ impl KeyStore {
                     self.chores.dirty(kid);
                 }
                 let view = entry.view.clone();
-                let _ = write(&self.index).insert(kid.clone(), Arc::new(entry));
+                let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(entry));
                 // Queued once the index no longer names them.
                 self.chores
                     .superseded(self.generation(), kid, applied.superseded);
                 result.map(|()| UpdateOutcome { key: view, changes })
             }
             Ok(None) => {
-                let _ = write(&self.index).remove(kid);
+                let _ = sync::write(&self.index).remove(kid);
                 self.chores
                     .superseded(self.generation(), kid, applied.superseded);
                 result.and(Err(KeyError::NotFound(kid.clone())))
             }
             Err(e) => {
                 // The token did not answer the re-read: force a rescan on the next miss.
-                let mut last = self.last_rescan.lock().unwrap_or_else(|p| p.into_inner());
-                *last = Instant::now()
-                    .checked_sub(RESCAN_MIN_INTERVAL)
-                    .unwrap_or(*last);
+                *sync::lock(&self.last_rescan) = None;
                 result.and(Err(hsm_error(kid, e)))
             }
         }

@@ -20,6 +20,7 @@ use super::meta::{self, Layout};
 use super::model::Kid;
 use super::{settle, KeyStore};
 use crate::hsm::{HsmErrorKind, ObjectKind, ObjectRef};
+use crate::sync;
 
 /// How long a key must go without an update before its dirty record is written: long
 /// enough that a busy key is not written twice per update, short enough that the token
@@ -72,7 +73,7 @@ impl Chores {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.0.state)
     }
 
     /// Queues superseded objects of `kid` (handles of login `generation`).
@@ -211,7 +212,7 @@ impl KeyStore {
         // No key lock: updates never write to a superseded object, so the key's updates
         // need not wait for a destroy (slow on large SoftHSM2 tokens).
         let _shared = self.gate.read().await;
-        let in_use = super::read(&self.index)
+        let in_use = sync::read(&self.index)
             .get(&d.kid)
             .and_then(|e| e.meta.as_ref().map(|m| (m.object, m.spare)))
             .is_some_and(|(o, s)| o == Some(d.object) || s == Some(d.object));
@@ -253,7 +254,7 @@ impl KeyStore {
         let _shared = self.gate.read().await;
         let lock = self.lock_of(kid);
         let _guard = lock.lock().await;
-        let Some(entry) = super::read(&self.index).get(kid).cloned() else {
+        let Some(entry) = sync::read(&self.index).get(kid).cloned() else {
             return;
         };
         let Some(slot) = entry.meta.clone().filter(|m| m.dirty) else {
@@ -267,7 +268,7 @@ impl KeyStore {
             Ok(Ok((fresh, superseded))) => {
                 let mut e = (*entry).clone();
                 e.meta = Some(fresh);
-                let _ = super::write(&self.index).insert(kid.clone(), Arc::new(e));
+                let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(e));
                 self.chores.superseded(self.generation(), kid, superseded);
             }
             Ok(Err(e)) => {
