@@ -180,7 +180,7 @@ pub fn changes_json(changes: &[FieldChange]) -> Value {
             .iter()
             .map(|c| {
                 (
-                    c.field.to_string(),
+                    c.field.name().to_string(),
                     serde_json::json!({"before": c.before, "after": c.after}),
                 )
             })

@@ -21,7 +21,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::audited::{reply, AuditFacts, Audited, RequestFacts, RouteEvent};
+use super::audited::{reply, AuditFacts, Audited};
 use super::error::ApiError;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
@@ -35,27 +35,14 @@ pub const MAX_BODY: usize = 7300;
 pub const MAX_LABEL_CHARS: usize = 32;
 
 /// `POST /api/keymgmt/update`.
-pub async fn update(
-    State(state): State<AppState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Extension(request): Extension<RequestFacts>,
-    Extension(RouteEvent(event)): Extension<RouteEvent>,
-    headers: HeaderMap,
-    body: Body,
-) -> Audited {
+pub(super) async fn update(u: UpdateRequest, headers: HeaderMap, body: Body) -> Audited {
     let mut facts = AuditFacts::default();
-    let u = UpdateRequest {
-        state: &state,
-        principal: &p,
-        request: &request,
-        event,
-    };
-    let result = update_inner(u, &mut facts, &headers, body).await;
+    let result = update_inner(&u, &mut facts, &headers, body).await;
     Audited(facts, result)
 }
 
 async fn update_inner(
-    u: UpdateRequest<'_>,
+    u: &UpdateRequest,
     facts: &mut AuditFacts,
     headers: &HeaderMap,
     body: Body,
@@ -70,7 +57,7 @@ async fn update_inner(
     let fields = body::json_object_within(headers, body, MAX_BODY).await?;
     let (kid, patch) = update_body(fields)?;
     facts.kid = Some(kid.to_string());
-    super::require_update(u.principal, &kid)?;
+    super::require_update(&u.principal, &kid)?;
     let _ = super::update_key(u, facts, &kid, patch, ApiError::encedo).await?;
     // The appliance answers 200 with an empty object; the audit layer adds `audit_id`.
     Ok(reply(json!({})))

@@ -304,12 +304,40 @@ fn require_update(p: &Principal, kid: &Kid) -> Result<(), ApiError> {
     }
 }
 
-/// What an updating handler hands [`update_key`]: the request, its caller and its route.
-struct UpdateRequest<'a> {
-    state: &'a AppState,
-    principal: &'a Principal,
-    request: &'a RequestFacts,
+/// What an updating handler hands [`update_key`]: the request, its caller and its route's
+/// event. An extractor, so every updating route gets it the same way.
+struct UpdateRequest {
+    state: AppState,
+    principal: Arc<Principal>,
+    request: RequestFacts,
     event: Event,
+}
+
+impl axum::extract::FromRequestParts<AppState> for UpdateRequest {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<UpdateRequest, ApiError> {
+        let missing = |what: &str| ApiError::internal(&format!("an update without {what}"));
+        let ext = &parts.extensions;
+        Ok(UpdateRequest {
+            state: state.clone(),
+            principal: ext
+                .get::<Arc<Principal>>()
+                .cloned()
+                .ok_or_else(|| missing("a principal"))?,
+            request: ext
+                .get::<RequestFacts>()
+                .cloned()
+                .ok_or_else(|| missing("request facts"))?,
+            event: ext
+                .get::<RouteEvent>()
+                .map(|e| e.0)
+                .ok_or_else(|| missing("a route event"))?,
+        })
+    }
 }
 
 /// The one way a handler updates a key. Once the request has passed its checks the update
@@ -318,7 +346,7 @@ struct UpdateRequest<'a> {
 /// lock is held until the token work is over. `map` turns domain errors into the answer of
 /// the calling endpoint. The update records its own result entry, so `facts` says so.
 async fn update_key(
-    u: UpdateRequest<'_>,
+    u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &Kid,
     patch: KeyPatch,
@@ -404,27 +432,18 @@ async fn get_key(
 }
 
 async fn patch_key(
-    State(state): State<AppState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Extension(request): Extension<RequestFacts>,
-    Extension(RouteEvent(event)): Extension<RouteEvent>,
+    u: UpdateRequest,
     Path(kid): Path<String>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Audited {
     let mut facts = AuditFacts::default();
-    let u = UpdateRequest {
-        state: &state,
-        principal: &p,
-        request: &request,
-        event,
-    };
-    let result = patch_inner(u, &mut facts, &kid, &headers, body).await;
+    let result = patch_inner(&u, &mut facts, &kid, &headers, body).await;
     Audited(facts, result)
 }
 
 async fn patch_inner(
-    u: UpdateRequest<'_>,
+    u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &str,
     headers: &HeaderMap,
@@ -432,11 +451,11 @@ async fn patch_inner(
 ) -> Result<Response, ApiError> {
     let kid = body::kid(kid)?;
     facts.kid = Some(kid.to_string());
-    require_update(u.principal, &kid)?;
+    require_update(&u.principal, &kid)?;
     let mut patch = body::key_patch(body::json_object(headers, body).await?)?;
     patch.if_match = if_match(headers)?;
     let outcome = update_key(u, facts, &kid, patch, ApiError::from).await?;
-    let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field).collect();
+    let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field.name()).collect();
     let body = audited::reply(json!({ "key": outcome.key, "changed": changed }));
     Ok(with_etag(&outcome.key, body))
 }

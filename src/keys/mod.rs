@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use error::KeyError;
-pub use update::{Actor, FieldChange, KeyPatch, UpdateOutcome};
+pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 
 use crate::hsm::{
     Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef, SIGNING_KEY_LABEL,

@@ -79,12 +79,34 @@ pub struct Actor {
 /// One changed field, with its value before and after.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldChange {
-    /// `label`, `description` or `roles`.
-    pub field: &'static str,
+    /// What changed.
+    pub field: Field,
     /// Value before.
     pub before: Value,
     /// Value after.
     pub after: Value,
+}
+
+/// The attributes an update can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// CKA_LABEL of every object of the key.
+    Label,
+    /// The description in the metadata record.
+    Description,
+    /// The roles in the metadata record.
+    Roles,
+}
+
+impl Field {
+    /// The name in request bodies, `changed` lists and `HSMKEYD_CHANGES`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Label => "label",
+            Field::Description => "description",
+            Field::Roles => "roles",
+        }
+    }
 }
 
 /// What an update did.
@@ -174,7 +196,7 @@ pub(super) fn plan(
             .collect();
         if !label_writes.is_empty() {
             changes.push(FieldChange {
-                field: "label",
+                field: Field::Label,
                 before: json!(view.label),
                 after: json!(label.as_str()),
             });
@@ -189,7 +211,7 @@ pub(super) fn plan(
     if let Some(d) = &patch.description {
         if &record.description != d {
             changes.push(FieldChange {
-                field: "description",
+                field: Field::Description,
                 before: json!(record.description.as_ref().map(Description::as_str)),
                 after: json!(d.as_ref().map(Description::as_str)),
             });
@@ -201,14 +223,14 @@ pub(super) fn plan(
         let same = new.iter().collect::<BTreeSet<_>>() == record.roles.iter().collect();
         if !same {
             changes.push(FieldChange {
-                field: "roles",
+                field: Field::Roles,
                 before: json!(record.roles),
                 after: json!(new),
             });
             record.roles = new;
         }
     }
-    let meta_changes = changes.iter().any(|c| c.field != "label");
+    let meta_changes = changes.iter().any(|c| c.field != Field::Label);
     record.updated_at = Some(now_rfc3339());
     // Whatever the key's record had in progress is over by now (its update finished
     // under this lock, or the scan finished it).
