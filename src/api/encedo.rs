@@ -133,7 +133,7 @@ fn encedo_label(s: &str) -> Result<Label, ApiError> {
     if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(bad("label must be printable ASCII (0x20..0x7e)".into()));
     }
-    Label::parse(s).map_err(bad)
+    Label::parse(s).map_err(|e| bad(e.into()))
 }
 
 /// Standard base64 (padded) of a UTF-8 description within the description limit.

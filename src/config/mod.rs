@@ -382,7 +382,8 @@ impl Config {
 
         let mut roles = BTreeSet::new();
         for (i, r) in raw.keys.roles.iter().enumerate() {
-            let role = RoleName::parse(r).map_err(|e| err(&format!("keys.roles[{i}]"), e))?;
+            let role =
+                RoleName::parse(r).map_err(|e| err(&format!("keys.roles[{i}]"), e.into()))?;
             if !roles.insert(role) {
                 return Err(err(
                     &format!("keys.roles[{i}]"),
@@ -434,8 +435,8 @@ impl Config {
             }
             let mut scopes = Vec::new();
             for (j, s) in rp.scopes.iter().enumerate() {
-                let scope =
-                    Scope::parse(s).map_err(|e| err(&format!("{}[{j}]", key("scopes")), e))?;
+                let scope = Scope::parse(s)
+                    .map_err(|e| err(&format!("{}[{j}]", key("scopes")), e.into()))?;
                 if !scopes.contains(&scope) {
                     scopes.push(scope);
                 }
@@ -443,7 +444,7 @@ impl Config {
             let mut proles = Vec::new();
             for (j, r) in rp.roles.iter().enumerate() {
                 let k = format!("{}[{j}]", key("roles"));
-                let role = RoleName::parse(r).map_err(|e| err(&k, e))?;
+                let role = RoleName::parse(r).map_err(|e| err(&k, e.into()))?;
                 if !roles.contains(&role) {
                     return Err(err(&k, format!("role {r:?} is not defined in keys.roles")));
                 }

@@ -9,6 +9,30 @@ mod scope;
 
 pub use scope::Scope;
 
+/// Why a value was refused: one sentence for the caller (an error body, a config error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(String);
+
+impl Invalid {
+    pub(crate) fn new(reason: impl Into<String>) -> Invalid {
+        Invalid(reason.into())
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl From<Invalid> for String {
+    fn from(e: Invalid) -> String {
+        e.0
+    }
+}
+
 use std::fmt;
 
 use serde::Serialize;
@@ -30,8 +54,8 @@ pub const MAX_ROLE_BYTES: usize = 64;
 pub struct Kid(String);
 
 impl TryFrom<String> for Kid {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
         Kid::parse(&s)
     }
 }
@@ -44,15 +68,15 @@ impl From<Kid> for String {
 
 impl Kid {
     /// Parses hex (either case) into the canonical lowercase form.
-    pub fn parse(s: &str) -> Result<Kid, String> {
+    pub fn parse(s: &str) -> Result<Kid, Invalid> {
         if s.is_empty() || s.len() > MAX_ID_BYTES * 2 {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "a key id is 2..={} hex characters",
                 MAX_ID_BYTES * 2
-            ));
+            )));
         }
         if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("a key id is an even number of hex characters".into());
+            return Err(Invalid::new("a key id is an even number of hex characters"));
         }
         Ok(Kid(s.to_ascii_lowercase()))
     }
@@ -91,18 +115,18 @@ pub struct Label(String);
 
 impl Label {
     /// Checks the length and characters.
-    pub fn parse(s: &str) -> Result<Label, String> {
+    pub fn parse(s: &str) -> Result<Label, Invalid> {
         if s.is_empty() {
-            return Err("label must not be empty".into());
+            return Err(Invalid::new("label must not be empty"));
         }
         if s.len() > MAX_LABEL_BYTES {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "label is {} bytes long; the limit is {MAX_LABEL_BYTES} bytes of UTF-8",
                 s.len()
-            ));
+            )));
         }
         if s.chars().any(char::is_control) {
-            return Err("label must not contain control characters".into());
+            return Err(Invalid::new("label must not contain control characters"));
         }
         // Format characters (Unicode category Cf: bidi overrides, zero-width joiners and
         // spaces, the BOM, ...) change how a label looks without being seen: a label that
@@ -111,10 +135,10 @@ impl Label {
             .chars()
             .find(|c| c.general_category() == GeneralCategory::Format)
         {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "label must not contain invisible format characters (found U+{:04X})",
                 c as u32
-            ));
+            )));
         }
         Ok(Label(s.to_string()))
     }
@@ -132,17 +156,17 @@ pub struct Description(String);
 
 impl Description {
     /// Checks the length and characters.
-    pub fn parse(s: &str) -> Result<Description, String> {
+    pub fn parse(s: &str) -> Result<Description, Invalid> {
         let chars = s.chars().count();
         if chars > MAX_DESCRIPTION_CHARS {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "description is {chars} characters long; the limit is {MAX_DESCRIPTION_CHARS}"
-            ));
+            )));
         }
         if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-            return Err(
-                "description must not contain control characters other than newline and tab".into(),
-            );
+            return Err(Invalid::new(
+                "description must not contain control characters other than newline and tab",
+            ));
         }
         Ok(Description(s.to_string()))
     }
@@ -154,8 +178,8 @@ impl Description {
 }
 
 impl TryFrom<String> for Description {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
         Description::parse(&s)
     }
 }
@@ -173,17 +197,19 @@ pub struct RoleName(String);
 
 impl RoleName {
     /// Checks the length and characters.
-    pub fn parse(s: &str) -> Result<RoleName, String> {
+    pub fn parse(s: &str) -> Result<RoleName, Invalid> {
         if s.is_empty() || s.len() > MAX_ROLE_BYTES {
-            return Err(format!("a role name is 1..={MAX_ROLE_BYTES} characters"));
+            return Err(Invalid::new(format!(
+                "a role name is 1..={MAX_ROLE_BYTES} characters"
+            )));
         }
         if !s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
         {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "role name {s:?} may hold only letters, digits, '_', '.', ':' and '-'"
-            ));
+            )));
         }
         Ok(RoleName(s.to_string()))
     }
@@ -195,8 +221,8 @@ impl RoleName {
 }
 
 impl TryFrom<String> for RoleName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
         RoleName::parse(&s)
     }
 }

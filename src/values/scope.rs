@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::Kid;
+use super::{Invalid, Kid};
 
 /// One permission. The textual forms are the ones used in config files and tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -21,7 +21,7 @@ pub enum Scope {
 
 impl Scope {
     /// Parses the textual form; the error says what the accepted forms are.
-    pub fn parse(s: &str) -> Result<Scope, String> {
+    pub fn parse(s: &str) -> Result<Scope, Invalid> {
         match s {
             "keymgmt:list" => Ok(Scope::KeysList),
             "keymgmt:get" => Ok(Scope::KeysGet),
@@ -30,11 +30,11 @@ impl Scope {
             _ => match s.strip_prefix("keymgmt:upd:") {
                 Some(kid) => Kid::parse(kid)
                     .map(Scope::KeysUpdateOne)
-                    .map_err(|e| format!("scope {s:?}: {e}")),
-                None => Err(format!(
+                    .map_err(|e| Invalid::new(format!("scope {s:?}: {e}"))),
+                None => Err(Invalid::new(format!(
                     "unknown scope {s:?}; known: keymgmt:list, keymgmt:get, keymgmt:upd, \
                      keymgmt:upd:<kid>, auth:token"
-                )),
+                ))),
             },
         }
     }
