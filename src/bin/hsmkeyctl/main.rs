@@ -1,0 +1,434 @@
+//! `hsmkeyctl`: the command-line client of hsmkeyd. Talks to the daemon over its Unix socket
+//! (default; the caller is identified by its uid) or over HTTPS with a bearer token, prints
+//! aligned tables for people and one JSON document with `--json` for scripts.
+//!
+//! Exit codes: 0 done; 1 refused by the daemon (4xx); 2 usage (bad arguments, unreadable
+//! token file or CA); 3 the daemon or its token is unavailable (5xx, no connection);
+//! 4 precondition failed (412: the key changed since the ETag given to `--if-match`).
+#![forbid(unsafe_code)]
+
+mod audit;
+mod client;
+mod show;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use hyper::header::IF_MATCH;
+use hyper::{Method, Uri};
+use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
+
+use client::{Answer, Target};
+
+const EXIT_CODES: &str = "Exit codes: 0 done, 1 refused by the daemon (4xx), 2 usage, \
+3 daemon or token unavailable (5xx or no connection), 4 precondition failed (412).";
+
+/// Manage the keys of an hsmkeyd daemon.
+#[derive(Parser)]
+#[command(name = "hsmkeyctl", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// The daemon's Unix socket.
+    #[arg(
+        long,
+        env = "HSMKEYD_SOCKET",
+        default_value = "/run/hsmkeyd/api.sock",
+        global = true
+    )]
+    socket: PathBuf,
+    /// Use the HTTPS front door instead, e.g. https://localhost:8443 (needs a token).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// CA certificate(s), PEM, to verify the daemon's HTTPS certificate.
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
+    /// File holding the bearer token for --url (else $HSMKEYD_TOKEN; never an argument).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List keys (every page with --all).
+    List {
+        /// Only keys with exactly this label.
+        #[arg(long)]
+        label: Option<String>,
+        /// Only keys whose label starts with this.
+        #[arg(long)]
+        label_prefix: Option<String>,
+        /// Keys per page (1..=1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Continue after this cursor (next_cursor of an earlier page).
+        #[arg(long, conflicts_with = "all")]
+        cursor: Option<String>,
+        /// Fetch every page.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one key.
+    Get {
+        /// The key id (hex).
+        kid: String,
+    },
+    /// Change a key's label, description or roles.
+    Update {
+        /// The key id (hex).
+        kid: String,
+        /// New label (CKA_LABEL of every object of the key).
+        #[arg(long)]
+        label: Option<String>,
+        /// New description.
+        #[arg(long, conflicts_with = "clear_description")]
+        description: Option<String>,
+        /// Remove the description.
+        #[arg(long)]
+        clear_description: bool,
+        /// New roles, comma-separated (who may update the key).
+        #[arg(long, value_delimiter = ',', conflicts_with = "clear_roles")]
+        roles: Option<Vec<String>>,
+        /// Remove the roles (any principal with the scope may update).
+        #[arg(long)]
+        clear_roles: bool,
+        /// Update only if the key still has this ETag (from `get`).
+        #[arg(long)]
+        if_match: Option<String>,
+    },
+    /// Mint a bearer token for the HTTPS front door (over the Unix socket only).
+    Token {
+        /// A scope to grant (repeat); you must hold it yourself.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Lifetime in seconds (default and maximum: the daemon's tokens.max_ttl_s).
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Print only the token, for $(...).
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// The daemon's state: token, keys, background work.
+    Status,
+    /// This host's audit trail (journalctl), oldest first.
+    Audit {
+        /// Only entries about this key.
+        #[arg(long)]
+        kid: Option<String>,
+        /// Only this event, e.g. KEY_ATTRIBUTES_CHANGED.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only the entries of one request (an answer's audit_id).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Since this time, as journalctl --since takes it ("today", "1 hour ago", ...).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many of the newest entries.
+        #[arg(short = 'n', long)]
+        lines: Option<usize>,
+    },
+    /// Shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff), e.g. `hsmkeyctl man > hsmkeyctl.1`.
+    Man,
+}
+
+/// Why a command failed, and so its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// The invocation is wrong (exit 2).
+    Usage(String),
+    /// The daemon refused or failed (exit 1, 3 for 5xx, 4 for 412).
+    Daemon {
+        status: u16,
+        code: String,
+        message: String,
+        field: Option<String>,
+    },
+    /// No daemon to talk to (exit 3).
+    Unavailable(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 2,
+            Failure::Daemon { status: 412, .. } => 4,
+            Failure::Daemon { status, .. } if *status >= 500 => 3,
+            Failure::Daemon { .. } => 1,
+            Failure::Unavailable(_) => 3,
+        }
+    }
+
+    fn report(&self) {
+        match self {
+            Failure::Usage(m) | Failure::Unavailable(m) => eprintln!("hsmkeyctl: {m}"),
+            Failure::Daemon {
+                status,
+                code,
+                message,
+                field,
+            } => {
+                let field = field
+                    .as_deref()
+                    .map(|f| format!(" (field: {f})"))
+                    .unwrap_or_default();
+                eprintln!("hsmkeyctl: {message}{field} [{status} {code}]");
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hsmkeyctl: cannot start: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            f.report();
+            ExitCode::from(f.exit_code())
+        }
+    }
+}
+
+fn target(cli: &Cli) -> Result<Target, Failure> {
+    let Some(url) = &cli.url else {
+        return Ok(Target::Unix(cli.socket.clone()));
+    };
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| Failure::Usage(format!("--url {url:?}: {e}")))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none() {
+        return Err(Failure::Usage(format!(
+            "--url {url:?}: give https://host:port (the daemon's TLS front door)"
+        )));
+    }
+    let token = match &cli.token_file {
+        Some(p) => Zeroizing::new(
+            std::fs::read_to_string(p)
+                .map_err(|e| Failure::Usage(format!("--token-file {}: {e}", p.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => Zeroizing::new(std::env::var("HSMKEYD_TOKEN").unwrap_or_default()),
+    };
+    if token.is_empty() {
+        return Err(Failure::Usage(
+            "--url needs a bearer token: --token-file FILE or $HSMKEYD_TOKEN \
+             (mint one with `hsmkeyctl token`)"
+                .into(),
+        ));
+    }
+    Ok(Target::Https {
+        uri,
+        cacert: cli.cacert.clone(),
+        token,
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "hsmkeyctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            return std::io::stdout()
+                .write_all(&out)
+                .map_err(|e| Failure::Usage(e.to_string()));
+        }
+        Cmd::Audit {
+            kid,
+            event,
+            request_id,
+            since,
+            lines,
+        } => {
+            let entries = audit::entries(&audit::Filter {
+                kid: kid.as_deref(),
+                event: event.as_deref(),
+                request_id: request_id.as_deref(),
+                since: since.as_deref(),
+                lines: *lines,
+            })?;
+            if cli.json {
+                show::json(&Value::Array(entries));
+            } else {
+                println!("{}", audit::table(&entries));
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
+    let t = target(&cli)?;
+    match &cli.command {
+        Cmd::List {
+            label,
+            label_prefix,
+            limit,
+            cursor,
+            all,
+        } => {
+            let mut cursor = cursor.clone();
+            let mut keys = Vec::new();
+            let (total, next) = loop {
+                let mut q: Vec<(&str, String)> = Vec::new();
+                if let Some(l) = label {
+                    q.push(("label", l.clone()));
+                }
+                if let Some(p) = label_prefix {
+                    q.push(("label_prefix", p.clone()));
+                }
+                if let Some(n) = limit {
+                    q.push(("limit", n.to_string()));
+                }
+                if let Some(c) = &cursor {
+                    q.push(("cursor", c.clone()));
+                }
+                let query =
+                    serde_urlencoded::to_string(&q).map_err(|e| Failure::Usage(e.to_string()))?;
+                let path = if query.is_empty() {
+                    "/v1/keys".to_string()
+                } else {
+                    format!("/v1/keys?{query}")
+                };
+                let page = t.send(Method::GET, &path, None, &[]).await?.ok()?.body;
+                keys.extend(page["keys"].as_array().cloned().unwrap_or_default());
+                match page["next_cursor"].as_str() {
+                    Some(c) if *all => cursor = Some(c.to_string()),
+                    _ => break (page["total"].clone(), page["next_cursor"].clone()),
+                }
+            };
+            if cli.json {
+                show::json(&json!({"keys": keys, "total": total, "next_cursor": next}));
+            } else {
+                println!("{}", show::keys(&keys));
+                if let Some(c) = next.as_str() {
+                    eprintln!(
+                        "{} of {total} keys shown; more with --all or --cursor {c}",
+                        keys.len()
+                    );
+                }
+            }
+        }
+        Cmd::Get { kid } => {
+            let a = t
+                .send(Method::GET, &format!("/v1/keys/{kid}"), None, &[])
+                .await?
+                .ok()?;
+            print_key(&cli, &a);
+        }
+        Cmd::Update {
+            kid,
+            label,
+            description,
+            clear_description,
+            roles,
+            clear_roles,
+            if_match,
+        } => {
+            let mut patch = Map::new();
+            if let Some(l) = label {
+                let _ = patch.insert("label".into(), json!(l));
+            }
+            if let Some(d) = description {
+                let _ = patch.insert("description".into(), json!(d));
+            }
+            if *clear_description {
+                let _ = patch.insert("description".into(), Value::Null);
+            }
+            if let Some(r) = roles {
+                let _ = patch.insert("roles".into(), json!(r));
+            }
+            if *clear_roles {
+                let _ = patch.insert("roles".into(), Value::Null);
+            }
+            if patch.is_empty() {
+                return Err(Failure::Usage(
+                    "nothing to change: give --label, --description, --clear-description, \
+                     --roles or --clear-roles"
+                        .into(),
+                ));
+            }
+            let headers: Vec<_> = if_match
+                .iter()
+                .map(|e| (IF_MATCH, format!("\"{}\"", e.trim_matches('"'))))
+                .collect();
+            let a = t
+                .send(
+                    Method::PATCH,
+                    &format!("/v1/keys/{kid}"),
+                    Some(&Value::Object(patch)),
+                    &headers,
+                )
+                .await?
+                .ok()?;
+            if cli.json {
+                show::json(&a.body);
+            } else {
+                println!("{}", show::fields(&a.body["key"]));
+                println!("changed: {}", show::cell(&a.body["changed"]));
+                println!("audit id: {}", show::cell(&a.body["audit_id"]));
+            }
+        }
+        Cmd::Token { scopes, ttl, quiet } => {
+            let mut body = json!({ "scopes": scopes });
+            if let Some(t) = ttl {
+                body["ttl_s"] = json!(t);
+            }
+            let a = t
+                .send(Method::POST, "/v1/auth/token", Some(&body), &[])
+                .await?
+                .ok()?;
+            if *quiet {
+                println!("{}", show::cell(&a.body["token"]));
+            } else if cli.json {
+                show::json(&a.body);
+            } else {
+                println!("{}", show::fields(&a.body));
+            }
+        }
+        Cmd::Status => {
+            let a = t.send(Method::GET, "/v1/status", None, &[]).await?.ok()?;
+            if cli.json {
+                show::json(&a.body);
+            } else {
+                println!("{}", show::fields(&a.body));
+            }
+        }
+        Cmd::Audit { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn print_key(cli: &Cli, a: &Answer) {
+    if cli.json {
+        show::json(&a.body);
+    } else {
+        println!("{}", show::fields(&a.body));
+    }
+}
