@@ -231,7 +231,7 @@ impl Hsm {
                     Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
                     // The session or the token itself failed: the whole scan did.
                     Err(e @ Error::Pkcs11(rv, _))
-                        if super::error::kind_of(rv) == super::HsmErrorKind::Unavailable =>
+                        if super::Ckr::of(rv).kind() == super::HsmErrorKind::Unavailable =>
                     {
                         return Err(e)
                     }

@@ -152,14 +152,13 @@ impl Pool {
                 .unwrap_or_else(|p| p.into_inner());
             st = guard;
             if timeout.timed_out() && st.idle.is_empty() && st.open >= self.max {
-                return Err(HsmError {
-                    kind: super::HsmErrorKind::Unavailable,
-                    function: "session pool".into(),
-                    code: format!(
+                return Err(HsmError::unavailable(
+                    "session pool",
+                    format!(
                         "no PKCS#11 session became free within {}s",
                         CHECKOUT_TIMEOUT.as_secs()
                     ),
-                });
+                ));
             }
         }
     }
