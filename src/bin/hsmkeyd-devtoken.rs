@@ -18,19 +18,10 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
+use hsmkeyd::hsm::Curve;
 use rand::rngs::OsRng;
 use rand::TryRngCore;
 use zeroize::{Zeroize, Zeroizing};
-
-/// DER OID 1.2.840.10045.3.1.7 (prime256v1 / P-256).
-const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-/// DER OID 1.3.132.0.34 (secp384r1 / P-384).
-const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-/// DER OID 1.3.132.0.35 (secp521r1 / P-521).
-const OID_P521: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
-/// DER OID 1.3.101.112 (id-Ed25519). SoftHSM 2.6.1 accepts both this and the
-/// PrintableString "edwards25519" (tested); the OID is the RFC 8410 form.
-const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
 type Res<T> = Result<T, String>;
 type MakeFlag = fn(bool) -> Attribute;
@@ -225,10 +216,10 @@ fn run(cli: Cli) -> Res<()> {
 }
 
 fn raw_ec_public(session: &Session, r: RawEcPublicArgs) -> Res<()> {
-    let params = match r.kind {
-        Kind::EcP256 => OID_P256,
-        Kind::EcP384 => OID_P384,
-        Kind::EcP521 => OID_P521,
+    let curve = match r.kind {
+        Kind::EcP256 => Curve::P256,
+        Kind::EcP384 => Curve::P384,
+        Kind::EcP521 => Curve::P521,
         _ => return Err("--kind of raw-ec-public is ec-p256, ec-p384 or ec-p521".into()),
     };
     let template = [
@@ -239,7 +230,7 @@ fn raw_ec_public(session: &Session, r: RawEcPublicArgs) -> Res<()> {
         Attribute::Verify(true),
         Attribute::Id(r.id.0),
         Attribute::Label(r.label.into_bytes()),
-        Attribute::EcParams(params.to_vec()),
+        Attribute::EcParams(params(&curve)),
         Attribute::EcPoint(r.ec_point.0),
     ];
     session
@@ -394,15 +385,17 @@ fn generate(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, ObjectHandl
 fn generate_pair(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, ObjectHandle)> {
     use AttributeType as A;
     let (mech, key_type, params) = match spec.kind {
-        Kind::EcP256 => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
-        Kind::EcP384 => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P384),
-        Kind::EcP521 => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P521),
+        Kind::EcP256 => (Mechanism::EccKeyPairGen, KeyType::EC, params(&Curve::P256)),
+        Kind::EcP384 => (Mechanism::EccKeyPairGen, KeyType::EC, params(&Curve::P384)),
+        Kind::EcP521 => (Mechanism::EccKeyPairGen, KeyType::EC, params(&Curve::P521)),
+        // SoftHSM 2.6.1 accepts both the RFC 8410 OID and the PrintableString
+        // "edwards25519" (tested); the OID is the standard form.
         Kind::Ed25519 => (
             Mechanism::EccEdwardsKeyPairGen,
             KeyType::EC_EDWARDS,
-            OID_ED25519,
+            params(&Curve::Ed25519),
         ),
-        _ => (Mechanism::RsaPkcsKeyPairGen, KeyType::RSA, &[][..]),
+        _ => (Mechanism::RsaPkcsKeyPairGen, KeyType::RSA, Vec::new()),
     };
     let (pub_on, priv_on): (&[A], &[A]) = if key_type == KeyType::RSA {
         (
@@ -420,11 +413,16 @@ fn generate_pair(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, Object
             Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
         ]);
     } else {
-        public.push(Attribute::EcParams(params.to_vec()));
+        public.push(Attribute::EcParams(params));
     }
     session
         .generate_key_pair(&mech, &public, &private)
         .ctx("C_GenerateKeyPair")
+}
+
+/// CKA_EC_PARAMS of a curve, from hsmkeyd's one table of curve OIDs.
+fn params(curve: &Curve) -> Vec<u8> {
+    curve.params().unwrap_or_default().to_vec()
 }
 
 /// Zeroizes any CKA_VALUE held in a template after use.

@@ -2,11 +2,13 @@
 //!
 //! Owns: loading the module, C_Initialize with OS locking, choosing the token, the one login
 //! of the process, the session pool, recovery of lost sessions and logins, and turning
-//! object attributes into the plain types of [`objects`]. No `cryptoki` type leaves this
-//! module: callers see [`Hsm`], [`ObjectRef`], [`ObjectInfo`] and [`HsmError`].
+//! object attributes into the plain types of [`objects`] and [`ec`]. No `cryptoki` type
+//! leaves this module: callers see [`Hsm`], [`ObjectRef`], [`ObjectInfo`] (with
+//! [`Algorithm`] and [`Curve`]) and [`HsmError`].
 //! Every call here blocks; callers run them on blocking threads, never on the reactor.
 //! May call: `config`, `secret`.
 
+pub mod ec;
 mod error;
 pub mod objects;
 mod pool;
@@ -19,6 +21,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::Slot;
 
+pub use ec::Curve;
 pub use error::{Ckr, Code, HsmError, HsmErrorKind};
 pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, PublicParts, Scanned};
 pub use sign::{SigningKey, SIGNING_KEY_LABEL};
