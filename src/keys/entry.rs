@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use super::meta::{self, Layout, MetaRecord};
-use super::model::{KeyAttributes, KeyClass, KeyState, KeyView, Kid};
+use super::model::{KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid};
 use crate::hsm::{Algorithm, Curve, ObjectInfo, ObjectKind, ObjectRef, SIGNING_KEY_LABEL};
 
 /// The metadata of a key, when there is some.
@@ -265,15 +267,14 @@ impl Entry {
         let modulus_bits = objects.iter().find_map(|o| o.modulus_bits);
         let value_bits = primary.value_len.map(|l| l * 8);
         let (key_type, curve, bits) = match primary.algorithm.clone() {
-            Some(Algorithm::Aes) => ("aes".to_string(), None, value_bits),
-            Some(Algorithm::GenericSecret) => ("generic-secret".to_string(), None, value_bits),
-            Some(Algorithm::Rsa) => ("rsa".to_string(), None, modulus_bits),
-            Some(Algorithm::Ec) => ("ec".to_string(), Some(curve().name().to_string()), None),
-            Some(Algorithm::EcEdwards) | Some(Algorithm::EcMontgomery) => {
-                (curve().name().to_string(), None, None)
-            }
-            Some(Algorithm::Other(name)) => (name, None, None),
-            None => ("unknown".to_string(), None, None),
+            Some(Algorithm::Aes) => (KeyType::Aes, None, value_bits),
+            Some(Algorithm::GenericSecret) => (KeyType::GenericSecret, None, value_bits),
+            Some(Algorithm::Rsa) => (KeyType::Rsa, None, modulus_bits),
+            Some(Algorithm::Ec) => (KeyType::Ec, Some(curve()), None),
+            Some(Algorithm::EcEdwards) => (KeyType::Edwards(curve()), None, None),
+            Some(Algorithm::EcMontgomery) => (KeyType::Montgomery(curve()), None, None),
+            Some(Algorithm::Other(name)) => (KeyType::Other(name), None, None),
+            None => (KeyType::Unknown, None, None),
         };
         let record = meta.as_ref().map(|m| &m.record);
         let mut view = KeyView {
@@ -289,7 +290,7 @@ impl Entry {
             class,
             has_certificate: count(ObjectKind::Certificate) > 0,
             attributes,
-            updated_at: record.and_then(|r| r.updated_at.clone()),
+            updated_at: record.and_then(|r| updated_at(kid, r)),
             state: match &problem {
                 None => KeyState::Ok,
                 Some(p) => KeyState::Inconsistent(p.clone()),
@@ -318,4 +319,16 @@ fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
         h.update(&o.label);
     }
     hex::encode(&h.finalize()[..16])
+}
+
+/// The record's `updated_at`; one that is not RFC 3339 (hsmkeyd never writes such) shows
+/// as never updated.
+fn updated_at(kid: &Kid, record: &MetaRecord) -> Option<OffsetDateTime> {
+    let at = record.updated_at.as_deref()?;
+    OffsetDateTime::parse(at, &Rfc3339)
+        .inspect_err(|e| {
+            tracing::warn!(%kid, updated_at = at, error = %e,
+            "the metadata record's updated_at is not RFC 3339; it is left out")
+        })
+        .ok()
 }
