@@ -25,7 +25,7 @@ use super::audited::{reply, AuditFacts, Audited};
 use super::error::ApiError;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
-use crate::keys::model::{Description, KeyView, Kid, Label};
+use crate::keys::model::{Curve, Description, KeyType, KeyView, Kid, Label};
 use crate::keys::KeyPatch;
 use crate::values::Scope;
 
@@ -209,26 +209,25 @@ pub async fn get(
 /// The appliance's names for key types: `AES256`, `SECP256R1`, `ED25519`, `RSA2048`, ...
 pub fn type_name(k: &KeyView) -> String {
     let bits = k.bits.map(|b| b.to_string()).unwrap_or_default();
-    match (k.key_type.as_str(), k.curve.as_deref()) {
-        ("aes", _) => format!("AES{bits}"),
-        ("rsa", _) => format!("RSA{bits}"),
-        ("generic-secret", _) => "GENERIC_SECRET".into(),
-        ("ec", Some("P-256")) => "SECP256R1".into(),
-        ("ec", Some("P-384")) => "SECP384R1".into(),
-        ("ec", Some("P-521")) => "SECP521R1".into(),
-        ("ec", Some(curve)) => curve.to_ascii_uppercase(),
-        ("x25519", _) => "CURVE25519".into(),
-        ("x448", _) => "CURVE448".into(),
-        (other, _) => other.to_ascii_uppercase().replace('-', "_"),
+    match (&k.key_type, &k.curve) {
+        (KeyType::Aes, _) => format!("AES{bits}"),
+        (KeyType::Rsa, _) => format!("RSA{bits}"),
+        (KeyType::GenericSecret, _) => "GENERIC_SECRET".into(),
+        (KeyType::Ec, Some(Curve::P256)) => "SECP256R1".into(),
+        (KeyType::Ec, Some(Curve::P384)) => "SECP384R1".into(),
+        (KeyType::Ec, Some(Curve::P521)) => "SECP521R1".into(),
+        (KeyType::Ec, Some(curve)) => curve.name().to_ascii_uppercase(),
+        (KeyType::Edwards(Curve::X25519) | KeyType::Montgomery(Curve::X25519), _) => {
+            "CURVE25519".into()
+        }
+        (KeyType::Edwards(Curve::X448) | KeyType::Montgomery(Curve::X448), _) => "CURVE448".into(),
+        (other, _) => other.name().to_ascii_uppercase().replace('-', "_"),
     }
 }
 
 /// `updated`: seconds since the epoch of the last update through hsmkeyd, or null.
 fn updated(k: &KeyView) -> Option<i64> {
-    let at = k.updated_at.as_deref()?;
-    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| t.unix_timestamp())
+    k.updated_at.map(|t| t.unix_timestamp())
 }
 
 #[cfg(test)]
@@ -237,6 +236,42 @@ mod tests {
 
     fn fields(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn type_names_follow_the_appliance() {
+        let name = |key_type, curve, bits| {
+            let mut v = KeyView::example(key_type, curve);
+            v.bits = bits;
+            type_name(&v)
+        };
+        for (k, c, bits, want) in [
+            (KeyType::Aes, None, Some(256), "AES256"),
+            (KeyType::Rsa, None, Some(2048), "RSA2048"),
+            (KeyType::GenericSecret, None, Some(256), "GENERIC_SECRET"),
+            (KeyType::Ec, Some(Curve::P256), None, "SECP256R1"),
+            (KeyType::Ec, Some(Curve::P384), None, "SECP384R1"),
+            (KeyType::Ec, Some(Curve::P521), None, "SECP521R1"),
+            (KeyType::Ec, Some(Curve::Secp256k1), None, "SECP256K1"),
+            (
+                KeyType::Ec,
+                Some(Curve::BrainpoolP256r1),
+                None,
+                "BRAINPOOLP256R1",
+            ),
+            (KeyType::Edwards(Curve::Ed25519), None, None, "ED25519"),
+            (KeyType::Montgomery(Curve::X25519), None, None, "CURVE25519"),
+            (KeyType::Montgomery(Curve::X448), None, None, "CURVE448"),
+            (
+                KeyType::Other("sha256-hmac".into()),
+                None,
+                None,
+                "SHA256_HMAC",
+            ),
+            (KeyType::Unknown, None, None, "UNKNOWN"),
+        ] {
+            assert_eq!(name(k, c, bits), want);
+        }
     }
 
     #[test]

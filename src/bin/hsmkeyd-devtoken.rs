@@ -19,17 +19,10 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
+use hsmkeyd::hsm::Curve;
 use rand::rngs::OsRng;
 use rand::TryRngCore;
 use zeroize::{Zeroize, Zeroizing};
-
-/// DER OID 1.2.840.10045.3.1.7 (prime256v1 / P-256).
-const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-/// DER OID 1.3.132.0.34 (secp384r1 / P-384).
-const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-/// DER OID 1.3.101.112 (id-Ed25519). SoftHSM 2.6.1 accepts both this and the
-/// PrintableString "edwards25519" (tested); the OID is the RFC 8410 form.
-const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
 type Res<T> = Result<T, String>;
 type MakeFlag = fn(bool) -> Attribute;
@@ -74,6 +67,24 @@ enum Cmd {
     Demo,
     /// Create a CKO_DATA object (token, private) with the given attributes.
     RawData(RawDataArgs),
+    /// Create a lone EC public-key object (token, CKK_EC) with CKA_EC_POINT exactly as
+    /// given: tokens differ in whether they DER-wrap the point, and this stores either.
+    RawEcPublic(RawEcPublicArgs),
+}
+
+#[derive(Args)]
+struct RawEcPublicArgs {
+    /// CKA_ID as hex.
+    #[arg(long, value_parser = hex_arg)]
+    id: Hex,
+    #[arg(long)]
+    label: String,
+    /// The curve (CKA_EC_PARAMS): ec-p256, ec-p384 or ec-p521.
+    #[arg(long, value_enum)]
+    kind: Kind,
+    /// CKA_EC_POINT as hex, stored verbatim.
+    #[arg(long, value_parser = hex_arg)]
+    ec_point: Hex,
 }
 
 #[derive(Args)]
@@ -129,6 +140,7 @@ enum Kind {
     Aes128,
     EcP256,
     EcP384,
+    EcP521,
     Rsa2048,
     Ed25519,
     GenericSecret,
@@ -200,7 +212,32 @@ fn run(cli: Cli) -> Res<()> {
         Cmd::Bulk(b) => bulk(&session, &b),
         Cmd::Demo => demo(&session),
         Cmd::RawData(r) => raw_data(&session, r),
+        Cmd::RawEcPublic(r) => raw_ec_public(&session, r),
     }
+}
+
+fn raw_ec_public(session: &Session, r: RawEcPublicArgs) -> Res<()> {
+    let curve = match r.kind {
+        Kind::EcP256 => Curve::P256,
+        Kind::EcP384 => Curve::P384,
+        Kind::EcP521 => Curve::P521,
+        _ => return Err("--kind of raw-ec-public is ec-p256, ec-p384 or ec-p521".into()),
+    };
+    let template = [
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::Id(r.id.0),
+        Attribute::Label(r.label.into_bytes()),
+        Attribute::EcParams(params(&curve)),
+        Attribute::EcPoint(r.ec_point.0),
+    ];
+    session
+        .create_object(&template)
+        .map(drop)
+        .ctx("C_CreateObject (EC public key)")
 }
 
 fn raw_data(session: &Session, r: RawDataArgs) -> Res<()> {
@@ -335,7 +372,7 @@ fn generate(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, ObjectHandl
         Kind::Aes256 => (Mechanism::AesKeyGen, KeyType::AES, 32u64),
         Kind::Aes128 => (Mechanism::AesKeyGen, KeyType::AES, 16),
         Kind::GenericSecret => (Mechanism::GenericSecretKeyGen, KeyType::GENERIC_SECRET, 32),
-        Kind::EcP256 | Kind::EcP384 | Kind::Ed25519 | Kind::Rsa2048 => {
+        Kind::EcP256 | Kind::EcP384 | Kind::EcP521 | Kind::Ed25519 | Kind::Rsa2048 => {
             return generate_pair(session, spec)
         }
     };
@@ -349,14 +386,17 @@ fn generate(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, ObjectHandl
 fn generate_pair(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, ObjectHandle)> {
     use AttributeType as A;
     let (mech, key_type, params) = match spec.kind {
-        Kind::EcP256 => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
-        Kind::EcP384 => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P384),
+        Kind::EcP256 => (Mechanism::EccKeyPairGen, KeyType::EC, params(&Curve::P256)),
+        Kind::EcP384 => (Mechanism::EccKeyPairGen, KeyType::EC, params(&Curve::P384)),
+        Kind::EcP521 => (Mechanism::EccKeyPairGen, KeyType::EC, params(&Curve::P521)),
+        // SoftHSM 2.6.1 accepts both the RFC 8410 OID and the PrintableString
+        // "edwards25519" (tested); the OID is the standard form.
         Kind::Ed25519 => (
             Mechanism::EccEdwardsKeyPairGen,
             KeyType::EC_EDWARDS,
-            OID_ED25519,
+            params(&Curve::Ed25519),
         ),
-        _ => (Mechanism::RsaPkcsKeyPairGen, KeyType::RSA, &[][..]),
+        _ => (Mechanism::RsaPkcsKeyPairGen, KeyType::RSA, Vec::new()),
     };
     let (pub_on, priv_on): (&[A], &[A]) = if key_type == KeyType::RSA {
         (
@@ -374,11 +414,16 @@ fn generate_pair(session: &Session, spec: &GenArgs) -> Res<(ObjectHandle, Object
             Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
         ]);
     } else {
-        public.push(Attribute::EcParams(params.to_vec()));
+        public.push(Attribute::EcParams(params));
     }
     session
         .generate_key_pair(&mech, &public, &private)
         .ctx("C_GenerateKeyPair")
+}
+
+/// CKA_EC_PARAMS of a curve, from hsmkeyd's one table of curve OIDs.
+fn params(curve: &Curve) -> Vec<u8> {
+    curve.params().unwrap_or_default().to_vec()
 }
 
 /// Zeroizes any CKA_VALUE held in a template after use.

@@ -2,11 +2,13 @@
 //!
 //! Owns: loading the module, C_Initialize with OS locking, choosing the token, the one login
 //! of the process, the session pool, recovery of lost sessions and logins, and turning
-//! object attributes into the plain types of [`objects`]. No `cryptoki` type leaves this
-//! module: callers see [`Hsm`], [`ObjectRef`], [`ObjectInfo`] and [`HsmError`].
+//! object attributes into the plain types of [`objects`] and [`ec`]. No `cryptoki` type
+//! leaves this module: callers see [`Hsm`], [`ObjectRef`], [`ObjectInfo`] (with
+//! [`Algorithm`] and [`Curve`]) and [`HsmError`].
 //! Every call here blocks; callers run them on blocking threads, never on the reactor.
 //! May call: `config`, `secret`.
 
+pub mod ec;
 mod error;
 pub mod objects;
 mod pool;
@@ -19,7 +21,8 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::Slot;
 
-pub use error::{HsmError, HsmErrorKind};
+pub use ec::Curve;
+pub use error::{Ckr, Code, HsmError, HsmErrorKind};
 pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, PublicParts, Scanned};
 pub use sign::{SigningKey, SIGNING_KEY_LABEL};
 
@@ -104,15 +107,15 @@ impl Hsm {
         let pool = Pool::new(ctx.clone(), slot, pin, cfg.max_sessions);
         // The first session logs in; the login then holds for every session of the process.
         pool.login_first().map_err(|e| {
-            let hint = if e.is_ckr("CKR_PIN_INCORRECT") {
-                format!("the PIN from {} is wrong", pin_source(cfg))
-            } else if e.is_ckr("CKR_PIN_LOCKED") {
-                "the user PIN is locked; the security officer must unlock it".to_string()
-            } else {
-                format!(
+            let hint = match e.ckr() {
+                Some(Ckr::PinIncorrect) => format!("the PIN from {} is wrong", pin_source(cfg)),
+                Some(Ckr::PinLocked) => {
+                    "the user PIN is locked; the security officer must unlock it".to_string()
+                }
+                _ => format!(
                     "check the PIN from {} and the token's state",
                     pin_source(cfg)
-                )
+                ),
             };
             StartupError(format!(
                 "login to {token} in module {module} failed: {e}; {hint}"

@@ -7,6 +7,7 @@
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use super::ec::{self, Curve};
 use super::{Hsm, HsmError};
 
 /// An object of the token, opaque above this layer. Valid for the life of the process
@@ -46,7 +47,8 @@ pub enum Algorithm {
     EcEdwards,
     /// CKK_EC_MONTGOMERY.
     EcMontgomery,
-    /// Anything else, by its CKK_ name.
+    /// Anything else, by its CKK_ name without the prefix, lowercase, `-` for `_`
+    /// (`CKK_SHA256_HMAC` is `sha256-hmac`).
     Other(String),
 }
 
@@ -63,8 +65,8 @@ pub struct ObjectInfo {
     pub label: Vec<u8>,
     /// CKA_KEY_TYPE.
     pub algorithm: Option<Algorithm>,
-    /// CKA_EC_PARAMS (DER).
-    pub ec_params: Option<Vec<u8>>,
+    /// The curve CKA_EC_PARAMS names (`None`: the object has no CKA_EC_PARAMS).
+    pub curve: Option<Curve>,
     /// CKA_MODULUS_BITS, or the bit length of CKA_MODULUS.
     pub modulus_bits: Option<u32>,
     /// CKA_VALUE_LEN (bytes).
@@ -128,7 +130,7 @@ fn read_one(
         id: Vec::new(),
         label: Vec::new(),
         algorithm: None,
-        ec_params: None,
+        curve: None,
         modulus_bits: None,
         value_len: None,
         sensitive: None,
@@ -150,7 +152,7 @@ fn read_one(
             Attribute::Id(v) => o.id = v,
             Attribute::Label(v) => o.label = v,
             Attribute::KeyType(k) => o.algorithm = Some(algorithm_of(k)),
-            Attribute::EcParams(v) => o.ec_params = Some(v),
+            Attribute::EcParams(v) => o.curve = Some(Curve::of_params(&v)),
             Attribute::ModulusBits(b) => {
                 o.modulus_bits = u32::try_from(u64::from(b)).ok().or(o.modulus_bits)
             }
@@ -206,7 +208,13 @@ fn algorithm_of(k: KeyType) -> Algorithm {
         KeyType::RSA => Algorithm::Rsa,
         KeyType::EC_EDWARDS => Algorithm::EcEdwards,
         KeyType::EC_MONTGOMERY => Algorithm::EcMontgomery,
-        other => Algorithm::Other(other.to_string()),
+        other => Algorithm::Other(
+            other
+                .to_string()
+                .trim_start_matches("CKK_")
+                .to_ascii_lowercase()
+                .replace('_', "-"),
+        ),
     }
 }
 
@@ -231,7 +239,7 @@ impl Hsm {
                     Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
                     // The session or the token itself failed: the whole scan did.
                     Err(e @ Error::Pkcs11(rv, _))
-                        if super::error::kind_of(rv) == super::HsmErrorKind::Unavailable =>
+                        if super::Ckr::of(rv).kind() == super::HsmErrorKind::Unavailable =>
                     {
                         return Err(e)
                     }
@@ -298,7 +306,10 @@ pub struct Scanned {
 /// only, and CKA_MODULUS / CKA_PUBLIC_EXPONENT are public on RSA private keys too.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublicParts {
-    /// CKA_EC_POINT (EC and Edwards public keys), usually a DER OCTET STRING.
+    /// The public point of an EC, Edwards or Montgomery public key, out of its DER
+    /// wrapping (`04 || X || Y` for Weierstrass curves, the raw key bytes for the others);
+    /// `None` when the object has no CKA_EC_POINT or it holds no point of the key's curve
+    /// (see [`ec::public_point`]).
     pub ec_point: Option<Vec<u8>>,
     /// CKA_MODULUS (RSA), big-endian.
     pub modulus: Option<Vec<u8>>,
@@ -311,19 +322,29 @@ impl Hsm {
     pub fn public_parts(&self, r: ObjectRef) -> Result<PublicParts, HsmError> {
         self.pool().run(|s| {
             let mut p = PublicParts::default();
+            let (mut point, mut curve) = (None, Curve::Unknown(None));
             for a in s.get_attributes(
                 r.0,
                 &[
+                    AttributeType::EcParams,
                     AttributeType::EcPoint,
                     AttributeType::Modulus,
                     AttributeType::PublicExponent,
                 ],
             )? {
                 match a {
-                    Attribute::EcPoint(v) => p.ec_point = Some(v),
+                    Attribute::EcParams(v) => curve = Curve::of_params(&v),
+                    Attribute::EcPoint(v) => point = Some(v),
                     Attribute::Modulus(v) => p.modulus = Some(v),
                     Attribute::PublicExponent(v) => p.public_exponent = Some(v),
                     _ => {}
+                }
+            }
+            if let Some(raw) = point {
+                p.ec_point = ec::public_point(&raw, &curve);
+                if p.ec_point.is_none() {
+                    tracing::warn!(%curve, ec_point = %hex::encode(&raw),
+                        "CKA_EC_POINT holds no point of the key's curve; no public key is shown");
                 }
             }
             Ok(p)

@@ -17,6 +17,7 @@ use cryptoki::slot::Slot;
 
 use super::HsmError;
 use crate::secret::SecretString;
+use crate::sync;
 
 /// How long a caller waits for a free session before the token counts as unavailable.
 /// Calls take milliseconds; a wait this long means the token is wedged.
@@ -62,7 +63,7 @@ impl Pool {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the Vec or counter half-updated.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.state)
     }
 
     /// Opens the anchor session and logs in; startup uses its error verbatim.
@@ -72,12 +73,12 @@ impl Pool {
             .open_ro_session(self.slot)
             .map_err(|e| HsmError::from_ck(&e))?;
         self.login(&s)?;
-        *self.anchor.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        *sync::lock(&self.anchor) = Some(s);
         Ok(())
     }
 
     fn login(&self, s: &Session) -> Result<(), HsmError> {
-        let pin = self.pin.read().unwrap_or_else(|p| p.into_inner());
+        let pin = sync::read(&self.pin);
         if login_with(s, &pin)? {
             self.bump_logins();
         }
@@ -101,7 +102,7 @@ impl Pool {
     /// Whether `pin` is the PIN in use.
     pub(crate) fn pin_is(&self, pin: &SecretString) -> bool {
         use secrecy::ExposeSecret;
-        let current = self.pin.read().unwrap_or_else(|p| p.into_inner());
+        let current = sync::read(&self.pin);
         current.expose_secret() == pin.expose_secret()
     }
 
@@ -109,7 +110,7 @@ impl Pool {
     /// token refuses it, logs in again with the old PIN and returns the refusal.
     pub(crate) fn change_pin(&self, pin: SecretString) -> Result<(), HsmError> {
         let s = self.checkout()?;
-        let mut current = self.pin.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = sync::write(&self.pin);
         match s.logout() {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) => {}
             Err(e) => {
@@ -152,14 +153,13 @@ impl Pool {
                 .unwrap_or_else(|p| p.into_inner());
             st = guard;
             if timeout.timed_out() && st.idle.is_empty() && st.open >= self.max {
-                return Err(HsmError {
-                    kind: super::HsmErrorKind::Unavailable,
-                    function: "session pool".into(),
-                    code: format!(
+                return Err(HsmError::unavailable(
+                    "session pool",
+                    format!(
                         "no PKCS#11 session became free within {}s",
                         CHECKOUT_TIMEOUT.as_secs()
                     ),
-                });
+                ));
             }
         }
     }
@@ -195,7 +195,7 @@ impl Pool {
             let _ = s.close();
             self.lock().open -= 1;
         }
-        if let Some(a) = self.anchor.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(a) = sync::lock(&self.anchor).take() {
             let _ = a.close();
         }
     }

@@ -9,13 +9,13 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 
+use super::ec::{self, Curve};
 use super::ObjectRef;
 use super::{Hsm, HsmError};
+use crate::sync;
 
 /// CKA_LABEL of the signing pair (both objects).
 pub const SIGNING_KEY_LABEL: &str = "hsmkeyd-jwt-signing";
-/// DER OID of P-256 (prime256v1), CKA_EC_PARAMS.
-const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// The signing pair, opaque above this layer.
 #[derive(Debug)]
@@ -30,7 +30,7 @@ pub struct SigningKey {
 impl SigningKey {
     /// The private key's object, as last found.
     pub fn private_ref(&self) -> ObjectRef {
-        ObjectRef(self.private.lock().unwrap_or_else(|p| p.into_inner()).1)
+        ObjectRef(sync::lock(&self.private).1)
     }
 
     /// The public point, uncompressed SEC1 (0x04 || X || Y), 65 bytes.
@@ -41,14 +41,6 @@ impl SigningKey {
     /// CKA_ID of the pair, hex: the JWT `kid` header.
     pub fn key_id(&self) -> String {
         hex::encode(&self.id)
-    }
-}
-
-/// CKA_EC_POINT is a DER OCTET STRING around the point on most tokens; some store it bare.
-pub fn unwrap_ec_point(raw: &[u8]) -> Vec<u8> {
-    match raw {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest.to_vec(),
-        _ => raw.to_vec(),
     }
 }
 
@@ -114,20 +106,20 @@ impl Hsm {
         let attrs = self
             .pool()
             .run(|s| s.get_attributes(public, &[AttributeType::EcPoint, AttributeType::Id]))?;
-        let (mut point, mut id) = (Vec::new(), Vec::new());
+        let (mut point, mut id) = (None, Vec::new());
         for a in attrs {
             match a {
-                Attribute::EcPoint(p) => point = unwrap_ec_point(&p),
+                Attribute::EcPoint(p) => point = ec::public_point(&p, &Curve::P256),
                 Attribute::Id(i) => id = i,
                 _ => {}
             }
         }
-        if point.len() != 65 || point[0] != 0x04 {
+        let Some(point) = point.filter(|p| p.first() == Some(&0x04)) else {
             return Err(HsmError::internal(
                 "C_GetAttributeValue",
                 format!("the {SIGNING_KEY_LABEL} public key is not an uncompressed P-256 point"),
             ));
-        }
+        };
         Ok(SigningKey {
             private: Mutex::new((self.login_generation(), private)),
             point,
@@ -144,7 +136,7 @@ impl Hsm {
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Verify(true),
-            Attribute::EcParams(P256_OID.to_vec()),
+            Attribute::EcParams(Curve::P256.params().unwrap_or_default().to_vec()),
             Attribute::Label(label.to_vec()),
             Attribute::Id(id.to_vec()),
         ];
@@ -169,7 +161,7 @@ impl Hsm {
     pub fn sign_es256(&self, key: &SigningKey, message: &[u8]) -> Result<Vec<u8>, HsmError> {
         let digest = Sha256::digest(message);
         let private = {
-            let mut slot = key.private.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = sync::lock(&key.private);
             let now = self.login_generation();
             if slot.0 != now {
                 let found = self.pool().run(|s| {
@@ -199,20 +191,5 @@ impl Hsm {
             ));
         }
         Ok(sig)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ec_points_are_unwrapped_from_der_only_when_wrapped() {
-        let mut point = vec![0x04];
-        point.extend([7u8; 64]);
-        let mut der = vec![0x04, 65];
-        der.extend(&point);
-        assert_eq!(unwrap_ec_point(&der), point);
-        assert_eq!(unwrap_ec_point(&point), point);
     }
 }

@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use super::meta::{self, Layout, MetaRecord};
-use super::model::{KeyAttributes, KeyClass, KeyState, KeyView, Kid};
-use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, SIGNING_KEY_LABEL};
+use super::model::{KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid};
+use crate::hsm::{Algorithm, Curve, ObjectInfo, ObjectKind, ObjectRef, SIGNING_KEY_LABEL};
 
 /// The metadata of a key, when there is some.
 #[derive(Debug, Clone)]
@@ -256,32 +258,23 @@ impl Entry {
             unwrap: flag(private, |o| o.unwrap),
             derive: flag(private, |o| o.derive),
         };
-        let ec_params = objects.iter().find_map(|o| o.ec_params.as_deref());
+        let curve = || {
+            objects
+                .iter()
+                .find_map(|o| o.curve.clone())
+                .unwrap_or(Curve::Unknown(None))
+        };
         let modulus_bits = objects.iter().find_map(|o| o.modulus_bits);
+        let value_bits = primary.value_len.map(|l| l * 8);
         let (key_type, curve, bits) = match primary.algorithm.clone() {
-            Some(Algorithm::Aes) => ("aes".to_string(), None, primary.value_len.map(|l| l * 8)),
-            Some(Algorithm::GenericSecret) => (
-                "generic-secret".to_string(),
-                None,
-                primary.value_len.map(|l| l * 8),
-            ),
-            Some(Algorithm::Rsa) => ("rsa".to_string(), None, modulus_bits),
-            Some(Algorithm::Ec) => (
-                "ec".to_string(),
-                Some(curve_name(ec_params).to_string()),
-                None,
-            ),
-            Some(Algorithm::EcEdwards) | Some(Algorithm::EcMontgomery) => {
-                (curve_name(ec_params).to_string(), None, None)
-            }
-            Some(Algorithm::Other(name)) => (
-                name.trim_start_matches("CKK_")
-                    .to_ascii_lowercase()
-                    .replace('_', "-"),
-                None,
-                None,
-            ),
-            None => ("unknown".to_string(), None, None),
+            Some(Algorithm::Aes) => (KeyType::Aes, None, value_bits),
+            Some(Algorithm::GenericSecret) => (KeyType::GenericSecret, None, value_bits),
+            Some(Algorithm::Rsa) => (KeyType::Rsa, None, modulus_bits),
+            Some(Algorithm::Ec) => (KeyType::Ec, Some(curve()), None),
+            Some(Algorithm::EcEdwards) => (KeyType::Edwards(curve()), None, None),
+            Some(Algorithm::EcMontgomery) => (KeyType::Montgomery(curve()), None, None),
+            Some(Algorithm::Other(name)) => (KeyType::Other(name), None, None),
+            None => (KeyType::Unknown, None, None),
         };
         let record = meta.as_ref().map(|m| &m.record);
         let mut view = KeyView {
@@ -297,7 +290,7 @@ impl Entry {
             class,
             has_certificate: count(ObjectKind::Certificate) > 0,
             attributes,
-            updated_at: record.and_then(|r| r.updated_at.clone()),
+            updated_at: record.and_then(|r| updated_at(kid, r)),
             state: match &problem {
                 None => KeyState::Ok,
                 Some(p) => KeyState::Inconsistent(p.clone()),
@@ -328,38 +321,14 @@ fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// Names a curve from its DER CKA_EC_PARAMS (an OID, or a printable string for Edwards and
-/// Montgomery curves as some tokens store them).
-fn curve_name(params: Option<&[u8]>) -> &'static str {
-    const NAMES: &[(&[u8], &str)] = &[
-        (
-            &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
-            "P-256",
-        ),
-        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22], "P-384"),
-        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23], "P-521"),
-        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a], "secp256k1"),
-        (
-            &[
-                0x06, 0x09, 0x2b, 0x24, 0x03, 0x03, 0x02, 0x08, 0x01, 0x01, 0x07,
-            ],
-            "brainpoolP256r1",
-        ),
-        (&[0x06, 0x03, 0x2b, 0x65, 0x70], "ed25519"),
-        (&[0x06, 0x03, 0x2b, 0x65, 0x71], "ed448"),
-        (&[0x06, 0x03, 0x2b, 0x65, 0x6e], "x25519"),
-        (&[0x06, 0x03, 0x2b, 0x65, 0x6f], "x448"),
-        (b"\x13\x0cedwards25519", "ed25519"),
-        (b"\x13\x0aedwards448", "ed448"),
-        (b"\x13\x0acurve25519", "x25519"),
-        (b"\x13\x08curve448", "x448"),
-    ];
-    match params {
-        Some(p) => NAMES
-            .iter()
-            .find(|(der, _)| *der == p)
-            .map(|(_, n)| *n)
-            .unwrap_or("unknown"),
-        None => "unknown",
-    }
+/// The record's `updated_at`; one that is not RFC 3339 (hsmkeyd never writes such) shows
+/// as never updated.
+fn updated_at(kid: &Kid, record: &MetaRecord) -> Option<OffsetDateTime> {
+    let at = record.updated_at.as_deref()?;
+    OffsetDateTime::parse(at, &Rfc3339)
+        .inspect_err(|e| {
+            tracing::warn!(%kid, updated_at = at, error = %e,
+            "the metadata record's updated_at is not RFC 3339; it is left out")
+        })
+        .ok()
 }

@@ -22,13 +22,10 @@ pub const RETRY: Duration = Duration::from_secs(5);
 
 /// The error every key operation answers while the token is gone.
 pub(super) fn token_gone() -> KeyError {
-    KeyError::Unavailable(HsmError {
-        kind: HsmErrorKind::Unavailable,
-        function: "the token".into(),
-        code: "the token no longer holds hsmkeyd's token-signing key: it is gone or was \
-               replaced"
-            .into(),
-    })
+    KeyError::Unavailable(HsmError::unavailable(
+        "the token",
+        "the token no longer holds hsmkeyd's token-signing key: it is gone or was replaced",
+    ))
 }
 
 impl KeyStore {

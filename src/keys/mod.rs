@@ -164,15 +164,14 @@ impl KeyStore {
         let turn = tokio::time::timeout(HSM_WAIT, self.turns.clone().acquire_owned())
             .await
             .map_err(|_| {
-                KeyError::Unavailable(HsmError {
-                    kind: HsmErrorKind::Unavailable,
-                    function: "the token".into(),
-                    code: format!(
+                KeyError::Unavailable(HsmError::unavailable(
+                    "the token",
+                    format!(
                         "no HSM call could start within {} s: every session is busy or the \
                          token does not answer",
                         HSM_WAIT.as_secs()
                     ),
-                })
+                ))
             })?
             .map_err(|_| KeyError::Internal("the HSM turns were closed".into()))?;
         tokio::task::spawn_blocking(move || {

@@ -3,6 +3,7 @@
 //! ([`Kid`], [`Label`], ...) live in [`crate::values`].
 
 use serde::Serialize;
+use time::OffsetDateTime;
 
 pub use crate::values::{
     Description, Kid, Label, RoleName, MAX_DESCRIPTION_CHARS, MAX_ID_BYTES, MAX_LABEL_BYTES,
@@ -61,6 +62,68 @@ pub enum KeyState {
     Inconsistent(String),
 }
 
+/// A key's curve, named by the token layer from CKA_EC_PARAMS.
+pub use crate::hsm::Curve;
+
+/// What a key is, as the API names it (`type`): `aes`, `generic-secret`, `rsa`, `ec`,
+/// an Edwards or Montgomery key by its curve (`ed25519`, `x25519`, ...), another key type by
+/// its PKCS#11 name (`des3`, ...), or `unknown`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyType {
+    /// CKK_AES.
+    Aes,
+    /// CKK_GENERIC_SECRET.
+    GenericSecret,
+    /// CKK_RSA.
+    Rsa,
+    /// CKK_EC; the curve is [`KeyView::curve`].
+    Ec,
+    /// CKK_EC_EDWARDS on this curve.
+    Edwards(Curve),
+    /// CKK_EC_MONTGOMERY on this curve.
+    Montgomery(Curve),
+    /// Another key type, by the name [`crate::hsm::Algorithm::Other`] gives it.
+    Other(String),
+    /// The token did not say (no CKA_KEY_TYPE).
+    Unknown,
+}
+
+impl KeyType {
+    /// The name the API shows.
+    pub fn name(&self) -> &str {
+        match self {
+            KeyType::Aes => "aes",
+            KeyType::GenericSecret => "generic-secret",
+            KeyType::Rsa => "rsa",
+            KeyType::Ec => "ec",
+            KeyType::Edwards(c) | KeyType::Montgomery(c) => c.name(),
+            KeyType::Other(name) => name,
+            KeyType::Unknown => "unknown",
+        }
+    }
+}
+
+impl Serialize for KeyType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+fn curve_name<S: serde::Serializer>(c: &Option<Curve>, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        Some(c) => s.serialize_str(c.name()),
+        None => s.serialize_none(),
+    }
+}
+
+fn rfc3339<S: serde::Serializer>(t: &Option<OffsetDateTime>, s: S) -> Result<S::Ok, S::Error> {
+    use time::format_description::well_known::Rfc3339;
+    match t {
+        Some(t) => s.serialize_str(&t.format(&Rfc3339).map_err(serde::ser::Error::custom)?),
+        None => s.serialize_none(),
+    }
+}
+
 /// The JSON shape of one key, as every endpoint returns it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KeyView {
@@ -74,10 +137,10 @@ pub struct KeyView {
     pub roles: Vec<RoleName>,
     /// Algorithm: aes, generic-secret, ec, rsa, ed25519, ...
     #[serde(rename = "type")]
-    pub key_type: String,
+    pub key_type: KeyType,
     /// Named curve, for EC keys.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub curve: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "curve_name")]
+    pub curve: Option<Curve>,
     /// Key size in bits where it has one (AES, generic secrets, RSA).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bits: Option<u32>,
@@ -87,11 +150,88 @@ pub struct KeyView {
     pub has_certificate: bool,
     /// The attributes that matter.
     pub attributes: KeyAttributes,
-    /// Last update through hsmkeyd (RFC 3339), or null if never.
-    pub updated_at: Option<String>,
+    /// Last update through hsmkeyd, or null if never (RFC 3339 in JSON).
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: Option<OffsetDateTime>,
     /// Whether updates are possible.
     #[serde(flatten)]
     pub state: KeyState,
     /// Changes whenever anything above changes.
     pub etag: String,
+}
+
+#[cfg(test)]
+impl KeyView {
+    /// A key pair's view with nothing set but its type and curve, for tests.
+    pub(crate) fn example(key_type: KeyType, curve: Option<Curve>) -> KeyView {
+        KeyView {
+            kid: Kid::parse("0a0b").unwrap(),
+            label: "k".into(),
+            description: None,
+            roles: Vec::new(),
+            key_type,
+            curve,
+            bits: None,
+            class: KeyClass::KeyPair,
+            has_certificate: false,
+            attributes: KeyAttributes::default(),
+            updated_at: None,
+            state: KeyState::Ok,
+            etag: "e".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_type_curve_and_time_serialize_as_the_strings_they_replace() {
+        let mut ec = KeyView::example(KeyType::Ec, Some(Curve::P256));
+        ec.updated_at = Some(time::macros::datetime!(2024-01-02 03:04:05.25 UTC));
+        assert_eq!(
+            serde_json::to_string(&ec).unwrap(),
+            r#"{"kid":"0a0b","label":"k","description":null,"roles":[],"type":"ec","curve":"P-256","class":"key-pair","has_certificate":false,"attributes":{"sensitive":null,"extractable":null,"modifiable":false,"sign":false,"verify":false,"encrypt":false,"decrypt":false,"wrap":false,"unwrap":false,"derive":false},"updated_at":"2024-01-02T03:04:05.25Z","state":"ok","etag":"e"}"#
+        );
+        let json = |k: KeyType, c: Option<Curve>| {
+            let v = serde_json::to_value(KeyView::example(k, c)).unwrap();
+            (
+                v["type"].clone(),
+                v.get("curve").cloned(),
+                v["updated_at"].clone(),
+            )
+        };
+        let s = |t: &str| serde_json::Value::String(t.into());
+        let null = serde_json::Value::Null;
+        for (k, c, t, curve) in [
+            (KeyType::Aes, None, "aes", None),
+            (KeyType::GenericSecret, None, "generic-secret", None),
+            (KeyType::Rsa, None, "rsa", None),
+            (KeyType::Ec, Some(Curve::P521), "ec", Some("P-521")),
+            (
+                KeyType::Ec,
+                Some(Curve::Unknown(None)),
+                "ec",
+                Some("unknown"),
+            ),
+            (KeyType::Edwards(Curve::Ed25519), None, "ed25519", None),
+            (KeyType::Montgomery(Curve::X448), None, "x448", None),
+            (
+                KeyType::Edwards(Curve::Unknown(None)),
+                None,
+                "unknown",
+                None,
+            ),
+            (
+                KeyType::Other("sha256-hmac".into()),
+                None,
+                "sha256-hmac",
+                None,
+            ),
+            (KeyType::Unknown, None, "unknown", None),
+        ] {
+            assert_eq!(json(k, c), (s(t), curve.map(s), null.clone()), "{t}");
+        }
+    }
 }

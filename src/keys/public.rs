@@ -1,11 +1,11 @@
 //! The public half of an asymmetric key, encoded the way clients consume it: the
 //! uncompressed point of an EC key (`04 || X || Y`), the raw 32 or 57 bytes of an Edwards or
-//! Montgomery key, the DER `RSAPublicKey` (PKCS#1) of an RSA key. Secret keys have none.
+//! Montgomery key (both as `hsm` hands them, out of their DER wrapping), the DER
+//! `RSAPublicKey` (PKCS#1) of an RSA key. Secret keys have none.
 
 use pkcs1::der::asn1::UintRef;
 use pkcs1::der::Encode;
 
-use crate::hsm::sign::unwrap_ec_point;
 use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, PublicParts};
 
 /// The object whose public parts are read: the public key, or for RSA the private key
@@ -26,9 +26,7 @@ pub fn source(objects: &[ObjectInfo]) -> Option<&ObjectInfo> {
 /// give the parts it needs.
 pub fn encode(algorithm: Option<&Algorithm>, parts: &PublicParts) -> Option<Vec<u8>> {
     match algorithm? {
-        Algorithm::Ec | Algorithm::EcEdwards | Algorithm::EcMontgomery => {
-            parts.ec_point.as_deref().map(unwrap_ec_point)
-        }
+        Algorithm::Ec | Algorithm::EcEdwards | Algorithm::EcMontgomery => parts.ec_point.clone(),
         Algorithm::Rsa => {
             let key = pkcs1::RsaPublicKey {
                 modulus: UintRef::new(parts.modulus.as_deref()?).ok()?,
@@ -45,7 +43,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rsa_is_pkcs1_der_and_ec_points_lose_their_octet_string() {
+    fn rsa_is_pkcs1_der_and_ec_points_are_passed_on() {
         let parts = PublicParts {
             modulus: Some(vec![0x00, 0xc3, 0x01]),
             public_exponent: Some(vec![0x01, 0x00, 0x01]),
@@ -56,13 +54,13 @@ mod tests {
             encode(Some(&Algorithm::Rsa), &parts).unwrap(),
             [0x30, 0x0a, 0x02, 0x03, 0x00, 0xc3, 0x01, 0x02, 0x03, 0x01, 0x00, 0x01]
         );
-        let mut point = vec![0x04, 0x41, 0x04];
+        let mut point = vec![0x04];
         point.extend([7u8; 64]);
         let ec = PublicParts {
             ec_point: Some(point.clone()),
             ..PublicParts::default()
         };
-        assert_eq!(encode(Some(&Algorithm::Ec), &ec).unwrap(), point[2..]);
+        assert_eq!(encode(Some(&Algorithm::Ec), &ec).unwrap(), point);
         assert_eq!(encode(Some(&Algorithm::Aes), &ec), None);
         assert_eq!(encode(Some(&Algorithm::Rsa), &ec), None);
     }
