@@ -421,6 +421,26 @@ const CHILD_SOCK: &str = "HSMKEYD_TEST_CHILD_SOCK";
 const CHILD_MODE: &str = "HSMKEYD_TEST_CHILD_MODE";
 const NOBODY: u32 = 65534;
 
+/// The root-only tests run exactly when the binary runs as root: a binary built by another
+/// user than the one running it fails here, and so does a CI run (`CI=true`; CI runs as
+/// root) that would leave them ignored.
+#[test]
+fn root_only_tests_run_when_and_only_when_root() {
+    let root = nix::unistd::geteuid().is_root();
+    assert_eq!(
+        cfg!(built_as_root),
+        root,
+        "built as root: {}, running as root: {root}; rebuild as the user who runs the tests",
+        cfg!(built_as_root)
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        assert!(
+            root,
+            "CI=true but not root: the root-only tests would not run"
+        );
+    }
+}
+
 /// Not a test of its own: the client half of `a_non_root_peer_is_identified_by_so_peercred`,
 /// run in a child process as another uid. Without the environment it does nothing.
 #[test]
@@ -513,11 +533,9 @@ fn child_response(line: &str) -> (u16, Value) {
 }
 
 #[test]
+#[cfg_attr(not(built_as_root), ignore = "needs root")]
 fn a_non_root_peer_is_identified_by_so_peercred() {
-    if common::uid() != 0 {
-        eprintln!("skipped: switching the client to uid {NOBODY} needs root");
-        return;
-    }
+    common::require_root(&format!("switching the client to uid {NOBODY}"));
     let t = two_keys();
     // The child (gid 0) reaches the 0660 root:root socket through its group; the socket's
     // directory must be traversable, and stays unwritable for group and others.

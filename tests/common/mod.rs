@@ -305,6 +305,19 @@ pub fn uid() -> u32 {
     nix::unistd::getuid().as_raw()
 }
 
+/// Fails loudly unless the test runs as root. Tests that call it also carry
+/// `#[cfg_attr(not(built_as_root), ignore = "needs root")]` (build.rs sets the cfg), so an
+/// unprivileged run shows them as ignored; this catches a binary built as root and run as
+/// another user.
+#[track_caller]
+pub fn require_root(why: &str) {
+    let euid = nix::unistd::geteuid().as_raw();
+    assert_eq!(
+        euid, 0,
+        "this test needs root ({why}) but runs as uid {euid}"
+    );
+}
+
 impl Default for Setup {
     fn default() -> Setup {
         Setup {
