@@ -7,49 +7,37 @@ mod common;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::tls::free_port;
+use common::fixture::{
+    access, token_with, Key, Principal, DUP, DUP_KEYS, ED, ED_KEY, LOCKED, LOCKED_KEY,
+    MINTING_SCOPES, RSA, RSA_KEY,
+};
 use common::{Daemon, Response, Setup, Token};
 use serde_json::{json, Value};
 
+/// This file's own kids: 16-byte ids, where the shared fixture's are 2 bytes long.
 const AES: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const EC: &str = "ec01ec01ec01ec01ec01ec01ec01ec01";
-const ED: &str = "ed01";
-const RSA: &str = "5a01";
-const LOCKED: &str = "10c4";
-const DUP: &str = "dddd";
 
 fn token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t.gen("ec-p256", EC, "ec-key", &[]);
-    t.gen("ed25519", ED, "ed-key", &[]);
-    t.gen("rsa2048", RSA, "rsa-key", &[]);
-    t.gen("aes256", LOCKED, "locked-key", &["--non-modifiable"]);
-    // Two secret keys sharing one id: an inconsistent key.
-    t.gen("aes256", DUP, "dup-1", &[]);
-    t.gen("aes256", DUP, "dup-2", &[]);
-    t
+    let [dup_1, dup_2] = DUP_KEYS;
+    token_with(&[
+        Key::aes(AES, "aes-key"),
+        Key::ec(EC, "ec-key"),
+        ED_KEY,
+        RSA_KEY,
+        LOCKED_KEY,
+        dup_1,
+        dup_2,
+    ])
 }
 
-const ACCESS: &str = r#"
-[keys]
-roles = ["ops"]
-
-[[principals]]
-name = "operator"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-roles = ["ops"]
-"#;
-
 fn start(t: &Token) -> Daemon {
+    let operator = Principal::me("operator")
+        .scopes(&MINTING_SCOPES)
+        .roles(&["ops"]);
     Daemon::start(
         t,
-        &Setup {
-            access: ACCESS.to_string(),
-            tls_port: Some(free_port()),
-            ..Setup::default()
-        },
+        &Setup::with_access(access(&["ops"], &[operator])).https(),
     )
 }
 

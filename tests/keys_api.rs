@@ -3,22 +3,12 @@
 
 mod common;
 
+use common::fixture::{
+    demo_token, token_with, AES, AES_KEY, DUP, DUP_KEYS, EC, EC_KEY, LOCKED, LOCKED_KEY, RSA,
+    RSA_KEY,
+};
 use common::{Daemon, Setup, Token};
 use serde_json::json;
-
-const AES: &str = "a1a1";
-const EC: &str = "ec01";
-const RSA: &str = "5a01";
-const LOCKED: &str = "10c4";
-
-fn demo_token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t.gen("ec-p256", EC, "ec-key", &[]);
-    t.gen("rsa2048", RSA, "rsa-key", &[]);
-    t.gen("aes256", LOCKED, "locked-key", &["--non-modifiable"]);
-    t
-}
 
 #[test]
 fn list_get_and_patch_happy_paths() {
@@ -147,16 +137,8 @@ fn description_and_roles_survive_a_restart() {
 fn a_patch_that_changes_nothing_writes_nothing() {
     let t = demo_token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let d = Daemon::start(&t, &setup);
-    let count = || {
-        std::fs::read_to_string(faults.path().join("count_C_SetAttributeValue"))
-            .map(|s| s.trim().parse::<u64>().unwrap())
-            .unwrap_or(0)
-    };
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+    let count = || common::fault_count(faults.path(), "C_SetAttributeValue");
     let before = count();
     let r = d
         .client()
@@ -286,10 +268,15 @@ fn bad_requests_get_400_with_the_field_named_and_change_nothing() {
 
 #[test]
 fn every_other_error_status_has_a_json_body() {
-    let t = demo_token();
     // Two secret keys sharing one CKA_ID: the key reads, updates answer 409.
-    t.gen("aes256", "dddd", "dup-1", &[]);
-    t.gen("aes256", "dddd", "dup-2", &[]);
+    let t = token_with(&[
+        AES_KEY,
+        EC_KEY,
+        RSA_KEY,
+        LOCKED_KEY,
+        DUP_KEYS[0],
+        DUP_KEYS[1],
+    ]);
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
 
@@ -317,7 +304,7 @@ fn every_other_error_status_has_a_json_body() {
     let dup = c.get("/v1/keys/dddd");
     assert_eq!(dup.status, 200);
     assert_eq!(dup.json()["state"], "inconsistent");
-    c.patch("dddd", &json!({"label": "x"}))
+    c.patch(DUP, &json!({"label": "x"}))
         .assert_error(409, "inconsistent_key_state");
 
     let r = c.send(
@@ -386,11 +373,7 @@ fn every_other_error_status_has_a_json_body() {
 fn token_failure_answers_503_and_changes_nothing() {
     let t = demo_token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let d = Daemon::start(&t, &setup);
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     // The token fails the very next attribute write with CKR_DEVICE_ERROR.
     std::fs::write(faults.path().join("setattr_fail_after"), "0").unwrap();
     let r = d.client().patch(AES, &json!({"label": "never"}));

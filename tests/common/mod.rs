@@ -3,6 +3,7 @@
 //! of the token with OpenSC's pkcs11-tool.
 #![allow(dead_code)]
 
+pub mod fixture;
 pub mod journal;
 pub mod tls;
 
@@ -318,10 +319,37 @@ pub fn require_root(why: &str) {
     );
 }
 
+impl Setup {
+    /// The default setup with this `[keys]`/`[[principals]]` TOML (see [`fixture::access`]).
+    pub fn with_access(access: impl Into<String>) -> Setup {
+        Setup {
+            access: access.into(),
+            ..Setup::default()
+        }
+    }
+
+    /// The default setup with the module routed through the fault wrapper, controlled from
+    /// `dir`.
+    pub fn faulty(dir: &Path) -> Setup {
+        Setup {
+            fault_dir: Some(dir.to_path_buf()),
+            ..Setup::default()
+        }
+    }
+
+    /// This setup, also serving HTTPS on a free loopback port.
+    pub fn https(self) -> Setup {
+        Setup {
+            tls_port: Some(tls::free_port()),
+            ..self
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Setup {
         Setup {
-            access: ALL_ACCESS.to_string(),
+            access: fixture::all_access(),
             fault_dir: None,
             pkcs11_extra: String::new(),
             audit: "sink = \"stderr-json\"\n".to_string(),
@@ -334,18 +362,6 @@ impl Default for Setup {
         }
     }
 }
-
-/// The test's uid holds every scope and both roles.
-pub const ALL_ACCESS: &str = r#"
-[keys]
-roles = ["ops", "payments"]
-
-[[principals]]
-name = "tester"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
-roles = ["ops", "payments"]
-"#;
 
 /// Writes the config for `token` and returns its path.
 pub fn write_config(token: &Token, setup: &Setup) -> PathBuf {
