@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fixture::{access, token_with, Principal, AES, AES_KEY};
+use common::notify::NotifySocket;
 use common::tls::{tls_dir, TlsClient};
 use common::{write_config, Daemon, Setup, Token};
 use nix::sys::signal::{kill, Signal};
@@ -63,12 +63,8 @@ fn reload(d: &Daemon, n: usize) -> Value {
 #[test]
 fn sighup_applies_a_new_principal_and_reports_reloading_then_ready() {
     let t = token();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let env = vec![("NOTIFY_SOCKET".to_string(), path.display().to_string())];
+    let notify = NotifySocket::bind(Duration::from_millis(50));
+    let env = vec![notify.env()];
     let before = Setup {
         env: env.clone(),
         ..holding(&["keymgmt:list"])
@@ -85,8 +81,7 @@ fn sighup_applies_a_new_principal_and_reports_reloading_then_ready() {
             ..holding(&["keymgmt:list", "keymgmt:upd"])
         },
     );
-    let mut buf = [0u8; 4096];
-    while sock.recv(&mut buf).is_ok() {} // drain READY from the start
+    notify.drain(); // READY from the start
     let e = reload(&d, 0);
     assert_eq!(e["HSMKEYD_RESULT"], "OK", "{e}");
     let r = c.patch(AES, &json!({"label": "after-reload"}));
@@ -94,12 +89,7 @@ fn sighup_applies_a_new_principal_and_reports_reloading_then_ready() {
     assert_eq!(t.labels_of(AES)[0].1, "after-reload");
 
     let mut msgs = Vec::new();
-    let end = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < end && !msgs.iter().any(|m: &String| m.contains("READY=1")) {
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
+    notify.receive_until("READY=1", &mut msgs);
     let reloading = msgs
         .iter()
         .position(|m| m.contains("RELOADING=1"))

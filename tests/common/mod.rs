@@ -5,6 +5,7 @@
 
 pub mod fixture;
 pub mod journal;
+pub mod notify;
 pub mod tls;
 
 use std::fs;
