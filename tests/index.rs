@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fixture::{token_with, EC_KEY};
 use common::{Daemon, Setup, Token};
 use serde_json::{json, Value};
 
@@ -119,8 +120,7 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
 
 #[test]
 fn misses_rescan_at_most_once_per_interval_and_find_keys_added_meanwhile() {
-    let t = Token::new();
-    t.gen("ec-p256", "ec01", "ec-key", &[]);
+    let t = token_with(&[EC_KEY]);
     let faults = tempfile::tempdir().unwrap();
     let d = Daemon::start(
         &t,

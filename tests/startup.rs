@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fixture::{token_with, AES_KEY};
 use common::{write_config, Daemon, Setup, Token, SOFTHSM, TOKEN_LABEL};
 
 /// How a daemon run that was expected to end, ended.
@@ -504,8 +505,7 @@ fn a_missing_socket_directory_is_named() {
 
 #[test]
 fn a_second_daemon_on_a_live_socket_refuses_and_the_first_keeps_serving() {
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let first = Daemon::start(&t, &Setup::default());
     let sock = default_sock(&t);
     let ino = fs::metadata(&sock).unwrap().ino();
@@ -541,8 +541,7 @@ fn a_second_daemon_on_a_live_socket_refuses_and_the_first_keeps_serving() {
 
 #[test]
 fn a_stale_socket_is_replaced_and_served() {
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let sock = default_sock(&t);
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(
