@@ -40,6 +40,18 @@ fn label_in_token(t: &Token, kid: &str) -> String {
     labels[0].1.clone()
 }
 
+/// Both keys keep their generated labels and hsmkeyd wrote no metadata object.
+#[track_caller]
+fn assert_untouched(t: &Token) {
+    assert_eq!(label_in_token(t, AES), "key-a");
+    assert_eq!(label_in_token(t, OTHER), "key-b");
+    assert_eq!(
+        meta_objects(t),
+        Vec::<String>::new(),
+        "metadata was written"
+    );
+}
+
 /// hsmkeyd's metadata objects in the token.
 fn meta_objects(t: &Token) -> Vec<String> {
     t.objects()
@@ -123,13 +135,7 @@ fn an_unknown_uid_gets_401_on_every_endpoint_and_changes_nothing() {
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     for (what, r) in every_request(&c) {
-        assert_eq!(
-            r.status,
-            401,
-            "{what}: {:?}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let body = r.assert_error(401, "unauthenticated");
+        let body = r.assert_error_for(&what, 401, "unauthenticated");
         let msg = body["message"].as_str().unwrap();
         assert!(
             msg.contains(&format!("uid {}", common::uid())),
@@ -140,13 +146,7 @@ fn an_unknown_uid_gets_401_on_every_endpoint_and_changes_nothing() {
             "{what}: a 401 leaks key data: {body}"
         );
     }
-    assert_eq!(label_in_token(&t, AES), "key-a");
-    assert_eq!(label_in_token(&t, OTHER), "key-b");
-    assert_eq!(
-        meta_objects(&t),
-        Vec::<String>::new(),
-        "metadata was written"
-    );
+    assert_untouched(&t);
     assert_eq!(managed(&t), before);
     assert!(
         d.log().contains("maps to no principal"),
@@ -236,13 +236,7 @@ fn a_read_only_principal_cannot_patch_and_changes_nothing() {
     // The scope is checked before the key is looked up: no existence oracle.
     assert_missing_scope(&c.patch(NO_KEY, &json!({"label": "x"})), "keymgmt:upd");
 
-    assert_eq!(label_in_token(&t, AES), "key-a");
-    assert_eq!(label_in_token(&t, OTHER), "key-b");
-    assert_eq!(
-        meta_objects(&t),
-        Vec::<String>::new(),
-        "metadata was written"
-    );
+    assert_untouched(&t);
     let r = c.get(&format!("/v1/keys/{AES}"));
     assert_eq!(r.json()["etag"], etag, "the key changed");
     assert_eq!(r.json()["updated_at"], Value::Null);
@@ -507,13 +501,7 @@ fn a_non_root_peer_is_identified_by_so_peercred() {
     let lines = run_child(&d.sock, NOBODY, 0, "api");
     let (status, list) = child_response(child_line(&lines, "CHILD-LIST"));
     assert_eq!(status, 200, "{list}");
-    let kids: Vec<&str> = list["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(kids, vec![AES, OTHER]);
+    assert_eq!(common::kids(&list["keys"]), vec![AES, OTHER]);
     let (status, patched) = child_response(child_line(&lines, "CHILD-PATCH"));
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["key"]["label"], "set-by-nobody");

@@ -149,10 +149,7 @@ fn a_broken_or_restart_only_config_is_refused_and_the_old_one_keeps_serving() {
 fn a_request_in_flight_during_a_reload_finishes_on_the_old_config() {
     let t = token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..holding(&["keymgmt:list", "keymgmt:upd"])
-    };
+    let setup = holding(&["keymgmt:list", "keymgmt:upd"]).with_faults(faults.path());
     let d = Daemon::start(&t, &setup);
     // The token hangs: the PATCH below stops inside its first HSM write.
     std::fs::write(faults.path().join("hang"), "").unwrap();
@@ -286,10 +283,7 @@ fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
 fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     let t = token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..holding(&["keymgmt:list", "keymgmt:upd"])
-    };
+    let setup = holding(&["keymgmt:list", "keymgmt:upd"]).with_faults(faults.path());
     let mut d = Daemon::start(&t, &setup);
     std::fs::write(faults.path().join("hang"), "").unwrap();
     let c = d.client();

@@ -30,6 +30,16 @@ fn config_with(token: &Token, setup: &Setup, edit: impl FnOnce(String) -> String
     path
 }
 
+/// The usual config for `token`, loading `module` instead of SoftHSM.
+fn with_module(token: &Token, module: &Path) -> PathBuf {
+    config_with(token, &Setup::default(), |c| {
+        c.replace(
+            &format!("module = \"{SOFTHSM}\""),
+            &format!("module = \"{}\"", module.display()),
+        )
+    })
+}
+
 /// The socket path `write_config` puts in the config.
 fn default_sock(token: &Token) -> PathBuf {
     token.path().join("api.sock")
@@ -142,12 +152,7 @@ fn write_pin(path: &Path, pin: &str, mode: u32) {
 fn a_missing_module_is_named_and_exits_1() {
     let t = Token::new();
     let module = t.path().join("no-such-dir/libnothere-pkcs11.so");
-    let config = config_with(&t, &Setup::default(), |c| {
-        c.replace(
-            &format!("module = \"{SOFTHSM}\""),
-            &format!("module = \"{}\"", module.display()),
-        )
-    });
+    let config = with_module(&t, &module);
     let o = refused(&config);
     assert_startup_failure(
         &o,
@@ -165,12 +170,7 @@ fn a_file_that_is_no_pkcs11_module_is_named_and_exits_1() {
     let t = Token::new();
     let module = t.path().join("not-a-module.so");
     fs::write(&module, "this is not a shared library\n").unwrap();
-    let config = config_with(&t, &Setup::default(), |c| {
-        c.replace(
-            &format!("module = \"{SOFTHSM}\""),
-            &format!("module = \"{}\"", module.display()),
-        )
-    });
+    let config = with_module(&t, &module);
     let o = refused(&config);
     assert_startup_failure(
         &o,
@@ -206,14 +206,7 @@ fn a_token_directory_without_tokens_says_so() {
     let empty = t.path().join("empty-tokens");
     fs::create_dir(&empty).unwrap();
     let conf = t.path().join("softhsm2-empty.conf");
-    fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            empty.display()
-        ),
-    )
-    .unwrap();
+    common::write_softhsm_conf(&conf, &empty);
     let config = config_with(&t, &Setup::default(), |c| {
         c.replace(
             &format!("SOFTHSM2_CONF = \"{}\"", t.conf.display()),

@@ -180,22 +180,20 @@ pub fn access(roles: &[&str], principals: &[Principal]) -> String {
     s
 }
 
-/// The default: the test's uid ("tester") holds every key-management scope and both roles.
-pub fn all_access() -> String {
+/// The test's uid ("tester") holds `scopes` and both roles, which `[keys]` defines.
+fn tester(scopes: &[&str]) -> String {
     access(
         &BOTH_ROLES,
-        &[Principal::me("tester")
-            .scopes(&ALL_SCOPES)
-            .roles(&BOTH_ROLES)],
+        &[Principal::me("tester").scopes(scopes).roles(&BOTH_ROLES)],
     )
+}
+
+/// The default: the test's uid ("tester") holds every key-management scope and both roles.
+pub fn all_access() -> String {
+    tester(&ALL_SCOPES)
 }
 
 /// As [`all_access`], minting included.
 pub fn minting_access() -> String {
-    access(
-        &BOTH_ROLES,
-        &[Principal::me("tester")
-            .scopes(&MINTING_SCOPES)
-            .roles(&BOTH_ROLES)],
-    )
+    tester(&MINTING_SCOPES)
 }

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,34 @@ use serde_json::Value;
 pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const TOKEN_LABEL: &str = "hsmkeyd-test";
 const USER_PIN: &str = "test-user-pin-5678";
+
+/// Runs `cmd` (called `what` in messages) and returns its output; fails the test if it
+/// cannot start or exits non-zero, with its stderr.
+#[track_caller]
+pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes a softhsm2.conf at `path` that keeps its tokens in `tokendir`.
+pub fn write_softhsm_conf(path: &Path, tokendir: &Path) {
+    fs::write(
+        path,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokendir.display()
+        ),
+    )
+    .unwrap();
+}
 
 fn require_tools() {
     for tool in ["softhsm2-util", "pkcs11-tool"] {
@@ -51,24 +79,13 @@ impl Token {
         let tokens = dir.path().join("tokens");
         fs::create_dir(&tokens).unwrap();
         let conf = dir.path().join("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args(["--init-token", "--free", "--label", TOKEN_LABEL])
-            .args(["--so-pin", "test-so-pin-1234", "--pin", USER_PIN])
-            .output()
-            .expect("run softhsm2-util");
-        assert!(
-            out.status.success(),
-            "init-token: {}",
-            String::from_utf8_lossy(&out.stderr)
+        write_softhsm_conf(&conf, &tokens);
+        let _ = run_ok(
+            Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args(["--init-token", "--free", "--label", TOKEN_LABEL])
+                .args(["--so-pin", "test-so-pin-1234", "--pin", USER_PIN]),
+            "softhsm2-util --init-token",
         );
         let pin_file = dir.path().join("pin");
         fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
@@ -86,23 +103,14 @@ impl Token {
 
     /// Runs the dev token tool against this token and returns its stdout.
     pub fn devtoken(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_hsmkeyd-devtoken"))
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args([
-                "--module",
-                SOFTHSM,
-                "--token-label",
-                TOKEN_LABEL,
-                "--pin-file",
-            ])
-            .arg(&self.pin_file)
-            .args(args)
-            .output()
-            .expect("run hsmkeyd-devtoken");
-        assert!(
-            out.status.success(),
-            "hsmkeyd-devtoken {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new(env!("CARGO_BIN_EXE_hsmkeyd-devtoken"))
+                .env("SOFTHSM2_CONF", &self.conf)
+                .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
+                .arg("--pin-file")
+                .arg(&self.pin_file)
+                .args(args),
+            &format!("hsmkeyd-devtoken {args:?}"),
         );
         String::from_utf8(out.stdout).unwrap()
     }
@@ -114,19 +122,22 @@ impl Token {
         self.devtoken(&args).trim().to_string()
     }
 
+    /// pkcs11-tool logged in to this token as the user.
+    fn pkcs11_tool(&self) -> Command {
+        let mut c = Command::new("pkcs11-tool");
+        let _ = c
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
+            .args(["--login", "--pin", USER_PIN]);
+        c
+    }
+
     /// Objects as pkcs11-tool sees them: (class line, label, id hex), read independently of
     /// hsmkeyd.
     pub fn objects(&self) -> Vec<P11Object> {
-        let out = Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
-            .args(["--login", "--pin", USER_PIN, "--list-objects"])
-            .output()
-            .expect("run pkcs11-tool");
-        assert!(
-            out.status.success(),
-            "pkcs11-tool: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            self.pkcs11_tool().arg("--list-objects"),
+            "pkcs11-tool --list-objects",
         );
         parse_objects(&String::from_utf8_lossy(&out.stdout))
     }
@@ -135,25 +146,18 @@ impl Token {
     /// SubjectPublicKeyInfo), read independently of hsmkeyd.
     pub fn public_key_der(&self, id: &str) -> Vec<u8> {
         let out = self.dir.path().join(format!("pub-{id}.der"));
-        let status = Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
-            .args([
-                "--login",
-                "--pin",
-                USER_PIN,
-                "--read-object",
-                "--type",
-                "pubkey",
-            ])
-            .args(["--id", id, "--output-file"])
-            .arg(&out)
-            .output()
-            .expect("run pkcs11-tool");
-        assert!(
-            status.status.success(),
-            "pkcs11-tool --read-object: {}",
-            String::from_utf8_lossy(&status.stderr)
+        let _ = run_ok(
+            self.pkcs11_tool()
+                .args([
+                    "--read-object",
+                    "--type",
+                    "pubkey",
+                    "--id",
+                    id,
+                    "--output-file",
+                ])
+                .arg(&out),
+            "pkcs11-tool --read-object",
         );
         let bytes = fs::read(&out).unwrap();
         // OpenSC writes some key types (EdDSA) as PEM.
@@ -171,17 +175,10 @@ impl Token {
 
     /// The CKA_VALUE (JSON) of the data object with this label, read with pkcs11-tool.
     pub fn data_value(&self, label: &str) -> Value {
-        let out = Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args(["--module", SOFTHSM, "--token-label", TOKEN_LABEL])
-            .args(["--login", "--pin", USER_PIN])
-            .args(["--read-object", "--type", "data", "--label", label])
-            .output()
-            .expect("run pkcs11-tool");
-        assert!(
-            out.status.success(),
-            "pkcs11-tool --read-object: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            self.pkcs11_tool()
+                .args(["--read-object", "--type", "data", "--label", label]),
+            "pkcs11-tool --read-object",
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
@@ -262,17 +259,13 @@ pub fn fault_module() -> PathBuf {
             let root = Path::new(env!("CARGO_MANIFEST_DIR"));
             let target = root.join("target").join("pkcs11-fault");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .args(["build", "--quiet", "--manifest-path"])
-                .arg(root.join("tests/pkcs11-fault/Cargo.toml"))
-                .arg("--target-dir")
-                .arg(&target)
-                .output()
-                .expect("run cargo build for the fault module");
-            assert!(
-                out.status.success(),
-                "building the fault module failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+            let _ = run_ok(
+                Command::new(cargo)
+                    .args(["build", "--quiet", "--manifest-path"])
+                    .arg(root.join("tests/pkcs11-fault/Cargo.toml"))
+                    .arg("--target-dir")
+                    .arg(&target),
+                "cargo build of the fault module",
             );
             target.join("debug/libhsmkeyd_pkcs11_fault.so")
         })
@@ -332,9 +325,14 @@ impl Setup {
     /// The default setup with the module routed through the fault wrapper, controlled from
     /// `dir`.
     pub fn faulty(dir: &Path) -> Setup {
+        Setup::default().with_faults(dir)
+    }
+
+    /// This setup with the module routed through the fault wrapper, controlled from `dir`.
+    pub fn with_faults(self, dir: &Path) -> Setup {
         Setup {
             fault_dir: Some(dir.to_path_buf()),
-            ..Setup::default()
+            ..self
         }
     }
 
@@ -549,6 +547,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The `kid` of each entry of a JSON array of keys (a listing's `keys`, or `list` on the
+/// Encedo endpoints), in order.
+pub fn kids(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array of keys: {list}"))
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect()
+}
+
 /// A parsed HTTP response.
 #[derive(Debug)]
 pub struct Response {
@@ -584,6 +592,19 @@ impl Response {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// As [`Response::assert_error`], first naming `what` (the request) and the raw body if
+    /// the status is not `status`.
+    #[track_caller]
+    pub fn assert_error_for(&self, what: &str, status: u16, code: &str) -> Value {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: {:?}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.assert_error(status, code)
     }
 
     /// Asserts the status and the error code of a JSON error body.
@@ -634,6 +655,25 @@ impl Client {
 
     pub fn get(&self, path: &str) -> Response {
         self.send("GET", path, &[], b"")
+    }
+
+    /// Every page of `GET /v1/keys?limit={limit}`, following `next_cursor` (each answered
+    /// 200); fails past `most` pages.
+    pub fn pages(&self, limit: usize, most: usize) -> Vec<Value> {
+        let mut pages = Vec::new();
+        let mut path = format!("/v1/keys?limit={limit}");
+        loop {
+            let body = self.get(&path).ok();
+            let next = body["next_cursor"]
+                .as_str()
+                .map(|cur| format!("/v1/keys?limit={limit}&cursor={cur}"));
+            pages.push(body);
+            match next {
+                Some(p) => path = p,
+                None => return pages,
+            }
+            assert!(pages.len() <= most, "more than {most} pages");
+        }
     }
 
     pub fn patch(&self, kid: &str, body: &Value) -> Response {
