@@ -102,25 +102,12 @@ fn refused(config: &Path) -> Outcome {
 
 /// Starts the daemon with `config` and waits until `sock` answers.
 fn start_with(config: &Path, sock: &Path, log_dir: &Path) -> Result<Daemon, String> {
-    let stderr = log_dir.join(format!(
-        "daemon-{}.log",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let child = daemon_command(&[], config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("spawn hsmkeyd");
-    let mut d = Daemon {
-        child,
-        sock: sock.to_path_buf(),
-        stderr,
-        https: None,
-    };
-    d.wait_ready().map(|()| d)
+    Daemon::spawn(
+        daemon_command(&[], config),
+        sock.to_path_buf(),
+        log_dir,
+        None,
+    )
 }
 
 #[track_caller]

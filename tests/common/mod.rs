@@ -428,13 +428,6 @@ impl Daemon {
     /// Starts the daemon; `Err` carries its stderr if it exits before serving.
     pub fn try_start(token: &Token, setup: &Setup) -> Result<Daemon, String> {
         let config = write_config(token, setup);
-        let stderr = token.path().join(format!(
-            "daemon-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
         let mut cmd = match setup.namespace {
             Some(pid) => {
                 let mut c = Command::new("nsenter");
@@ -445,26 +438,46 @@ impl Daemon {
             }
             None => Command::new(env!("CARGO_BIN_EXE_hsmkeyd")),
         };
-        let child = cmd
+        let _ = cmd
             .envs(setup.env.iter().map(|(k, v)| (k, v)))
             .arg("--config")
             .arg(&config)
             .env_remove("SOFTHSM2_CONF")
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        let https = setup.tls_port.map(|port| {
+            tls::TlsClient::new(
+                ([127, 0, 0, 1], port).into(),
+                &tls::tls_dir(token.path()).join("ca.pem"),
+            )
+        });
+        Daemon::spawn(cmd, token.path().join("api.sock"), token.path(), https)
+    }
+
+    /// Spawns `cmd` (the daemon with its arguments), its stderr in a fresh log file in
+    /// `log_dir`, and waits until it serves on `sock`.
+    pub fn spawn(
+        mut cmd: Command,
+        sock: PathBuf,
+        log_dir: &Path,
+        https: Option<tls::TlsClient>,
+    ) -> Result<Daemon, String> {
+        let stderr = log_dir.join(format!(
+            "daemon-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("spawn hsmkeyd");
         let mut d = Daemon {
             child,
-            sock: token.path().join("api.sock"),
+            sock,
             stderr,
-            https: setup.tls_port.map(|port| {
-                tls::TlsClient::new(
-                    ([127, 0, 0, 1], port).into(),
-                    &tls::tls_dir(token.path()).join("ca.pem"),
-                )
-            }),
+            https,
         };
         d.wait_ready().map(|()| d)
     }
