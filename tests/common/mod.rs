@@ -1,6 +1,34 @@
 //! Shared setup for the integration tests: a fresh SoftHSM token per test, the real daemon
 //! as a child process, a small HTTP client over its Unix socket, and independent read-back
-//! of the token with OpenSC's pkcs11-tool.
+//! of the token with OpenSC's pkcs11-tool. What goes into a token and a config (kids, keys,
+//! principals) is in [`fixture`]; the HTTPS client in [`tls`], journald in [`journal`], the
+//! NOTIFY_SOCKET in [`notify`].
+//!
+//! # Duplicates that remain
+//!
+//! `duplicates --repo tests` still lists these pairs; none is a copy of one job:
+//! - pkcs11-fault/src/lib.rs, `wrap_get_attribute_value` ~ `wrap_set_attribute_value` (and
+//!   the other wrappers): the same C signature, because PKCS#11 gives both functions the same
+//!   parameters, but each wrapper injects its own faults (counting, hang, dropped session,
+//!   label cap, failure after N calls). The shared tail, the call into the real module, is
+//!   the `forward!` macro; a macro generating whole wrappers would take the per-function
+//!   fault list as input and read worse than the functions do.
+//! - common/mod.rs `Client::send` ~ common/tls.rs `TlsClient::send`: the same signature over
+//!   two transports, each one line that hands [`request`]'s bytes to its own `raw`.
+//! - robustness.rs, the connection-limit tests: the same "503 and a message naming the
+//!   limit" shape, for different limits (a uid's share, the socket's total, the TLS budget);
+//!   each test's setup and recovery check differ.
+//! - audit.rs, `every_event_type_is_recorded_with_its_fields`: one block per request that
+//!   checks its single result entry; the fields checked differ per outcome (key_not_found
+//!   has a kid that names no key, a refused update has no intent entry, ...), so a table
+//!   would hold a different column set per row.
+//! - common/journal.rs `Journal::wait_for` ~ token_loss.rs `until`: both poll until a
+//!   deadline, on different things (journal entries; a status while asserting every answer
+//!   is 200 or 503).
+//! - consistency.rs ~ layout.rs test prologues: token, fault directory, daemon, client;
+//!   four lines that are each already a shared helper call.
+//! - hygiene.rs ~ keys_api.rs: raw PATCH requests with a chosen Content-Type and body,
+//!   each asserting a different error; the request is the thing under test.
 #![allow(dead_code)]
 
 pub mod fixture;
