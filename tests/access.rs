@@ -14,33 +14,23 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use common::fixture::{
+    access, token_with, Key, Principal, AES, ALL_SCOPES, BOTH_ROLES, NO_KEY, OTHER,
+};
 use common::{Client, Daemon, Setup, Token};
 use serde_json::{json, Value};
 
-const A: &str = "a1a1";
-const B: &str = "b2b2";
-
 fn two_keys() -> Token {
-    let t = Token::new();
-    t.gen("aes256", A, "key-a", &[]);
-    t.gen("aes256", B, "key-b", &[]);
-    t
+    token_with(&[Key::aes(AES, "key-a"), Key::aes(OTHER, "key-b")])
 }
 
 fn gid() -> u32 {
     nix::unistd::getgid().as_raw()
 }
 
-/// A setup with `principals` (TOML `[[principals]]` entries; `{uid}` and `{gid}` are the
-/// test's ids) and the roles "ops" and "payments" defined.
-fn with_principals(principals: &str) -> Setup {
-    Setup {
-        access: format!(
-            "[keys]\nroles = [\"ops\", \"payments\"]\n\n{}",
-            principals.replace("{gid}", &gid().to_string())
-        ),
-        ..Setup::default()
-    }
+/// A setup with `principals` and the roles "ops" and "payments" defined.
+fn with_principals(principals: &[Principal]) -> Setup {
+    Setup::with_access(access(&BOTH_ROLES, principals))
 }
 
 /// The key's labels as pkcs11-tool sees them.
@@ -48,6 +38,18 @@ fn label_in_token(t: &Token, kid: &str) -> String {
     let labels = t.labels_of(kid);
     assert_eq!(labels.len(), 1, "{kid}: {labels:?}");
     labels[0].1.clone()
+}
+
+/// Both keys keep their generated labels and hsmkeyd wrote no metadata object.
+#[track_caller]
+fn assert_untouched(t: &Token) {
+    assert_eq!(label_in_token(t, AES), "key-a");
+    assert_eq!(label_in_token(t, OTHER), "key-b");
+    assert_eq!(
+        meta_objects(t),
+        Vec::<String>::new(),
+        "metadata was written"
+    );
 }
 
 /// hsmkeyd's metadata objects in the token.
@@ -74,25 +76,31 @@ fn every_request(c: &Client) -> Vec<(String, common::Response)> {
         ("GET /v1/keys".into(), c.get("/v1/keys")),
         ("GET /v1/keys?limit=1".into(), c.get("/v1/keys?limit=1")),
         ("GET /v1/keys?limit=0".into(), c.get("/v1/keys?limit=0")),
-        (format!("GET /v1/keys/{A}"), c.get(&format!("/v1/keys/{A}"))),
-        ("GET /v1/keys/00ff".into(), c.get("/v1/keys/00ff")),
-        ("GET /v1/keys/xyz".into(), c.get("/v1/keys/xyz")),
-        patch(A, json!({"label": "stolen"})),
-        patch(A, json!({"description": "stolen", "roles": ["ops"]})),
-        patch(B, json!({"colour": "red"})),
-        patch("00ff", json!({"label": "x"})),
         (
-            format!("PATCH /v1/keys/{A} text/plain"),
+            format!("GET /v1/keys/{AES}"),
+            c.get(&format!("/v1/keys/{AES}")),
+        ),
+        (
+            format!("GET /v1/keys/{NO_KEY}"),
+            c.get(&format!("/v1/keys/{NO_KEY}")),
+        ),
+        ("GET /v1/keys/xyz".into(), c.get("/v1/keys/xyz")),
+        patch(AES, json!({"label": "stolen"})),
+        patch(AES, json!({"description": "stolen", "roles": ["ops"]})),
+        patch(OTHER, json!({"colour": "red"})),
+        patch(NO_KEY, json!({"label": "x"})),
+        (
+            format!("PATCH /v1/keys/{AES} text/plain"),
             c.send(
                 "PATCH",
-                &format!("/v1/keys/{A}"),
+                &format!("/v1/keys/{AES}"),
                 &[("Content-Type", "text/plain")],
                 b"{\"label\":\"x\"}",
             ),
         ),
         (
-            format!("DELETE /v1/keys/{A}"),
-            c.send("DELETE", &format!("/v1/keys/{A}"), &[], b""),
+            format!("DELETE /v1/keys/{AES}"),
+            c.send("DELETE", &format!("/v1/keys/{AES}"), &[], b""),
         ),
         (
             "POST /v1/keys".into(),
@@ -119,26 +127,15 @@ fn an_unknown_uid_gets_401_on_every_endpoint_and_changes_nothing() {
             .count()
     };
     let before = managed(&t);
-    let setup = with_principals(
-        r#"
-[[principals]]
-name = "someone-else"
-uids = [4242]
-gids = [4242]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
-roles = ["ops", "payments"]
-"#,
-    );
+    let setup = with_principals(&[Principal::named("someone-else")
+        .uids(&[4242])
+        .gids(&[4242])
+        .scopes(&ALL_SCOPES)
+        .roles(&BOTH_ROLES)]);
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     for (what, r) in every_request(&c) {
-        assert_eq!(
-            r.status,
-            401,
-            "{what}: {:?}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let body = r.assert_error(401, "unauthenticated");
+        let body = r.assert_error_for(&what, 401, "unauthenticated");
         let msg = body["message"].as_str().unwrap();
         assert!(
             msg.contains(&format!("uid {}", common::uid())),
@@ -149,13 +146,7 @@ roles = ["ops", "payments"]
             "{what}: a 401 leaks key data: {body}"
         );
     }
-    assert_eq!(label_in_token(&t, A), "key-a");
-    assert_eq!(label_in_token(&t, B), "key-b");
-    assert_eq!(
-        meta_objects(&t),
-        Vec::<String>::new(),
-        "metadata was written"
-    );
+    assert_untouched(&t);
     assert_eq!(managed(&t), before);
     assert!(
         d.log().contains("maps to no principal"),
@@ -167,110 +158,86 @@ roles = ["ops", "payments"]
 #[test]
 fn without_any_principal_nobody_gets_in() {
     let t = two_keys();
-    let d = Daemon::start(&t, &with_principals(""));
+    let d = Daemon::start(&t, &with_principals(&[]));
     let c = d.client();
     c.get("/v1/keys").assert_error(401, "unauthenticated");
-    c.get(&format!("/v1/keys/{A}"))
+    c.get(&format!("/v1/keys/{AES}"))
         .assert_error(401, "unauthenticated");
-    c.patch(A, &json!({"label": "x"}))
+    c.patch(AES, &json!({"label": "x"}))
         .assert_error(401, "unauthenticated");
-    assert_eq!(label_in_token(&t, A), "key-a");
+    assert_eq!(label_in_token(&t, AES), "key-a");
 }
 
 #[test]
 fn a_principal_mapped_by_gid_works_when_no_uid_matches() {
     let t = two_keys();
-    let setup = with_principals(
-        r#"
-[[principals]]
-name = "other-user"
-uids = [4242]
-scopes = ["keymgmt:list"]
-
-[[principals]]
-name = "by-group"
-gids = [{gid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
-roles = ["ops"]
-"#,
-    );
+    let setup = with_principals(&[
+        Principal::named("other-user")
+            .uids(&[4242])
+            .scopes(&["keymgmt:list"]),
+        Principal::named("by-group")
+            .gids(&[gid()])
+            .scopes(&ALL_SCOPES)
+            .roles(&["ops"]),
+    ]);
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     let r = c.get("/v1/keys");
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(r.json()["total"], 2);
-    let r = c.get(&format!("/v1/keys/{A}"));
+    let r = c.get(&format!("/v1/keys/{AES}"));
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["label"], "key-a");
-    let r = c.patch(A, &json!({"label": "renamed-by-group"}));
+    let r = c.patch(AES, &json!({"label": "renamed-by-group"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(r.json()["changed"], json!(["label"]));
-    assert_eq!(label_in_token(&t, A), "renamed-by-group");
+    assert_eq!(label_in_token(&t, AES), "renamed-by-group");
 }
 
 #[test]
 fn a_uid_match_wins_over_a_gid_match() {
     let t = two_keys();
-    let setup = with_principals(
-        r#"
-[[principals]]
-name = "by-uid"
-uids = [{uid}]
-scopes = ["keymgmt:list"]
-
-[[principals]]
-name = "by-group"
-gids = [{gid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
-roles = ["ops", "payments"]
-"#,
-    );
+    let setup = with_principals(&[
+        Principal::me("by-uid").scopes(&["keymgmt:list"]),
+        Principal::named("by-group")
+            .gids(&[gid()])
+            .scopes(&ALL_SCOPES)
+            .roles(&BOTH_ROLES),
+    ]);
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     assert_eq!(c.get("/v1/keys").status, 200);
     // The group's scopes must not leak into the uid's principal.
-    assert_missing_scope(&c.get(&format!("/v1/keys/{A}")), "keymgmt:get");
-    assert_missing_scope(&c.patch(A, &json!({"label": "x"})), "keymgmt:upd");
-    assert_eq!(label_in_token(&t, A), "key-a");
+    assert_missing_scope(&c.get(&format!("/v1/keys/{AES}")), "keymgmt:get");
+    assert_missing_scope(&c.patch(AES, &json!({"label": "x"})), "keymgmt:upd");
+    assert_eq!(label_in_token(&t, AES), "key-a");
 }
 
 #[test]
 fn a_read_only_principal_cannot_patch_and_changes_nothing() {
     let t = two_keys();
-    let setup = with_principals(
-        r#"
-[[principals]]
-name = "reader"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get"]
-roles = ["ops", "payments"]
-"#,
-    );
+    let setup = with_principals(&[Principal::me("reader")
+        .scopes(&["keymgmt:list", "keymgmt:get"])
+        .roles(&BOTH_ROLES)]);
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     let r = c.get("/v1/keys");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["total"], 2);
-    let r = c.get(&format!("/v1/keys/{A}"));
+    let r = c.get(&format!("/v1/keys/{AES}"));
     assert_eq!(r.status, 200);
     let etag = r.json()["etag"].clone();
 
-    assert_missing_scope(&c.patch(A, &json!({"label": "stolen"})), "keymgmt:upd");
+    assert_missing_scope(&c.patch(AES, &json!({"label": "stolen"})), "keymgmt:upd");
     assert_missing_scope(
-        &c.patch(B, &json!({"description": "stolen", "roles": ["ops"]})),
+        &c.patch(OTHER, &json!({"description": "stolen", "roles": ["ops"]})),
         "keymgmt:upd",
     );
     // The scope is checked before the key is looked up: no existence oracle.
-    assert_missing_scope(&c.patch("00ff", &json!({"label": "x"})), "keymgmt:upd");
+    assert_missing_scope(&c.patch(NO_KEY, &json!({"label": "x"})), "keymgmt:upd");
 
-    assert_eq!(label_in_token(&t, A), "key-a");
-    assert_eq!(label_in_token(&t, B), "key-b");
-    assert_eq!(
-        meta_objects(&t),
-        Vec::<String>::new(),
-        "metadata was written"
-    );
-    let r = c.get(&format!("/v1/keys/{A}"));
+    assert_untouched(&t);
+    let r = c.get(&format!("/v1/keys/{AES}"));
     assert_eq!(r.json()["etag"], etag, "the key changed");
     assert_eq!(r.json()["updated_at"], Value::Null);
 }
@@ -278,58 +245,45 @@ roles = ["ops", "payments"]
 #[test]
 fn an_update_only_principal_cannot_list_or_read() {
     let t = two_keys();
-    let setup = with_principals(
-        r#"
-[[principals]]
-name = "writer"
-uids = [{uid}]
-scopes = ["keymgmt:upd"]
-"#,
-    );
+    let setup = with_principals(&[Principal::me("writer").scopes(&["keymgmt:upd"])]);
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     assert_missing_scope(&c.get("/v1/keys"), "keymgmt:list");
     assert_missing_scope(&c.get("/v1/keys?label=key-a"), "keymgmt:list");
-    assert_missing_scope(&c.get(&format!("/v1/keys/{A}")), "keymgmt:get");
+    assert_missing_scope(&c.get(&format!("/v1/keys/{AES}")), "keymgmt:get");
     // What it holds works.
-    let r = c.patch(A, &json!({"label": "written"}));
+    let r = c.patch(AES, &json!({"label": "written"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
-    assert_eq!(label_in_token(&t, A), "written");
+    assert_eq!(label_in_token(&t, AES), "written");
 }
 
 #[test]
 fn a_scope_narrowed_to_one_kid_updates_that_key_only() {
     let t = two_keys();
-    let setup = with_principals(&format!(
-        r#"
-[[principals]]
-name = "one-key"
-uids = [{{uid}}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd:{A}"]
-roles = ["ops"]
-"#
-    ));
+    let setup = with_principals(&[Principal::me("one-key")
+        .scopes(&["keymgmt:list", "keymgmt:get", &format!("keymgmt:upd:{AES}")])
+        .roles(&["ops"])]);
     let d = Daemon::start(&t, &setup);
     let c = d.client();
 
-    let r = c.patch(A, &json!({"label": "mine"}));
+    let r = c.patch(AES, &json!({"label": "mine"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(r.json()["key"]["label"], "mine");
-    assert_eq!(label_in_token(&t, A), "mine");
+    assert_eq!(label_in_token(&t, AES), "mine");
     // The kid in the path is case-insensitive; the scope follows the key, not the spelling.
-    let r = c.patch(&A.to_uppercase(), &json!({"label": "mine-again"}));
+    let r = c.patch(&AES.to_uppercase(), &json!({"label": "mine-again"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
-    assert_eq!(label_in_token(&t, A), "mine-again");
+    assert_eq!(label_in_token(&t, AES), "mine-again");
 
-    let r = c.patch(B, &json!({"label": "not-mine"}));
-    assert_missing_scope(&r, &format!("keymgmt:upd:{B}"));
+    let r = c.patch(OTHER, &json!({"label": "not-mine"}));
+    assert_missing_scope(&r, &format!("keymgmt:upd:{OTHER}"));
     assert_missing_scope(
-        &c.patch(B, &json!({"description": "not mine"})),
+        &c.patch(OTHER, &json!({"description": "not mine"})),
         "keymgmt:upd",
     );
-    assert_eq!(label_in_token(&t, B), "key-b");
+    assert_eq!(label_in_token(&t, OTHER), "key-b");
     assert_eq!(
-        c.get(&format!("/v1/keys/{B}")).json()["description"],
+        c.get(&format!("/v1/keys/{OTHER}")).json()["description"],
         Value::Null
     );
 }
@@ -341,7 +295,7 @@ fn a_key_with_roles_needs_a_principal_holding_one() {
     let d = Daemon::start(&t, &Setup::default());
     let r = d
         .client()
-        .patch(A, &json!({"roles": ["payments"], "description": "pays"}));
+        .patch(AES, &json!({"roles": ["payments"], "description": "pays"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(d.stop(), 0);
     let meta_before = meta_objects(&t);
@@ -352,25 +306,19 @@ fn a_key_with_roles_needs_a_principal_holding_one() {
     );
 
     // An "ops" principal with every scope.
-    let ops = with_principals(
-        r#"
-[[principals]]
-name = "ops-only"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
-roles = ["ops"]
-"#,
-    );
+    let ops = with_principals(&[Principal::me("ops-only")
+        .scopes(&ALL_SCOPES)
+        .roles(&["ops"])]);
     let d = Daemon::start(&t, &ops);
     let c = d.client();
-    let etag = c.get(&format!("/v1/keys/{A}")).json()["etag"].clone();
+    let etag = c.get(&format!("/v1/keys/{AES}")).json()["etag"].clone();
     for patch in [
         json!({"label": "hijacked"}),
         json!({"roles": ["ops"]}),
         json!({"roles": null}),
         json!({"description": "hijacked"}),
     ] {
-        let r = c.patch(A, &patch);
+        let r = c.patch(AES, &patch);
         let body = r.assert_error(403, "missing_role");
         let msg = body["message"].as_str().unwrap();
         assert!(
@@ -378,39 +326,33 @@ roles = ["ops"]
             "{patch}: the message names the role: {body}"
         );
         assert!(
-            msg.contains(A),
+            msg.contains(AES),
             "{patch}: the message names the key: {body}"
         );
     }
-    let key = c.get(&format!("/v1/keys/{A}")).json();
+    let key = c.get(&format!("/v1/keys/{AES}")).json();
     assert_eq!(key["etag"], etag, "a refused update changed the key");
     assert_eq!(key["roles"], json!(["payments"]));
     assert_eq!(key["description"], "pays");
-    assert_eq!(label_in_token(&t, A), "key-a");
+    assert_eq!(label_in_token(&t, AES), "key-a");
     assert_eq!(meta_objects(&t), meta_before, "metadata was written");
 
     // A key without roles is open to any principal with the scope.
-    let r = c.patch(B, &json!({"label": "ops-may"}));
+    let r = c.patch(OTHER, &json!({"label": "ops-may"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
-    assert_eq!(label_in_token(&t, B), "ops-may");
+    assert_eq!(label_in_token(&t, OTHER), "ops-may");
     assert_eq!(d.stop(), 0);
 
     // A "payments" principal may.
-    let payments = with_principals(
-        r#"
-[[principals]]
-name = "payments"
-uids = [{uid}]
-scopes = ["keymgmt:upd", "keymgmt:get"]
-roles = ["payments"]
-"#,
-    );
+    let payments = with_principals(&[Principal::me("payments")
+        .scopes(&["keymgmt:upd", "keymgmt:get"])
+        .roles(&["payments"])]);
     let d = Daemon::start(&t, &payments);
     let c = d.client();
-    let r = c.patch(A, &json!({"label": "paid"}));
+    let r = c.patch(AES, &json!({"label": "paid"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(r.json()["key"]["roles"], json!(["payments"]));
-    assert_eq!(label_in_token(&t, A), "paid");
+    assert_eq!(label_in_token(&t, AES), "paid");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -420,6 +362,26 @@ roles = ["payments"]
 const CHILD_SOCK: &str = "HSMKEYD_TEST_CHILD_SOCK";
 const CHILD_MODE: &str = "HSMKEYD_TEST_CHILD_MODE";
 const NOBODY: u32 = 65534;
+
+/// The root-only tests run exactly when the binary runs as root: a binary built by another
+/// user than the one running it fails here, and so does a CI run (`CI=true`; CI runs as
+/// root) that would leave them ignored.
+#[test]
+fn root_only_tests_run_when_and_only_when_root() {
+    let root = nix::unistd::geteuid().is_root();
+    assert_eq!(
+        cfg!(built_as_root),
+        root,
+        "built as root: {}, running as root: {root}; rebuild as the user who runs the tests",
+        cfg!(built_as_root)
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        assert!(
+            root,
+            "CI=true but not root: the root-only tests would not run"
+        );
+    }
+}
 
 /// Not a test of its own: the client half of `a_non_root_peer_is_identified_by_so_peercred`,
 /// run in a child process as another uid. Without the environment it does nothing.
@@ -450,7 +412,7 @@ fn child_client() {
         r.status,
         String::from_utf8_lossy(&r.body)
     );
-    let r = c.patch(A, &json!({"label": "set-by-nobody"}));
+    let r = c.patch(AES, &json!({"label": "set-by-nobody"}));
     println!(
         "CHILD-PATCH {} {}",
         r.status,
@@ -513,24 +475,17 @@ fn child_response(line: &str) -> (u16, Value) {
 }
 
 #[test]
+#[cfg_attr(not(built_as_root), ignore = "needs root")]
 fn a_non_root_peer_is_identified_by_so_peercred() {
-    if common::uid() != 0 {
-        eprintln!("skipped: switching the client to uid {NOBODY} needs root");
-        return;
-    }
+    common::require_root(&format!("switching the client to uid {NOBODY}"));
     let t = two_keys();
     // The child (gid 0) reaches the 0660 root:root socket through its group; the socket's
     // directory must be traversable, and stays unwritable for group and others.
     fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let setup = with_principals(&format!(
-        r#"
-[[principals]]
-name = "nobody-svc"
-uids = [{NOBODY}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd"]
-roles = ["ops"]
-"#
-    ));
+    let setup = with_principals(&[Principal::named("nobody-svc")
+        .uids(&[NOBODY])
+        .scopes(&ALL_SCOPES)
+        .roles(&["ops"])]);
     let d = Daemon::start(&t, &setup);
 
     // Root maps to no principal here.
@@ -546,23 +501,17 @@ roles = ["ops"]
     let lines = run_child(&d.sock, NOBODY, 0, "api");
     let (status, list) = child_response(child_line(&lines, "CHILD-LIST"));
     assert_eq!(status, 200, "{list}");
-    let kids: Vec<&str> = list["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(kids, vec![A, B]);
+    assert_eq!(common::kids(&list["keys"]), vec![AES, OTHER]);
     let (status, patched) = child_response(child_line(&lines, "CHILD-PATCH"));
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["key"]["label"], "set-by-nobody");
-    assert_eq!(label_in_token(&t, A), "set-by-nobody");
+    assert_eq!(label_in_token(&t, AES), "set-by-nobody");
 
     // Root still gets nothing, even after uid 65534 was served.
     d.client()
-        .patch(B, &json!({"label": "root"}))
+        .patch(OTHER, &json!({"label": "root"}))
         .assert_error(401, "unauthenticated");
-    assert_eq!(label_in_token(&t, B), "key-b");
+    assert_eq!(label_in_token(&t, OTHER), "key-b");
 
     // The socket's mode (0660, root:root) keeps out a process with neither the owner's uid
     // nor its group, even though its uid is a principal.

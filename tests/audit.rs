@@ -6,52 +6,49 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::fixture::{
+    access, pair, token_with, Principal, AES, AES_KEY, EC, EC_KEY, LOCKED, LOCKED_KEY, NO_KEY,
+    OTHER, OTHER_KEY,
+};
 use common::journal::Journal;
 use common::{Daemon, Response, Setup, Token};
 use hsmkeyd::audit::Event;
 use serde_json::{json, Value};
 
-const AES: &str = "a1a1";
-const EC: &str = "ec01";
-const LOCKED: &str = "10c4";
-const OTHER: &str = "b2b2";
-
 fn token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t.gen("ec-p256", EC, "ec-key", &[]);
-    t.gen("aes256", LOCKED, "locked-key", &["--non-modifiable"]);
-    t.gen("aes256", OTHER, "other-key", &[]);
-    t
+    token_with(&[AES_KEY, EC_KEY, LOCKED_KEY, OTHER_KEY])
 }
 
-/// uid 0 may list, read and update every key except `OTHER` (scope narrowed per key; 00ff
-/// names no key).
-const NARROWED: &str = r#"
-[keys]
-roles = ["ops"]
-
-[[principals]]
-name = "auditee"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd:a1a1", "keymgmt:upd:ec01", "keymgmt:upd:10c4", "keymgmt:upd:00ff"]
-roles = ["ops"]
-"#;
+/// The test's uid may list, read and update every key except `OTHER` (scope narrowed per
+/// key; `NO_KEY` names no key).
+fn narrowed() -> String {
+    let upd: Vec<String> = [AES, EC, LOCKED, NO_KEY]
+        .iter()
+        .map(|kid| format!("keymgmt:upd:{kid}"))
+        .collect();
+    let mut scopes = vec!["keymgmt:list", "keymgmt:get"];
+    scopes.extend(upd.iter().map(String::as_str));
+    access(
+        &["ops"],
+        &[Principal::me("auditee").scopes(&scopes).roles(&["ops"])],
+    )
+}
 
 /// Nobody the tests run as is a principal.
-const STRANGERS_ONLY: &str = r#"
-[[principals]]
-name = "someone-else"
-uids = [4242]
-scopes = ["keymgmt:list"]
-"#;
+fn strangers_only() -> String {
+    access(
+        &[],
+        &[Principal::named("someone-else")
+            .uids(&[4242])
+            .scopes(&["keymgmt:list"])],
+    )
+}
 
-fn in_journal(j: &Journal, access: &str) -> Setup {
+fn in_journal(j: &Journal, access: String) -> Setup {
     Setup {
-        access: access.to_string(),
         audit: "sink = \"journald\"\n".to_string(),
         namespace: Some(j.pid()),
-        ..Setup::default()
+        ..Setup::with_access(access)
     }
 }
 
@@ -95,7 +92,7 @@ fn assert_common(e: &Value, event: Event, result: &str, priority: &str) {
 fn every_event_type_is_recorded_with_its_fields() {
     let j = Journal::start();
     let t = token();
-    let d = Daemon::start(&t, &in_journal(&j, NARROWED));
+    let d = Daemon::start(&t, &in_journal(&j, narrowed()));
     let c = d.client();
     let peer = format!("uid=0 gid=0 pid={}", std::process::id());
 
@@ -126,7 +123,7 @@ fn every_event_type_is_recorded_with_its_fields() {
     };
     let enc_ok = encedo(json!({"kid": AES, "label": "aes-encedo", "descr": "ZW5j"}));
     assert_eq!(enc_ok.status, 200, "{:?}", enc_ok.json());
-    let enc_gone = encedo(json!({"kid": "00ff", "label": "x"}));
+    let enc_gone = encedo(json!({"kid": NO_KEY, "label": "x"}));
     assert_eq!(enc_gone.status, 406);
     for r in [&bad, &locked, &scope, &enc_ok, &enc_gone] {
         assert_eq!(r.json()["audit_id"], rid(r).as_str());
@@ -183,7 +180,7 @@ fn every_event_type_is_recorded_with_its_fields() {
     assert_common(&e[0], Event::KeyAttributesChanged, "FAILED", "3");
     assert_eq!(e[0]["HSMKEYD_STATUS"], "406");
     assert_eq!(e[0]["HSMKEYD_ERROR"], "key_not_found");
-    assert_eq!(e[0]["HSMKEYD_KID"], "00ff");
+    assert_eq!(e[0]["HSMKEYD_KID"], NO_KEY);
 
     let e = &by[&rid(&bad)];
     assert_eq!(e.len(), 1, "a refused update has no intent entry: {e:#?}");
@@ -217,7 +214,7 @@ fn every_event_type_is_recorded_with_its_fields() {
     // A caller that maps to no principal: AUTH_FAILED, from a second daemon.
     let t2 = token();
     // One window for the whole test, however slow the machine.
-    let mut strangers_setup = in_journal(&j, STRANGERS_ONLY);
+    let mut strangers_setup = in_journal(&j, strangers_only());
     strangers_setup.audit.push_str("refusal_window_s = 3600\n");
     let d2 = Daemon::start(&t2, &strangers_setup);
     let r = d2.client().get("/v1/keys");
@@ -249,7 +246,7 @@ fn a_failed_login_is_recorded() {
     let j = Journal::start();
     let t = token();
     std::fs::write(&t.pin_file, "wrong-pin-000\n").unwrap();
-    let e = Daemon::try_start(&t, &in_journal(&j, NARROWED))
+    let e = Daemon::try_start(&t, &in_journal(&j, narrowed()))
         .err()
         .expect("must not start");
     assert!(e.contains("CKR_PIN_INCORRECT"), "{e}");
@@ -271,10 +268,10 @@ fn a_failed_login_is_recorded() {
 fn a_thousand_mixed_requests_give_exactly_one_result_entry_each() {
     let j = Journal::start();
     let t = token();
-    let d = Daemon::start(&t, &in_journal(&j, NARROWED));
+    let d = Daemon::start(&t, &in_journal(&j, narrowed()));
     let t2 = token();
     // One window for the whole test, however slow the machine.
-    let mut strangers_setup = in_journal(&j, STRANGERS_ONLY);
+    let mut strangers_setup = in_journal(&j, strangers_only());
     strangers_setup.audit.push_str("refusal_window_s = 3600\n");
     let d2 = Daemon::start(&t2, &strangers_setup);
     let (c, c2) = (d.client(), d2.client());
@@ -287,7 +284,7 @@ fn a_thousand_mixed_requests_give_exactly_one_result_entry_each() {
             0 => c.patch(AES, &json!({"label": format!("aes-{i}")})),
             1 => c.patch(AES, &json!({"label": "\u{7}"})),
             2 => c.patch(OTHER, &json!({"label": "nope"})),
-            3 => c.patch("00ff", &json!({"label": "ghost"})),
+            3 => c.patch(NO_KEY, &json!({"label": "ghost"})),
             4 => c.patch(LOCKED, &json!({"description": "x"})),
             5 => c2.patch(AES, &json!({"label": "stranger"})),
             _ => c.get(&format!("/v1/keys/{EC}")),
@@ -389,7 +386,7 @@ fn a_thousand_mixed_requests_give_exactly_one_result_entry_each() {
 fn updates_are_refused_while_journald_is_down_and_work_again_after() {
     let mut j = Journal::start();
     let t = token();
-    let d = Daemon::start(&t, &in_journal(&j, NARROWED));
+    let d = Daemon::start(&t, &in_journal(&j, narrowed()));
     let c = d.client();
     assert_eq!(c.patch(EC, &json!({"label": "before-outage"})).status, 200);
 
@@ -406,13 +403,7 @@ fn updates_are_refused_while_journald_is_down_and_work_again_after() {
     c.patch(AES, &json!({"label": ""}))
         .assert_error(503, "audit_unavailable");
     // The token, read without the daemon, holds the state from before the outage.
-    assert_eq!(
-        t.labels_of(EC),
-        vec![
-            ("Private".to_string(), "before-outage".to_string()),
-            ("Public".to_string(), "before-outage".to_string())
-        ]
-    );
+    assert_eq!(t.labels_of(EC), pair("before-outage"));
     let key = c.get(&format!("/v1/keys/{EC}")).json();
     assert_eq!(key["label"], "before-outage");
     assert_eq!(key["description"], Value::Null);
@@ -435,7 +426,7 @@ fn no_pin_or_credential_reaches_the_journal() {
         .unwrap()
         .trim()
         .to_string();
-    let d = Daemon::start(&t, &in_journal(&j, NARROWED));
+    let d = Daemon::start(&t, &in_journal(&j, narrowed()));
     let c = d.client();
     let bearer = "Bearer eyJhbGciOiJFUzI1NiJ9.c2VjcmV0LXRva2Vu.c2ln";
     let body = json!({"label": "leak-check"}).to_string();
@@ -481,7 +472,7 @@ fn no_pin_or_credential_reaches_the_journal() {
 fn without_journald_the_daemon_refuses_to_start_unless_told_stderr_json() {
     let j = Journal::without_journald();
     let t = token();
-    let e = Daemon::try_start(&t, &in_journal(&j, NARROWED))
+    let e = Daemon::try_start(&t, &in_journal(&j, narrowed()))
         .err()
         .expect("must not start without journald");
     assert!(
@@ -493,7 +484,7 @@ fn without_journald_the_daemon_refuses_to_start_unless_told_stderr_json() {
     // The development sink: the same entries as JSON lines on stderr.
     let setup = Setup {
         namespace: Some(j.pid()),
-        access: NARROWED.to_string(),
+        access: narrowed(),
         ..Setup::default()
     };
     let d = Daemon::start(&t, &setup);
@@ -528,15 +519,11 @@ fn the_catalog_explains_every_message_id() {
     )
     .unwrap();
     let journalctl = |args: &[&str]| {
-        let out = std::process::Command::new("journalctl")
-            .arg(format!("--root={}", root.path().display()))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "journalctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = common::run_ok(
+            std::process::Command::new("journalctl")
+                .arg(format!("--root={}", root.path().display()))
+                .args(args),
+            &format!("journalctl {args:?}"),
         );
         (
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -565,12 +552,10 @@ fn the_catalog_explains_every_message_id() {
 fn token_requests_and_reloads_reach_the_journal() {
     let j = Journal::start();
     let t = token();
-    let minter = r#"
-[[principals]]
-name = "minter"
-uids = [{uid}]
-scopes = ["keymgmt:list", "auth:token"]
-"#;
+    let minter = access(
+        &[],
+        &[Principal::me("minter").scopes(&["keymgmt:list", "auth:token"])],
+    );
     let d = Daemon::start(&t, &in_journal(&j, minter));
     let c = d.client();
     let mint = |body: serde_json::Value| {

@@ -6,14 +6,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::{Arc, Barrier};
 
+use common::fixture::{pair, token_with, Key, EC, EC2};
 use common::{Daemon, Setup, Token};
 use serde_json::{json, Value};
-
-const EC: &str = "ec01";
-const EC2: &str = "ec02";
 
 fn meta_label(kid: &str) -> String {
     format!("hsmkeyd-meta:{kid}")
@@ -101,31 +98,11 @@ fn plant_meta(t: &Token, kid: &str, record: &Value) {
     ]);
 }
 
-fn pair(label: &str) -> Vec<(String, String)> {
-    vec![
-        ("Private".to_string(), label.to_string()),
-        ("Public".to_string(), label.to_string()),
-    ]
-}
-
-fn faulty(dir: &Path) -> Setup {
-    Setup {
-        fault_dir: Some(dir.to_path_buf()),
-        ..Setup::default()
-    }
-}
-
-fn counter(dir: &Path, name: &str) -> u64 {
-    common::fault_count(dir, name)
-}
-
 #[test]
 fn a_failed_label_write_is_rolled_back() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec-old", &[]);
-    t.gen("ec-p256", EC2, "ec2-old", &[]);
+    let t = token_with(&[Key::ec(EC, "ec-old"), Key::ec(EC2, "ec2-old")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
 
     // EC gets a metadata record first, so the rollback has a record to restore.
@@ -176,24 +153,22 @@ fn a_failed_label_write_is_rolled_back() {
 
 #[test]
 fn a_failed_record_write_changes_nothing_and_stays_so_after_a_restart() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec-old", &[]);
-    t.gen("ec-p256", EC2, "ec2-old", &[]);
+    let t = token_with(&[Key::ec(EC, "ec-old"), Key::ec(EC2, "ec2-old")]);
     let faults = tempfile::tempdir().unwrap();
-    let setup = faulty(faults.path());
+    let setup = Setup::faulty(faults.path());
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     common::Response::ok(&c.patch(EC, &json!({"description": "kept"})));
     let seq_before = settled_meta(&t, EC)["seq"].as_u64().unwrap();
 
     // The record (rewritten in place) is the first write: it fails, nothing else happens.
-    let sets = counter(faults.path(), "C_SetAttributeValue");
+    let sets = common::fault_count(faults.path(), "C_SetAttributeValue");
     std::fs::write(faults.path().join("setattr_fail_after"), "0").unwrap();
     c.patch(EC, &json!({"label": "ec-new", "description": "lost"}))
         .assert_error(503, "token_unavailable");
     assert!(!faults.path().join("setattr_fail_after").exists());
     assert_eq!(
-        counter(faults.path(), "C_SetAttributeValue"),
+        common::fault_count(faults.path(), "C_SetAttributeValue"),
         sets + 1,
         "no label may be written when the record could not be"
     );
@@ -203,12 +178,15 @@ fn a_failed_record_write_changes_nothing_and_stays_so_after_a_restart() {
     assert_eq!(rec["description"], "kept");
 
     // A key without a record: creating it fails, nothing else happens.
-    let sets = counter(faults.path(), "C_SetAttributeValue");
+    let sets = common::fault_count(faults.path(), "C_SetAttributeValue");
     std::fs::write(faults.path().join("create_fail_after"), "0").unwrap();
     c.patch(EC2, &json!({"label": "ec2-new"}))
         .assert_error(503, "token_unavailable");
     assert!(!faults.path().join("create_fail_after").exists());
-    assert_eq!(counter(faults.path(), "C_SetAttributeValue"), sets);
+    assert_eq!(
+        common::fault_count(faults.path(), "C_SetAttributeValue"),
+        sets
+    );
     assert_eq!(t.labels_of(EC2), pair("ec2-old"));
     assert_eq!(meta_count(&t, EC2), 0);
 
@@ -234,8 +212,7 @@ fn a_failed_record_write_changes_nothing_and_stays_so_after_a_restart() {
 fn a_label_change_interrupted_by_a_crash_is_rolled_back_at_startup() {
     // The token as a crash between relabelling and committing leaves it: both objects
     // already carry the new label, the only record is the pending one naming the old.
-    let t = Token::new();
-    t.gen("ec-p256", EC, "new", &[]);
+    let t = token_with(&[Key::ec(EC, "new")]);
     let old_hex = hex::encode("old");
     plant_meta(
         &t,
@@ -288,8 +265,7 @@ fn a_label_change_interrupted_by_a_crash_is_rolled_back_at_startup() {
 
 #[test]
 fn superseded_metadata_generations_are_removed_at_startup() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec-key", &[]);
+    let t = token_with(&[Key::ec(EC, "ec-key")]);
     // The newer generation is created first, so object order cannot pick the winner.
     for (seq, description) in [(4, "new"), (3, "old")] {
         plant_meta(
@@ -375,8 +351,7 @@ fn assert_all_succeeded(results: &[(String, String, common::Response)]) {
 
 #[test]
 fn fifty_concurrent_updates_of_one_key_are_serialized() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let d = Daemon::start(&t, &Setup::default());
     let requests: Vec<_> = (0..50)
         .map(|i| (EC.to_string(), format!("concurrent-{i}")))
@@ -459,12 +434,10 @@ fn concurrent_updates_of_different_keys_all_succeed() {
 /// the daemon does not rely on handles that outlived the session loss.
 #[test]
 fn a_lost_session_is_recovered_transparently() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec-old", &[]);
-    t.gen("ec-p256", EC2, "ec2-old", &[]);
+    let t = token_with(&[Key::ec(EC, "ec-old"), Key::ec(EC2, "ec2-old")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
-    let logins = counter(faults.path(), "C_Login");
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+    let logins = common::fault_count(faults.path(), "C_Login");
     std::fs::write(faults.path().join("session_invalid_once"), "").unwrap();
 
     let body = common::Response::ok(&d.client().patch(EC, &json!({"label": "ec-new"})));
@@ -474,7 +447,7 @@ fn a_lost_session_is_recovered_transparently() {
         "the session was never dropped"
     );
     assert!(
-        counter(faults.path(), "C_Login") > logins,
+        common::fault_count(faults.path(), "C_Login") > logins,
         "the fresh session must be logged in"
     );
     assert_eq!(t.labels_of(EC), pair("ec-new"));

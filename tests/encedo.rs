@@ -7,49 +7,37 @@ mod common;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::tls::free_port;
+use common::fixture::{
+    access, pair, token_with, Key, Principal, DUP, DUP_KEYS, ED, ED_KEY, LOCKED, LOCKED_KEY,
+    MINTING_SCOPES, RSA, RSA_KEY,
+};
 use common::{Daemon, Response, Setup, Token};
 use serde_json::{json, Value};
 
+/// This file's own kids: 16-byte ids, where the shared fixture's are 2 bytes long.
 const AES: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const EC: &str = "ec01ec01ec01ec01ec01ec01ec01ec01";
-const ED: &str = "ed01";
-const RSA: &str = "5a01";
-const LOCKED: &str = "10c4";
-const DUP: &str = "dddd";
 
 fn token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t.gen("ec-p256", EC, "ec-key", &[]);
-    t.gen("ed25519", ED, "ed-key", &[]);
-    t.gen("rsa2048", RSA, "rsa-key", &[]);
-    t.gen("aes256", LOCKED, "locked-key", &["--non-modifiable"]);
-    // Two secret keys sharing one id: an inconsistent key.
-    t.gen("aes256", DUP, "dup-1", &[]);
-    t.gen("aes256", DUP, "dup-2", &[]);
-    t
+    let [dup_1, dup_2] = DUP_KEYS;
+    token_with(&[
+        Key::aes(AES, "aes-key"),
+        Key::ec(EC, "ec-key"),
+        ED_KEY,
+        RSA_KEY,
+        LOCKED_KEY,
+        dup_1,
+        dup_2,
+    ])
 }
 
-const ACCESS: &str = r#"
-[keys]
-roles = ["ops"]
-
-[[principals]]
-name = "operator"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-roles = ["ops"]
-"#;
-
 fn start(t: &Token) -> Daemon {
+    let operator = Principal::me("operator")
+        .scopes(&MINTING_SCOPES)
+        .roles(&["ops"]);
     Daemon::start(
         t,
-        &Setup {
-            access: ACCESS.to_string(),
-            tls_port: Some(free_port()),
-            ..Setup::default()
-        },
+        &Setup::with_access(access(&["ops"], &[operator])).https(),
     )
 }
 
@@ -111,13 +99,7 @@ fn the_seed_request_works_verbatim_over_https() {
     assert_eq!(r.header("x-request-id"), Some(audit_id));
 
     // Read back independently: both objects carry the new label.
-    assert_eq!(
-        t.labels_of(EC),
-        vec![
-            ("Private".to_string(), "payments-2026".to_string()),
-            ("Public".to_string(), "payments-2026".to_string())
-        ]
-    );
+    assert_eq!(t.labels_of(EC), pair("payments-2026"));
     // The description is the decoded text, the same one /v1 shows.
     let key = d.client().get(&format!("/v1/keys/{EC}")).ok();
     assert_eq!(key["description"], descr);
@@ -162,8 +144,11 @@ fn list_and_get_have_the_appliance_shapes() {
     assert_eq!(all["total"], 6);
     assert_eq!(all["listed"], 6);
     let list = all["list"].as_array().unwrap();
-    let kids: Vec<&str> = list.iter().map(|k| k["kid"].as_str().unwrap()).collect();
-    assert_eq!(kids, vec![LOCKED, RSA, AES, DUP, EC, ED], "ordered by kid");
+    assert_eq!(
+        common::kids(&all["list"]),
+        vec![LOCKED, RSA, AES, DUP, EC, ED],
+        "ordered by kid"
+    );
     let by_kid = |kid: &str| list.iter().find(|k| k["kid"] == kid).unwrap().clone();
     let aes = by_kid(AES);
     assert_eq!(aes["label"], "wrap-key");
@@ -197,13 +182,7 @@ fn list_and_get_have_the_appliance_shapes() {
         (page["total"].as_u64(), page["listed"].as_u64()),
         (Some(6), Some(2))
     );
-    let kids: Vec<&str> = page["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(kids, vec![RSA, AES]);
+    assert_eq!(common::kids(&page["list"]), vec![RSA, AES]);
     let past = h.get("/api/keymgmt/list/6/10", &tok).ok();
     assert_eq!(
         (
@@ -282,13 +261,7 @@ fn list_and_get_have_the_appliance_shapes() {
             .as_bytes(),
     );
     r.ok();
-    assert_eq!(
-        t.labels_of(ED),
-        vec![
-            ("Private".to_string(), "from-unix".to_string()),
-            ("Public".to_string(), "from-unix".to_string())
-        ]
-    );
+    assert_eq!(t.labels_of(ED), pair("from-unix"));
 }
 
 #[test]

@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{Daemon, Response, Setup, Token};
+use common::fixture::{token_with, Key, AES};
+use common::{Daemon, Response, Setup};
 use serde_json::json;
-
-const AES: &str = "a1a1";
 
 fn secret(label: &str) -> Vec<(String, String)> {
     vec![("Secret".to_string(), label.to_string())]
@@ -15,8 +14,7 @@ fn secret(label: &str) -> Vec<(String, String)> {
 
 #[test]
 fn labels_with_invisible_format_characters_are_refused() {
-    let t = Token::new();
-    t.gen("aes256", AES, "start", &[]);
+    let t = token_with(&[Key::aes(AES, "start")]);
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
     for (what, label) in [
@@ -48,8 +46,7 @@ fn labels_with_invisible_format_characters_are_refused() {
 
 #[test]
 fn a_field_given_twice_is_refused_naming_it() {
-    let t = Token::new();
-    t.gen("aes256", AES, "start", &[]);
+    let t = token_with(&[Key::aes(AES, "start")]);
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
     let r = c.send(
@@ -81,8 +78,7 @@ fn a_field_given_twice_is_refused_naming_it() {
 
 #[test]
 fn an_absolute_form_request_target_gets_400() {
-    let t = Token::new();
-    t.gen("aes256", AES, "start", &[]);
+    let t = token_with(&[Key::aes(AES, "start")]);
     let d = Daemon::start(&t, &Setup::default());
     let r = d.client().raw(
         format!(

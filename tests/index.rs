@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fixture::{token_with, EC_KEY};
 use common::{Daemon, Setup, Token};
 use serde_json::{json, Value};
 
@@ -35,13 +36,7 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
         "bulk-",
     ]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        &t,
-        &Setup {
-            fault_dir: Some(faults.path().to_path_buf()),
-            ..Setup::default()
-        },
-    );
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
     let at_start = finds(faults.path());
     assert!(
@@ -63,23 +58,14 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
     assert_eq!(kids, expected, "every key once, ordered by kid");
 
     // Pages of 100.
+    let pages = c.pages(100, 10);
     let mut seen = Vec::new();
-    let mut path = "/v1/keys?limit=100".to_string();
-    let mut pages = 0;
-    loop {
-        let body = common::Response::ok(&c.get(&path));
-        pages += 1;
+    for body in &pages {
         assert_eq!(body["total"], 1000);
-        let page = body["keys"].as_array().unwrap();
-        assert!(page.len() <= 100);
-        seen.extend(page.iter().map(|k| k["kid"].as_str().unwrap().to_string()));
-        match body["next_cursor"].as_str() {
-            Some(cur) => path = format!("/v1/keys?limit=100&cursor={cur}"),
-            None => break,
-        }
-        assert!(pages <= 10, "more pages than keys allow");
+        assert!(body["keys"].as_array().unwrap().len() <= 100);
+        seen.extend(common::kids(&body["keys"]).into_iter().map(String::from));
     }
-    assert_eq!(pages, 10);
+    assert_eq!(pages.len(), 10);
     assert_eq!(seen, expected);
 
     // Single keys, spread over the token.
@@ -119,16 +105,9 @@ fn a_thousand_keys_are_served_from_the_index_without_searching_the_token() {
 
 #[test]
 fn misses_rescan_at_most_once_per_interval_and_find_keys_added_meanwhile() {
-    let t = Token::new();
-    t.gen("ec-p256", "ec01", "ec-key", &[]);
+    let t = token_with(&[EC_KEY]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        &t,
-        &Setup {
-            fault_dir: Some(faults.path().to_path_buf()),
-            ..Setup::default()
-        },
-    );
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
     // Let the startup scan age past the interval, so the first miss may rescan.
     std::thread::sleep(PAST_RESCAN_INTERVAL);
@@ -168,12 +147,7 @@ fn misses_rescan_at_most_once_per_interval_and_find_keys_added_meanwhile() {
     assert_eq!(finds(faults.path()), after_first + 1, "one rescan found it");
     // From now on it is in the index: listed, and found without a search.
     let body = common::Response::ok(&c.get("/v1/keys"));
-    let kids: BTreeSet<&str> = body["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
+    let kids: BTreeSet<&str> = common::kids(&body["keys"]).into_iter().collect();
     assert_eq!(kids, BTreeSet::from(["ad01", "ec01"]));
     common::Response::ok(&c.get("/v1/keys/ad01"));
     assert_eq!(finds(faults.path()), after_first + 1);

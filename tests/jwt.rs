@@ -9,12 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::tls::free_port;
+use common::fixture::{access, token_with, Principal, AES, AES_KEY, MINTING_SCOPES};
 use common::{Daemon, Setup, Token};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-const AES: &str = "a1a1";
 const IDP: &str = "https://idp.test";
 const HMAC_IDP: &str = "https://hmac.test";
 const HMAC_SECRET: &str = "a-shared-secret-of-reasonable-length-0123456789";
@@ -38,8 +37,7 @@ struct World {
 }
 
 fn world() -> World {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let idp = rcgen::KeyPair::generate().unwrap();
     let attacker = rcgen::KeyPair::generate().unwrap();
     let key_file = t.path().join("idp.pem");
@@ -47,18 +45,8 @@ fn world() -> World {
     let secret_file = t.path().join("hmac.secret");
     std::fs::write(&secret_file, format!("{HMAC_SECRET}\n")).unwrap();
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let minter = Principal::me("minter").scopes(&MINTING_SCOPES);
     let setup = Setup {
-        access: r#"
-[keys]
-roles = ["ops"]
-
-[[principals]]
-name = "minter"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-"#
-        .to_string(),
-        tls_port: Some(free_port()),
         extra: format!(
             "[tokens]\nleeway_s = 30\n\n\
              [[issuers]]\niss = \"{IDP}\"\naud = \"hsmkeyd\"\nalgorithms = [\"ES256\"]\nkey_file = \"{}\"\n\n\
@@ -66,7 +54,7 @@ scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
             key_file.display(),
             secret_file.display()
         ),
-        ..Setup::default()
+        ..Setup::with_access(access(&["ops"], &[minter])).https()
     };
     let d = Daemon::start(&t, &setup);
     World {
@@ -319,13 +307,7 @@ fn forged_broken_and_misdirected_tokens_get_401_and_change_nothing() {
 
     for (i, (name, tok)) in vectors.iter().enumerate() {
         let r = h.patch(AES, tok, &json!({"label": format!("pwned-{i}")}));
-        assert_eq!(
-            r.status,
-            401,
-            "{name}: {:?}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let body = r.assert_error(401, "invalid_token");
+        let body = r.assert_error_for(name, 401, "invalid_token");
         assert!(
             body["message"].as_str().is_some_and(|m| !m.is_empty()),
             "{name}"

@@ -3,22 +3,12 @@
 
 mod common;
 
+use common::fixture::{
+    demo_token, pair, token_with, AES, AES_KEY, DUP, DUP_KEYS, EC, EC_KEY, LOCKED, LOCKED_KEY, RSA,
+    RSA_KEY,
+};
 use common::{Daemon, Setup, Token};
 use serde_json::json;
-
-const AES: &str = "a1a1";
-const EC: &str = "ec01";
-const RSA: &str = "5a01";
-const LOCKED: &str = "10c4";
-
-fn demo_token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t.gen("ec-p256", EC, "ec-key", &[]);
-    t.gen("rsa2048", RSA, "rsa-key", &[]);
-    t.gen("aes256", LOCKED, "locked-key", &["--non-modifiable"]);
-    t
-}
 
 #[test]
 fn list_get_and_patch_happy_paths() {
@@ -29,9 +19,11 @@ fn list_get_and_patch_happy_paths() {
     let r = c.get("/v1/keys");
     assert_eq!(r.status, 200);
     let body = r.json();
-    let keys = body["keys"].as_array().unwrap();
-    let kids: Vec<&str> = keys.iter().map(|k| k["kid"].as_str().unwrap()).collect();
-    assert_eq!(kids, vec!["10c4", "5a01", "a1a1", "ec01"], "ordered by kid");
+    assert_eq!(
+        common::kids(&body["keys"]),
+        vec!["10c4", "5a01", "a1a1", "ec01"],
+        "ordered by kid"
+    );
     assert_eq!(body["next_cursor"], serde_json::Value::Null);
 
     let r = c.get(&format!("/v1/keys/{EC}"));
@@ -92,10 +84,7 @@ fn patch_label_changes_every_object_of_the_pair() {
         assert_eq!(r.status, 200, "{:?}", r.json());
         assert_eq!(
             t.labels_of(kid),
-            vec![
-                ("Private".into(), label.into()),
-                ("Public".into(), label.into())
-            ],
+            pair(label),
             "pkcs11-tool must see the new label on both objects of {kid}"
         );
     }
@@ -147,16 +136,8 @@ fn description_and_roles_survive_a_restart() {
 fn a_patch_that_changes_nothing_writes_nothing() {
     let t = demo_token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let d = Daemon::start(&t, &setup);
-    let count = || {
-        std::fs::read_to_string(faults.path().join("count_C_SetAttributeValue"))
-            .map(|s| s.trim().parse::<u64>().unwrap())
-            .unwrap_or(0)
-    };
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+    let count = || common::fault_count(faults.path(), "C_SetAttributeValue");
     let before = count();
     let r = d
         .client()
@@ -187,19 +168,10 @@ fn listing_pages_with_an_opaque_cursor_and_filters_by_label() {
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
     let mut seen = Vec::new();
-    let mut path = "/v1/keys?limit=3".to_string();
-    loop {
-        let r = c.get(&path);
-        assert_eq!(r.status, 200, "{:?}", r.json());
-        let body = r.json();
+    for body in c.pages(3, 8) {
         assert_eq!(body["total"], 8);
-        let page = body["keys"].as_array().unwrap();
-        assert!(page.len() <= 3);
-        seen.extend(page.iter().map(|k| k["kid"].as_str().unwrap().to_string()));
-        match body["next_cursor"].as_str() {
-            Some(cur) => path = format!("/v1/keys?limit=3&cursor={cur}"),
-            None => break,
-        }
+        assert!(body["keys"].as_array().unwrap().len() <= 3);
+        seen.extend(common::kids(&body["keys"]).into_iter().map(String::from));
     }
     assert_eq!(seen.len(), 8);
     let mut sorted = seen.clone();
@@ -275,21 +247,20 @@ fn bad_requests_get_400_with_the_field_named_and_change_nothing() {
     let key = c.get(&format!("/v1/keys/{EC}")).json();
     assert_eq!(key["label"], "ec-key");
     assert_eq!(key["updated_at"], serde_json::Value::Null);
-    assert_eq!(
-        t.labels_of(EC),
-        vec![
-            ("Private".into(), "ec-key".into()),
-            ("Public".into(), "ec-key".into())
-        ]
-    );
+    assert_eq!(t.labels_of(EC), pair("ec-key"));
 }
 
 #[test]
 fn every_other_error_status_has_a_json_body() {
-    let t = demo_token();
     // Two secret keys sharing one CKA_ID: the key reads, updates answer 409.
-    t.gen("aes256", "dddd", "dup-1", &[]);
-    t.gen("aes256", "dddd", "dup-2", &[]);
+    let t = token_with(&[
+        AES_KEY,
+        EC_KEY,
+        RSA_KEY,
+        LOCKED_KEY,
+        DUP_KEYS[0],
+        DUP_KEYS[1],
+    ]);
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
 
@@ -317,7 +288,7 @@ fn every_other_error_status_has_a_json_body() {
     let dup = c.get("/v1/keys/dddd");
     assert_eq!(dup.status, 200);
     assert_eq!(dup.json()["state"], "inconsistent");
-    c.patch("dddd", &json!({"label": "x"}))
+    c.patch(DUP, &json!({"label": "x"}))
         .assert_error(409, "inconsistent_key_state");
 
     let r = c.send(
@@ -386,11 +357,7 @@ fn every_other_error_status_has_a_json_body() {
 fn token_failure_answers_503_and_changes_nothing() {
     let t = demo_token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let d = Daemon::start(&t, &setup);
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     // The token fails the very next attribute write with CKR_DEVICE_ERROR.
     std::fs::write(faults.path().join("setattr_fail_after"), "0").unwrap();
     let r = d.client().patch(AES, &json!({"label": "never"}));

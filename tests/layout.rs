@@ -8,25 +8,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fixture::{pair, token_with, Key, AES, EC};
 use common::{Daemon, Response, Setup, Token};
 use serde_json::{json, Value};
-
-const EC: &str = "ec01";
-const AES: &str = "a1a1";
-
-fn faulty(dir: &Path) -> Setup {
-    Setup {
-        fault_dir: Some(dir.to_path_buf()),
-        ..Setup::default()
-    }
-}
-
-fn pair(label: &str) -> Vec<(String, String)> {
-    vec![
-        ("Private".to_string(), label.to_string()),
-        ("Public".to_string(), label.to_string()),
-    ]
-}
 
 /// The calls an update makes, read from the wrapper's counters around it.
 #[derive(Debug, PartialEq, Eq)]
@@ -105,11 +89,9 @@ fn settled(t: &Token, kid: &str) -> (String, Value) {
 
 #[test]
 fn each_kind_of_update_makes_only_the_token_calls_it_must() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec", &[]);
-    t.gen("aes256", AES, "aes", &[]);
+    let t = token_with(&[Key::ec(EC, "ec"), Key::aes(AES, "aes")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
     let f = faults.path();
     let patch = |kid: &str, body: Value| {
@@ -169,13 +151,12 @@ fn each_kind_of_update_makes_only_the_token_calls_it_must() {
 
 #[test]
 fn no_update_waits_for_a_destroy() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec", &[]);
+    let t = token_with(&[Key::ec(EC, "ec")]);
     let faults = tempfile::tempdir().unwrap();
     // A token that caps labels: every record write makes a new object and leaves the old
     // one for the worker to destroy.
     std::fs::write(faults.path().join("max_label_len"), "32").unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
     Response::ok(&c.patch(EC, &json!({"description": "first"})));
     // Every destroy is held: updates must not notice.
@@ -207,12 +188,10 @@ fn no_update_waits_for_a_destroy() {
 
 #[test]
 fn a_token_that_caps_label_length_keeps_records_in_new_objects_correctly() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec", &[]);
-    t.gen("aes256", AES, "aes", &[]);
+    let t = token_with(&[Key::ec(EC, "ec"), Key::aes(AES, "aes")]);
     let faults = tempfile::tempdir().unwrap();
     std::fs::write(faults.path().join("max_label_len"), "32").unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
     Response::ok(&c.patch(EC, &json!({"description": "one", "roles": ["ops"]})));
     Response::ok(&c.patch(EC, &json!({"label": "ec-new", "description": "two"})));
@@ -238,7 +217,7 @@ fn a_token_that_caps_label_length_keeps_records_in_new_objects_correctly() {
 
     // The same token read by a fresh daemon.
     assert_eq!(d.stop(), 0);
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let key = Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
     assert_eq!(
         (
@@ -254,8 +233,7 @@ fn a_token_that_caps_label_length_keeps_records_in_new_objects_correctly() {
 fn a_label_change_interrupted_after_its_record_is_rolled_forward_at_startup() {
     // The token as a crash after the record and the first label leaves it: the private
     // key already carries the new label, the public one the old.
-    let t = Token::new();
-    t.gen("ec-p256", EC, "new", &["--public-label", "old"]);
+    let t = token_with(&[Key::ec(EC, "new").flags(&["--public-label", "old"])]);
     let record = json!({
         "kid": EC, "seq": 2, "description": "with it", "roles": [],
         "updated_at": "2026-01-02T03:04:05Z", "relabel": hex::encode("new"),
@@ -295,9 +273,7 @@ fn a_label_change_interrupted_after_its_record_is_rolled_forward_at_startup() {
 
 #[test]
 fn status_shows_the_token_the_keys_and_what_the_scan_left_out() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "ec", &[]);
-    t.gen("aes256", AES, "aes", &[]);
+    let t = token_with(&[Key::ec(EC, "ec"), Key::aes(AES, "aes")]);
     let d = Daemon::start(&t, &Setup::default());
     let s = Response::ok(&d.client().get("/v1/status"));
     assert_eq!(s["state"], "serving", "{s}");

@@ -4,29 +4,24 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::tls::{free_port, tls_dir, TlsClient};
+use common::fixture::{access, token_with, Principal, AES, AES_KEY};
+use common::notify::NotifySocket;
+use common::tls::{tls_dir, TlsClient};
 use common::{write_config, Daemon, Setup, Token};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-const AES: &str = "a1a1";
-
 fn token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t
+    token_with(&[AES_KEY])
 }
 
-fn principal(scopes: &[&str]) -> String {
-    format!(
-        "[[principals]]\nname = \"p\"\nuids = [{{uid}}]\nscopes = {}\n",
-        serde_json::to_string(scopes).unwrap()
-    )
+/// The default setup with one principal, the test's uid, holding `scopes`.
+fn holding(scopes: &[&str]) -> Setup {
+    Setup::with_access(access(&[], &[Principal::me("p").scopes(scopes)]))
 }
 
 fn signal(d: &Daemon, s: Signal) {
@@ -55,19 +50,24 @@ fn rewrite(t: &Token, setup: &Setup) {
     let _ = write_config(t, setup);
 }
 
+/// Sends SIGHUP and returns the daemon's `n`th reload entry (counting from 0) once it is
+/// written.
+fn reload(d: &Daemon, n: usize) -> Value {
+    signal(d, Signal::SIGHUP);
+    wait_for("the reload entry", || {
+        entries(d, "CONFIG_RELOADED").len() > n
+    });
+    entries(d, "CONFIG_RELOADED")[n].clone()
+}
+
 #[test]
 fn sighup_applies_a_new_principal_and_reports_reloading_then_ready() {
     let t = token();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let env = vec![("NOTIFY_SOCKET".to_string(), path.display().to_string())];
+    let notify = NotifySocket::bind(Duration::from_millis(50));
+    let env = vec![notify.env()];
     let before = Setup {
-        access: principal(&["keymgmt:list"]),
         env: env.clone(),
-        ..Setup::default()
+        ..holding(&["keymgmt:list"])
     };
     let d = Daemon::start(&t, &before);
     let c = d.client();
@@ -77,30 +77,19 @@ fn sighup_applies_a_new_principal_and_reports_reloading_then_ready() {
     rewrite(
         &t,
         &Setup {
-            access: principal(&["keymgmt:list", "keymgmt:upd"]),
             env,
-            ..Setup::default()
+            ..holding(&["keymgmt:list", "keymgmt:upd"])
         },
     );
-    let mut buf = [0u8; 4096];
-    while sock.recv(&mut buf).is_ok() {} // drain READY from the start
-    signal(&d, Signal::SIGHUP);
-    wait_for("the reload entry", || {
-        !entries(&d, "CONFIG_RELOADED").is_empty()
-    });
-    let e = &entries(&d, "CONFIG_RELOADED")[0];
+    notify.drain(); // READY from the start
+    let e = reload(&d, 0);
     assert_eq!(e["HSMKEYD_RESULT"], "OK", "{e}");
     let r = c.patch(AES, &json!({"label": "after-reload"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(t.labels_of(AES)[0].1, "after-reload");
 
     let mut msgs = Vec::new();
-    let end = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < end && !msgs.iter().any(|m: &String| m.contains("READY=1")) {
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
+    notify.receive_until("READY=1", &mut msgs);
     let reloading = msgs
         .iter()
         .position(|m| m.contains("RELOADING=1"))
@@ -122,11 +111,7 @@ fn sighup_applies_a_new_principal_and_reports_reloading_then_ready() {
 #[test]
 fn a_broken_or_restart_only_config_is_refused_and_the_old_one_keeps_serving() {
     let t = token();
-    let setup = Setup {
-        access: principal(&["keymgmt:list", "keymgmt:upd"]),
-        ..Setup::default()
-    };
-    let d = Daemon::start(&t, &setup);
+    let d = Daemon::start(&t, &holding(&["keymgmt:list", "keymgmt:upd"]));
     let c = d.client();
     let config = t.path().join("hsmkeyd.toml");
     let good = std::fs::read_to_string(&config).unwrap();
@@ -145,9 +130,7 @@ fn a_broken_or_restart_only_config_is_refused_and_the_old_one_keeps_serving() {
     ];
     for (i, (text, reason)) in cases.iter().enumerate() {
         std::fs::write(&config, text).unwrap();
-        signal(&d, Signal::SIGHUP);
-        wait_for("the refusal", || entries(&d, "CONFIG_RELOADED").len() > i);
-        let e = &entries(&d, "CONFIG_RELOADED")[i];
+        let e = reload(&d, i);
         assert_eq!(e["HSMKEYD_RESULT"], "FAILED", "{e}");
         let msg = e["MESSAGE"].as_str().unwrap();
         assert!(
@@ -166,11 +149,7 @@ fn a_broken_or_restart_only_config_is_refused_and_the_old_one_keeps_serving() {
 fn a_request_in_flight_during_a_reload_finishes_on_the_old_config() {
     let t = token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        access: principal(&["keymgmt:list", "keymgmt:upd"]),
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..Setup::default()
-    };
+    let setup = holding(&["keymgmt:list", "keymgmt:upd"]).with_faults(faults.path());
     let d = Daemon::start(&t, &setup);
     // The token hangs: the PATCH below stops inside its first HSM write.
     std::fs::write(faults.path().join("hang"), "").unwrap();
@@ -182,13 +161,11 @@ fn a_request_in_flight_during_a_reload_finishes_on_the_old_config() {
     rewrite(
         &t,
         &Setup {
-            access: principal(&["keymgmt:list"]),
+            access: holding(&["keymgmt:list"]).access,
             ..setup
         },
     );
-    signal(&d, Signal::SIGHUP);
-    wait_for("the reload", || !entries(&d, "CONFIG_RELOADED").is_empty());
-    assert_eq!(entries(&d, "CONFIG_RELOADED")[0]["HSMKEYD_RESULT"], "OK");
+    assert_eq!(reload(&d, 0)["HSMKEYD_RESULT"], "OK");
     std::fs::remove_file(faults.path().join("hang")).unwrap();
 
     let r = inflight.join().unwrap();
@@ -209,12 +186,7 @@ fn a_request_in_flight_during_a_reload_finishes_on_the_old_config() {
 #[test]
 fn sighup_rereads_the_tls_certificate() {
     let t = token();
-    let setup = Setup {
-        access: principal(&["keymgmt:list", "auth:token"]),
-        tls_port: Some(free_port()),
-        ..Setup::default()
-    };
-    let d = Daemon::start(&t, &setup);
+    let d = Daemon::start(&t, &holding(&["keymgmt:list", "auth:token"]).https());
     let tok = d.mint(&["keymgmt:list"], 300);
     let old = d.https();
     assert_eq!(old.get("/v1/keys", &tok).status, 200);
@@ -235,9 +207,7 @@ fn sighup_rereads_the_tls_certificate() {
         old_ca
     );
     std::fs::write(t.path().join("hsmkeyd.toml"), config).unwrap();
-    signal(&d, Signal::SIGHUP);
-    wait_for("the reload", || !entries(&d, "CONFIG_RELOADED").is_empty());
-    assert_eq!(entries(&d, "CONFIG_RELOADED")[0]["HSMKEYD_RESULT"], "OK");
+    assert_eq!(reload(&d, 0)["HSMKEYD_RESULT"], "OK");
 
     let new = TlsClient::new(old.addr, &tls_dir(t.path()).join("ca.pem"));
     assert_eq!(new.get("/v1/keys", &tok).status, 200);
@@ -254,10 +224,7 @@ fn sighup_rereads_the_tls_certificate() {
 #[test]
 fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
     let t = token();
-    let setup = Setup {
-        access: principal(&["keymgmt:list", "keymgmt:upd", "auth:token"]),
-        ..Setup::default()
-    };
+    let setup = holding(&["keymgmt:list", "keymgmt:upd", "auth:token"]);
     let d = Daemon::start(&t, &setup);
     let old_pin = std::fs::read_to_string(&t.pin_file).unwrap();
     let old_pin = old_pin.trim().to_string();
@@ -266,9 +233,7 @@ fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
     // A wrong PIN in the file: refused; the daemon logs in again with the old PIN (which
     // renumbers SoftHSM's private objects: the index is rebuilt) and keeps serving.
     std::fs::write(&t.pin_file, "not-the-pin\n").unwrap();
-    signal(&d, Signal::SIGHUP);
-    wait_for("the refusal", || !entries(&d, "CONFIG_RELOADED").is_empty());
-    let e = &entries(&d, "CONFIG_RELOADED")[0];
+    let e = reload(&d, 0);
     assert_eq!(e["HSMKEYD_RESULT"], "FAILED");
     let msg = e["MESSAGE"].as_str().unwrap();
     assert!(
@@ -283,9 +248,7 @@ fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
 
     // The same PIN again: the reload applies without logging in again.
     std::fs::write(&t.pin_file, format!("{old_pin}\n")).unwrap();
-    signal(&d, Signal::SIGHUP);
-    wait_for("the reload", || entries(&d, "CONFIG_RELOADED").len() > 1);
-    let e = &entries(&d, "CONFIG_RELOADED")[1];
+    let e = reload(&d, 1);
     assert_eq!(e["HSMKEYD_RESULT"], "OK", "{e}");
     assert!(!e["MESSAGE"].as_str().unwrap().contains("new PIN"), "{e}");
     let log = d.log();
@@ -320,11 +283,7 @@ fn a_pin_the_token_refuses_on_reload_is_refused_and_the_old_login_stays() {
 fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     let t = token();
     let faults = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        access: principal(&["keymgmt:list", "keymgmt:upd"]),
-        fault_dir: Some(faults.path().to_path_buf()),
-        ..Setup::default()
-    };
+    let setup = holding(&["keymgmt:list", "keymgmt:upd"]).with_faults(faults.path());
     let mut d = Daemon::start(&t, &setup);
     std::fs::write(faults.path().join("hang"), "").unwrap();
     let c = d.client();

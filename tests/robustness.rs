@@ -9,17 +9,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fixture::{minting_access, pair, token_with, Key, EC};
 use common::{Daemon, Response, Setup, Token};
 use serde_json::{json, Value};
-
-const EC: &str = "ec01";
-
-fn pair(label: &str) -> Vec<(String, String)> {
-    vec![
-        ("Private".to_string(), label.to_string()),
-        ("Public".to_string(), label.to_string()),
-    ]
-}
 
 /// The audit entries the daemon wrote (stderr-json sink), in order.
 fn audit_entries(d: &Daemon) -> Vec<Value> {
@@ -91,13 +83,6 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-fn faulty(dir: &Path) -> Setup {
-    Setup {
-        fault_dir: Some(dir.to_path_buf()),
-        ..Setup::default()
-    }
-}
-
 /// The newest record of `kid` (kept in its objects' labels here), from pkcs11-tool.
 fn newest_record(t: &Token, kid: &str) -> Value {
     let prefix = format!("hsmkeyd-meta:{kid} ");
@@ -122,10 +107,9 @@ fn meta_count(t: &Token, kid: &str) -> usize {
 
 #[test]
 fn an_update_whose_client_disconnects_during_any_token_write_still_completes_and_is_audited() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let c = d.client();
     // A record exists, so the writes that replace one are on the path too.
     Response::ok(&c.patch(EC, &json!({"description": "first"})));
@@ -236,10 +220,9 @@ fn an_update_whose_client_disconnects_during_any_token_write_still_completes_and
 
 #[test]
 fn a_client_that_closes_mid_body_changes_nothing_and_is_audited_as_aborted() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     let creates = common::fault_count(faults.path(), "C_CreateObject");
     let sets = common::fault_count(faults.path(), "C_SetAttributeValue");
 
@@ -294,8 +277,7 @@ fn a_client_that_closes_mid_body_changes_nothing_and_is_audited_as_aborted() {
 
 #[test]
 fn a_pair_with_differing_labels_reads_inconsistent_until_a_label_update_repairs_it() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "priv-half", &["--public-label", "pub-half"]);
+    let t = token_with(&[Key::ec(EC, "priv-half").flags(&["--public-label", "pub-half"])]);
     let d = Daemon::start(&t, &Setup::default());
     let c = d.client();
     let key = Response::ok(&c.get(&format!("/v1/keys/{EC}")));
@@ -315,25 +297,12 @@ fn a_pair_with_differing_labels_reads_inconsistent_until_a_label_update_repairs_
     assert_eq!(t.labels_of(EC), pair("whole"));
 }
 
-/// The test's uid holds every scope, minting included.
-const MINTING_ACCESS: &str = r#"
-[keys]
-roles = ["ops", "payments"]
-
-[[principals]]
-name = "tester"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-roles = ["ops", "payments"]
-"#;
-
 /// A daemon whose `[server]` section has these extra lines.
 fn with_server(t: &Token, server: &str, tls: bool) -> Daemon {
     let setup = Setup {
         tls_port: tls.then(common::tls::free_port),
         server_extra: server.to_string(),
-        access: MINTING_ACCESS.to_string(),
-        ..Setup::default()
+        ..Setup::with_access(minting_access())
     };
     Daemon::start(t, &setup)
 }
@@ -374,8 +343,7 @@ fn trickle(sock: &Path, declared: usize, every: Duration) -> (Response, Duration
 
 #[test]
 fn a_slow_body_is_cut_by_the_minimum_rate_and_the_deadline_even_for_a_known_caller() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let d = with_server(&t, "request_timeout_s = 3\nmin_body_rate = 100\n", false);
     // 1 byte per 50 ms is 20 bytes/s: under the 100 bytes/s minimum.
     let (r, _) = trickle(&d.sock, 1000, Duration::from_millis(50));
@@ -424,8 +392,7 @@ fn kept_alive(sock: &Path) -> UnixStream {
 
 #[test]
 fn one_uid_cannot_hold_more_than_its_share_of_the_unix_socket() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let d = with_server(
         &t,
         "max_connections = 8\nmax_connections_per_caller = 3\n",
@@ -476,8 +443,7 @@ fn a_full_unix_socket_answers_503_at_once_instead_of_leaving_callers_waiting() {
 
 #[test]
 fn unauthenticated_tls_connections_share_a_small_budget_and_a_short_life() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let d = with_server(
         &t,
         "max_unauthenticated = 8\nunauthenticated_timeout_s = 4\n",
@@ -578,8 +544,7 @@ fn one_principal_cannot_hold_more_than_its_share_of_the_tls_listener() {
 
 #[test]
 fn slow_bodies_from_one_caller_do_not_stall_the_other_front_door() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let d = with_server(
         &t,
         "request_timeout_s = 20\nmin_body_rate = 0\nmax_connections_per_caller = 32\n",
@@ -664,7 +629,7 @@ fn kill_9_at_random_moments_never_leaves_a_half_made_update() {
         } else {
             let _ = std::fs::remove_file(&cap);
         }
-        let mut d = Daemon::start(&t, &faulty(faults.path()));
+        let mut d = Daemon::start(&t, &Setup::faulty(faults.path()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writers: Vec<_> = (0..3)
             .map(|w| {
@@ -706,7 +671,7 @@ fn kill_9_at_random_moments_never_leaves_a_half_made_update() {
             assert!(labels.len() <= 2, "round {round}: {kid}: {labels:?}");
         }
         // The daemon starts and serves a state that one update (or none) made.
-        let d = Daemon::start(&t, &faulty(faults.path()));
+        let d = Daemon::start(&t, &Setup::faulty(faults.path()));
         let mut lost = Vec::new();
         for kid in &kids {
             let r = d.client().get(&format!("/v1/keys/{kid}"));
@@ -779,10 +744,9 @@ fn kill_9_at_random_moments_never_leaves_a_half_made_update() {
 /// drain timeout plus a short grace, with its stop recorded in the audit trail.
 #[test]
 fn a_wedged_token_does_not_block_shutdown() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     // Every label write hangs from now on.
     std::fs::write(faults.path().join("hang_C_SetAttributeValue"), "0").unwrap();
     let c = d.client();
@@ -818,8 +782,7 @@ fn a_wedged_token_does_not_block_shutdown() {
 /// recorded) while HSM calls hang.
 #[test]
 fn a_wedged_token_does_not_starve_the_audit_trail() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let faults = tempfile::tempdir().unwrap();
     let setup = Setup {
         fault_dir: Some(faults.path().to_path_buf()),
@@ -872,10 +835,9 @@ fn a_wedged_token_does_not_starve_the_audit_trail() {
 /// handled (a reload here) while it does.
 #[test]
 fn a_hung_token_probe_does_not_keep_the_daemon_from_its_signals() {
-    let t = Token::new();
-    t.gen("ec-p256", EC, "start", &[]);
+    let t = token_with(&[Key::ec(EC, "start")]);
     let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&t, &faulty(faults.path()));
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
     std::fs::write(faults.path().join("hang"), "").unwrap();
     // Long enough for a probe to be stuck in the hung token.
     std::thread::sleep(Duration::from_millis(2500));

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fixture::{token_with, AES_KEY};
 use common::{write_config, Daemon, Setup, Token, SOFTHSM, TOKEN_LABEL};
 
 /// How a daemon run that was expected to end, ended.
@@ -27,6 +28,16 @@ fn config_with(token: &Token, setup: &Setup, edit: impl FnOnce(String) -> String
     let text = fs::read_to_string(&path).unwrap();
     fs::write(&path, edit(text)).unwrap();
     path
+}
+
+/// The usual config for `token`, loading `module` instead of SoftHSM.
+fn with_module(token: &Token, module: &Path) -> PathBuf {
+    config_with(token, &Setup::default(), |c| {
+        c.replace(
+            &format!("module = \"{SOFTHSM}\""),
+            &format!("module = \"{}\"", module.display()),
+        )
+    })
 }
 
 /// The socket path `write_config` puts in the config.
@@ -91,25 +102,12 @@ fn refused(config: &Path) -> Outcome {
 
 /// Starts the daemon with `config` and waits until `sock` answers.
 fn start_with(config: &Path, sock: &Path, log_dir: &Path) -> Result<Daemon, String> {
-    let stderr = log_dir.join(format!(
-        "daemon-{}.log",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let child = daemon_command(&[], config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("spawn hsmkeyd");
-    let mut d = Daemon {
-        child,
-        sock: sock.to_path_buf(),
-        stderr,
-        https: None,
-    };
-    d.wait_ready().map(|()| d)
+    Daemon::spawn(
+        daemon_command(&[], config),
+        sock.to_path_buf(),
+        log_dir,
+        None,
+    )
 }
 
 #[track_caller]
@@ -141,12 +139,7 @@ fn write_pin(path: &Path, pin: &str, mode: u32) {
 fn a_missing_module_is_named_and_exits_1() {
     let t = Token::new();
     let module = t.path().join("no-such-dir/libnothere-pkcs11.so");
-    let config = config_with(&t, &Setup::default(), |c| {
-        c.replace(
-            &format!("module = \"{SOFTHSM}\""),
-            &format!("module = \"{}\"", module.display()),
-        )
-    });
+    let config = with_module(&t, &module);
     let o = refused(&config);
     assert_startup_failure(
         &o,
@@ -164,12 +157,7 @@ fn a_file_that_is_no_pkcs11_module_is_named_and_exits_1() {
     let t = Token::new();
     let module = t.path().join("not-a-module.so");
     fs::write(&module, "this is not a shared library\n").unwrap();
-    let config = config_with(&t, &Setup::default(), |c| {
-        c.replace(
-            &format!("module = \"{SOFTHSM}\""),
-            &format!("module = \"{}\"", module.display()),
-        )
-    });
+    let config = with_module(&t, &module);
     let o = refused(&config);
     assert_startup_failure(
         &o,
@@ -205,14 +193,7 @@ fn a_token_directory_without_tokens_says_so() {
     let empty = t.path().join("empty-tokens");
     fs::create_dir(&empty).unwrap();
     let conf = t.path().join("softhsm2-empty.conf");
-    fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            empty.display()
-        ),
-    )
-    .unwrap();
+    common::write_softhsm_conf(&conf, &empty);
     let config = config_with(&t, &Setup::default(), |c| {
         c.replace(
             &format!("SOFTHSM2_CONF = \"{}\"", t.conf.display()),
@@ -473,11 +454,9 @@ fn a_socket_directory_writable_by_group_or_others_is_refused() {
 }
 
 #[test]
+#[cfg_attr(not(built_as_root), ignore = "needs root")]
 fn a_socket_directory_owned_by_another_user_is_refused() {
-    if common::uid() != 0 {
-        eprintln!("skipped: giving a directory to another uid needs root");
-        return;
-    }
+    common::require_root("giving a directory to another uid");
     let t = Token::new();
     let dir = t.path().join("run-other");
     fs::create_dir(&dir).unwrap();
@@ -506,8 +485,7 @@ fn a_missing_socket_directory_is_named() {
 
 #[test]
 fn a_second_daemon_on_a_live_socket_refuses_and_the_first_keeps_serving() {
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let first = Daemon::start(&t, &Setup::default());
     let sock = default_sock(&t);
     let ino = fs::metadata(&sock).unwrap().ino();
@@ -543,8 +521,7 @@ fn a_second_daemon_on_a_live_socket_refuses_and_the_first_keeps_serving() {
 
 #[test]
 fn a_stale_socket_is_replaced_and_served() {
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let sock = default_sock(&t);
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(

@@ -3,11 +3,12 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::fixture::{access, token_with, Principal, AES, AES_KEY, EC_KEY, MINTING_SCOPES};
+use common::notify::NotifySocket;
 use common::{Daemon, Setup, Token};
 
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
@@ -124,42 +125,18 @@ fn the_unit_never_rate_limits_the_audit_trail_and_sysusers_parses() {
     assert!(stderr.contains("Creating user 'hsmkeyd'"), "{stderr}");
 }
 
-fn receive_until(sock: &UnixDatagram, want: &str, got: &mut Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut buf = [0u8; 4096];
-    while !got.iter().any(|m| m.lines().any(|l| l == want)) {
-        assert!(Instant::now() < deadline, "no {want} in {got:?}");
-        if let Ok(n) = sock.recv(&mut buf) {
-            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-}
-
 #[test]
 fn notify_socket_gets_ready_with_status_then_stopping() {
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
-    t.gen("ec-p256", "ec01", "ec-key", &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let t = token_with(&[AES_KEY, EC_KEY]);
+    let notify = NotifySocket::bind(Duration::from_millis(100));
+    let ops = Principal::me("ops").scopes(&["keymgmt:list", "auth:token"]);
     let setup = Setup {
-        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
-        tls_port: Some(common::tls::free_port()),
-        access: r#"
-[[principals]]
-name = "ops"
-uids = [{uid}]
-scopes = ["keymgmt:list", "auth:token"]
-"#
-        .into(),
-        ..Setup::default()
+        env: vec![notify.env()],
+        ..Setup::with_access(access(&[], &[ops])).https()
     };
     let d = Daemon::start(&t, &setup);
     let mut got = Vec::new();
-    receive_until(&sock, "READY=1", &mut got);
+    notify.receive_until("READY=1", &mut got);
     let ready = got.iter().find(|m| m.contains("READY=1")).unwrap();
     // READY comes only once the token is open and the index built: the log says so.
     let log = d.log();
@@ -188,20 +165,7 @@ scopes = ["keymgmt:list", "auth:token"]
     );
 
     assert_eq!(d.stop(), 0);
-    receive_until(&sock, "STOPPING=1", &mut got);
-}
-
-/// Collects notification datagrams for `d`.
-fn collect(sock: &UnixDatagram, d: Duration) -> Vec<String> {
-    let end = Instant::now() + d;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < end {
-        if let Ok(n) = sock.recv(&mut buf) {
-            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-    got
+    notify.receive_until("STOPPING=1", &mut got);
 }
 
 fn feeds(msgs: &[String]) -> usize {
@@ -212,28 +176,22 @@ fn feeds(msgs: &[String]) -> usize {
 
 #[test]
 fn the_watchdog_is_fed_at_half_the_interval_and_stops_when_the_hsm_hangs() {
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let faults = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
+    let notify = NotifySocket::bind(Duration::from_millis(50));
     let setup = Setup {
-        fault_dir: Some(faults.path().to_path_buf()),
         env: vec![
-            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            notify.env(),
             // 400 ms: a feed every 200 ms.
             ("WATCHDOG_USEC".into(), "400000".into()),
         ],
-        ..Setup::default()
+        ..Setup::faulty(faults.path())
     };
     let d = Daemon::start(&t, &setup);
     let mut got = Vec::new();
-    receive_until(&sock, "READY=1", &mut got);
+    notify.receive_until("READY=1", &mut got);
 
-    let healthy = feeds(&collect(&sock, Duration::from_secs(2)));
+    let healthy = feeds(&notify.collect(Duration::from_secs(2)));
     assert!(
         (6..=14).contains(&healthy),
         "{healthy} feeds in 2 s at a 200 ms cadence"
@@ -241,13 +199,13 @@ fn the_watchdog_is_fed_at_half_the_interval_and_stops_when_the_hsm_hangs() {
 
     // A wedged HSM: every C_GetSessionInfo blocks. Feeding stops.
     std::fs::write(faults.path().join("hang"), "").unwrap();
-    let _ = collect(&sock, Duration::from_millis(600));
-    let hung = feeds(&collect(&sock, Duration::from_secs(2)));
+    let _ = notify.collect(Duration::from_millis(600));
+    let hung = feeds(&notify.collect(Duration::from_secs(2)));
     assert_eq!(hung, 0, "fed the watchdog while the HSM hung");
 
     // The HSM answers again: feeding resumes.
     std::fs::remove_file(faults.path().join("hang")).unwrap();
-    let back = feeds(&collect(&sock, Duration::from_secs(2)));
+    let back = feeds(&notify.collect(Duration::from_secs(2)));
     assert!(back >= 4, "{back} feeds after the HSM came back");
     assert_eq!(d.stop(), 0);
 }
@@ -255,17 +213,13 @@ fn the_watchdog_is_fed_at_half_the_interval_and_stops_when_the_hsm_hangs() {
 #[test]
 fn without_watchdog_usec_nothing_is_fed() {
     let t = Token::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
+    let notify = NotifySocket::bind(Duration::from_millis(50));
     let setup = Setup {
-        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        env: vec![notify.env()],
         ..Setup::default()
     };
     let d = Daemon::start(&t, &setup);
-    let msgs = collect(&sock, Duration::from_secs(1));
+    let msgs = notify.collect(Duration::from_secs(1));
     assert!(msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
     assert_eq!(feeds(&msgs), 0);
     assert_eq!(d.stop(), 0);
@@ -274,8 +228,7 @@ fn without_watchdog_usec_nothing_is_fed() {
 #[test]
 fn the_pin_comes_from_a_systemd_credential_and_never_reaches_environ_or_logs() {
     use std::os::unix::fs::PermissionsExt;
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
+    let t = token_with(&[AES_KEY]);
     let pin = std::fs::read_to_string(&t.pin_file)
         .unwrap()
         .trim()
@@ -303,7 +256,7 @@ fn the_pin_comes_from_a_systemd_credential_and_never_reaches_environ_or_logs() {
     let d = Daemon::start(&t, &setup);
     let c = d.client();
     assert_eq!(c.get("/v1/keys").status, 200);
-    let r = c.patch("a1a1", &serde_json::json!({"label": "via-credential"}));
+    let r = c.patch(AES, &serde_json::json!({"label": "via-credential"}));
     assert_eq!(r.status, 200);
     let environ = std::fs::read(format!("/proc/{}/environ", d.child.id())).unwrap();
     assert!(
@@ -331,19 +284,9 @@ fn the_pin_comes_from_a_systemd_credential_and_never_reaches_environ_or_logs() {
 #[test]
 fn socket_activation_serves_through_the_named_unix_and_tls_sockets() {
     use common::tls::{free_port, TlsClient};
-    let t = Token::new();
-    t.gen("aes256", "a1a1", "aes-key", &[]);
-    let access = r#"
-[[principals]]
-name = "activated"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-"#;
-    let setup = Setup {
-        access: access.into(),
-        tls_port: Some(free_port()),
-        ..Setup::default()
-    };
+    let t = token_with(&[AES_KEY]);
+    let activated = Principal::me("activated").scopes(&MINTING_SCOPES);
+    let setup = Setup::with_access(access(&[], &[activated])).https();
     // The config names its own socket path and port; systemd's sockets must win.
     let config = common::write_config(&t, &setup);
     let dir = tempfile::tempdir().unwrap();
@@ -390,9 +333,9 @@ scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
         &common::tls::tls_dir(t.path()).join("ca.pem"),
     );
     assert_eq!(https.get("/v1/keys", &tok).status, 200);
-    let r = https.patch("a1a1", &tok, &serde_json::json!({"label": "activated"}));
+    let r = https.patch(AES, &tok, &serde_json::json!({"label": "activated"}));
     assert_eq!(r.status, 200);
-    assert_eq!(t.labels_of("a1a1")[0].1, "activated");
+    assert_eq!(t.labels_of(AES)[0].1, "activated");
     // Nothing was bound from the config.
     assert!(!t.path().join("api.sock").exists());
     let configured = setup.tls_port.unwrap();

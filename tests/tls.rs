@@ -8,44 +8,39 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::tls::free_port;
+use common::fixture::{
+    access, pair, token_with, Principal, AES, AES_KEY, EC, EC_KEY, MINTING_SCOPES,
+};
 use common::{Daemon, Response, Setup, Token};
 use serde_json::{json, Value};
 
-const AES: &str = "a1a1";
-const EC: &str = "ec01";
-
 fn token() -> Token {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    t.gen("ec-p256", EC, "ec-key", &[]);
-    t
+    token_with(&[AES_KEY, EC_KEY])
 }
 
-/// uid 0 holds every scope, including minting.
-const MINTER: &str = r#"
-[keys]
-roles = ["ops"]
+/// The test's uid holds every scope, including minting.
+fn minter() -> String {
+    access(
+        &["ops"],
+        &[Principal::me("minter")
+            .scopes(&MINTING_SCOPES)
+            .roles(&["ops"])],
+    )
+}
 
-[[principals]]
-name = "minter"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-roles = ["ops"]
-"#;
+/// One principal, the test's uid, holding `scopes`.
+fn holding(name: &str, scopes: &[&str]) -> String {
+    access(&[], &[Principal::me(name).scopes(scopes)])
+}
 
-fn tls_setup(access: &str) -> Setup {
-    Setup {
-        access: access.to_string(),
-        tls_port: Some(free_port()),
-        ..Setup::default()
-    }
+fn tls_setup(access: String) -> Setup {
+    Setup::with_access(access).https()
 }
 
 #[test]
 fn every_endpoint_answers_over_https_with_a_minted_token() {
     let t = token();
-    let d = Daemon::start(&t, &tls_setup(MINTER));
+    let d = Daemon::start(&t, &tls_setup(minter()));
     let h = d.https();
     let tok = d.mint(&["keymgmt:list", "keymgmt:get", "keymgmt:upd"], 600);
 
@@ -57,13 +52,7 @@ fn every_endpoint_answers_over_https_with_a_minted_token() {
     assert_eq!(r.json()["curve"], "P-256");
     let r = h.patch(EC, &tok, &json!({"label": "over-tls"}));
     assert_eq!(r.status, 200, "{:?}", r.json());
-    assert_eq!(
-        t.labels_of(EC),
-        vec![
-            ("Private".to_string(), "over-tls".to_string()),
-            ("Public".to_string(), "over-tls".to_string())
-        ]
-    );
+    assert_eq!(t.labels_of(EC), pair("over-tls"));
     let r = h.send("GET", "/v1/auth/jwks", &[], b"");
     assert_eq!(r.status, 200, "the JWK set needs no token");
     assert_eq!(r.json()["keys"][0]["alg"], "ES256");
@@ -107,7 +96,7 @@ fn cleartext(addr: std::net::SocketAddr, request: &[u8]) -> (String, bool) {
 #[test]
 fn clear_text_http_on_the_tls_port_gets_418_and_is_closed() {
     let t = token();
-    let d = Daemon::start(&t, &tls_setup(MINTER));
+    let d = Daemon::start(&t, &tls_setup(minter()));
     let addr = d.https().addr;
     for (name, req, version) in [
         (
@@ -142,7 +131,7 @@ fn clear_text_http_on_the_tls_port_gets_418_and_is_closed() {
 #[test]
 fn bytes_that_are_neither_tls_nor_http_are_closed_within_the_handshake_timeout() {
     let t = token();
-    let d = Daemon::start(&t, &tls_setup(MINTER));
+    let d = Daemon::start(&t, &tls_setup(minter()));
     let addr = d.https().addr;
 
     let start = Instant::now();
@@ -178,12 +167,10 @@ fn bytes_that_are_neither_tls_nor_http_are_closed_within_the_handshake_timeout()
 #[test]
 fn minting_gives_only_held_scopes_capped_in_time_and_only_on_the_unix_socket() {
     let t = token();
-    let limited = r#"
-[[principals]]
-name = "limited"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:upd:a1a1", "auth:token"]
-"#;
+    let limited = holding(
+        "limited",
+        &["keymgmt:list", "keymgmt:upd:a1a1", "auth:token"],
+    );
     let d = Daemon::start(&t, &tls_setup(limited));
     let mint = |body: Value| {
         d.client().send(
@@ -236,17 +223,7 @@ scopes = ["keymgmt:list", "keymgmt:upd:a1a1", "auth:token"]
     // A principal without auth:token cannot mint at all.
     let d2 = {
         drop(d);
-        Daemon::start(
-            &t,
-            &tls_setup(
-                r#"
-[[principals]]
-name = "no-minting"
-uids = [{uid}]
-scopes = ["keymgmt:list"]
-"#,
-            ),
-        )
+        Daemon::start(&t, &tls_setup(holding("no-minting", &["keymgmt:list"])))
     };
     let r = d2.client().send(
         "POST",
@@ -263,7 +240,7 @@ fn the_jwks_verifies_minted_tokens_with_an_independent_library() {
     use jwt_simple::prelude::*;
 
     let t = token();
-    let d = Daemon::start(&t, &tls_setup(MINTER));
+    let d = Daemon::start(&t, &tls_setup(minter()));
     let tok = d.mint(&["keymgmt:get"], 300);
     let jwks = d.https().send("GET", "/v1/auth/jwks", &[], b"").json();
     let k = &jwks["keys"][0];
@@ -416,7 +393,7 @@ fn scope_by_endpoint_matrix_over_both_front_doors() {
     // TLS: one minter daemon, a token per row. The near-miss row cannot be minted
     // (minting refuses unknown scopes); tests/jwt.rs sends such tokens from an external
     // issuer.
-    let d = Daemon::start(&t, &tls_setup(MINTER));
+    let d = Daemon::start(&t, &tls_setup(minter()));
     let h = d.https();
     for (r, scopes) in rows.iter().enumerate() {
         let real: Vec<&str> = scopes
@@ -459,18 +436,9 @@ fn scope_by_endpoint_matrix_over_both_front_doors() {
 
     // Unix socket: the principal's scopes are the row (one daemon start per row).
     for (r, scopes) in rows.iter().enumerate() {
-        let access = format!(
-            "[[principals]]\nname = \"row{r}\"\nuids = [{{uid}}]\nscopes = {}\n",
-            serde_json::to_string(scopes).unwrap()
-        );
+        let access = holding(&format!("row{r}"), scopes);
         // Near misses are not valid scopes in a config: they are refused at startup.
-        let d = match Daemon::try_start(
-            &t,
-            &Setup {
-                access,
-                ..Setup::default()
-            },
-        ) {
+        let d = match Daemon::try_start(&t, &Setup::with_access(access)) {
             Ok(d) => d,
             Err(e) => {
                 assert!(r == 5 && e.contains("keymgmt:updx"), "row {r}: {e}");
@@ -504,7 +472,7 @@ fn a_token_verified_before_is_refused_once_it_expires() {
     let t = token();
     let setup = Setup {
         extra: "[tokens]\nleeway_s = 0\n".to_string(),
-        ..tls_setup(MINTER)
+        ..tls_setup(minter())
     };
     let d = Daemon::start(&t, &setup);
     let h = d.https();

@@ -8,10 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::fixture::{token_with, Key, AES};
 use common::{Daemon, Response, Setup, Token};
 use serde_json::json;
-
-const AES: &str = "a1a1";
 
 fn token_dir(t: &Token) -> std::path::PathBuf {
     std::fs::read_dir(t.path().join("tokens"))
@@ -48,8 +47,7 @@ fn until(d: &Daemon, want: u16, within: Duration) -> Response {
 
 #[test]
 fn a_token_that_goes_away_answers_503_never_404() {
-    let t = Token::new();
-    t.gen("aes256", AES, "before", &[]);
+    let t = token_with(&[Key::aes(AES, "before")]);
     let d = Daemon::start(&t, &Setup::default());
     Response::ok(&d.client().get(&format!("/v1/keys/{AES}")));
 

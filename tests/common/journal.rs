@@ -45,19 +45,13 @@ impl Journal {
             assert!(Instant::now() < deadline, "unshare never made a namespace");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let out = j
-            .command("sh")
-            .args([
+        let _ = super::run_ok(
+            j.command("sh").args([
                 "-c",
                 "set -e; for d in /run/systemd /run/log /var/log/journal; do \
                  mkdir -p $d; mount -t tmpfs tmpfs $d; done",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting the journal tmpfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            ]),
+            "mounting the journal tmpfs",
         );
         j
     }

@@ -16,15 +16,11 @@ use super::{parse_response, Response};
 
 /// Makes ca.pem, cert.pem and key.pem in `dir`.
 pub fn make_certs(dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hsmkeyd-devcert"))
-        .arg("--out")
-        .arg(dir)
-        .output()
-        .expect("run hsmkeyd-devcert");
-    assert!(
-        out.status.success(),
-        "hsmkeyd-devcert: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let _ = super::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_hsmkeyd-devcert"))
+            .arg("--out")
+            .arg(dir),
+        "hsmkeyd-devcert",
     );
 }
 

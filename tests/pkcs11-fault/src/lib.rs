@@ -27,10 +27,10 @@ use std::thread;
 use std::time::Duration;
 
 use cryptoki_sys::{
-    CKA_LABEL, CKR_ARGUMENTS_BAD, CKR_ATTRIBUTE_VALUE_INVALID, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, CKR_OK, CKR_SESSION_HANDLE_INVALID,
-    CK_ATTRIBUTE_PTR, CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_OBJECT_HANDLE,
-    CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR, CK_ULONG, CK_USER_TYPE,
-    CK_UTF8CHAR_PTR, CK_VERSION,
+    CKA_LABEL, CKR_ARGUMENTS_BAD, CKR_ATTRIBUTE_VALUE_INVALID, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR,
+    CKR_OK, CKR_SESSION_HANDLE_INVALID, CK_ATTRIBUTE_PTR, CK_FUNCTION_LIST,
+    CK_FUNCTION_LIST_PTR_PTR, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE,
+    CK_SESSION_INFO_PTR, CK_ULONG, CK_USER_TYPE, CK_UTF8CHAR_PTR, CK_VERSION,
 };
 
 /// Environment variable: absolute path of the real PKCS#11 module to wrap.
@@ -204,7 +204,9 @@ impl Wrapper {
                 match text.trim().parse() {
                     Ok(n) => n,
                     Err(_) => {
-                        warn(&format!("{name} does not hold a decimal integer; ignoring it"));
+                        warn(&format!(
+                            "{name} does not hold a decimal integer; ignoring it"
+                        ));
                         return;
                     }
                 }
@@ -237,7 +239,9 @@ impl Wrapper {
             return false;
         };
         let Ok(max) = text.trim().parse::<CK_ULONG>() else {
-            warn(&format!("{FILE_MAX_LABEL_LEN} does not hold a decimal integer; ignoring it"));
+            warn(&format!(
+                "{FILE_MAX_LABEL_LEN} does not hold a decimal integer; ignoring it"
+            ));
             return false;
         };
         if template.is_null() {
@@ -343,6 +347,18 @@ fn guarded(f: impl FnOnce(&Wrapper) -> CK_RV) -> CK_RV {
     .unwrap_or(CKR_GENERAL_ERROR)
 }
 
+/// The tail every wrapper shares: calls the real module's `$f` with the arguments unchanged,
+/// or answers CKR_GENERAL_ERROR (from the enclosing closure) when the module lacks it.
+macro_rules! forward {
+    ($w:ident . $f:ident ( $($arg:expr),* )) => {{
+        let Some(real) = $w.real.$f else {
+            return CKR_GENERAL_ERROR;
+        };
+        // SAFETY: arguments forwarded unchanged to the real module.
+        unsafe { real($($arg),*) }
+    }};
+}
+
 /// Wrapper for `C_Login`: counted; fails on demand via `fail_login_with`.
 unsafe extern "C" fn wrap_login(
     session: CK_SESSION_HANDLE,
@@ -355,12 +371,7 @@ unsafe extern "C" fn wrap_login(
         if let Some(rv) = w.forced_login_failure() {
             return rv;
         }
-        let Some(real) = w.real.C_Login else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: the caller's arguments go unchanged to the real module's
-        // C_Login, under the same contract the caller already had to meet.
-        unsafe { real(session, user_type, pin, pin_len) }
+        forward!(w.C_Login(session, user_type, pin, pin_len))
     })
 }
 
@@ -372,11 +383,7 @@ unsafe extern "C" fn wrap_get_session_info(
     guarded(|w| {
         w.count(Counted::GetSessionInfo);
         w.wait_while_hung();
-        let Some(real) = w.real.C_GetSessionInfo else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: arguments forwarded unchanged to the real module.
-        unsafe { real(session, info) }
+        forward!(w.C_GetSessionInfo(session, info))
     })
 }
 
@@ -398,11 +405,7 @@ unsafe extern "C" fn wrap_create_object(
         if w.create_must_fail() {
             return CKR_DEVICE_ERROR;
         }
-        let Some(real) = w.real.C_CreateObject else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: arguments forwarded unchanged to the real module.
-        unsafe { real(session, template, count, object) }
+        forward!(w.C_CreateObject(session, template, count, object))
     })
 }
 
@@ -419,11 +422,7 @@ unsafe extern "C" fn wrap_get_attribute_value(
         if let Some(rv) = w.drop_session_once(session) {
             return rv;
         }
-        let Some(real) = w.real.C_GetAttributeValue else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: arguments forwarded unchanged to the real module.
-        unsafe { real(session, object, template, count) }
+        forward!(w.C_GetAttributeValue(session, object, template, count))
     })
 }
 
@@ -449,11 +448,7 @@ unsafe extern "C" fn wrap_set_attribute_value(
         if w.setattr_must_fail() {
             return CKR_DEVICE_ERROR;
         }
-        let Some(real) = w.real.C_SetAttributeValue else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: arguments forwarded unchanged to the real module.
-        unsafe { real(session, object, template, count) }
+        forward!(w.C_SetAttributeValue(session, object, template, count))
     })
 }
 
@@ -465,11 +460,7 @@ unsafe extern "C" fn wrap_destroy_object(
     guarded(|w| {
         w.count(Counted::DestroyObject);
         w.hold("C_DestroyObject");
-        let Some(real) = w.real.C_DestroyObject else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: arguments forwarded unchanged to the real module.
-        unsafe { real(session, object) }
+        forward!(w.C_DestroyObject(session, object))
     })
 }
 
@@ -482,11 +473,7 @@ unsafe extern "C" fn wrap_find_objects_init(
     guarded(|w| {
         w.count(Counted::FindObjectsInit);
         w.wait_while_hung();
-        let Some(real) = w.real.C_FindObjectsInit else {
-            return CKR_GENERAL_ERROR;
-        };
-        // SAFETY: arguments forwarded unchanged to the real module.
-        unsafe { real(session, template, count) }
+        forward!(w.C_FindObjectsInit(session, template, count))
     })
 }
 
