@@ -8,19 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Setup, Token};
+use common::fixture::{minting_access, token_with, AES_KEY};
+use common::{Daemon, Setup};
 use hsmkeyd::api::routes;
 use serde_json::Value;
-
-const AES: &str = "a1a1";
-
-/// The test's uid may do everything, minting tokens included.
-const ACCESS: &str = r#"
-[[principals]]
-name = "tester"
-uids = [{uid}]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
-"#;
 
 /// A request for one route: concrete path, a valid body and an invalid one.
 struct Example {
@@ -63,15 +54,9 @@ fn entries_of(d: &Daemon, rid: &str) -> Vec<Value> {
 
 #[test]
 fn every_changing_route_leaves_exactly_one_result_entry_per_answer() {
-    let t = Token::new();
-    t.gen("aes256", AES, "aes-key", &[]);
-    let d = Daemon::start(
-        &t,
-        &Setup {
-            access: ACCESS.to_string(),
-            ..Setup::default()
-        },
-    );
+    // The test's uid may do everything, minting tokens included.
+    let t = token_with(&[AES_KEY]);
+    let d = Daemon::start(&t, &Setup::with_access(minting_access()));
     let c = d.client();
     let changing: Vec<_> = routes().into_iter().filter(|r| r.method != "GET").collect();
     assert!(changing.len() >= 3, "{changing:?}");
