@@ -11,9 +11,12 @@ use serde_json::Value;
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     let tty = std::io::stdout().is_terminal();
+    // Wrap to the terminal's width only when it has a real one (a pseudo-terminal may
+    // report 0 columns).
+    let wide = tty && t.width().is_some_and(|w| w >= 40);
     let _ = t
         .load_preset(if tty { UTF8_HORIZONTAL_ONLY } else { NOTHING })
-        .set_content_arrangement(if tty {
+        .set_content_arrangement(if wide {
             ContentArrangement::Dynamic
         } else {
             ContentArrangement::Disabled

@@ -1,0 +1,351 @@
+//! `hsmkeyctl`, the real binary, against a real daemon on a real token: every command, the
+//! table and `--json` shapes, and every exit code (0 ok, 1 refused, 2 usage, 3 unavailable,
+//! 4 precondition failed). One test drives it in a pseudo-terminal (`script`) for the table.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::fixture::{minting_access, token_with, AES, AES_KEY, EC, EC_KEY};
+use common::journal::Journal;
+use common::{tls, Daemon, Setup};
+use serde_json::Value;
+
+const CTL: &str = env!("CARGO_BIN_EXE_hsmkeyctl");
+
+fn ctl(d: &Daemon, args: &[&str]) -> Output {
+    ctl_at(&d.sock, args)
+}
+
+fn ctl_at(sock: &Path, args: &[&str]) -> Output {
+    Command::new(CTL)
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .env_remove("HSMKEYD_TOKEN")
+        .output()
+        .expect("run hsmkeyctl")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    assert_eq!(code(o), 0, "stdout {} stderr {}", stdout(o), stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+fn daemon() -> (common::Token, Daemon) {
+    let t = token_with(&[AES_KEY, EC_KEY]);
+    let d = Daemon::start(&t, &Setup::with_access(minting_access()).https());
+    (t, d)
+}
+
+#[test]
+fn list_get_update_and_status_over_the_unix_socket() {
+    let (t, d) = daemon();
+
+    // list: a table with a header and one row per key; --json one document.
+    let o = ctl(&d, &["list"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.lines().next().unwrap().contains("KID"), "{text}");
+    assert!(
+        text.contains("aes-key") && text.contains("ec-key"),
+        "{text}"
+    );
+    let all = json(&ctl(&d, &["--json", "list"]));
+    assert_eq!(all["total"], 2);
+    assert_eq!(all["keys"].as_array().unwrap().len(), 2);
+
+    // Paging: one key per page, every page with --all; without it, one page and a hint.
+    let paged = json(&ctl(&d, &["--json", "list", "--limit", "1", "--all"]));
+    let kids: Vec<&str> = paged["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, [AES, EC]);
+    let one = ctl(&d, &["list", "--limit", "1"]);
+    assert_eq!(code(&one), 0);
+    assert!(stderr(&one).contains("--all"), "{}", stderr(&one));
+    let filtered = json(&ctl(&d, &["--json", "list", "--label-prefix", "ec-"]));
+    assert_eq!(filtered["keys"][0]["kid"], EC);
+    assert_eq!(filtered["keys"].as_array().unwrap().len(), 1);
+
+    // get
+    let key = json(&ctl(&d, &["--json", "get", EC]));
+    assert_eq!(key["label"], "ec-key");
+    assert!(stdout(&ctl(&d, &["get", EC])).contains("ec-key"));
+
+    // update: the token changes (read back with pkcs11-tool), the answer names the change.
+    let up = json(&ctl(
+        &d,
+        &[
+            "--json",
+            "update",
+            EC,
+            "--label",
+            "ec-renamed",
+            "--description",
+            "from the cli",
+        ],
+    ));
+    assert_eq!(up["key"]["label"], "ec-renamed");
+    assert_eq!(up["key"]["description"], "from the cli");
+    assert!(
+        up["audit_id"].as_str().is_some_and(|a| a.len() == 32),
+        "{up}"
+    );
+    assert!(t
+        .labels_of(EC)
+        .iter()
+        .all(|(_, label)| label == "ec-renamed"));
+    let cleared = json(&ctl(&d, &["--json", "update", EC, "--clear-description"]));
+    assert_eq!(cleared["key"]["description"], Value::Null);
+
+    // --if-match: the current etag passes, a stale one is exit 4 and changes nothing.
+    let etag = json(&ctl(&d, &["--json", "get", AES]))["etag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = ctl(
+        &d,
+        &["update", AES, "--label", "first", "--if-match", &etag],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = ctl(
+        &d,
+        &["update", AES, "--label", "second", "--if-match", &etag],
+    );
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("412"), "{}", stderr(&o));
+    assert_eq!(json(&ctl(&d, &["--json", "get", AES]))["label"], "first");
+
+    // A refusal is exit 1, with the daemon's message and field on stderr.
+    let o = ctl(&d, &["update", AES, "--label", &"x".repeat(65)]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("(field: label)"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("64 bytes"), "{}", stderr(&o));
+    let o = ctl(&d, &["get", "00ff"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("404 key_not_found"), "{}", stderr(&o));
+
+    // status
+    let st = json(&ctl(&d, &["--json", "status"]));
+    assert_eq!(st["keys"], 2);
+    assert_eq!(st["state"], "serving");
+    assert!(stdout(&ctl(&d, &["status"])).contains("serving"));
+}
+
+#[test]
+fn usage_errors_are_exit_2_and_a_missing_daemon_is_exit_3() {
+    let (_t, d) = daemon();
+    for args in [
+        &["list", "--no-such-flag"][..],
+        &["update", AES],
+        &["update", AES, "--roles", "ops", "--clear-roles"],
+        &["--url", "http://localhost:1", "list"],
+        &["--url", "https://localhost:1", "list"],
+    ] {
+        let o = ctl(&d, args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).is_empty(), "{args:?}");
+    }
+    let o = ctl_at(Path::new("/nonexistent/api.sock"), &["list"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot connect"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_minted_token_drives_the_https_front_door() {
+    let (t, d) = daemon();
+    let port = d.https.as_ref().unwrap().addr.port();
+    let url = format!("https://localhost:{port}");
+    let ca = tls::tls_dir(t.path()).join("ca.pem");
+    let ca = ca.to_str().unwrap();
+
+    // -q prints the token alone, for $(...).
+    let o = ctl(
+        &d,
+        &[
+            "token",
+            "--scope",
+            "keymgmt:list",
+            "--scope",
+            "keymgmt:get",
+            "-q",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let token = stdout(&o).trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let file = t.path().join("token");
+    std::fs::write(&file, &token).unwrap();
+    let file = file.to_str().unwrap();
+
+    let listed = json(&ctl(
+        &d,
+        &[
+            "--json",
+            "--url",
+            &url,
+            "--cacert",
+            ca,
+            "--token-file",
+            file,
+            "list",
+        ],
+    ));
+    assert_eq!(listed["total"], 2);
+    // The token from the environment works too; the token never needs an argument.
+    let o = Command::new(CTL)
+        .args(["--json", "--url", &url, "--cacert", ca, "get", EC])
+        .env("HSMKEYD_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert_eq!(json(&o)["kid"], EC);
+    // Its scopes are the token's: no update over it (403 is exit 1).
+    let o = ctl(
+        &d,
+        &[
+            "--url",
+            &url,
+            "--cacert",
+            ca,
+            "--token-file",
+            file,
+            "update",
+            EC,
+            "--label",
+            "x",
+        ],
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("403 missing_scope"), "{}", stderr(&o));
+    // Without the CA the certificate is not trusted: unavailable, exit 3.
+    let o = ctl(&d, &["--url", &url, "--token-file", file, "list"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    // Without a token: usage.
+    let o = ctl(&d, &["--url", &url, "--cacert", ca, "list"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // Minting is for the Unix socket only: refused over TLS.
+    let o = ctl(
+        &d,
+        &[
+            "--url",
+            &url,
+            "--cacert",
+            ca,
+            "--token-file",
+            file,
+            "token",
+            "--scope",
+            "keymgmt:list",
+        ],
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    // The --json answer of a mint carries the token and its scopes.
+    let minted = json(&ctl(
+        &d,
+        &["--json", "token", "--scope", "keymgmt:list", "--ttl", "60"],
+    ));
+    assert_eq!(minted["scopes"], serde_json::json!(["keymgmt:list"]));
+}
+
+#[test]
+fn audit_reads_the_journal_and_a_refused_audit_trail_is_exit_3() {
+    let mut j = Journal::start();
+    let t = token_with(&[AES_KEY]);
+    let d = Daemon::start(
+        &t,
+        &Setup {
+            audit: "sink = \"journald\"\n".to_string(),
+            namespace: Some(j.pid()),
+            ..Setup::with_access(minting_access())
+        },
+    );
+    let up = json(&ctl(
+        &d,
+        &["--json", "update", AES, "--label", "journalled"],
+    ));
+    let rid = up["audit_id"].as_str().unwrap().to_string();
+    let _ = j.wait_for("the update's result", |e| {
+        e.iter()
+            .any(|x| x["HSMKEYD_REQUEST_ID"] == rid.as_str() && x["HSMKEYD_RESULT"] == "OK")
+    });
+    let run = |args: &[&str]| {
+        j.command(CTL)
+            .args(args)
+            .output()
+            .expect("hsmkeyctl in the journal's namespace")
+    };
+    let entries = json(&run(&["--json", "audit", "--kid", AES]));
+    let events: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["KEY_ATTRIBUTES_CHANGE_INTENT", "KEY_ATTRIBUTES_CHANGED"],
+        "{entries:#}"
+    );
+    assert_eq!(entries[1]["result"], "OK");
+    assert_eq!(entries[1]["changes"]["label"]["after"], "journalled");
+    let by_request = json(&run(&["--json", "audit", "--request-id", &rid]));
+    assert_eq!(by_request.as_array().unwrap().len(), 2);
+    let by_event = json(&run(&["--json", "audit", "--event", "daemon_started"]));
+    assert_eq!(by_event.as_array().unwrap().len(), 1, "{by_event:#}");
+    let table = run(&["audit", "--kid", AES]);
+    assert_eq!(code(&table), 0);
+    assert!(
+        stdout(&table).contains("KEY_ATTRIBUTES_CHANGED"),
+        "{}",
+        stdout(&table)
+    );
+    let o = run(&["audit", "--since", "not a time"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+
+    // With journald gone the daemon refuses the update (503): exit 3.
+    j.stop_journald();
+    let o = ctl(&d, &["update", AES, "--label", "unrecorded"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("audit_unavailable"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_terminal_gets_a_drawn_table_and_completions_and_man_page_are_generated() {
+    let (_t, d) = daemon();
+    // `script` runs the command with a pseudo-terminal as its stdout.
+    let cmd = format!("{CTL} --socket {} list", d.sock.display());
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script (util-linux)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tty = stdout(&o);
+    assert!(tty.contains('─'), "no rule lines on a terminal: {tty}");
+    assert!(tty.contains("aes-key"), "{tty}");
+    let piped = stdout(&ctl(&d, &["list"]));
+    assert!(!piped.contains('─'), "rule lines in piped output: {piped}");
+
+    let bash = ctl(&d, &["completions", "bash"]);
+    assert_eq!(code(&bash), 0);
+    assert!(stdout(&bash).contains("_hsmkeyctl()"), "{}", stdout(&bash));
+    let man = ctl(&d, &["man"]);
+    assert_eq!(code(&man), 0);
+    assert!(stdout(&man).starts_with(".ie") || stdout(&man).contains(".TH hsmkeyctl"));
+}
