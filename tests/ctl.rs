@@ -195,19 +195,13 @@ fn a_minted_token_drives_the_https_front_door() {
     std::fs::write(&file, &token).unwrap();
     let file = file.to_str().unwrap();
 
-    let listed = json(&ctl(
-        &d,
-        &[
-            "--json",
-            "--url",
-            &url,
-            "--cacert",
-            ca,
-            "--token-file",
-            file,
-            "list",
-        ],
-    ));
+    // Over HTTPS with the CA and the token file.
+    let https = |args: &[&str]| {
+        let mut all = vec!["--url", url.as_str(), "--cacert", ca, "--token-file", file];
+        all.extend_from_slice(args);
+        ctl(&d, &all)
+    };
+    let listed = json(&https(&["--json", "list"]));
     assert_eq!(listed["total"], 2);
     // The token from the environment works too; the token never needs an argument.
     let o = Command::new(CTL)
@@ -217,45 +211,18 @@ fn a_minted_token_drives_the_https_front_door() {
         .unwrap();
     assert_eq!(json(&o)["kid"], EC);
     // Its scopes are the token's: no update over it (403 is exit 1).
-    let o = ctl(
-        &d,
-        &[
-            "--url",
-            &url,
-            "--cacert",
-            ca,
-            "--token-file",
-            file,
-            "update",
-            EC,
-            "--label",
-            "x",
-        ],
-    );
+    let o = https(&["update", EC, "--label", "x"]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("403 missing_scope"), "{}", stderr(&o));
+    // Minting is for the Unix socket only: refused over TLS.
+    let o = https(&["token", "--scope", "keymgmt:list"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
     // Without the CA the certificate is not trusted: unavailable, exit 3.
     let o = ctl(&d, &["--url", &url, "--token-file", file, "list"]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     // Without a token: usage.
     let o = ctl(&d, &["--url", &url, "--cacert", ca, "list"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
-    // Minting is for the Unix socket only: refused over TLS.
-    let o = ctl(
-        &d,
-        &[
-            "--url",
-            &url,
-            "--cacert",
-            ca,
-            "--token-file",
-            file,
-            "token",
-            "--scope",
-            "keymgmt:list",
-        ],
-    );
-    assert_eq!(code(&o), 1, "{}", stderr(&o));
     // The --json answer of a mint carries the token and its scopes.
     let minted = json(&ctl(
         &d,

@@ -119,21 +119,25 @@ impl KeyStore {
         max_backlog: usize,
         sessions: usize,
     ) -> Result<KeyStore, HsmError> {
-        let generation = hsm.login_generation();
-        let shared = Arc::new(Shared {
-            label_limit: AtomicUsize::new(usize::MAX),
-        });
-        let chores = worker::Chores::new(max_backlog);
-        let unreadable = Arc::new(AtomicUsize::new(0));
-        let mut signing = (Vec::new(), Vec::new());
-        let index = scan_index(
-            &hsm,
-            &shared,
-            &chores,
+        let scanner = Scanner {
+            hsm,
+            shared: Arc::new(Shared {
+                label_limit: AtomicUsize::new(usize::MAX),
+            }),
+            chores: worker::Chores::new(max_backlog),
+            unreadable: Arc::new(AtomicUsize::new(0)),
+        };
+        let Scan {
             generation,
-            &unreadable,
-            &mut signing,
-        )?;
+            index,
+            signing,
+        } = scanner.scan()?;
+        let Scanner {
+            hsm,
+            shared,
+            chores,
+            unreadable,
+        } = scanner;
         let probe = signing.0.first().copied();
         Ok(KeyStore {
             generation: generation.into(),
@@ -314,27 +318,21 @@ impl KeyStore {
     /// Rebuilds the index from one scan, with no update running.
     async fn rescan(&self, why: &str) -> Result<(), KeyError> {
         let _exclusive = self.gate.write().await;
-        let hsm = self.hsm.clone();
-        let shared = self.shared.clone();
-        let chores = self.chores.clone();
-        let unreadable = self.unreadable.clone();
-        let (generation, fresh, signing) = self
-            .on_token(move || {
-                let generation = hsm.login_generation();
-                let mut signing = (Vec::new(), Vec::new());
-                scan_index(
-                    &hsm,
-                    &shared,
-                    &chores,
-                    generation,
-                    &unreadable,
-                    &mut signing,
-                )
-                .map(|index| (generation, index, signing.0.first().copied()))
-            })
+        let scanner = Scanner {
+            hsm: self.hsm.clone(),
+            shared: self.shared.clone(),
+            chores: self.chores.clone(),
+            unreadable: self.unreadable.clone(),
+        };
+        let Scan {
+            generation,
+            index: fresh,
+            signing,
+        } = self
+            .on_token(move || scanner.scan())
             .await?
             .map_err(KeyError::Unavailable)?;
-        self.judge_scan(signing)?;
+        self.judge_scan(signing.0.first().copied())?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *sync::write(&self.index) = fresh;
         self.generation
@@ -466,14 +464,47 @@ fn hsm_error(kid: &Kid, e: HsmError) -> KeyError {
 
 /// One full scan: group objects into keys, finish interrupted label changes, and hand
 /// superseded and v1 records to the worker.
-fn scan_index(
-    hsm: &Hsm,
-    shared: &Shared,
-    chores: &worker::Chores,
+/// What a scan reads the token with.
+struct Scanner {
+    hsm: Hsm,
+    shared: Arc<Shared>,
+    chores: worker::Chores,
+    unreadable: Arc<AtomicUsize>,
+}
+
+/// What one scan found.
+struct Scan {
+    /// The login generation the handles belong to.
     generation: u64,
-    unreadable: &AtomicUsize,
+    index: BTreeMap<Kid, Arc<Entry>>,
+    /// The token-signing pair's objects (private, public).
+    signing: (Vec<ObjectRef>, Vec<ObjectRef>),
+}
+
+impl Scanner {
+    fn scan(&self) -> Result<Scan, HsmError> {
+        let generation = self.hsm.login_generation();
+        let mut signing = (Vec::new(), Vec::new());
+        let index = scan_index(self, generation, &mut signing)?;
+        Ok(Scan {
+            generation,
+            index,
+            signing,
+        })
+    }
+}
+
+fn scan_index(
+    scanner: &Scanner,
+    generation: u64,
     signing: &mut (Vec<ObjectRef>, Vec<ObjectRef>),
 ) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
+    let Scanner {
+        hsm,
+        shared,
+        chores,
+        unreadable,
+    } = scanner;
     let scanned = hsm.scan(&[meta::APPLICATION, meta::APPLICATION_V1])?;
     for o in &scanned.objects {
         if o.label == SIGNING_KEY_LABEL.as_bytes() && o.algorithm == Some(Algorithm::Ec) {
