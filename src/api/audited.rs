@@ -100,7 +100,13 @@ pub struct Reply(Value);
 
 /// A 200 answer with this JSON body.
 pub fn reply(body: Value) -> Response {
+    reply_with(axum::http::StatusCode::OK, body)
+}
+
+/// An answer with this status and JSON body.
+pub fn reply_with(status: axum::http::StatusCode, body: Value) -> Response {
     let mut r = Response::new(Body::empty());
+    *r.status_mut() = status;
     let _ = r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -117,11 +123,13 @@ struct Record<'a> {
     token_id: Option<&'a str>,
     changes: Option<Value>,
     error: Option<&'a ApiError>,
+    /// The status of the answer when it is a success.
+    success: u16,
 }
 
 /// The one builder of result entries.
 fn result_entry(event: Event, r: Record<'_>) -> Entry {
-    let status = r.error.map_or(200, ApiError::status);
+    let status = r.error.map_or(r.success, ApiError::status);
     let code = r.error.map(ApiError::code);
     let reason = r.error.map_or("", ApiError::message);
     let request = &r.request.request;
@@ -143,6 +151,18 @@ fn result_entry(event: Event, r: Record<'_>) -> Entry {
         }
         (Event::TokenIssued, o) => format!(
             "token request by {who} refused ({status} {}): {reason}: {}",
+            code.unwrap_or("error"),
+            o.name()
+        ),
+        (Event::KeyCreated, Outcome::Ok) => format!("key {key}: created by {who}: OK"),
+        (Event::KeyDeleted, Outcome::Ok) => format!("key {key}: deleted by {who}: OK"),
+        (Event::KeyCreated | Event::KeyDeleted, o) => format!(
+            "key {key}: {} by {who} refused ({status} {}): {reason}: {}",
+            if event == Event::KeyCreated {
+                "create"
+            } else {
+                "delete"
+            },
             code.unwrap_or("error"),
             o.name()
         ),
@@ -186,6 +206,15 @@ pub fn changes_json(changes: &[FieldChange]) -> Value {
             })
             .collect(),
     )
+}
+
+/// The status a change recorded as `event` answers when it succeeds.
+fn success_status(event: Event) -> u16 {
+    match event {
+        Event::KeyCreated => 201,
+        Event::KeyDeleted => 204,
+        _ => 200,
+    }
 }
 
 /// The audit side of one update, carried into the task the update runs in: its intent
@@ -237,6 +266,7 @@ impl UpdateAudit {
                 token_id: None,
                 changes,
                 error,
+                success: success_status(self.event),
             },
         )
     }
@@ -254,14 +284,19 @@ impl UpdateAudit {
         move |changes| {
             let changes = changes_json(changes);
             let who = caller(Some(&this.caller.principal), this.request.peer.as_deref());
+            let what = match this.event {
+                Event::KeyCreated => "create".to_string(),
+                Event::KeyDeleted => "delete".to_string(),
+                _ => format!("change {}", describe_changes(&changes)),
+            };
+            let intent = this
+                .event
+                .intent()
+                .unwrap_or(Event::KeyAttributesChangeIntent);
             let mut e = Entry::new(
-                Event::KeyAttributesChangeIntent,
+                intent,
                 Outcome::Pending,
-                format!(
-                    "key {}: about to change {} for {who}",
-                    this.kid,
-                    describe_changes(&changes)
-                ),
+                format!("key {}: about to {what} for {who}", this.kid),
             );
             e.kid = Some(this.kid.clone());
             e.principal = Some(this.caller.principal.clone());
@@ -376,6 +411,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
                     token_id: learned.token_id.as_deref(),
                     changes: None,
                     error: error.as_ref(),
+                    success: resp.status().as_u16(),
                 },
             );
             if let Err(e) = state.audit.write_async(entry).await {

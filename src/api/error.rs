@@ -168,6 +168,25 @@ impl ApiError {
         )
     }
 
+    /// 403: `keys.allow_delete` is false.
+    pub fn delete_disabled() -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "delete_disabled",
+            "deleting keys through the API is turned off on this host (keys.allow_delete)",
+        )
+    }
+
+    /// 406: the key has no public half to show (a secret key, or a private key stored
+    /// without its public part).
+    pub fn no_public_key(kid: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "no_public_key",
+            format!("key {kid} has no public key to show"),
+        )
+    }
+
     /// 411: the Encedo endpoints, like the appliance, want a Content-Length.
     pub fn length_required() -> ApiError {
         ApiError::new(
@@ -279,6 +298,10 @@ impl From<KeyError> for ApiError {
             }
             KeyError::NotModifiable(_) => {
                 ApiError::new(StatusCode::NOT_ACCEPTABLE, "key_not_modifiable", message)
+            }
+            KeyError::KidTaken(_) => ApiError::new(StatusCode::CONFLICT, "kid_taken", message),
+            KeyError::NotDestroyable(_) => {
+                ApiError::new(StatusCode::NOT_ACCEPTABLE, "key_not_destroyable", message)
             }
             KeyError::HsmRefused { .. } => {
                 ApiError::new(StatusCode::NOT_ACCEPTABLE, "hsm_refused", message)

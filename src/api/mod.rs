@@ -20,6 +20,7 @@ pub mod body;
 pub mod deadline;
 pub mod encedo;
 pub mod error;
+mod lifecycle;
 mod tokens;
 
 use std::sync::{Arc, RwLock};
@@ -39,7 +40,7 @@ use crate::auth::authenticate::{AuthError, Authenticator, BearerTokens, Credenti
 use crate::auth::jwt::TokenService;
 use crate::auth::{ConnectionSlot, Peer, Principal, Principals, TlsPeer};
 use crate::keys::model::{KeyView, Kid, RoleName};
-use crate::keys::{Actor, KeyError, KeyPatch, KeyStore, UpdateOutcome};
+use crate::keys::{Actor, FieldChange, KeyError, KeyPatch, KeyStore, UpdateOutcome};
 use crate::sync;
 use crate::values::Scope;
 use audited::{AuditFacts, Audited, Caller, RequestFacts, RouteEvent, UpdateAudit};
@@ -67,15 +68,23 @@ pub struct Live {
     principals: Principals,
     /// Bearer tokens on TLS: verification (and minting).
     bearer: BearerTokens,
+    /// `keys.allow_delete`.
+    allow_delete: bool,
 }
 
 impl Live {
-    /// The principals, the token service, and the role names of the configuration (roles
-    /// in tokens are limited to these).
-    pub fn new(principals: Principals, tokens: Arc<TokenService>, roles: Vec<RoleName>) -> Live {
+    /// The principals, the token service, the role names of the configuration (roles in
+    /// tokens are limited to these), and whether keys may be deleted.
+    pub fn new(
+        principals: Principals,
+        tokens: Arc<TokenService>,
+        roles: Vec<RoleName>,
+        allow_delete: bool,
+    ) -> Live {
         Live {
             principals,
             bearer: BearerTokens { tokens, roles },
+            allow_delete,
         }
     }
 
@@ -160,7 +169,22 @@ fn change<H: Handler<T, AppState>, T: 'static>(
 fn table() -> Vec<Route> {
     vec![
         read("/v1/keys", list_keys),
+        change(
+            MethodFilter::POST,
+            "POST",
+            "/v1/keys",
+            Event::KeyCreated,
+            lifecycle::create,
+        ),
         read("/v1/keys/{kid}", get_key),
+        change(
+            MethodFilter::DELETE,
+            "DELETE",
+            "/v1/keys/{kid}",
+            Event::KeyDeleted,
+            lifecycle::delete,
+        ),
+        read("/v1/keys/{kid}/public", lifecycle::public_key),
         change(
             MethodFilter::PATCH,
             "PATCH",
@@ -340,18 +364,29 @@ impl axum::extract::FromRequestParts<AppState> for UpdateRequest {
     }
 }
 
-/// The one way a handler updates a key. Once the request has passed its checks the update
+/// The audit hook a change runs before its first token write.
+type IntentHook = Box<dyn FnOnce(&[FieldChange]) -> Result<(), String> + Send>;
+/// The audit hook a change runs right after its token writes.
+type ResultHook = Box<dyn FnOnce(Result<&[FieldChange], &KeyError>) + Send>;
+
+/// The one way a handler changes keys. Once the request has passed its checks the change
 /// runs as its own task, not in the connection's future: token writes, rollback, the index
 /// refresh and the audit entries all happen even if the client disconnects, and the key's
-/// lock is held until the token work is over. `map` turns domain errors into the answer of
-/// the calling endpoint. The update records its own result entry, so `facts` says so.
-async fn update_key(
+/// lock is held until the token work is over. `op` is the domain call, given the store,
+/// the caller as an [`Actor`] and the two audit hooks; `map` turns domain errors into the
+/// answer of the calling endpoint. The change records its own result entry, so `facts`
+/// says so.
+async fn run_change<Op, Fut>(
     u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &Kid,
-    patch: KeyPatch,
     map: fn(KeyError) -> ApiError,
-) -> Result<UpdateOutcome, ApiError> {
+    op: Op,
+) -> Result<UpdateOutcome, ApiError>
+where
+    Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
+{
     let actor = Actor {
         roles: u.principal.roles.clone(),
     };
@@ -365,18 +400,37 @@ async fn update_key(
         kid.to_string(),
         u.event,
     );
-    let (keys, kid) = (u.state.keys.clone(), kid.clone());
+    let keys = u.state.keys.clone();
     facts.recorded = true;
     let task = u.state.tasks.spawn(async move {
-        let (intent, result) = (record.intent_hook(), record.result_hook(map));
-        let result = keys
-            .update(&kid, patch, &actor, intent, result)
-            .await
-            .map_err(map);
+        let intent: IntentHook = Box::new(record.intent_hook());
+        let result: ResultHook = Box::new(record.result_hook(map));
+        let result = op(keys, actor, intent, result).await.map_err(map);
         record.finish(result).await
     });
     task.await
         .map_err(|e| ApiError::internal(&format!("update task failed: {e}")))?
+}
+
+/// An update of one key's attributes through [`run_change`].
+async fn update_key(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    kid: &Kid,
+    patch: KeyPatch,
+    map: fn(KeyError) -> ApiError,
+) -> Result<UpdateOutcome, ApiError> {
+    let target = kid.clone();
+    run_change(
+        u,
+        facts,
+        kid,
+        map,
+        move |keys, actor, intent, result| async move {
+            keys.update(&target, patch, &actor, intent, result).await
+        },
+    )
+    .await
 }
 
 fn with_etag(view: &KeyView, mut r: Response) -> Response {

@@ -29,6 +29,14 @@ pub enum Event {
     KeyAttributesChanged,
     /// An update is about to write to the token: written before the first write.
     KeyAttributesChangeIntent,
+    /// A request to create a key was answered (OK, ERROR or FAILED).
+    KeyCreated,
+    /// A key is about to be generated: written before the first token write.
+    KeyCreateIntent,
+    /// A request to delete a key was answered (OK, ERROR or FAILED).
+    KeyDeleted,
+    /// A key is about to be destroyed: written before the first token write.
+    KeyDeleteIntent,
     /// A request to mint a bearer token was answered (OK, ERROR or FAILED).
     TokenIssued,
     /// A known caller lacked the scope or role an operation needs (403).
@@ -47,9 +55,13 @@ pub enum Event {
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 9] = [
+    pub const ALL: [Event; 13] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
+        Event::KeyCreated,
+        Event::KeyCreateIntent,
+        Event::KeyDeleted,
+        Event::KeyDeleteIntent,
         Event::TokenIssued,
         Event::FailedScopeCheck,
         Event::AuthFailed,
@@ -64,6 +76,10 @@ impl Event {
         match self {
             Event::KeyAttributesChanged => "KEY_ATTRIBUTES_CHANGED",
             Event::KeyAttributesChangeIntent => "KEY_ATTRIBUTES_CHANGE_INTENT",
+            Event::KeyCreated => "KEY_CREATED",
+            Event::KeyCreateIntent => "KEY_CREATE_INTENT",
+            Event::KeyDeleted => "KEY_DELETED",
+            Event::KeyDeleteIntent => "KEY_DELETE_INTENT",
             Event::TokenIssued => "TOKEN_ISSUED",
             Event::FailedScopeCheck => "FAILED_SCOPE_CHECK",
             Event::AuthFailed => "AUTH_FAILED",
@@ -74,11 +90,25 @@ impl Event {
         }
     }
 
+    /// The intent entry written before the token writes of a change recorded as `self`.
+    pub fn intent(self) -> Option<Event> {
+        match self {
+            Event::KeyAttributesChanged => Some(Event::KeyAttributesChangeIntent),
+            Event::KeyCreated => Some(Event::KeyCreateIntent),
+            Event::KeyDeleted => Some(Event::KeyDeleteIntent),
+            _ => None,
+        }
+    }
+
     /// `MESSAGE_ID`: fixed per event, never reused; `systemd/hsmkeyd.catalog` explains each.
     pub fn message_id(self) -> &'static str {
         match self {
             Event::KeyAttributesChanged => "f9bf139de14e405dba1878ce1516ee29",
             Event::KeyAttributesChangeIntent => "305f1301f3e743879cee23f22a200e04",
+            Event::KeyCreated => "767cf75e666b431a94fbd42e1fe9adf3",
+            Event::KeyCreateIntent => "56fdb14f9fa0462482fe5f0f5183f2b1",
+            Event::KeyDeleted => "dbd2faf0830247cc8455704c833c7a1b",
+            Event::KeyDeleteIntent => "8f3256d2508340329b5a8a5f5ac891f3",
             Event::TokenIssued => "3ddb88d0796940469831b8d9018ec3ed",
             Event::FailedScopeCheck => "a0c40bcc976346d3926164df90487c42",
             Event::AuthFailed => "97b9ffb830b142acbfcfcb9a55c3b00f",

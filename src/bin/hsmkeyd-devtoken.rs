@@ -126,6 +126,9 @@ struct GenArgs {
     /// Set CKA_MODIFIABLE=false on every object created.
     #[arg(long)]
     non_modifiable: bool,
+    /// Set CKA_DESTROYABLE=false on every object created.
+    #[arg(long)]
+    non_destroyable: bool,
     /// Key pairs only: destroy the public object after generation.
     #[arg(long, conflicts_with = "public_only")]
     private_only: bool,
@@ -360,6 +363,9 @@ fn object(
     if spec.non_modifiable {
         t.push(Attribute::Modifiable(false));
     }
+    if spec.non_destroyable {
+        t.push(Attribute::Destroyable(false));
+    }
     t.extend(usage(class, on));
     t
 }
@@ -513,6 +519,7 @@ fn demo(session: &Session) -> Res<()> {
             label: label.into(),
             public_label: None,
             non_modifiable,
+            non_destroyable: false,
             private_only: false,
             public_only: false,
         };

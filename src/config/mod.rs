@@ -162,6 +162,8 @@ pub struct Config {
     /// `keys.max_cleanup_backlog`: superseded metadata objects left for the background
     /// worker before updates wait for it.
     pub max_cleanup_backlog: usize,
+    /// `keys.allow_delete`: whether `DELETE /v1/keys/{kid}` may destroy keys (default true).
+    pub allow_delete: bool,
     /// `[[principals]]`.
     pub principals: Vec<PrincipalConfig>,
     /// `[audit]`.
@@ -246,6 +248,7 @@ struct RawKeys {
     #[serde(default)]
     roles: Vec<String>,
     max_cleanup_backlog: Option<usize>,
+    allow_delete: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -477,6 +480,7 @@ impl Config {
             server,
             roles,
             max_cleanup_backlog,
+            allow_delete: raw.keys.allow_delete.unwrap_or(true),
             principals,
             audit: AuditConfig {
                 sink: raw.audit.sink.unwrap_or(AuditSink::Journald),

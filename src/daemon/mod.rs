@@ -269,6 +269,7 @@ async fn serve(
         Principals::new(&config.principals),
         tokens,
         config.roles.iter().cloned().collect(),
+        config.allow_delete,
     ))));
     let tls_shared = listeners.tls.as_ref().map(|(_, c, _)| c.clone());
     let tasks = TaskTracker::new();

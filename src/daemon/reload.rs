@@ -81,6 +81,7 @@ impl Reloader {
             principals,
             tokens,
             new.roles.iter().cloned().collect(),
+            new.allow_delete,
         ));
         if let (Some(shared), Some(config)) = (&self.tls, tls) {
             *sync::write(shared) = config;

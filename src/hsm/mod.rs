@@ -10,6 +10,7 @@
 
 pub mod ec;
 mod error;
+mod generate;
 pub mod objects;
 mod pool;
 pub mod sign;
@@ -23,6 +24,7 @@ use cryptoki::slot::Slot;
 
 pub use ec::Curve;
 pub use error::{Ckr, Code, HsmError, HsmErrorKind};
+pub use generate::{KeySpec, NewKey, Usage};
 pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, PublicParts, Scanned};
 pub use sign::{SigningKey, SIGNING_KEY_LABEL};
 

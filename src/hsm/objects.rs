@@ -77,6 +77,8 @@ pub struct ObjectInfo {
     pub extractable: Option<bool>,
     /// CKA_MODIFIABLE.
     pub modifiable: Option<bool>,
+    /// CKA_DESTROYABLE (PKCS#11 3.0; absent on older tokens, where every object is).
+    pub destroyable: Option<bool>,
     /// CKA_SIGN.
     pub sign: Option<bool>,
     /// CKA_VERIFY.
@@ -109,6 +111,7 @@ const READ: &[AttributeType] = &[
     AttributeType::Sensitive,
     AttributeType::Extractable,
     AttributeType::Modifiable,
+    AttributeType::Destroyable,
     AttributeType::Sign,
     AttributeType::Verify,
     AttributeType::Encrypt,
@@ -136,6 +139,7 @@ fn read_one(
         sensitive: None,
         extractable: None,
         modifiable: None,
+        destroyable: None,
         sign: None,
         verify: None,
         encrypt: None,
@@ -167,6 +171,7 @@ fn read_one(
             Attribute::Sensitive(b) => o.sensitive = Some(b),
             Attribute::Extractable(b) => o.extractable = Some(b),
             Attribute::Modifiable(b) => o.modifiable = Some(b),
+            Attribute::Destroyable(b) => o.destroyable = Some(b),
             Attribute::Sign(b) => o.sign = Some(b),
             Attribute::Verify(b) => o.verify = Some(b),
             Attribute::Encrypt(b) => o.encrypt = Some(b),

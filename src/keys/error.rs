@@ -31,6 +31,12 @@ pub enum KeyError {
     /// CKA_MODIFIABLE is false on the key's objects.
     #[error("key {0} is not modifiable (CKA_MODIFIABLE is false); the token refuses changes")]
     NotModifiable(Kid),
+    /// A key with this id exists already (a create that names its kid).
+    #[error("a key with id {0} exists already")]
+    KidTaken(Kid),
+    /// CKA_DESTROYABLE is false on one of the key's objects.
+    #[error("key {0} cannot be deleted: CKA_DESTROYABLE is false on its objects")]
+    NotDestroyable(Kid),
     /// The token refused the write.
     #[error("the token refused the update of key {kid}: {source}")]
     HsmRefused {

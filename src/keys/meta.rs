@@ -107,6 +107,26 @@ pub struct MetaRecord {
     /// (rolled forward at scan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relabel: Option<String>,
+    /// v2: the key is being created or deleted; a scan that finds this finishes or undoes
+    /// it (see [`Lifecycle`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// A create or delete in progress. The record is written before the key's objects are
+/// made or destroyed, so a crash leaves a marker that says what to do with what is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Generation is under way: a complete key (`pair`: a private and a public object,
+    /// else one secret key) keeps its record without the marker; anything less is
+    /// destroyed, record included.
+    Creating {
+        /// Whether the key is a pair.
+        pair: bool,
+    },
+    /// Deletion is under way: whatever is left of the key is destroyed.
+    Deleting,
 }
 
 /// The labels to restore if a v1 label change was interrupted.
@@ -138,6 +158,7 @@ impl MetaRecord {
             updated_at: None,
             pending: None,
             relabel: None,
+            lifecycle: None,
         }
     }
 

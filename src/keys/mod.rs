@@ -11,9 +11,10 @@
 mod entry;
 pub mod error;
 mod health;
+mod lifecycle;
 pub mod meta;
 pub mod model;
-mod public;
+pub mod public;
 mod settle;
 mod update;
 mod worker;
@@ -24,12 +25,12 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+pub use crate::hsm::{KeySpec, Usage, SIGNING_KEY_LABEL};
 pub use error::KeyError;
+pub use lifecycle::NewKeyRequest;
 pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 
-use crate::hsm::{
-    Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef, SIGNING_KEY_LABEL,
-};
+use crate::hsm::{Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef};
 use crate::sync;
 use entry::{Entry, Group};
 use model::{KeyView, Kid, RoleName};

@@ -6,6 +6,9 @@
 use pkcs1::der::asn1::UintRef;
 use pkcs1::der::Encode;
 
+use serde_json::{json, Value};
+
+use super::model::{Curve, KeyType, KeyView};
 use crate::hsm::{Algorithm, ObjectInfo, ObjectKind, PublicParts};
 
 /// The object whose public parts are read: the public key, or for RSA the private key
@@ -36,6 +39,77 @@ pub fn encode(algorithm: Option<&Algorithm>, parts: &PublicParts) -> Option<Vec<
         }
         _ => None,
     }
+}
+
+/// The SubjectPublicKeyInfo (RFC 5280) of a key, PEM, from the public half [`encode`]
+/// gave: `None` for key types without one.
+pub fn pem(view: &KeyView, public: &[u8]) -> Option<String> {
+    use spki::der::asn1::{AnyRef, BitStringRef, ObjectIdentifier};
+    use spki::der::{pem::LineEnding, EncodePem};
+    const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+    const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+    const ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+    let curve_params;
+    let (oid, parameters) = match (&view.key_type, &view.curve) {
+        (KeyType::Ec, Some(c)) => {
+            curve_params = c.params()?;
+            (EC_PUBLIC_KEY, Some(AnyRef::try_from(curve_params).ok()?))
+        }
+        (KeyType::Rsa, _) => (RSA_ENCRYPTION, Some(AnyRef::NULL)),
+        (KeyType::Edwards(Curve::Ed25519), _) => (ED25519, None),
+        _ => return None,
+    };
+    let info = spki::SubjectPublicKeyInfo {
+        algorithm: spki::AlgorithmIdentifier { oid, parameters },
+        subject_public_key: BitStringRef::from_bytes(public).ok()?,
+    };
+    info.to_pem(LineEnding::LF).ok()
+}
+
+/// The public key as a JWK (RFC 7517/7518/8037), with `kid`, and `key_ops`/`use` from the
+/// key's public usage flags: `None` for key types without one.
+pub fn jwk(view: &KeyView, public: &[u8]) -> Option<Value> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let mut key = match (&view.key_type, &view.curve) {
+        (KeyType::Ec, Some(c)) => {
+            let crv = match c {
+                Curve::P256 | Curve::P384 | Curve::P521 => c.name(),
+                _ => return None,
+            };
+            let xy = public.strip_prefix(&[0x04])?;
+            let (x, y) = xy.split_at(xy.len() / 2);
+            json!({"kty": "EC", "crv": crv, "x": B64.encode(x), "y": B64.encode(y)})
+        }
+        (KeyType::Edwards(Curve::Ed25519), _) => {
+            json!({"kty": "OKP", "crv": "Ed25519", "x": B64.encode(public)})
+        }
+        (KeyType::Rsa, _) => {
+            use pkcs1::der::Decode;
+            let k = pkcs1::RsaPublicKey::from_der(public).ok()?;
+            json!({"kty": "RSA", "n": B64.encode(k.modulus.as_bytes()),
+                   "e": B64.encode(k.public_exponent.as_bytes())})
+        }
+        _ => return None,
+    };
+    let a = &view.attributes;
+    let ops: Vec<&str> = [
+        (a.verify, "verify"),
+        (a.encrypt, "encrypt"),
+        (a.wrap, "wrapKey"),
+    ]
+    .into_iter()
+    .filter_map(|(on, op)| on.then_some(op))
+    .collect();
+    let obj = key.as_object_mut()?;
+    let _ = obj.insert("kid".into(), json!(view.kid));
+    if a.verify && !a.encrypt && !a.wrap {
+        let _ = obj.insert("use".into(), json!("sig"));
+    } else if !a.verify && (a.encrypt || a.wrap) {
+        let _ = obj.insert("use".into(), json!("enc"));
+    }
+    let _ = obj.insert("key_ops".into(), json!(ops));
+    Some(key)
 }
 
 #[cfg(test)]

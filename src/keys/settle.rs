@@ -40,6 +40,9 @@ pub(super) fn flush(
 /// v1 records are marked for rewriting as v2. Superseded generations stay in
 /// [`Entry::stale`] for the worker. Returns the entry as the token now holds it.
 pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) -> Option<Entry> {
+    if let Some(fate) = super::lifecycle::settle_lifecycle(hsm, kid, &group) {
+        return fate;
+    }
     let mut entry = Entry::build(kid, group)?;
     let Some(mut slot) = entry.meta.clone() else {
         return Some(entry);

@@ -96,6 +96,8 @@ pub enum Field {
     Description,
     /// The roles in the metadata record.
     Roles,
+    /// The whole key: made (`before` null) or destroyed (`after` null).
+    Key,
 }
 
 impl Field {
@@ -105,6 +107,7 @@ impl Field {
             Field::Label => "label",
             Field::Description => "description",
             Field::Roles => "roles",
+            Field::Key => "key",
         }
     }
 }
@@ -133,19 +136,21 @@ impl Plan {
     }
 }
 
-fn now_rfc3339() -> String {
+pub(super) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
 /// Checks permissions and state, and works out what must be written.
-pub(super) fn plan(
+/// The checks every change of an existing key passes first: the caller holds one of the
+/// key's roles (when it has any), and `If-Match` names its current etag.
+pub(super) fn may_change(
     kid: &Kid,
     current: &Entry,
-    patch: &KeyPatch,
     actor: &Actor,
-) -> Result<Plan, KeyError> {
+    if_match: Option<&str>,
+) -> Result<(), KeyError> {
     let view = &current.view;
     if !view.roles.is_empty() && !view.roles.iter().any(|r| actor.roles.contains(r)) {
         return Err(KeyError::MissingRole {
@@ -158,14 +163,23 @@ pub(super) fn plan(
                 .join(", "),
         });
     }
-    if let Some(expected) = &patch.if_match {
-        if expected != &view.etag {
-            return Err(KeyError::PreconditionFailed {
-                kid: kid.clone(),
-                current: view.etag.clone(),
-            });
-        }
+    match if_match {
+        Some(expected) if expected != view.etag => Err(KeyError::PreconditionFailed {
+            kid: kid.clone(),
+            current: view.etag.clone(),
+        }),
+        _ => Ok(()),
     }
+}
+
+pub(super) fn plan(
+    kid: &Kid,
+    current: &Entry,
+    patch: &KeyPatch,
+    actor: &Actor,
+) -> Result<Plan, KeyError> {
+    let view = &current.view;
+    may_change(kid, current, actor, patch.if_match.as_deref())?;
     let repair = current.labels_differ_only && patch.label.is_some();
     if let (KeyState::Inconsistent(reason), false) = (&view.state, repair) {
         return Err(KeyError::Inconsistent {

@@ -15,6 +15,10 @@ pub enum Scope {
     KeysUpdate,
     /// `keymgmt:upd:<kid>`: update one key only.
     KeysUpdateOne(Kid),
+    /// `keymgmt:gen`: create (generate) keys.
+    KeysGenerate,
+    /// `keymgmt:del`: delete keys.
+    KeysDelete,
     /// `auth:token`: mint bearer tokens.
     AuthToken,
 }
@@ -26,6 +30,8 @@ impl Scope {
             "keymgmt:list" => Ok(Scope::KeysList),
             "keymgmt:get" => Ok(Scope::KeysGet),
             "keymgmt:upd" => Ok(Scope::KeysUpdate),
+            "keymgmt:gen" => Ok(Scope::KeysGenerate),
+            "keymgmt:del" => Ok(Scope::KeysDelete),
             "auth:token" => Ok(Scope::AuthToken),
             _ => match s.strip_prefix("keymgmt:upd:") {
                 Some(kid) => Kid::parse(kid)
@@ -33,7 +39,7 @@ impl Scope {
                     .map_err(|e| Invalid::new(format!("scope {s:?}: {e}"))),
                 None => Err(Invalid::new(format!(
                     "unknown scope {s:?}; known: keymgmt:list, keymgmt:get, keymgmt:upd, \
-                     keymgmt:upd:<kid>, auth:token"
+                     keymgmt:upd:<kid>, keymgmt:gen, keymgmt:del, auth:token"
                 ))),
             },
         }
@@ -47,6 +53,8 @@ impl fmt::Display for Scope {
             Scope::KeysGet => f.write_str("keymgmt:get"),
             Scope::KeysUpdate => f.write_str("keymgmt:upd"),
             Scope::KeysUpdateOne(kid) => write!(f, "keymgmt:upd:{kid}"),
+            Scope::KeysGenerate => f.write_str("keymgmt:gen"),
+            Scope::KeysDelete => f.write_str("keymgmt:del"),
             Scope::AuthToken => f.write_str("auth:token"),
         }
     }

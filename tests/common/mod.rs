@@ -160,6 +160,27 @@ impl Token {
         c
     }
 
+    /// pkcs11-tool's whole `--list-objects` text (every attribute it shows), read
+    /// independently of hsmkeyd.
+    pub fn objects_text(&self) -> String {
+        let out = run_ok(
+            self.pkcs11_tool().arg("--list-objects"),
+            "pkcs11-tool --list-objects",
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes a DER certificate object with this id and label, as pkcs11-tool does.
+    pub fn write_certificate(&self, id: &str, label: &str, der: &Path) {
+        let _ = run_ok(
+            self.pkcs11_tool()
+                .args(["--write-object"])
+                .arg(der)
+                .args(["--type", "cert", "--id", id, "--label", label]),
+            "pkcs11-tool --write-object",
+        );
+    }
+
     /// Objects as pkcs11-tool sees them: (class line, label, id hex), read independently of
     /// hsmkeyd.
     pub fn objects(&self) -> Vec<P11Object> {
@@ -229,7 +250,7 @@ impl Token {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct P11Object {
     pub class: String,
     pub label: String,

@@ -29,7 +29,8 @@ use std::time::Duration;
 use cryptoki_sys::{
     CKA_LABEL, CKR_ARGUMENTS_BAD, CKR_ATTRIBUTE_VALUE_INVALID, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR,
     CKR_OK, CKR_SESSION_HANDLE_INVALID, CK_ATTRIBUTE_PTR, CK_FUNCTION_LIST,
-    CK_FUNCTION_LIST_PTR_PTR, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE,
+    CK_FUNCTION_LIST_PTR_PTR, CK_MECHANISM_PTR, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE_PTR, CK_RV,
+    CK_SESSION_HANDLE,
     CK_SESSION_INFO_PTR, CK_ULONG, CK_USER_TYPE, CK_UTF8CHAR_PTR, CK_VERSION,
 };
 
@@ -44,7 +45,8 @@ const FILE_SETATTR_FAIL_AFTER: &str = "setattr_fail_after";
 const FILE_CREATE_FAIL_AFTER: &str = "create_fail_after";
 /// Control file: while it exists, selected calls block before forwarding.
 const FILE_HANG: &str = "hang";
-/// Control files `hang_<Function>` (C_CreateObject, C_SetAttributeValue, C_DestroyObject):
+/// Control files `hang_<Function>` (C_CreateObject, C_SetAttributeValue, C_DestroyObject,
+/// C_GenerateKeyPair, which is held after the pair is made):
 /// decimal N (empty = 0); N calls pass, then one call is held while the file exists.
 const FILE_HANG_PREFIX: &str = "hang_";
 /// Marker `held_<Function>`: present while a call is held by its `hang_<Function>` file.
@@ -464,6 +466,34 @@ unsafe extern "C" fn wrap_destroy_object(
     })
 }
 
+/// Wrapper for `C_GenerateKeyPair`: held by `hang_C_GenerateKeyPair` after it has made the
+/// pair, so a test can kill the caller between generation and what follows.
+unsafe extern "C" fn wrap_generate_key_pair(
+    session: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_PTR,
+    public_template: CK_ATTRIBUTE_PTR,
+    public_count: CK_ULONG,
+    private_template: CK_ATTRIBUTE_PTR,
+    private_count: CK_ULONG,
+    public_key: CK_OBJECT_HANDLE_PTR,
+    private_key: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    guarded(|w| {
+        let rv = forward!(w.C_GenerateKeyPair(
+            session,
+            mechanism,
+            public_template,
+            public_count,
+            private_template,
+            private_count,
+            public_key,
+            private_key
+        ));
+        w.hold("C_GenerateKeyPair");
+        rv
+    })
+}
+
 /// Wrapper for `C_FindObjectsInit`: counted; blocks while `hang` exists.
 unsafe extern "C" fn wrap_find_objects_init(
     session: CK_SESSION_HANDLE,
@@ -546,6 +576,7 @@ fn load() -> Result<Wrapper, String> {
     wrap!(C_SetAttributeValue => wrap_set_attribute_value);
     wrap!(C_FindObjectsInit => wrap_find_objects_init);
     wrap!(C_DestroyObject => wrap_destroy_object);
+    wrap!(C_GenerateKeyPair => wrap_generate_key_pair);
 
     let dir = std::env::var_os(ENV_DIR)
         .filter(|v| !v.is_empty())

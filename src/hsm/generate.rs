@@ -1,0 +1,146 @@
+//! Key generation in the token. Key material is made by the token and never leaves it:
+//! secret and private keys are always CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, and not
+//! CKA_EXTRACTABLE, whatever the caller asks.
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectHandle};
+
+use super::ec::Curve;
+use super::{Hsm, HsmError, ObjectRef};
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySpec {
+    /// CKK_AES of this many bytes (16, 24, 32).
+    Aes(u32),
+    /// CKK_GENERIC_SECRET (HMAC) of this many bytes.
+    GenericSecret(u32),
+    /// CKK_EC on a Weierstrass curve.
+    Ec(Curve),
+    /// CKK_EC_EDWARDS on Ed25519.
+    Ed25519,
+    /// CKK_RSA with this modulus size, public exponent 65537.
+    Rsa(u32),
+}
+
+impl KeySpec {
+    /// Whether this makes a pair (private and public key objects).
+    pub fn is_pair(&self) -> bool {
+        !matches!(self, KeySpec::Aes(_) | KeySpec::GenericSecret(_))
+    }
+}
+
+/// The usage flags of a new key: each goes on the objects PKCS#11 defines it for
+/// (sign, decrypt, unwrap, derive on the private key; verify, encrypt, wrap on the public
+/// key; all on a secret key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CKA_SIGN.
+    pub sign: bool,
+    /// CKA_VERIFY.
+    pub verify: bool,
+    /// CKA_ENCRYPT.
+    pub encrypt: bool,
+    /// CKA_DECRYPT.
+    pub decrypt: bool,
+    /// CKA_WRAP.
+    pub wrap: bool,
+    /// CKA_UNWRAP.
+    pub unwrap: bool,
+    /// CKA_DERIVE.
+    pub derive: bool,
+}
+
+/// A key to generate.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// Type and size.
+    pub spec: KeySpec,
+    /// CKA_ID.
+    pub id: Vec<u8>,
+    /// CKA_LABEL of every object.
+    pub label: Vec<u8>,
+    /// Usage flags.
+    pub usage: Usage,
+}
+
+impl Hsm {
+    /// Generates `key` in the token: one object for a secret key, (private, public) for a
+    /// pair, in that order.
+    pub fn generate(&self, key: &NewKey) -> Result<Vec<ObjectRef>, HsmError> {
+        let u = key.usage;
+        let common = |private: bool| {
+            vec![
+                Attribute::Token(true),
+                Attribute::Private(private),
+                Attribute::Modifiable(true),
+                Attribute::Label(key.label.clone()),
+                Attribute::Id(key.id.clone()),
+            ]
+        };
+        let hidden = [Attribute::Sensitive(true), Attribute::Extractable(false)];
+        let (mechanism, public_extra) = match &key.spec {
+            KeySpec::Aes(bytes) | KeySpec::GenericSecret(bytes) => {
+                let mut t = common(true);
+                t.extend(hidden.iter().cloned());
+                t.extend([
+                    Attribute::ValueLen((*bytes as u64).into()),
+                    Attribute::Sign(u.sign),
+                    Attribute::Verify(u.verify),
+                    Attribute::Encrypt(u.encrypt),
+                    Attribute::Decrypt(u.decrypt),
+                    Attribute::Wrap(u.wrap),
+                    Attribute::Unwrap(u.unwrap),
+                    Attribute::Derive(u.derive),
+                ]);
+                let mechanism = if matches!(key.spec, KeySpec::Aes(_)) {
+                    Mechanism::AesKeyGen
+                } else {
+                    Mechanism::GenericSecretKeyGen
+                };
+                let h = self.pool().run(|s| s.generate_key(&mechanism, &t))?;
+                return Ok(vec![ObjectRef(h)]);
+            }
+            KeySpec::Ec(curve) => (
+                Mechanism::EccKeyPairGen,
+                vec![Attribute::EcParams(curve_params(curve)?)],
+            ),
+            KeySpec::Ed25519 => (
+                Mechanism::EccEdwardsKeyPairGen,
+                vec![Attribute::EcParams(curve_params(&Curve::Ed25519)?)],
+            ),
+            KeySpec::Rsa(bits) => (
+                Mechanism::RsaPkcsKeyPairGen,
+                vec![
+                    Attribute::ModulusBits((*bits as u64).into()),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                ],
+            ),
+        };
+        let mut public = common(false);
+        public.extend(public_extra);
+        public.extend([
+            Attribute::Verify(u.verify),
+            Attribute::Encrypt(u.encrypt),
+            Attribute::Wrap(u.wrap),
+        ]);
+        let mut private = common(true);
+        private.extend(hidden.iter().cloned());
+        private.extend([
+            Attribute::Sign(u.sign),
+            Attribute::Decrypt(u.decrypt),
+            Attribute::Unwrap(u.unwrap),
+            Attribute::Derive(u.derive),
+        ]);
+        let (pubk, privk): (ObjectHandle, ObjectHandle) = self
+            .pool()
+            .run(|s| s.generate_key_pair(&mechanism, &public, &private))?;
+        Ok(vec![ObjectRef(privk), ObjectRef(pubk)])
+    }
+}
+
+fn curve_params(c: &Curve) -> Result<Vec<u8>, HsmError> {
+    c.params()
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| HsmError::internal("C_GenerateKeyPair", format!("no OID for curve {c}")))
+}
