@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::fixture::{minting_access, token_with, AES, AES_KEY, EC, EC_KEY};
+use common::fixture::{access, minting_access, token_with, Principal, AES, AES_KEY, EC, EC_KEY};
 use common::journal::Journal;
 use common::{tls, Daemon, Setup};
 use serde_json::Value;
@@ -315,4 +315,105 @@ fn a_terminal_gets_a_drawn_table_and_completions_and_man_page_are_generated() {
     let man = ctl(&d, &["man"]);
     assert_eq!(code(&man), 0);
     assert!(stdout(&man).starts_with(".ie") || stdout(&man).contains(".TH hsmkeyctl"));
+}
+
+#[test]
+fn create_public_and_delete_with_a_confirmation_on_a_terminal() {
+    let t = token_with(&[AES_KEY]);
+    let me = Principal::me("tester").scopes(&[
+        "keymgmt:list",
+        "keymgmt:get",
+        "keymgmt:gen",
+        "keymgmt:del",
+    ]);
+    let d = Daemon::start(&t, &Setup::with_access(access(&[], &[me])));
+    let made = json(&ctl(
+        &d,
+        &[
+            "--json",
+            "create",
+            "--type",
+            "ec",
+            "--curve",
+            "P-384",
+            "--label",
+            "from-ctl",
+            "--kid",
+            "cc01",
+            "--usage",
+            "derive",
+            "--no-usage",
+            "verify",
+        ],
+    ));
+    assert_eq!(made["key"]["kid"], "cc01");
+    assert_eq!(made["key"]["curve"], "P-384");
+    assert_eq!(made["key"]["attributes"]["derive"], true);
+    assert_eq!(made["key"]["attributes"]["verify"], false);
+    assert!(t
+        .objects()
+        .iter()
+        .any(|o| o.id == "cc01" && o.label == "from-ctl"));
+    let o = ctl(
+        &d,
+        &["create", "--type", "ec", "--curve", "P-192", "--label", "x"],
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("(field: curve)"), "{}", stderr(&o));
+
+    // public: PEM as pkcs11-tool exports it, or a JWK.
+    let pem = stdout(&ctl(&d, &["public", "cc01"]));
+    assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"), "{pem}");
+    let jwk = json(&ctl(&d, &["public", "cc01", "--jwk"]));
+    assert_eq!(jwk["crv"], "P-384");
+    let o = ctl(&d, &["public", AES]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("no_public_key"), "{}", stderr(&o));
+
+    // delete on a terminal asks; "n" keeps the key (exit 2), "y" deletes it.
+    let on_tty = |answer: &str| {
+        let cmd = format!("{CTL} --socket {} delete cc01", d.sock.display());
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let kept = on_tty("n");
+    assert!(
+        stdout(&kept).contains("cannot be undone"),
+        "{}",
+        stdout(&kept)
+    );
+    assert_eq!(code(&kept), 2, "{}", stdout(&kept));
+    assert!(t.objects().iter().any(|o| o.id == "cc01"));
+    let gone = on_tty("y");
+    assert_eq!(code(&gone), 0, "{}", stdout(&gone));
+    assert!(
+        stdout(&gone).contains("key cc01 deleted"),
+        "{}",
+        stdout(&gone)
+    );
+    assert!(!t.objects().iter().any(|o| o.id == "cc01"));
+    // In a pipe it does not ask; --yes is for scripts on a terminal.
+    let _ = json(&ctl(
+        &d,
+        &[
+            "--json", "create", "--type", "aes", "--label", "x", "--kid", "cc02",
+        ],
+    ));
+    let o = ctl(&d, &["delete", "cc02", "--if-match", "stale"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert_eq!(code(&ctl(&d, &["delete", "cc02", "--yes"])), 0);
+    let o = ctl(&d, &["get", "cc02"]);
+    assert_eq!(code(&o), 1);
 }

@@ -6,6 +6,8 @@
 //! - `GET /v1/keys` (scope `keymgmt:list`): paged listing with `limit`, `cursor`, `label`,
 //!   `label_prefix`.
 //! - `GET /v1/keys/{kid}` (scope `keymgmt:get`): one key, with an `ETag`.
+//! - `POST /v1/keys` (scope `keymgmt:gen`), `DELETE /v1/keys/{kid}` (scope `keymgmt:del`),
+//!   `GET /v1/keys/{kid}/public` (scope `keymgmt:get`): the life cycle (`lifecycle.rs`).
 //! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
 //!   description, roles; honours `If-Match`.
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could

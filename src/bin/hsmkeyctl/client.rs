@@ -60,7 +60,7 @@ impl Answer {
 }
 
 impl Target {
-    /// Sends one request; `body` is sent as JSON.
+    /// Sends one request; `body` is sent as JSON, the answer is parsed as JSON.
     pub async fn send(
         &self,
         method: Method,
@@ -68,6 +68,36 @@ impl Target {
         body: Option<&Value>,
         headers: &[(HeaderName, String)],
     ) -> Result<Answer, Failure> {
+        let (status, bytes) = self.send_raw(method, path, body, headers).await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| {
+                Failure::Unavailable(format!(
+                    "the daemon answered {status} with a body that is not JSON: {e}"
+                ))
+            })?
+        };
+        Ok(Answer { status, body })
+    }
+
+    /// A GET whose successful answer is text (PEM); an error answer is the daemon's JSON.
+    pub async fn send_text(&self, method: Method, path: &str) -> Result<String, Failure> {
+        let (status, bytes) = self.send_raw(method, path, None, &[]).await?;
+        if status >= 300 {
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Answer { status, body }.ok()?;
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(HeaderName, String)],
+    ) -> Result<(u16, Bytes), Failure> {
         let payload = match body {
             Some(v) => Bytes::from(v.to_string()),
             None => Bytes::new(),
@@ -121,7 +151,7 @@ impl Target {
     }
 }
 
-async fn exchange<S>(stream: S, req: Request<Full<Bytes>>) -> Result<Answer, Failure>
+async fn exchange<S>(stream: S, req: Request<Full<Bytes>>) -> Result<(u16, Bytes), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -134,16 +164,7 @@ where
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.map_err(lost)?.to_bytes();
     driver.abort();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            Failure::Unavailable(format!(
-                "the daemon answered {status} with a body that is not JSON: {e}"
-            ))
-        })?
-    };
-    Ok(Answer { status, body })
+    Ok((status, bytes))
 }
 
 fn connector(cacert: Option<&Path>) -> Result<tokio_rustls::TlsConnector, Failure> {

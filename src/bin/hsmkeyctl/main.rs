@@ -11,12 +11,12 @@ mod audit;
 mod client;
 mod show;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hyper::header::IF_MATCH;
+use hyper::header::{ACCEPT, IF_MATCH};
 use hyper::{Method, Uri};
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
@@ -101,6 +101,56 @@ enum Cmd {
         /// Update only if the key still has this ETag (from `get`).
         #[arg(long)]
         if_match: Option<String>,
+    },
+    /// Generate a key in the token (scope keymgmt:gen).
+    Create {
+        /// aes, generic-secret, ec, ed25519 or rsa.
+        #[arg(long = "type")]
+        key_type: String,
+        /// Label (CKA_LABEL).
+        #[arg(long)]
+        label: String,
+        /// Size in bits (aes 128/192/256, generic-secret 256..=512, rsa 2048/3072/4096).
+        #[arg(long)]
+        bits: Option<u32>,
+        /// Curve of an ec key: P-256 (default), P-384 or P-521.
+        #[arg(long)]
+        curve: Option<String>,
+        /// Description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Roles, comma-separated (you must hold one of them).
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        /// Usage flags to turn on, comma-separated (sign, verify, encrypt, decrypt, wrap,
+        /// unwrap, derive); the type's defaults otherwise.
+        #[arg(long, value_delimiter = ',')]
+        usage: Option<Vec<String>>,
+        /// Usage flags to turn off, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        no_usage: Option<Vec<String>>,
+        /// The key id (hex, 1..=32 bytes); 16 random bytes otherwise.
+        #[arg(long)]
+        kid: Option<String>,
+    },
+    /// Destroy every object of a key (scope keymgmt:del). Asks first on a terminal.
+    Delete {
+        /// The key id (hex).
+        kid: String,
+        /// Delete only if the key still has this ETag (from `get`).
+        #[arg(long)]
+        if_match: Option<String>,
+        /// Do not ask.
+        #[arg(short, long)]
+        yes: bool,
+    },
+    /// A key's public half: PEM, or a JWK with --jwk.
+    Public {
+        /// The key id (hex).
+        kid: String,
+        /// Print the JWK instead of PEM.
+        #[arg(long)]
+        jwk: bool,
     },
     /// Mint a bearer token for the HTTPS front door (over the Unix socket only).
     Token {
@@ -412,6 +462,83 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", show::fields(&a.body));
             }
         }
+        Cmd::Create {
+            key_type,
+            label,
+            bits,
+            curve,
+            description,
+            roles,
+            usage,
+            no_usage,
+            kid,
+        } => {
+            let mut body = json!({ "type": key_type, "label": label });
+            for (name, value) in [
+                ("bits", bits.map(|b| json!(b))),
+                ("curve", curve.as_ref().map(|c| json!(c))),
+                ("description", description.as_ref().map(|d| json!(d))),
+                ("roles", roles.as_ref().map(|r| json!(r))),
+                ("kid", kid.as_ref().map(|k| json!(k))),
+            ] {
+                if let Some(v) = value {
+                    body[name] = v;
+                }
+            }
+            let mut flags = Map::new();
+            for (names, on) in [(usage, true), (no_usage, false)] {
+                for n in names.iter().flatten() {
+                    let _ = flags.insert(n.clone(), json!(on));
+                }
+            }
+            if !flags.is_empty() {
+                body["usage"] = Value::Object(flags);
+            }
+            let a = t
+                .send(Method::POST, "/v1/keys", Some(&body), &[])
+                .await?
+                .ok()?;
+            if cli.json {
+                show::json(&a.body);
+            } else {
+                println!("{}", show::fields(&a.body["key"]));
+                println!("audit id: {}", show::cell(&a.body["audit_id"]));
+            }
+        }
+        Cmd::Delete { kid, if_match, yes } => {
+            if !*yes
+                && std::io::stdin().is_terminal()
+                && !confirm(&format!(
+                    "Destroy every object of key {kid} in the token? This cannot be undone. [y/N] "
+                ))
+            {
+                return Err(Failure::Usage("not deleted".into()));
+            }
+            let headers: Vec<_> = if_match
+                .iter()
+                .map(|e| (IF_MATCH, format!("\"{}\"", e.trim_matches('"'))))
+                .collect();
+            let _ = t
+                .send(Method::DELETE, &format!("/v1/keys/{kid}"), None, &headers)
+                .await?
+                .ok()?;
+            if cli.json {
+                show::json(&json!({ "deleted": kid }));
+            } else {
+                println!("key {kid} deleted");
+            }
+        }
+        Cmd::Public { kid, jwk } => {
+            let path = format!("/v1/keys/{kid}/public");
+            if *jwk || cli.json {
+                let headers = [(ACCEPT, "application/jwk+json".to_string())];
+                let a = t.send(Method::GET, &path, None, &headers).await?.ok()?;
+                show::json(&a.body);
+            } else {
+                let text = t.send_text(Method::GET, &path).await?;
+                print!("{text}");
+            }
+        }
         Cmd::Status => {
             let a = t.send(Method::GET, "/v1/status", None, &[]).await?.ok()?;
             if cli.json {
@@ -423,6 +550,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Audit { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// Asks on the terminal; true for y or yes.
+fn confirm(question: &str) -> bool {
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        return false;
+    }
+    matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
 fn print_key(cli: &Cli, a: &Answer) {
