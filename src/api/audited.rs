@@ -227,6 +227,8 @@ pub struct UpdateAudit {
     caller: Caller,
     kid: String,
     event: Event,
+    /// A dry run: checked and answered, nothing written; its one entry says so.
+    dry_run: bool,
     /// The planned changes, once the intent entry was written.
     planned: Mutex<Option<Value>>,
     /// Set by the intent hook when journald refused the intent entry.
@@ -243,6 +245,7 @@ impl UpdateAudit {
         caller: Caller,
         kid: String,
         event: Event,
+        dry_run: bool,
     ) -> Arc<UpdateAudit> {
         Arc::new(UpdateAudit {
             audit,
@@ -250,6 +253,7 @@ impl UpdateAudit {
             caller,
             kid,
             event,
+            dry_run,
             planned: Mutex::new(None),
             intent_refused: OnceLock::new(),
             written: OnceLock::new(),
@@ -257,7 +261,7 @@ impl UpdateAudit {
     }
 
     fn record(&self, changes: Option<Value>, error: Option<&ApiError>) -> Entry {
-        result_entry(
+        let mut entry = result_entry(
             self.event,
             Record {
                 request: &self.request,
@@ -266,9 +270,18 @@ impl UpdateAudit {
                 token_id: None,
                 changes,
                 error,
-                success: success_status(self.event),
+                success: if self.dry_run {
+                    200
+                } else {
+                    success_status(self.event)
+                },
             },
-        )
+        );
+        if self.dry_run {
+            entry.dry_run = true;
+            entry.message = format!("dry run: {}", entry.message);
+        }
+        entry
     }
 
     fn planned(&self) -> Option<Value> {

@@ -313,6 +313,40 @@ pub fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
     Ok(q)
 }
 
+/// `?dry_run=true|false`, the only query a changing request takes.
+pub fn dry_run(raw: Option<&str>) -> Result<bool, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("bad query string: {e}")))?;
+    let mut dry = None;
+    for (k, v) in pairs {
+        match (k.as_str(), v.as_str(), dry) {
+            ("dry_run", _, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "query parameter dry_run is given twice",
+                ))
+            }
+            ("dry_run", "true", None) => dry = Some(true),
+            ("dry_run", "false", None) => dry = Some(false),
+            ("dry_run", other, None) => {
+                return Err(ApiError::bad_field(
+                    "invalid_dry_run",
+                    "dry_run",
+                    format!("dry_run is true or false, not {other:?}"),
+                ))
+            }
+            (other, _, _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_query",
+                    "query",
+                    format!("unknown query parameter {other:?}; this request takes dry_run"),
+                ))
+            }
+        }
+    }
+    Ok(dry.unwrap_or(false))
+}
+
 /// A page size: an integer in 1..=[`MAX_PAGE`] (`limit` of both listings).
 pub fn page_limit(v: &str) -> Result<usize, ApiError> {
     v.parse::<usize>()

@@ -58,7 +58,7 @@ async fn update_inner(
     let (kid, patch) = update_body(fields)?;
     facts.kid = Some(kid.to_string());
     super::require_update(&u.principal, &kid)?;
-    let _ = super::update_key(u, facts, &kid, patch, ApiError::encedo).await?;
+    let _ = super::update_key(u, facts, &kid, patch, false, ApiError::encedo).await?;
     // The appliance answers 200 with an empty object; the audit layer adds `audit_id`.
     Ok(reply(json!({})))
 }

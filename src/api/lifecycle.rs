@@ -5,7 +5,7 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde_json::{json, Map, Value};
@@ -23,18 +23,20 @@ use crate::values::Scope;
 const MAX_NEW_KID_BYTES: usize = 32;
 
 /// `POST /v1/keys`.
-pub(super) async fn create(u: UpdateRequest, headers: HeaderMap, body: Body) -> Audited {
+pub(super) async fn create(u: UpdateRequest, uri: Uri, headers: HeaderMap, body: Body) -> Audited {
     let mut facts = AuditFacts::default();
-    let result = create_inner(&u, &mut facts, &headers, body).await;
+    let result = create_inner(&u, &mut facts, uri.query(), &headers, body).await;
     Audited(facts, result)
 }
 
 async fn create_inner(
     u: &UpdateRequest,
     facts: &mut AuditFacts,
+    query: Option<&str>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let dry_run = body::dry_run(query)?;
     require(&u.principal, Scope::KeysGenerate)?;
     let req = new_key(body::json_object(headers, body).await?)?;
     let kid = req.kid.clone().unwrap_or_else(NewKeyRequest::random_kid);
@@ -47,10 +49,14 @@ async fn create_inner(
         u,
         facts,
         &kid,
+        dry_run,
         ApiError::from,
-        move |keys, actor, i, r| async move { keys.create(req, &actor, i, r).await },
+        move |keys, actor, i, r| async move { keys.create(req, &actor, dry_run, i, r).await },
     )
     .await?;
+    if dry_run {
+        return Ok(super::dry_run_reply(&outcome));
+    }
     let mut r = reply_with(StatusCode::CREATED, json!({ "key": outcome.key }));
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/keys/{kid}")) {
         let _ = r.headers_mut().insert(header::LOCATION, v);
@@ -62,10 +68,11 @@ async fn create_inner(
 pub(super) async fn delete(
     u: UpdateRequest,
     Path(kid): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Audited {
     let mut facts = AuditFacts::default();
-    let result = delete_inner(&u, &mut facts, &kid, &headers).await;
+    let result = delete_inner(&u, &mut facts, &kid, uri.query(), &headers).await;
     Audited(facts, result)
 }
 
@@ -73,27 +80,33 @@ async fn delete_inner(
     u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let kid = body::kid(kid)?;
     facts.kid = Some(kid.to_string());
+    let dry_run = body::dry_run(query)?;
     require(&u.principal, Scope::KeysDelete)?;
     if !u.state.live().allow_delete {
         return Err(ApiError::delete_disabled());
     }
     let if_match = super::if_match(headers)?;
     let target = kid.clone();
-    let _ = run_change(
+    let outcome = run_change(
         u,
         facts,
         &kid,
+        dry_run,
         ApiError::from,
         move |keys, actor, i, r| async move {
-            keys.delete(&target, if_match.as_deref(), &actor, i, r)
+            keys.delete(&target, if_match.as_deref(), &actor, dry_run, i, r)
                 .await
         },
     )
     .await?;
+    if dry_run {
+        return Ok(super::dry_run_reply(&outcome));
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

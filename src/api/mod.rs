@@ -382,6 +382,7 @@ async fn run_change<Op, Fut>(
     u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &Kid,
+    dry_run: bool,
     map: fn(KeyError) -> ApiError,
     op: Op,
 ) -> Result<UpdateOutcome, ApiError>
@@ -401,6 +402,7 @@ where
         },
         kid.to_string(),
         u.event,
+        dry_run,
     );
     let keys = u.state.keys.clone();
     facts.recorded = true;
@@ -420,6 +422,7 @@ async fn update_key(
     facts: &mut AuditFacts,
     kid: &Kid,
     patch: KeyPatch,
+    dry_run: bool,
     map: fn(KeyError) -> ApiError,
 ) -> Result<UpdateOutcome, ApiError> {
     let target = kid.clone();
@@ -427,12 +430,25 @@ async fn update_key(
         u,
         facts,
         kid,
+        dry_run,
         map,
         move |keys, actor, intent, result| async move {
-            keys.update(&target, patch, &actor, intent, result).await
+            keys.update(&target, patch, &actor, dry_run, intent, result)
+                .await
         },
     )
     .await
+}
+
+/// The answer of a dry run: the key as it would be, and each change with its values.
+fn dry_run_reply(outcome: &UpdateOutcome) -> Response {
+    let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field.name()).collect();
+    audited::reply(json!({
+        "dry_run": true,
+        "key": outcome.key,
+        "changed": changed,
+        "changes": audited::changes_json(&outcome.changes),
+    }))
 }
 
 fn with_etag(view: &KeyView, mut r: Response) -> Response {
@@ -490,11 +506,12 @@ async fn get_key(
 async fn patch_key(
     u: UpdateRequest,
     Path(kid): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Audited {
     let mut facts = AuditFacts::default();
-    let result = patch_inner(&u, &mut facts, &kid, &headers, body).await;
+    let result = patch_inner(&u, &mut facts, &kid, uri.query(), &headers, body).await;
     Audited(facts, result)
 }
 
@@ -502,15 +519,20 @@ async fn patch_inner(
     u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let kid = body::kid(kid)?;
     facts.kid = Some(kid.to_string());
+    let dry_run = body::dry_run(query)?;
     require_update(&u.principal, &kid)?;
     let mut patch = body::key_patch(body::json_object(headers, body).await?)?;
     patch.if_match = if_match(headers)?;
-    let outcome = update_key(u, facts, &kid, patch, ApiError::from).await?;
+    let outcome = update_key(u, facts, &kid, patch, dry_run, ApiError::from).await?;
+    if dry_run {
+        return Ok(with_etag(&outcome.key, dry_run_reply(&outcome)));
+    }
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field.name()).collect();
     let body = audited::reply(json!({ "key": outcome.key, "changed": changed }));
     Ok(with_etag(&outcome.key, body))

@@ -185,6 +185,9 @@ pub struct Entry {
     pub count: Option<u64>,
     /// First and last of those (`HSMKEYD_FIRST`, `HSMKEYD_LAST`, RFC 3339).
     pub between: Option<(String, String)>,
+    /// The request was a dry run: checked and answered, nothing written
+    /// (`HSMKEYD_DRY_RUN=1`).
+    pub dry_run: bool,
 }
 
 impl Entry {
@@ -205,6 +208,7 @@ impl Entry {
             request: None,
             count: None,
             between: None,
+            dry_run: false,
         }
     }
 
@@ -247,6 +251,7 @@ impl Entry {
         opt("HSMKEYD_COUNT", self.count.map(|c| c.to_string()));
         opt("HSMKEYD_FIRST", self.between.as_ref().map(|b| b.0.clone()));
         opt("HSMKEYD_LAST", self.between.as_ref().map(|b| b.1.clone()));
+        opt("HSMKEYD_DRY_RUN", self.dry_run.then(|| "1".to_string()));
         f
     }
 }

@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 
 use super::entry::{Entry, Group};
 use super::meta::{self, Lifecycle, MetaRecord};
-use super::model::{Description, Kid, Label, RoleName};
+use super::model::{
+    Curve, Description, KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid, Label, RoleName,
+};
 use super::update::{self, now_rfc3339, Actor, Field, FieldChange, UpdateOutcome};
 use super::{hsm_error, sync, KeyError, KeyStore};
 use crate::hsm::{Hsm, HsmErrorKind, KeySpec, NewKey, ObjectInfo, ObjectKind, ObjectRef, Usage};
@@ -41,6 +43,49 @@ impl NewKeyRequest {
     /// A fresh kid: 16 random bytes.
     pub fn random_kid() -> Kid {
         Kid::from_id(&rand::random::<[u8; 16]>()).unwrap_or_else(|| unreachable!("16 bytes"))
+    }
+
+    /// The key as it will be once made (a dry run's answer): no etag, since it has no
+    /// objects yet.
+    fn preview(&self, kid: &Kid) -> KeyView {
+        let (key_type, curve, bits) = match &self.spec {
+            KeySpec::Aes(b) => (KeyType::Aes, None, Some(b * 8)),
+            KeySpec::GenericSecret(b) => (KeyType::GenericSecret, None, Some(b * 8)),
+            KeySpec::Ec(c) => (KeyType::Ec, Some(c.clone()), None),
+            KeySpec::Ed25519 => (KeyType::Edwards(Curve::Ed25519), None, None),
+            KeySpec::Rsa(b) => (KeyType::Rsa, None, Some(*b)),
+        };
+        let u = self.usage;
+        KeyView {
+            kid: kid.clone(),
+            label: self.label.as_str().to_string(),
+            description: self.description.as_ref().map(|d| d.as_str().to_string()),
+            roles: self.roles.clone(),
+            key_type,
+            curve,
+            bits,
+            class: if self.spec.is_pair() {
+                KeyClass::KeyPair
+            } else {
+                KeyClass::Secret
+            },
+            has_certificate: false,
+            attributes: KeyAttributes {
+                sensitive: Some(true),
+                extractable: Some(false),
+                modifiable: true,
+                sign: u.sign,
+                verify: u.verify,
+                encrypt: u.encrypt,
+                decrypt: u.decrypt,
+                wrap: u.wrap,
+                unwrap: u.unwrap,
+                derive: u.derive,
+            },
+            updated_at: None,
+            state: KeyState::Ok,
+            etag: String::new(),
+        }
     }
 
     /// What the audit trail records of the key to be made.
@@ -154,11 +199,13 @@ fn make(hsm: &Hsm, kid: &Kid, req: &NewKeyRequest, limit: &AtomicUsize) -> Resul
 impl KeyStore {
     /// Generates a key in the token with its metadata, on behalf of `actor` (who must hold
     /// one of `req.roles` when there are any). `before_write` and `after_write` are the
-    /// audit hooks, as for [`KeyStore::update`]. Answers the new key.
+    /// audit hooks, as for [`KeyStore::update`]. Answers the new key; with `dry_run`, after
+    /// every check, only the change (what would be made) and no token write.
     pub async fn create<F, G>(
         &self,
         req: NewKeyRequest,
         actor: &Actor,
+        dry_run: bool,
         before_write: F,
         after_write: G,
     ) -> Result<UpdateOutcome, KeyError>
@@ -204,6 +251,13 @@ impl KeyStore {
             before: Value::Null,
             after: req.summary(&kid),
         }];
+        if dry_run {
+            // Nothing to show but what would be made: the change's `after`.
+            return Ok(UpdateOutcome {
+                key: req.preview(&kid),
+                changes,
+            });
+        }
         let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
         let (made, changes) = self
             .on_token(move || {
@@ -229,6 +283,7 @@ impl KeyStore {
         kid: &Kid,
         if_match: Option<&str>,
         actor: &Actor,
+        dry_run: bool,
         before_write: F,
         after_write: G,
     ) -> Result<UpdateOutcome, KeyError>
@@ -254,6 +309,12 @@ impl KeyStore {
             before: serde_json::to_value(&current.view).unwrap_or(Value::Null),
             after: Value::Null,
         }];
+        if dry_run {
+            return Ok(UpdateOutcome {
+                key: current.view.clone(),
+                changes,
+            });
+        }
         let (hsm, kid2, store, entry) = (
             self.hsm.clone(),
             kid.clone(),

@@ -359,7 +359,9 @@ impl KeyStore {
             .clone()
     }
 
-    /// Applies `patch` to the key `kid` on behalf of `actor`: all of it, or nothing.
+    /// Applies `patch` to the key `kid` on behalf of `actor`: all of it, or nothing. With
+    /// `dry_run`, every check runs and the answer is the key as it would be; nothing is
+    /// written and the hooks do not run.
     ///
     /// `before_write` runs once the changes are known and just before the first token
     /// write, under the key's lock (not at all when nothing changes); if it fails, nothing
@@ -371,6 +373,7 @@ impl KeyStore {
         kid: &Kid,
         patch: KeyPatch,
         actor: &Actor,
+        dry_run: bool,
         before_write: F,
         after_write: G,
     ) -> Result<UpdateOutcome, KeyError>
@@ -392,6 +395,14 @@ impl KeyStore {
             .cloned()
             .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
         let plan = update::plan(kid, &current, &patch, actor)?;
+        if dry_run {
+            let key = update::preview(kid, &current, &plan)
+                .ok_or_else(|| KeyError::Internal(format!("no preview of key {kid}")))?;
+            return Ok(UpdateOutcome {
+                key,
+                changes: plan.changes,
+            });
+        }
         if plan.is_empty() {
             return Ok(UpdateOutcome {
                 key: current.view.clone(),

@@ -136,6 +136,34 @@ impl Plan {
     }
 }
 
+/// The key as `plan` would leave it, for a dry run: nothing is written.
+pub(super) fn preview(kid: &Kid, current: &Entry, plan: &Plan) -> Option<super::model::KeyView> {
+    if plan.is_empty() {
+        return Some(current.view.clone());
+    }
+    let mut objects = current.objects.clone();
+    if let Some(l) = &plan.new_label {
+        for o in objects.iter_mut() {
+            o.label = l.clone();
+        }
+    }
+    let slot = match &current.meta {
+        Some(m) => MetaSlot {
+            record: plan.record.clone(),
+            ..m.clone()
+        },
+        None => MetaSlot {
+            object: None,
+            spare: None,
+            layout: Layout::V2,
+            in_label: true,
+            record: plan.record.clone(),
+            dirty: true,
+        },
+    };
+    Entry::assemble(kid, objects, Some(slot), None).map(|e| e.view)
+}
+
 pub(super) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
