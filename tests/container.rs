@@ -93,7 +93,7 @@ impl Container {
             .to_string()
     }
 
-    /// Waits up to `secs` for `check` to hold; the last value seen when it does not.
+    /// Waits up to `secs` for `check` to hold, else fails with the unit's status and log.
     fn wait_for(&self, secs: u64, what: &str, mut check: impl FnMut(&Container) -> bool) {
         let end = Instant::now() + Duration::from_secs(secs);
         while !check(self) {
