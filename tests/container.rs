@@ -235,6 +235,14 @@ fn enable_now_reaches_active_with_a_status_naming_the_token_and_the_key_count() 
     // The socket: mode 0660, owned by the daemon's user and group.
     let stat = c.ok(&format!("stat -c '%a %U %G' {SOCK}"));
     assert_eq!(stat.trim(), "660 hsmkeyd hsmkeyd");
+    // The packaged CLI talks to the packaged socket by default; its man page and
+    // completions are installed.
+    let listed = c.ok("hsmkeyctl --json list");
+    assert!(listed.contains("\"total\": 2"), "{listed}");
+    c.ok("zcat /usr/share/man/man1/hsmkeyctl.1.gz | grep -q '^.TH hsmkeyctl'");
+    c.ok("grep -q _hsmkeyctl /usr/share/bash-completion/completions/hsmkeyctl");
+    c.ok("test -s /usr/share/zsh/vendor-completions/_hsmkeyctl");
+    c.ok("test -s /usr/share/fish/vendor_completions.d/hsmkeyctl.fish");
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fixture::{access, token_with, Principal, AES_KEY, OTHER_KEY};
+use common::fixture::{access, token_with, Principal, AES_KEY, EC_KEY, LOCKED_KEY, OTHER_KEY};
 use common::{Daemon, Setup};
 use hsmkeyd::api::routes;
 use serde_json::Value;
@@ -41,6 +41,18 @@ fn example(method: &str, pattern: &str) -> Option<Example> {
             valid: "",
             invalid: "",
             invalid_path: Some("/v1/keys/b2b2b"),
+        },
+        ("PATCH", "/v1/keys/by-label/{label}") => Example {
+            path: "/v1/keys/by-label/ec-key",
+            valid: r#"{"label": "walked-by-label"}"#,
+            invalid: r#"{"label": "x"}"#,
+            invalid_path: Some("/v1/keys/by-label/nobody-has-this"),
+        },
+        ("DELETE", "/v1/keys/by-label/{label}") => Example {
+            path: "/v1/keys/by-label/locked-key",
+            valid: "",
+            invalid: "",
+            invalid_path: Some("/v1/keys/by-label/nobody-has-this"),
         },
         ("POST", "/v1/auth/token") => Example {
             path: "/v1/auth/token",
@@ -76,7 +88,7 @@ fn entries_of(d: &Daemon, rid: &str) -> Vec<Value> {
 #[test]
 fn every_changing_route_leaves_exactly_one_result_entry_per_answer() {
     // The test's uid may do everything: update, create, delete, mint tokens.
-    let t = token_with(&[AES_KEY, OTHER_KEY]);
+    let t = token_with(&[AES_KEY, OTHER_KEY, EC_KEY, LOCKED_KEY]);
     let me = Principal::me("tester").scopes(&[
         "keymgmt:list",
         "keymgmt:get",

@@ -299,6 +299,15 @@ impl From<KeyError> for ApiError {
             KeyError::NotModifiable(_) => {
                 ApiError::new(StatusCode::NOT_ACCEPTABLE, "key_not_modifiable", message)
             }
+            KeyError::NoSuchLabel(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "key_not_found", message)
+            }
+            KeyError::LabelAmbiguous { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "label_ambiguous", message)
+            }
+            KeyError::LabelTaken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "label_taken", message)
+            }
             KeyError::KidTaken(_) => ApiError::new(StatusCode::CONFLICT, "kid_taken", message),
             KeyError::NotDestroyable(_) => {
                 ApiError::new(StatusCode::NOT_ACCEPTABLE, "key_not_destroyable", message)

@@ -76,7 +76,7 @@ pub(super) async fn delete(
     Audited(facts, result)
 }
 
-async fn delete_inner(
+pub(super) async fn delete_inner(
     u: &UpdateRequest,
     facts: &mut AuditFacts,
     kid: &str,

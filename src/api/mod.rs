@@ -10,6 +10,8 @@
 //!   `GET /v1/keys/{kid}/public` (scope `keymgmt:get`): the life cycle (`lifecycle.rs`).
 //! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
 //!   description, roles; honours `If-Match`.
+//! - `GET|PATCH|DELETE /v1/keys/by-label/{label}`: the same, for the key with that label
+//!   (`by_label.rs`).
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
 //! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}/{limit}`,
@@ -19,6 +21,7 @@
 
 pub mod audited;
 pub mod body;
+mod by_label;
 pub mod deadline;
 pub mod encedo;
 pub mod error;
@@ -187,6 +190,21 @@ fn table() -> Vec<Route> {
             lifecycle::delete,
         ),
         read("/v1/keys/{kid}/public", lifecycle::public_key),
+        read("/v1/keys/by-label/{label}", by_label::get),
+        change(
+            MethodFilter::PATCH,
+            "PATCH",
+            "/v1/keys/by-label/{label}",
+            Event::KeyAttributesChanged,
+            by_label::patch,
+        ),
+        change(
+            MethodFilter::DELETE,
+            "DELETE",
+            "/v1/keys/by-label/{label}",
+            Event::KeyDeleted,
+            by_label::delete,
+        ),
         change(
             MethodFilter::PATCH,
             "PATCH",

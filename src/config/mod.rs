@@ -162,6 +162,9 @@ pub struct Config {
     /// `keys.max_cleanup_backlog`: superseded metadata objects left for the background
     /// worker before updates wait for it.
     pub max_cleanup_backlog: usize,
+    /// `keys.unique_labels`: no two keys may share a label (default false; the shipped
+    /// configuration sets true).
+    pub unique_labels: bool,
     /// `keys.allow_delete`: whether `DELETE /v1/keys/{kid}` may destroy keys (default true).
     pub allow_delete: bool,
     /// `[[principals]]`.
@@ -249,6 +252,7 @@ struct RawKeys {
     roles: Vec<String>,
     max_cleanup_backlog: Option<usize>,
     allow_delete: Option<bool>,
+    unique_labels: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -481,6 +485,7 @@ impl Config {
             roles,
             max_cleanup_backlog,
             allow_delete: raw.keys.allow_delete.unwrap_or(true),
+            unique_labels: raw.keys.unique_labels.unwrap_or(false),
             principals,
             audit: AuditConfig {
                 sink: raw.audit.sink.unwrap_or(AuditSink::Journald),

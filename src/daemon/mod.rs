@@ -153,6 +153,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         config.pkcs11.max_sessions,
     )
     .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
+    keys.set_unique_labels(config.unique_labels);
     tracing::info!(keys = keys.len(), "key index built");
     let signer = signer(&hsm, &keys)?;
     let tokens = token_service(&config, signer.clone())?;

@@ -87,6 +87,7 @@ impl Reloader {
             *sync::write(shared) = config;
         }
         self.keys.set_roles(new.roles.clone());
+        self.keys.set_unique_labels(new.unique_labels);
         let summary = format!(
             "reloaded {}: {} principals, {} roles, {} external issuers{}{}",
             new.source.display(),

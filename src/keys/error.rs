@@ -31,6 +31,25 @@ pub enum KeyError {
     /// CKA_MODIFIABLE is false on the key's objects.
     #[error("key {0} is not modifiable (CKA_MODIFIABLE is false); the token refuses changes")]
     NotModifiable(Kid),
+    /// No key carries this label.
+    #[error("no key has the label {0:?}")]
+    NoSuchLabel(String),
+    /// Several keys carry this label, so it names none of them.
+    #[error("the label {label:?} is carried by several keys ({kids}); address one by its kid")]
+    LabelAmbiguous {
+        /// The label.
+        label: String,
+        /// The keys carrying it, comma-separated.
+        kids: String,
+    },
+    /// With `keys.unique_labels`, another key has (or is being given) this label.
+    #[error("the label {label:?} is taken (key {kid}); labels are unique on this host")]
+    LabelTaken {
+        /// The label.
+        label: String,
+        /// The key that has it.
+        kid: Kid,
+    },
     /// A key with this id exists already (a create that names its kid).
     #[error("a key with id {0} exists already")]
     KidTaken(Kid),

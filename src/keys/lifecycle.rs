@@ -246,6 +246,7 @@ impl KeyStore {
         if sync::read(&self.index).contains_key(&kid) {
             return Err(KeyError::KidTaken(kid));
         }
+        let _claim = self.claim_label(&kid, Some(&req.label))?;
         let changes = vec![FieldChange {
             field: Field::Key,
             before: Value::Null,

@@ -11,6 +11,7 @@
 mod entry;
 pub mod error;
 mod health;
+mod labels;
 mod lifecycle;
 pub mod meta;
 pub mod model;
@@ -72,6 +73,10 @@ pub struct Page {
 pub struct KeyStore {
     hsm: Hsm,
     roles: RwLock<BTreeSet<RoleName>>,
+    /// `keys.unique_labels`.
+    unique_labels: std::sync::atomic::AtomicBool,
+    /// Labels being given by creates and renames in progress.
+    claims: labels::Claims,
     index: RwLock<BTreeMap<Kid, Arc<Entry>>>,
     locks: Mutex<HashMap<Kid, Arc<tokio::sync::Mutex<()>>>>,
     /// Updates hold it shared; a rescan holds it exclusively so it never reads a key
@@ -144,6 +149,8 @@ impl KeyStore {
             generation: generation.into(),
             hsm,
             roles: RwLock::new(roles),
+            unique_labels: std::sync::atomic::AtomicBool::new(false),
+            claims: labels::Claims::default(),
             index: RwLock::new(index),
             locks: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
@@ -395,6 +402,7 @@ impl KeyStore {
             .cloned()
             .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
         let plan = update::plan(kid, &current, &patch, actor)?;
+        let _claim = self.claim_label(kid, patch.label.as_ref())?;
         if dry_run {
             let key = update::preview(kid, &current, &plan)
                 .ok_or_else(|| KeyError::Internal(format!("no preview of key {kid}")))?;

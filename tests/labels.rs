@@ -1,0 +1,125 @@
+//! Labels as names: `keys.unique_labels` (409 `label_taken`, atomic under concurrent
+//! renames), tokens that already hold duplicates, and `/v1/keys/by-label/{label}`.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+
+use common::fixture::{access, token_with, Principal, AES, AES_KEY, EC, EC_KEY, OTHER, OTHER_KEY};
+use common::{Daemon, Setup};
+use serde_json::json;
+
+fn unique() -> Setup {
+    let me = Principal::me("tester").scopes(&[
+        "keymgmt:list",
+        "keymgmt:get",
+        "keymgmt:upd",
+        "keymgmt:gen",
+        "keymgmt:del",
+    ]);
+    Setup::with_access(format!(
+        "[keys]\nunique_labels = true\n{}",
+        access(&[], &[me])
+    ))
+}
+
+#[test]
+fn with_unique_labels_a_taken_label_is_refused_for_creates_and_renames() {
+    let t = token_with(&[AES_KEY, EC_KEY]);
+    let d = Daemon::start(&t, &unique());
+    let c = d.client();
+    let before = t.objects();
+    c.patch(EC, &json!({"label": "aes-key"}))
+        .assert_error(409, "label_taken");
+    c.send(
+        "POST",
+        "/v1/keys",
+        &[("Content-Type", "application/json")],
+        br#"{"type": "aes", "label": "ec-key"}"#,
+    )
+    .assert_error(409, "label_taken");
+    assert_eq!(t.objects(), before);
+    // Its own label again is not a clash; a free one is fine.
+    assert_eq!(c.patch(EC, &json!({"label": "ec-key"})).status, 200);
+    assert_eq!(c.patch(EC, &json!({"label": "ec-renamed"})).status, 200);
+    // The old name is free again.
+    assert_eq!(c.patch(AES, &json!({"label": "ec-key"})).status, 200);
+}
+
+#[test]
+fn concurrent_renames_to_one_label_let_exactly_one_win() {
+    let kids = ["c001", "c002", "c003", "c004", "c005", "c006"];
+    let t = token_with(&[]);
+    for (i, k) in kids.iter().enumerate() {
+        t.gen("aes256", k, &format!("racer-{i}"), &[]);
+    }
+    let d = Daemon::start(&t, &unique());
+    for round in 0..3 {
+        let label = format!("winner-{round}");
+        let go = Arc::new(Barrier::new(kids.len()));
+        let threads: Vec<_> = kids
+            .iter()
+            .map(|k| {
+                let (c, go, k, label) = (d.client(), go.clone(), k.to_string(), label.clone());
+                std::thread::spawn(move || {
+                    go.wait();
+                    (k.clone(), c.patch(&k, &json!({"label": label})).status)
+                })
+            })
+            .collect();
+        let results: Vec<(String, u16)> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+        let winners: Vec<_> = results.iter().filter(|(_, s)| *s == 200).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        assert!(
+            results.iter().all(|(_, s)| *s == 200 || *s == 409),
+            "{results:?}"
+        );
+        // Independently: exactly one key in the token carries the label.
+        let holders: std::collections::BTreeSet<String> = t
+            .objects()
+            .into_iter()
+            .filter(|o| o.label == label)
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(holders.len(), 1, "round {round}: {holders:?}");
+        assert!(holders.contains(&winners[0].0));
+    }
+}
+
+#[test]
+fn by_label_addresses_one_key_and_refuses_an_ambiguous_label() {
+    let t = token_with(&[AES_KEY, OTHER_KEY]);
+    t.gen("aes256", "d001", "shared", &[]);
+    t.gen("aes256", "d002", "shared", &[]);
+    let d = Daemon::start(&t, &unique());
+    let c = d.client();
+    assert_eq!(c.get("/v1/keys/by-label/aes-key").ok()["kid"], AES);
+    c.get("/v1/keys/by-label/nobody")
+        .assert_error(404, "key_not_found");
+    // Duplicates already on the token stay readable by kid; by label they are ambiguous.
+    c.get("/v1/keys/by-label/shared")
+        .assert_error(409, "label_ambiguous");
+    let r = c.send(
+        "PATCH",
+        "/v1/keys/by-label/other-key",
+        &[("Content-Type", "application/json")],
+        br#"{"description": "by name"}"#,
+    );
+    assert_eq!(r.ok()["key"]["description"], "by name");
+    assert_eq!(
+        c.get(&format!("/v1/keys/{OTHER}")).ok()["description"],
+        "by name"
+    );
+    // Labels with spaces and other characters travel percent-encoded.
+    assert_eq!(
+        c.patch(AES, &json!({"label": "payments key/2"})).status,
+        200
+    );
+    assert_eq!(
+        c.get("/v1/keys/by-label/payments%20key%2F2").ok()["kid"],
+        AES
+    );
+    let gone = c.send("DELETE", "/v1/keys/by-label/payments%20key%2F2", &[], b"");
+    assert_eq!(gone.status, 204);
+    assert!(!t.objects().iter().any(|o| o.id == AES));
+}
