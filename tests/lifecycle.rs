@@ -456,6 +456,31 @@ fn public_halves_come_as_pem_matching_pkcs11_tool_and_as_jwk() {
     d.client()
         .get(&format!("/v1/keys/{AES}/public"))
         .assert_error(406, "no_public_key");
+
+    // A JWK set of the asymmetric keys, by label prefix or role.
+    let set = |q: &str| {
+        let r = d.client().get(&format!("/v1/jwks{q}"));
+        assert_eq!(r.header("content-type"), Some("application/jwk-set+json"));
+        let kids: BTreeSet<String> = r.json()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect();
+        kids
+    };
+    let all: BTreeSet<String> = [EC, "5a01", "ed01"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(set(""), all, "secret keys have no JWK");
+    assert_eq!(set("?label_prefix=ec-"), [EC.to_string()].into());
+    d.client()
+        .patch("ed01", &json!({"roles": ["payments"]}))
+        .ok();
+    assert_eq!(set("?role=payments"), ["ed01".to_string()].into());
+    assert_eq!(set("?role=ops&label_prefix=ed"), BTreeSet::new());
+    d.client()
+        .get("/v1/jwks?colour=red")
+        .assert_error(400, "invalid_query");
+    assert_eq!(set(""), all);
 }
 
 /// Waits until the fault wrapper holds a call of `function`.

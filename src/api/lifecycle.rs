@@ -140,6 +140,59 @@ pub(super) async fn public_key(
     Ok(r)
 }
 
+/// `GET /v1/jwks?label_prefix=...&role=...`: the public keys of the asymmetric keys that
+/// match, as a JWK set (secret keys have none and are left out).
+pub(super) async fn jwks(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    require(&p, Scope::KeysGet)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("bad query string: {e}")))?;
+    let (mut prefix, mut role) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "label_prefix" if prefix.is_none() => prefix = Some(v),
+            "role" if role.is_none() => {
+                role = Some(RoleName::parse(&v).map_err(|e| ApiError::bad_field("invalid_role", "role", e))?)
+            }
+            other => {
+                return Err(ApiError::bad_field(
+                    "invalid_query",
+                    "query",
+                    format!("query parameter {other:?} is unknown or given twice; a JWK set takes label_prefix and role"),
+                ))
+            }
+        }
+    }
+    let (kids, more) =
+        state
+            .keys
+            .select(prefix.as_deref(), role.as_ref(), crate::keys::MAX_PAGE)?;
+    if more {
+        return Err(ApiError::bad_request(
+            "too_many_keys",
+            format!(
+                "more than {} keys match; narrow the selection with label_prefix or role",
+                crate::keys::MAX_PAGE
+            ),
+        ));
+    }
+    let mut keys = Vec::new();
+    for kid in kids {
+        if let (view, Some(public)) = state.keys.get_with_public(&kid).await? {
+            keys.extend(public::jwk(&view, &public));
+        }
+    }
+    let mut r = (StatusCode::OK, json!({ "keys": keys }).to_string()).into_response();
+    let _ = r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/jwk-set+json"),
+    );
+    Ok(r)
+}
+
 /// Validates a create body: `type`, `bits`/`curve`, `label`, `description`, `roles`,
 /// `usage`, `kid`.
 fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {

@@ -7,7 +7,8 @@
 //!   `label_prefix`.
 //! - `GET /v1/keys/{kid}` (scope `keymgmt:get`): one key, with an `ETag`.
 //! - `POST /v1/keys` (scope `keymgmt:gen`), `DELETE /v1/keys/{kid}` (scope `keymgmt:del`),
-//!   `GET /v1/keys/{kid}/public` (scope `keymgmt:get`): the life cycle (`lifecycle.rs`).
+//!   `GET /v1/keys/{kid}/public` and `GET /v1/jwks` (scope `keymgmt:get`): the life cycle
+//!   and public halves (`lifecycle.rs`).
 //! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
 //!   description, roles; honours `If-Match`.
 //! - `GET|PATCH|DELETE /v1/keys/by-label/{label}`: the same, for the key with that label
@@ -191,6 +192,7 @@ fn table() -> Vec<Route> {
         ),
         read("/v1/keys/{kid}/public", lifecycle::public_key),
         read("/v1/keys/by-label/{label}", by_label::get),
+        read("/v1/jwks", lifecycle::jwks),
         change(
             MethodFilter::PATCH,
             "PATCH",

@@ -56,6 +56,28 @@ impl KeyStore {
         }
     }
 
+    /// The kids of keys whose label starts with `label_prefix` and that carry `role`
+    /// (either filter may be absent), at most `max`, in kid order; `true` when more matched.
+    pub fn select(
+        &self,
+        label_prefix: Option<&str>,
+        role: Option<&crate::values::RoleName>,
+        max: usize,
+    ) -> Result<(Vec<Kid>, bool), KeyError> {
+        self.ensure_token()?;
+        let index = sync::read(&self.index);
+        let mut hits = index.values().filter(|e| {
+            label_prefix.is_none_or(|p| e.view.label.starts_with(p))
+                && role.is_none_or(|r| e.view.roles.contains(r))
+        });
+        let kids: Vec<Kid> = hits
+            .by_ref()
+            .take(max)
+            .map(|e| e.view.kid.clone())
+            .collect();
+        Ok((kids, hits.next().is_some()))
+    }
+
     /// Claims `label` for `kid` when labels are unique: 409 `label_taken` if another key
     /// has it or is being given it. With unique labels off, or no label, claims nothing.
     pub(super) fn claim_label(
