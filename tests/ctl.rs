@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::fixture::{access, minting_access, token_with, Principal, AES, AES_KEY, EC, EC_KEY};
+use common::fixture::{keys_access, minting_access, token_with, AES, AES_KEY, EC, EC_KEY};
 use common::journal::Journal;
 use common::{tls, Daemon, Setup};
 use serde_json::Value;
@@ -320,13 +320,7 @@ fn a_terminal_gets_a_drawn_table_and_completions_and_man_page_are_generated() {
 #[test]
 fn create_public_and_delete_with_a_confirmation_on_a_terminal() {
     let t = token_with(&[AES_KEY]);
-    let me = Principal::me("tester").scopes(&[
-        "keymgmt:list",
-        "keymgmt:get",
-        "keymgmt:gen",
-        "keymgmt:del",
-    ]);
-    let d = Daemon::start(&t, &Setup::with_access(access(&[], &[me])));
+    let d = Daemon::start(&t, &Setup::with_access(keys_access()));
     let made = json(&ctl(
         &d,
         &[

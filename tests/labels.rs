@@ -5,22 +5,12 @@ mod common;
 
 use std::sync::{Arc, Barrier};
 
-use common::fixture::{access, token_with, Principal, AES, AES_KEY, EC, EC_KEY, OTHER, OTHER_KEY};
+use common::fixture::{keys_access, token_with, AES, AES_KEY, EC, EC_KEY, OTHER, OTHER_KEY};
 use common::{Daemon, Setup};
 use serde_json::json;
 
 fn unique() -> Setup {
-    let me = Principal::me("tester").scopes(&[
-        "keymgmt:list",
-        "keymgmt:get",
-        "keymgmt:upd",
-        "keymgmt:gen",
-        "keymgmt:del",
-    ]);
-    Setup::with_access(format!(
-        "[keys]\nunique_labels = true\n{}",
-        access(&[], &[me])
-    ))
+    Setup::with_access(keys_access().replace("[keys]", "[keys]\nunique_labels = true"))
 }
 
 #[test]

@@ -197,3 +197,20 @@ pub fn all_access() -> String {
 pub fn minting_access() -> String {
     tester(&MINTING_SCOPES)
 }
+
+/// The test's uid ("tester") may do everything with keys (create and delete included), with
+/// role "ops" of the two defined.
+pub fn keys_access() -> String {
+    access(
+        &BOTH_ROLES,
+        &[Principal::me("tester")
+            .scopes(&[
+                "keymgmt:list",
+                "keymgmt:get",
+                "keymgmt:upd",
+                "keymgmt:gen",
+                "keymgmt:del",
+            ])
+            .roles(&["ops"])],
+    )
+}
