@@ -71,12 +71,14 @@ mod tests {
             "keymgmt:get",
             "keymgmt:upd",
             "keymgmt:upd:0aff",
+            "keymgmt:gen",
+            "keymgmt:del",
             "auth:token",
         ] {
             assert_eq!(Scope::parse(s).unwrap().to_string(), s);
         }
         assert!(Scope::parse("keymgmt:upd:xyz").is_err());
-        assert!(Scope::parse("keymgmt:del").is_err());
+        assert!(Scope::parse("keymgmt:destroy").is_err());
         assert!(Scope::parse("").is_err());
     }
 }
