@@ -268,15 +268,25 @@ fn every_other_error_status_has_a_json_body() {
     c.patch("0bad", &json!({"label": "x"}))
         .assert_error(404, "key_not_found");
     c.get("/v2/nothing").assert_error(404, "not_found");
-    c.send("DELETE", &format!("/v1/keys/{EC}"), &[], b"")
+    c.send("PUT", &format!("/v1/keys/{EC}"), &[], b"")
         .assert_error(405, "method_not_allowed");
     c.send(
-        "POST",
+        "PUT",
         "/v1/keys",
         &[("Content-Type", "application/json")],
         b"{}",
     )
     .assert_error(405, "method_not_allowed");
+    // Creating and deleting need their own scopes, which this caller lacks.
+    c.send("DELETE", &format!("/v1/keys/{EC}"), &[], b"")
+        .assert_error(403, "missing_scope");
+    c.send(
+        "POST",
+        "/v1/keys",
+        &[("Content-Type", "application/json")],
+        br#"{"type": "aes", "label": "x"}"#,
+    )
+    .assert_error(403, "missing_scope");
 
     let r = c.patch(LOCKED, &json!({"label": "unlocked"}));
     r.assert_error(406, "key_not_modifiable");
