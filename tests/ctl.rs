@@ -411,3 +411,35 @@ fn create_public_and_delete_with_a_confirmation_on_a_terminal() {
     let o = ctl(&d, &["get", "cc02"]);
     assert_eq!(code(&o), 1);
 }
+
+#[test]
+fn dry_runs_show_the_change_and_write_nothing() {
+    let t = token_with(&[AES_KEY, EC_KEY]);
+    let d = Daemon::start(&t, &Setup::with_access(keys_access()));
+    let before = t.objects_text();
+    let up = ctl(&d, &["update", EC, "--label", "maybe", "--dry-run"]);
+    assert_eq!(code(&up), 0, "{}", stderr(&up));
+    let text = stdout(&up);
+    assert!(text.starts_with("dry run: nothing was written"), "{text}");
+    assert!(text.contains("ec-key") && text.contains("maybe"), "{text}");
+    let made = json(&ctl(
+        &d,
+        &[
+            "--json",
+            "create",
+            "--type",
+            "aes",
+            "--label",
+            "never",
+            "--dry-run",
+        ],
+    ));
+    assert_eq!(made["dry_run"], true);
+    assert_eq!(made["key"]["label"], "never");
+    let gone = json(&ctl(&d, &["--json", "delete", AES, "--dry-run"]));
+    assert_eq!(gone["key"]["kid"], AES);
+    // A dry run that would fail fails the same way.
+    let o = ctl(&d, &["delete", "0bad", "--dry-run"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_eq!(t.objects_text(), before);
+}

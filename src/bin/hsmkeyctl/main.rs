@@ -101,6 +101,9 @@ enum Cmd {
         /// Update only if the key still has this ETag (from `get`).
         #[arg(long)]
         if_match: Option<String>,
+        /// Check everything and show the key as it would be; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Generate a key in the token (scope keymgmt:gen).
     Create {
@@ -132,6 +135,9 @@ enum Cmd {
         /// The key id (hex, 1..=32 bytes); 16 random bytes otherwise.
         #[arg(long)]
         kid: Option<String>,
+        /// Check everything and show the key as it would be; make nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Destroy every object of a key (scope keymgmt:del). Asks first on a terminal.
     Delete {
@@ -143,6 +149,9 @@ enum Cmd {
         /// Do not ask.
         #[arg(short, long)]
         yes: bool,
+        /// Check everything and show the key that would be destroyed; destroy nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// A key's public half: PEM, or a JWK with --jwk.
     Public {
@@ -400,6 +409,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             roles,
             clear_roles,
             if_match,
+            dry_run,
         } => {
             let mut patch = Map::new();
             if let Some(l) = label {
@@ -431,13 +441,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let a = t
                 .send(
                     Method::PATCH,
-                    &format!("/v1/keys/{kid}"),
+                    &format!("/v1/keys/{kid}{}", dry_query(*dry_run)),
                     Some(&Value::Object(patch)),
                     &headers,
                 )
                 .await?
                 .ok()?;
-            if cli.json {
+            if *dry_run {
+                print_dry_run(&cli, &a);
+            } else if cli.json {
                 show::json(&a.body);
             } else {
                 println!("{}", show::fields(&a.body["key"]));
@@ -472,6 +484,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             usage,
             no_usage,
             kid,
+            dry_run,
         } => {
             let mut body = json!({ "type": key_type, "label": label });
             for (name, value) in [
@@ -495,17 +508,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 body["usage"] = Value::Object(flags);
             }
             let a = t
-                .send(Method::POST, "/v1/keys", Some(&body), &[])
+                .send(
+                    Method::POST,
+                    &format!("/v1/keys{}", dry_query(*dry_run)),
+                    Some(&body),
+                    &[],
+                )
                 .await?
                 .ok()?;
-            if cli.json {
+            if *dry_run {
+                print_dry_run(&cli, &a);
+            } else if cli.json {
                 show::json(&a.body);
             } else {
                 println!("{}", show::fields(&a.body["key"]));
                 println!("audit id: {}", show::cell(&a.body["audit_id"]));
             }
         }
-        Cmd::Delete { kid, if_match, yes } => {
+        Cmd::Delete {
+            kid,
+            if_match,
+            yes,
+            dry_run,
+        } => {
+            if *dry_run {
+                let path = format!("/v1/keys/{kid}?dry_run=true");
+                let a = t.send(Method::DELETE, &path, None, &[]).await?.ok()?;
+                print_dry_run(&cli, &a);
+                return Ok(());
+            }
             if !*yes
                 && std::io::stdin().is_terminal()
                 && !confirm(&format!(
@@ -550,6 +581,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Audit { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// `?dry_run=true` when asked for.
+fn dry_query(dry_run: bool) -> &'static str {
+    if dry_run {
+        "?dry_run=true"
+    } else {
+        ""
+    }
+}
+
+/// A dry run's answer: each change with its values, then the key as it would be.
+fn print_dry_run(cli: &Cli, a: &Answer) {
+    if cli.json {
+        show::json(&a.body);
+        return;
+    }
+    println!("dry run: nothing was written");
+    let mut t = show::table(&["FIELD", "BEFORE", "AFTER"]);
+    if let Some(changes) = a.body["changes"].as_object() {
+        for (field, c) in changes {
+            let _ = t.add_row(vec![
+                field.clone(),
+                show::cell(&c["before"]),
+                show::cell(&c["after"]),
+            ]);
+        }
+    }
+    println!("{t}");
+    println!("{}", show::fields(&a.body["key"]));
 }
 
 /// Asks on the terminal; true for y or yes.
