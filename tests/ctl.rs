@@ -146,6 +146,17 @@ fn list_get_update_and_status_over_the_unix_socket() {
     let st = json(&ctl(&d, &["--json", "status"]));
     assert_eq!(st["keys"], 2);
     assert_eq!(st["state"], "serving");
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(st["token_label"], "hsmkeyd-test");
+    assert!(
+        st["token_serial"].as_str().is_some_and(|s| !s.is_empty()),
+        "{st}"
+    );
+    assert!(st["uptime_s"].as_u64().is_some(), "{st}");
+    assert_eq!(st["sessions"]["max"], 8, "{st}");
+    assert!(st["sessions"]["open"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["audit"]["healthy"], true);
+    assert_eq!(st["last_reload"], Value::Null);
     assert!(stdout(&ctl(&d, &["status"])).contains("serving"));
 }
 

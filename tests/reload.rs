@@ -115,6 +115,7 @@ fn a_broken_or_restart_only_config_is_refused_and_the_old_one_keeps_serving() {
     let c = d.client();
     let config = t.path().join("hsmkeyd.toml");
     let good = std::fs::read_to_string(&config).unwrap();
+    assert_eq!(c.get("/v1/status").ok()["last_reload"], Value::Null);
 
     let cases = [
         (
@@ -142,6 +143,12 @@ fn a_broken_or_restart_only_config_is_refused_and_the_old_one_keeps_serving() {
         assert_eq!(r.status, 200, "{reason}: {:?}", r.json());
     }
     assert!(d.log().contains("reload refused"));
+    let last = c.get("/v1/status").ok()["last_reload"].clone();
+    assert_eq!(last["applied"], false, "{last}");
+    assert!(
+        last["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{last}"
+    );
     assert_eq!(d.stop(), 0);
 }
 

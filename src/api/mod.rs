@@ -65,6 +65,19 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Deadline and minimum rate of request bodies.
     pub body_limits: deadline::BodyLimits,
+    /// When the daemon started serving.
+    pub started: std::time::Instant,
+    /// The last reload: when (RFC 3339) and whether it was applied.
+    pub last_reload: Arc<std::sync::Mutex<Option<LastReload>>>,
+}
+
+/// A reload, as `GET /v1/status` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastReload {
+    /// When it happened (RFC 3339).
+    pub at: String,
+    /// Whether it was applied.
+    pub applied: bool,
 }
 
 /// The parts of the configuration a reload replaces. Requests take a snapshot when they
@@ -501,10 +514,20 @@ async fn status(
     require(&p, Scope::KeysList)?;
     let keys = &state.keys;
     let backlog = keys.backlog();
+    let token = keys.hsm().token();
+    let (in_use, open, max) = keys.hsm().sessions();
     Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "state": if keys.is_lost() { "token_unavailable" } else { "serving" },
-        "token": keys.hsm().token().to_string(),
+        "token": token.to_string(),
+        "token_label": token.label,
+        "token_serial": token.serial,
+        "token_slot": token.slot_id,
         "keys": keys.len(),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "sessions": {"in_use": in_use, "open": open, "max": max},
+        "audit": {"healthy": state.audit.healthy()},
+        "last_reload": *sync::lock(&state.last_reload),
         "unreadable_objects": keys.unreadable(),
         "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},
     }))

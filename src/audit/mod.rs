@@ -292,6 +292,8 @@ pub struct Auditor {
     sink: sink::Sink,
     /// Refusals of unidentified callers, aggregated per peer (`None`: every one is an entry).
     pub refusals: Option<aggregate::Refusals>,
+    /// Whether the last write succeeded (for the status endpoint).
+    healthy: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Auditor {
@@ -309,6 +311,7 @@ impl Auditor {
         Ok(Auditor {
             sink: sink::Sink::open(sink)?,
             refusals: (!window.is_zero()).then(|| aggregate::Refusals::new(window)),
+            healthy: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -329,7 +332,15 @@ impl Auditor {
     /// Writes one entry; an error means it was **not** recorded. Blocks briefly (one
     /// datagram); async callers use [`Auditor::write_async`].
     pub fn write(&self, entry: &Entry) -> Result<(), AuditError> {
-        self.sink.write(entry)
+        let written = self.sink.write(entry);
+        self.healthy
+            .store(written.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        written
+    }
+
+    /// Whether the last entry was taken by the sink.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// [`Auditor::write`] on a blocking thread.

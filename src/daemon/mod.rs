@@ -276,6 +276,7 @@ async fn serve(
     let tasks = TaskTracker::new();
     let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(keys.clone().run_worker(worker_stop));
+    let last_reload = Arc::new(std::sync::Mutex::new(None));
     let state = AppState {
         keys: keys.clone(),
         audit: audit.clone(),
@@ -285,6 +286,8 @@ async fn serve(
             deadline: config.server.request_timeout,
             min_rate: config.server.min_body_rate,
         },
+        started: std::time::Instant::now(),
+        last_reload: last_reload.clone(),
     };
     let app = api::router(state);
     let mut term = signal(SignalKind::terminate())
@@ -361,6 +364,7 @@ async fn serve(
         signer,
         audit: audit.clone(),
         status,
+        last_reload,
     };
     // The status line follows the store's health (worker backlog, unreadable objects).
     // Housekeeping that may wait on the token or journald runs in a task of its own, so

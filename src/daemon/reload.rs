@@ -30,6 +30,8 @@ pub(super) struct Reloader {
     pub(super) audit: Arc<Auditor>,
     /// The STATUS line sent with READY=1 after a reload.
     pub(super) status: String,
+    /// What `GET /v1/status` shows of the last reload.
+    pub(super) last_reload: Arc<std::sync::Mutex<Option<crate::api::LastReload>>>,
 }
 
 impl Reloader {
@@ -50,6 +52,12 @@ impl Reloader {
                 )
             }
         };
+        *sync::lock(&self.last_reload) = Some(crate::api::LastReload {
+            at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            applied: outcome == Outcome::Ok,
+        });
         if let Err(e) = self
             .audit
             .write_async(Entry::new(Event::ConfigReloaded, outcome, message))

@@ -164,6 +164,11 @@ impl Hsm {
         ctx.finalize().map_err(|e| HsmError::from_ck(&e))
     }
 
+    /// PKCS#11 sessions in use by HSM work now, open, and the configured limit.
+    pub fn sessions(&self) -> (usize, usize, usize) {
+        self.pool().usage()
+    }
+
     pub(crate) fn pool(&self) -> &Pool {
         &self.inner.pool
     }

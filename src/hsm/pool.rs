@@ -45,6 +45,12 @@ struct State {
 }
 
 impl Pool {
+    /// Sessions handed out now, sessions open, and the limit.
+    pub(crate) fn usage(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        (st.open.saturating_sub(st.idle.len()), st.open, self.max)
+    }
+
     pub(crate) fn new(ctx: Pkcs11, slot: Slot, pin: SecretString, max: usize) -> Pool {
         Pool {
             ctx,
