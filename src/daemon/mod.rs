@@ -6,6 +6,7 @@
 //! `server.drain_timeout_s`), close the sessions and call C_Finalize.
 //! May call: every module.
 
+mod checkpoint;
 mod reload;
 
 use std::sync::{Arc, RwLock};
@@ -139,6 +140,8 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         }
     };
     tracing::info!(token = %hsm.token(), module = %config.pkcs11.module.display(), "logged in");
+    // From here on every entry is chained, continuing from the token's high-water mark.
+    let anchor = checkpoint::anchor(&hsm, &audit, config.audit.checkpoint_entries)?;
     audit
         .write(&Entry::new(
             Event::HsmLogin,
@@ -171,6 +174,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         keys.clone(),
         audit.clone(),
         (signer, tokens),
+        anchor,
     ));
     // A wedged HSM call must not hold the process: blocking threads still inside the
     // module after this grace are abandoned.
@@ -183,9 +187,6 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
              still run in the module)"),
     }
     served?;
-    if let Err(e) = audit.write(&Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped")) {
-        tracing::warn!(error = %e, "could not record the stop in the audit trail");
-    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -260,6 +261,7 @@ async fn serve(
     keys: Arc<KeyStore>,
     audit: Arc<Auditor>,
     (signer, tokens): (Arc<dyn Signer>, Arc<TokenService>),
+    anchor: Arc<checkpoint::Anchor>,
 ) -> Result<(), Fatal> {
     let owns_unix_path = listeners.owns_unix_path;
     let key_count = keys.len();
@@ -274,6 +276,14 @@ async fn serve(
     let tasks = TaskTracker::new();
     let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(keys.clone().run_worker(worker_stop));
+    let (stop_checkpoints, checkpoints_stop) = tokio::sync::watch::channel(false);
+    let checkpoints = tokio::spawn(checkpoint::run(
+        anchor.clone(),
+        audit.clone(),
+        keys.clone(),
+        config.audit.checkpoint_interval,
+        checkpoints_stop,
+    ));
     let state = AppState {
         keys: keys.clone(),
         audit: audit.clone(),
@@ -355,7 +365,7 @@ async fn serve(
         running: config.clone(),
         live,
         tls: tls_shared,
-        keys,
+        keys: keys.clone(),
         signer,
         audit: audit.clone(),
         status,
@@ -440,6 +450,19 @@ async fn serve(
             timeout_s = config.server.drain_timeout.as_secs(),
             "requests still running after the drain timeout; stopping anyway"
         );
+    }
+    // The last entries: the stop, and the checkpoint that signs it (the next run links
+    // to that checkpoint).
+    let _ = stop_checkpoints.send(true);
+    let _ = checkpoints.await;
+    if let Err(e) = audit
+        .write_async(Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped"))
+        .await
+    {
+        tracing::warn!(error = %e, "could not record the stop in the audit trail");
+    }
+    if let Err(e) = checkpoint::checkpoint(&anchor, &audit, &keys, "stop").await {
+        tracing::error!(error = %e, "the final audit checkpoint was not written; the trail's tail stays unsigned");
     }
     Ok(())
 }
