@@ -33,9 +33,6 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// answers.
 pub const RESERVE: u64 = 10_000;
 
-/// Prefix of a mark object's CKA_LABEL; the JSON record follows after one space.
-const MARK_PREFIX: &str = "hsmkeyd-audit-mark";
-
 /// The canonical encoding of an entry's fields for the chain: every field whose name starts
 /// with `HSMKEYD_` (except `HSMKEYD_CHAIN` and `HSMKEYD_SIGNATURE`), `MESSAGE_ID` and
 /// `MESSAGE`, sorted by name (bytewise); each as the name's length (u64 big-endian), the
@@ -131,22 +128,19 @@ impl Mark {
         checkpoint: None,
     };
 
-    /// The mark object's CKA_LABEL.
-    pub fn to_label(&self) -> Vec<u8> {
+    /// The record a mark object holds (JSON).
+    pub fn to_record(&self) -> Vec<u8> {
         let record = MarkRecord {
             next: self.next,
             checkpoint_seq: self.checkpoint.map(|c| c.0),
             checkpoint_chain: self.checkpoint.map(|c| hex::encode(c.1)),
         };
-        let json = serde_json::to_string(&record).unwrap_or_default();
-        format!("{MARK_PREFIX} {json}").into_bytes()
+        serde_json::to_vec(&record).unwrap_or_default()
     }
 
-    /// Reads a mark object's label; `None` when it is not a whole record (a torn write).
-    pub fn from_label(label: &[u8]) -> Option<Mark> {
-        let text = std::str::from_utf8(label).ok()?;
-        let json = text.strip_prefix(MARK_PREFIX)?.strip_prefix(' ')?;
-        let r: MarkRecord = serde_json::from_str(json).ok()?;
+    /// Reads a mark object's record; `None` when it is not a whole record (a torn write).
+    pub fn from_record(record: &[u8]) -> Option<Mark> {
+        let r: MarkRecord = serde_json::from_slice(record).ok()?;
         let checkpoint = match (r.checkpoint_seq, r.checkpoint_chain) {
             (Some(s), Some(c)) => Some((s, hex::decode(c).ok()?.try_into().ok()?)),
             (None, None) => None,
@@ -161,15 +155,15 @@ impl Mark {
     /// The higher of the records the mark objects hold (slot order), and the slot of the
     /// other one (the next write goes there). An error when objects exist but none holds a
     /// whole record: starting anyway could repeat sequence numbers.
-    pub fn pick(labels: &[Vec<u8>]) -> Result<(Mark, usize), AuditError> {
-        let marks: Vec<Option<Mark>> = labels.iter().map(|l| Mark::from_label(l)).collect();
+    pub fn pick(records: &[Vec<u8>]) -> Result<(Mark, usize), AuditError> {
+        let marks: Vec<Option<Mark>> = records.iter().map(|l| Mark::from_record(l)).collect();
         let best = marks
             .iter()
             .enumerate()
             .filter_map(|(i, m)| m.map(|m| (i, m)))
             .max_by_key(|(_, m)| m.next);
         match best {
-            Some((i, m)) => Ok((m, if labels.len() > 1 { 1 - i } else { 0 })),
+            Some((i, m)) => Ok((m, if records.len() > 1 { 1 - i } else { 0 })),
             None => Err(AuditError(
                 "the token's audit high-water mark objects (hsmkeyd.audit.v1) hold no readable \
                  record; hsmkeyd will not guess sequence numbers. Restore the token from a \
@@ -282,11 +276,11 @@ mod tests {
             next: 20_001,
             checkpoint: Some((123, [7; 32])),
         };
-        assert_eq!(Mark::from_label(&m.to_label()), Some(m));
-        let torn = b"hsmkeyd-audit-mark {\"next\":3".to_vec();
-        assert_eq!(Mark::pick(&[torn.clone(), m.to_label()]).unwrap(), (m, 0));
+        assert_eq!(Mark::from_record(&m.to_record()), Some(m));
+        let torn = b"{\"next\":3".to_vec();
+        assert_eq!(Mark::pick(&[torn.clone(), m.to_record()]).unwrap(), (m, 0));
         assert_eq!(
-            Mark::pick(&[Mark::FRESH.to_label(), m.to_label()]).unwrap(),
+            Mark::pick(&[Mark::FRESH.to_record(), m.to_record()]).unwrap(),
             (m, 0)
         );
         assert!(Mark::pick(&[torn.clone(), torn]).is_err());

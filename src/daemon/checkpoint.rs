@@ -39,13 +39,15 @@ pub(super) fn anchor(hsm: &Hsm, audit: &Auditor, every: u64) -> Result<Arc<Ancho
         })?;
     let unreadable = |e: String| Fatal(format!("the audit high-water mark in {token}: {e}"));
     let (mark, labels) = hsm
-        .audit_mark(&Mark::FRESH.to_label())
+        .audit_mark(&Mark::FRESH.to_record(), |r| {
+            Mark::from_record(r).map(|m| m.next)
+        })
         .map_err(|e| unreadable(e.to_string()))?;
     let (start, other) = Mark::pick(&labels).map_err(|e| unreadable(e.0))?;
     mark.write_first(other);
     audit.anchor(start, key.public_point().to_vec(), every);
     let first = audit.reservation(None, start);
-    hsm.write_audit_mark(&mark, &first.to_label())
+    hsm.write_audit_mark(&mark, &first.to_record())
         .map_err(|e| unreadable(format!("cannot reserve sequence numbers: {e}")))?;
     audit.reserved(first);
     tracing::info!(
@@ -88,7 +90,7 @@ pub(super) async fn checkpoint(
         .map_err(|e| e.to_string())?;
     let mark = audit.reservation(Some(at), anchor.start);
     let a = anchor.clone();
-    keys.on_token(move || a.hsm.write_audit_mark(&a.mark, &mark.to_label()))
+    keys.on_token(move || a.hsm.write_audit_mark(&a.mark, &mark.to_record()))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("writing the audit high-water mark: {e}"))?;
