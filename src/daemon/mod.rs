@@ -59,6 +59,10 @@ const BLOCKING_FOR_AUDIT: usize = 64;
 /// How often the status line is brought up to date.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long the stop waits for the token to sign the last audit checkpoint (and for a
+/// checkpoint in flight), so a token that hangs cannot hold the stop.
+const STOP_CHECKPOINT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long runtime shutdown waits for blocking threads (HSM calls) after the drain.
 const RUNTIME_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -453,16 +457,30 @@ async fn serve(
     }
     // The last entries: the stop, and the checkpoint that signs it (the next run links
     // to that checkpoint).
+    // A token that hangs must not hold the stop: each step is bounded.
     let _ = stop_checkpoints.send(true);
-    let _ = checkpoints.await;
+    let aborter = checkpoints.abort_handle();
+    if tokio::time::timeout(STOP_CHECKPOINT_GRACE, checkpoints)
+        .await
+        .is_err()
+    {
+        aborter.abort();
+    }
     if let Err(e) = audit
         .write_async(Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped"))
         .await
     {
         tracing::warn!(error = %e, "could not record the stop in the audit trail");
     }
-    if let Err(e) = checkpoint::checkpoint(&anchor, &audit, &keys, "stop").await {
-        tracing::error!(error = %e, "the final audit checkpoint was not written; the trail's tail stays unsigned");
+    let last = checkpoint::checkpoint(&anchor, &audit, &keys, "stop");
+    match tokio::time::timeout(STOP_CHECKPOINT_GRACE, last).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e,
+            "the final audit checkpoint was not written; the trail's tail stays unsigned"),
+        Err(_) => tracing::error!(
+            "the token did not sign the final audit checkpoint in time; the trail's tail \
+             stays unsigned"
+        ),
     }
     Ok(())
 }
