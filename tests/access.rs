@@ -52,11 +52,11 @@ fn assert_untouched(t: &Token) {
     );
 }
 
-/// hsmkeyd's metadata objects in the token.
+/// hsmkeyd's metadata objects in the token (not the audit trail's high-water mark).
 fn meta_objects(t: &Token) -> Vec<String> {
     t.objects()
         .into_iter()
-        .filter(|o| o.class == "Data")
+        .filter(|o| o.class == "Data" && !o.label.starts_with("hsmkeyd-audit-mark"))
         .map(|o| o.label)
         .collect()
 }
@@ -113,17 +113,23 @@ fn every_request(c: &Client) -> Vec<(String, common::Response)> {
         ),
         ("GET /".into(), c.get("/")),
         ("GET /v1/status".into(), c.get("/v1/status")),
+        ("GET /v1/audit/key".into(), c.get("/v1/audit/key")),
     ]
 }
 
 #[test]
 fn an_unknown_uid_gets_401_on_every_endpoint_and_changes_nothing() {
     let t = two_keys();
-    // The daemon creates its token-signing pair on first start; nothing else may appear.
+    // The daemon creates its signing pairs and the audit high-water mark on first start;
+    // nothing else may appear.
     let managed = |t: &Token| {
         t.objects()
             .into_iter()
-            .filter(|o| o.label != "hsmkeyd-jwt-signing")
+            .filter(|o| {
+                o.label != "hsmkeyd-jwt-signing"
+                    && o.label != "hsmkeyd-audit-signing"
+                    && !o.label.starts_with("hsmkeyd-audit-mark")
+            })
             .count()
     };
     let before = managed(&t);

@@ -246,11 +246,11 @@ fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
         .ok_or_else(|| ApiError::bad_field("missing_label", "label", "label is required"))?;
     let label =
         Label::parse(&label).map_err(|e| ApiError::bad_field("invalid_label", "label", e))?;
-    if label.as_str() == crate::keys::SIGNING_KEY_LABEL {
+    if crate::keys::is_reserved_label(label.as_str().as_bytes()) {
         return Err(ApiError::bad_field(
             "invalid_label",
             "label",
-            "this label is reserved for hsmkeyd's token-signing key",
+            "this label is reserved for hsmkeyd's own signing keys",
         ));
     }
     let description = text(&mut f, "description")?

@@ -13,6 +13,8 @@
 //!   description, roles; honours `If-Match`.
 //! - `GET|PATCH|DELETE /v1/keys/by-label/{label}`: the same, for the key with that label
 //!   (`by_label.rs`).
+//! - `GET /v1/audit/key` (any principal): the audit-signing key that signs the audit
+//!   trail's checkpoints (PEM, fingerprint), for `hsmkeyctl audit verify`.
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
 //! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}/{limit}`,
@@ -236,6 +238,7 @@ fn table() -> Vec<Route> {
         ),
         read(tokens::JWKS_PATH, tokens::jwks),
         read("/v1/status", status),
+        read("/v1/audit/key", audit_key),
         change(
             MethodFilter::POST,
             "POST",
@@ -530,6 +533,23 @@ async fn status(
         "last_reload": *sync::lock(&state.last_reload),
         "unreadable_objects": keys.unreadable(),
         "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},
+    }))
+    .into_response())
+}
+
+/// The public half of the audit-signing key. Any principal may read it: it is public, and
+/// verifying the trail must not need a key-management scope.
+async fn audit_key(State(state): State<AppState>) -> Result<Response, ApiError> {
+    use crate::audit::chain;
+    let point = state
+        .audit
+        .public_key()
+        .ok_or_else(|| ApiError::internal("the audit chain is not anchored"))?;
+    Ok(Json(json!({
+        "label": crate::audit::AUDIT_KEY_LABEL,
+        "algorithm": "ECDSA P-256 SHA-256",
+        "fingerprint": chain::fingerprint(point),
+        "public_key_pem": chain::public_key_pem(point),
     }))
     .into_response())
 }

@@ -11,15 +11,23 @@
 //! (start, stop, reload, HSM login). May call: `config`, `auth` (the `Peer` type).
 
 pub mod aggregate;
+pub mod chain;
 mod sink;
 
 use std::fmt;
+use std::sync::{Mutex, OnceLock};
 
 use serde_json::Value;
 
 use crate::auth::Peer;
 use crate::config::AuditSink;
+use crate::sync;
+use chain::{Chain, Mark};
 pub use sink::AuditError;
+
+/// The audit-signing key's label in the token (as `hsm` names it; repeated here because
+/// `api` may not call `hsm`, and checked equal by a test).
+pub const AUDIT_KEY_LABEL: &str = "hsmkeyd-audit-signing";
 
 /// What an entry records. The names are the Encedo appliance's log event names where one
 /// exists.
@@ -51,11 +59,13 @@ pub enum Event {
     ConfigReloaded,
     /// The daemon stopped serving.
     DaemonStopped,
+    /// The chain head, signed by the audit-signing key in the HSM.
+    AuditCheckpoint,
 }
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 13] = [
+    pub const ALL: [Event; 14] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
         Event::KeyCreated,
@@ -69,6 +79,7 @@ impl Event {
         Event::DaemonStarted,
         Event::ConfigReloaded,
         Event::DaemonStopped,
+        Event::AuditCheckpoint,
     ];
 
     /// `HSMKEYD_EVENT`.
@@ -87,6 +98,7 @@ impl Event {
             Event::DaemonStarted => "DAEMON_STARTED",
             Event::ConfigReloaded => "CONFIG_RELOADED",
             Event::DaemonStopped => "DAEMON_STOPPED",
+            Event::AuditCheckpoint => "AUDIT_CHECKPOINT",
         }
     }
 
@@ -116,6 +128,7 @@ impl Event {
             Event::DaemonStarted => "a692b43d60d64dcbaaca6bb3e7973a66",
             Event::ConfigReloaded => "0a58dde6720542fc988bd5a9ba6ada33",
             Event::DaemonStopped => "d67dc6e9f1ff4de9b79a79e3f5a18642",
+            Event::AuditCheckpoint => "b6817b9092514d7fb0d5c9256024351a",
         }
     }
 }
@@ -188,6 +201,23 @@ pub struct Entry {
     /// The request was a dry run: checked and answered, nothing written
     /// (`HSMKEYD_DRY_RUN=1`).
     pub dry_run: bool,
+    /// What an `AUDIT_CHECKPOINT` entry signs.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// The signed head of an `AUDIT_CHECKPOINT` entry.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// `HSMKEYD_CHECKPOINT_SEQ`: the entry whose chain value is signed.
+    pub seq: u64,
+    /// `HSMKEYD_CHECKPOINT_HEAD`: its chain value.
+    pub head: [u8; 32],
+    /// `HSMKEYD_CHECKPOINT_REASON`: `entries`, `time` or `stop`.
+    pub reason: &'static str,
+    /// `HSMKEYD_KEY_FINGERPRINT`: the signing key's ([`chain::fingerprint`]).
+    pub fingerprint: String,
+    /// `HSMKEYD_SIGNATURE`: ECDSA P-256 over [`chain::checkpoint_message`], r || s, hex.
+    pub signature: Vec<u8>,
 }
 
 impl Entry {
@@ -209,6 +239,7 @@ impl Entry {
             count: None,
             between: None,
             dry_run: false,
+            checkpoint: None,
         }
     }
 
@@ -252,6 +283,13 @@ impl Entry {
         opt("HSMKEYD_FIRST", self.between.as_ref().map(|b| b.0.clone()));
         opt("HSMKEYD_LAST", self.between.as_ref().map(|b| b.1.clone()));
         opt("HSMKEYD_DRY_RUN", self.dry_run.then(|| "1".to_string()));
+        if let Some(c) = &self.checkpoint {
+            f.push(("HSMKEYD_CHECKPOINT_SEQ", c.seq.to_string()));
+            f.push(("HSMKEYD_CHECKPOINT_HEAD", hex::encode(c.head)));
+            f.push(("HSMKEYD_CHECKPOINT_REASON", c.reason.to_string()));
+            f.push(("HSMKEYD_KEY_FINGERPRINT", c.fingerprint.clone()));
+            f.push((chain::SIGNATURE, hex::encode(&c.signature)));
+        }
         f
     }
 }
@@ -294,6 +332,24 @@ pub struct Auditor {
     pub refusals: Option<aggregate::Refusals>,
     /// Whether the last write succeeded (for the status endpoint).
     healthy: std::sync::atomic::AtomicBool,
+    /// The hash chain, from [`Auditor::anchor`] on. Held across the write of each entry,
+    /// so the journal receives entries in chain order.
+    chain: Mutex<Option<Chain>>,
+    /// The audit-signing key's public point, for `GET /v1/audit/key`.
+    key: OnceLock<Vec<u8>>,
+    /// Entries per checkpoint.
+    every: std::sync::atomic::AtomicU64,
+    /// Woken when a checkpoint is due by count (or the reservation runs low).
+    due: tokio::sync::Notify,
+}
+
+/// A chain head to sign: the last entry that is not a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Its `HSMKEYD_SEQ`.
+    pub seq: u64,
+    /// Its `HSMKEYD_CHAIN`.
+    pub chain: [u8; 32],
 }
 
 impl fmt::Debug for Auditor {
@@ -312,7 +368,103 @@ impl Auditor {
             sink: sink::Sink::open(sink)?,
             refusals: (!window.is_zero()).then(|| aggregate::Refusals::new(window)),
             healthy: std::sync::atomic::AtomicBool::new(true),
+            chain: Mutex::new(None),
+            key: OnceLock::new(),
+            every: std::sync::atomic::AtomicU64::new(u64::MAX),
+            due: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Starts the chain where the token's `mark` says, with the audit-signing key's public
+    /// point and a checkpoint due every `every` entries. Entries written before (a failed
+    /// HSM login: the token could not be read) carry no chain fields. Nothing is written
+    /// until the caller has stored [`Auditor::reservation`] in the token and passed it to
+    /// [`Auditor::reserved`].
+    pub fn anchor(&self, mark: Mark, key_point: Vec<u8>, every: u64) {
+        let _ = self.key.set(key_point);
+        self.every
+            .store(every.max(1), std::sync::atomic::Ordering::Relaxed);
+        *sync::lock(&self.chain) = Some(Chain::start(mark));
+    }
+
+    /// The audit-signing key's public point (uncompressed SEC1), once anchored.
+    pub fn public_key(&self) -> Option<&[u8]> {
+        self.key.get().map(Vec::as_slice)
+    }
+
+    /// The mark to store in the token next: numbers reserved [`chain::RESERVE`] ahead of
+    /// the next one, continuing from `checkpoint` (or from the checkpoint the run began
+    /// with).
+    pub fn reservation(&self, checkpoint: Option<(u64, [u8; 32])>, start: Mark) -> Mark {
+        let next = sync::lock(&self.chain)
+            .as_ref()
+            .map_or(start.next, |c| c.next_seq);
+        Mark {
+            next: next + chain::RESERVE,
+            checkpoint: checkpoint.or(start.checkpoint),
+        }
+    }
+
+    /// `mark` is in the token: sequence numbers below its `next` may be used.
+    pub fn reserved(&self, mark: Mark) {
+        if let Some(c) = sync::lock(&self.chain).as_mut() {
+            c.limit = c.limit.max(mark.next);
+        }
+    }
+
+    /// The head a checkpoint should sign now, if entries were written since the last one.
+    pub fn head(&self) -> Option<Head> {
+        let g = sync::lock(&self.chain);
+        let c = g.as_ref()?;
+        c.last_plain
+            .filter(|(seq, _)| *seq > c.signed)
+            .map(|(seq, chain)| Head { seq, chain })
+    }
+
+    /// Waits until a checkpoint is due by count.
+    pub async fn checkpoint_due(&self) {
+        self.due.notified().await;
+    }
+
+    /// Writes the `AUDIT_CHECKPOINT` entry for `head` with its signature; returns the
+    /// checkpoint entry's own sequence number and chain value (the next run links to it).
+    pub fn write_checkpoint(
+        &self,
+        head: Head,
+        signature: Vec<u8>,
+        reason: &'static str,
+    ) -> Result<(u64, [u8; 32]), AuditError> {
+        let fingerprint = self
+            .public_key()
+            .map(chain::fingerprint)
+            .unwrap_or_default();
+        let mut e = Entry::new(
+            Event::AuditCheckpoint,
+            Outcome::Ok,
+            format!(
+                "audit checkpoint: entries up to {} signed ({reason})",
+                head.seq
+            ),
+        );
+        e.checkpoint = Some(Checkpoint {
+            seq: head.seq,
+            head: head.chain,
+            reason,
+            fingerprint,
+            signature,
+        });
+        let written = self.write_chained(&e)?;
+        let Some(at) = written else {
+            return Err(AuditError("the audit chain is not anchored".into()));
+        };
+        if let Some(c) = sync::lock(&self.chain).as_mut() {
+            if head.seq > c.signed {
+                // Entries written while the head was being signed stay unsigned.
+                c.unsigned = c.last_plain.map_or(0, |(s, _)| s - head.seq);
+                c.signed = head.seq;
+            }
+        }
+        Ok(at)
     }
 
     /// Writes the summaries of the aggregation windows that have closed (all when `all`).
@@ -332,7 +484,7 @@ impl Auditor {
     /// Writes one entry; an error means it was **not** recorded. Blocks briefly (one
     /// datagram); async callers use [`Auditor::write_async`].
     pub fn write(&self, entry: &Entry) -> Result<(), AuditError> {
-        let written = self.sink.write(entry);
+        let written = self.write_chained(entry).map(|_| ());
         self.healthy
             .store(written.is_ok(), std::sync::atomic::Ordering::Relaxed);
         written
@@ -341,6 +493,24 @@ impl Auditor {
     /// Whether the last entry was taken by the sink.
     pub fn healthy(&self) -> bool {
         self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes one entry, chained once anchored; returns its sequence number and chain
+    /// value. The chain advances only when the sink took the entry.
+    fn write_chained(&self, entry: &Entry) -> Result<Option<(u64, [u8; 32])>, AuditError> {
+        let mut fields = entry.fields();
+        let mut g = sync::lock(&self.chain);
+        let Some(c) = g.as_mut() else {
+            return self.sink.write(entry, &fields).map(|()| None);
+        };
+        let link = c.stamp(&mut fields)?;
+        self.sink.write(entry, &fields)?;
+        let at = c.advance(link, entry.event == Event::AuditCheckpoint);
+        let every = self.every.load(std::sync::atomic::Ordering::Relaxed);
+        if c.unsigned >= every || c.limit - c.next_seq < chain::RESERVE / 2 {
+            self.due.notify_one();
+        }
+        Ok(Some(at))
     }
 
     /// [`Auditor::write`] on a blocking thread.

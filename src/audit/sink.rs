@@ -45,8 +45,12 @@ impl Sink {
         }
     }
 
-    pub(super) fn write(&self, entry: &Entry) -> Result<(), AuditError> {
-        let fields = entry.fields();
+    /// Writes `fields` (the entry's, with the chain's added).
+    pub(super) fn write(
+        &self,
+        entry: &Entry,
+        fields: &[(&'static str, String)],
+    ) -> Result<(), AuditError> {
         match self {
             Sink::Journald => {
                 let priority = match entry.priority() {

@@ -29,6 +29,11 @@ use crate::values::Scope;
 const DEFAULT_MAX_SESSIONS: usize = 8;
 /// Seconds over which refusals of unidentified callers are summed up per peer.
 const DEFAULT_REFUSAL_WINDOW_S: u64 = 10;
+/// Audit entries per signed checkpoint: a bounded unsigned tail at the cost of one C_Sign
+/// (off the request path) per hundred entries.
+const DEFAULT_CHECKPOINT_ENTRIES: u64 = 100;
+/// Seconds between signed checkpoints of a quiet trail.
+const DEFAULT_CHECKPOINT_INTERVAL_S: u64 = 300;
 /// Superseded metadata objects the background worker may be behind by.
 const DEFAULT_MAX_CLEANUP_BACKLOG: usize = 1024;
 
@@ -196,6 +201,10 @@ pub struct AuditConfig {
     pub sink: AuditSink,
     /// Window over which refusals of unidentified callers are aggregated per peer (0: off).
     pub refusal_window: Duration,
+    /// A signed checkpoint after this many entries.
+    pub checkpoint_entries: u64,
+    /// A signed checkpoint at least this often while entries are written.
+    pub checkpoint_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +232,8 @@ struct RawConfig {
 struct RawAudit {
     sink: Option<AuditSink>,
     refusal_window_s: Option<u64>,
+    checkpoint_entries: Option<u64>,
+    checkpoint_interval_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +388,24 @@ impl Config {
             0,
             3600,
         )?;
+        let checkpoint_entries = server::in_range(
+            &err,
+            "audit.checkpoint_entries",
+            raw.audit
+                .checkpoint_entries
+                .unwrap_or(DEFAULT_CHECKPOINT_ENTRIES),
+            1,
+            1_000,
+        )?;
+        let checkpoint_interval_s = server::in_range(
+            &err,
+            "audit.checkpoint_interval_s",
+            raw.audit
+                .checkpoint_interval_s
+                .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_S),
+            1,
+            86_400,
+        )?;
         let max_cleanup_backlog = server::in_range(
             &err,
             "keys.max_cleanup_backlog",
@@ -490,6 +519,8 @@ impl Config {
             audit: AuditConfig {
                 sink: raw.audit.sink.unwrap_or(AuditSink::Journald),
                 refusal_window: Duration::from_secs(refusal_window_s),
+                checkpoint_entries,
+                checkpoint_interval: Duration::from_secs(checkpoint_interval_s),
             },
             tls: raw.tls.map(|t| tls_config(t, &err)).transpose()?,
             tokens: tokens_config(raw.tokens, &err)?,

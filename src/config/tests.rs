@@ -222,6 +222,16 @@ fn limits_default_sensibly_and_bad_values_name_their_key() {
             "keys.max_cleanup_backlog",
         ),
         ("audit", "refusal_window_s = 3601", "audit.refusal_window_s"),
+        (
+            "audit",
+            "checkpoint_entries = 0",
+            "audit.checkpoint_entries",
+        ),
+        (
+            "audit",
+            "checkpoint_interval_s = 0",
+            "audit.checkpoint_interval_s",
+        ),
     ] {
         // The section may already be in GOOD ([keys]); add the line to it there.
         let text = if GOOD.contains(&format!("[{section}]\n")) {

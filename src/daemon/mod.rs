@@ -6,6 +6,7 @@
 //! `server.drain_timeout_s`), close the sessions and call C_Finalize.
 //! May call: every module.
 
+mod checkpoint;
 mod reload;
 
 use std::sync::{Arc, RwLock};
@@ -57,6 +58,10 @@ const BLOCKING_FOR_AUDIT: usize = 64;
 
 /// How often the status line is brought up to date.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the stop waits for the token to sign the last audit checkpoint (and for a
+/// checkpoint in flight), so a token that hangs cannot hold the stop.
+const STOP_CHECKPOINT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long runtime shutdown waits for blocking threads (HSM calls) after the drain.
 const RUNTIME_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -139,6 +144,8 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         }
     };
     tracing::info!(token = %hsm.token(), module = %config.pkcs11.module.display(), "logged in");
+    // From here on every entry is chained, continuing from the token's high-water mark.
+    let anchor = checkpoint::anchor(&hsm, &audit, config.audit.checkpoint_entries)?;
     audit
         .write(&Entry::new(
             Event::HsmLogin,
@@ -172,6 +179,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         keys.clone(),
         audit.clone(),
         (signer, tokens),
+        anchor,
     ));
     // A wedged HSM call must not hold the process: blocking threads still inside the
     // module after this grace are abandoned.
@@ -184,9 +192,6 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
              still run in the module)"),
     }
     served?;
-    if let Err(e) = audit.write(&Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped")) {
-        tracing::warn!(error = %e, "could not record the stop in the audit trail");
-    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -261,6 +266,7 @@ async fn serve(
     keys: Arc<KeyStore>,
     audit: Arc<Auditor>,
     (signer, tokens): (Arc<dyn Signer>, Arc<TokenService>),
+    anchor: Arc<checkpoint::Anchor>,
 ) -> Result<(), Fatal> {
     let owns_unix_path = listeners.owns_unix_path;
     let key_count = keys.len();
@@ -277,6 +283,14 @@ async fn serve(
     let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(keys.clone().run_worker(worker_stop));
     let last_reload = Arc::new(std::sync::Mutex::new(None));
+    let (stop_checkpoints, checkpoints_stop) = tokio::sync::watch::channel(false);
+    let checkpoints = tokio::spawn(checkpoint::run(
+        anchor.clone(),
+        audit.clone(),
+        keys.clone(),
+        config.audit.checkpoint_interval,
+        checkpoints_stop,
+    ));
     let state = AppState {
         keys: keys.clone(),
         audit: audit.clone(),
@@ -360,7 +374,7 @@ async fn serve(
         running: config.clone(),
         live,
         tls: tls_shared,
-        keys,
+        keys: keys.clone(),
         signer,
         audit: audit.clone(),
         status,
@@ -446,6 +460,33 @@ async fn serve(
             timeout_s = config.server.drain_timeout.as_secs(),
             "requests still running after the drain timeout; stopping anyway"
         );
+    }
+    // The last entries: the stop, and the checkpoint that signs it (the next run links
+    // to that checkpoint).
+    // A token that hangs must not hold the stop: each step is bounded.
+    let _ = stop_checkpoints.send(true);
+    let aborter = checkpoints.abort_handle();
+    if tokio::time::timeout(STOP_CHECKPOINT_GRACE, checkpoints)
+        .await
+        .is_err()
+    {
+        aborter.abort();
+    }
+    if let Err(e) = audit
+        .write_async(Entry::new(Event::DaemonStopped, Outcome::Ok, "stopped"))
+        .await
+    {
+        tracing::warn!(error = %e, "could not record the stop in the audit trail");
+    }
+    let last = checkpoint::checkpoint(&anchor, &audit, &keys, "stop");
+    match tokio::time::timeout(STOP_CHECKPOINT_GRACE, last).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e,
+            "the final audit checkpoint was not written; the trail's tail stays unsigned"),
+        Err(_) => tracing::error!(
+            "the token did not sign the final audit checkpoint in time; the trail's tail \
+             stays unsigned"
+        ),
     }
     Ok(())
 }

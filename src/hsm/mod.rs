@@ -8,6 +8,7 @@
 //! Every call here blocks; callers run them on blocking threads, never on the reactor.
 //! May call: `config`, `secret`.
 
+pub mod audit_mark;
 pub mod ec;
 mod error;
 mod generate;
@@ -22,11 +23,12 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::Slot;
 
+pub use audit_mark::AuditMark;
 pub use ec::Curve;
 pub use error::{Ckr, Code, HsmError, HsmErrorKind};
 pub use generate::{KeySpec, NewKey, Usage};
 pub use objects::{Algorithm, ObjectInfo, ObjectKind, ObjectRef, PublicParts, Scanned};
-pub use sign::{SigningKey, SIGNING_KEY_LABEL};
+pub use sign::{is_reserved_label, SigningKey, AUDIT_SIGNING_KEY_LABEL, SIGNING_KEY_LABEL};
 
 use crate::config::{PinSource, Pkcs11Config, TokenSelector};
 use crate::secret::SecretString;

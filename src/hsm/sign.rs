@@ -1,8 +1,10 @@
-//! hsmkeyd's own token-signing key: an EC P-256 pair kept in the token under a reserved
-//! label, created on first start when missing, never extractable. Bearer tokens are signed
-//! with C_Sign (CKM_ECDSA over a SHA-256 digest computed here), so the private key never
-//! leaves the HSM. The pair is not a managed key: the key index leaves it out and no
-//! update may take its label.
+//! hsmkeyd's own signing keys: EC P-256 pairs kept in the token under reserved labels,
+//! created on first start when missing, never extractable. The token-signing key
+//! ([`SIGNING_KEY_LABEL`]) signs bearer tokens; the audit-signing key
+//! ([`AUDIT_SIGNING_KEY_LABEL`]) signs the audit trail's checkpoints. Both sign with C_Sign
+//! (CKM_ECDSA over a SHA-256 digest computed here), so the private key never leaves the
+//! HSM. Neither pair is a managed key: the key index leaves them out and no update may take
+//! their labels ([`is_reserved_label`]).
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -14,12 +16,22 @@ use super::ObjectRef;
 use super::{Hsm, HsmError};
 use crate::sync;
 
-/// CKA_LABEL of the signing pair (both objects).
+/// CKA_LABEL of the token-signing pair (both objects).
 pub const SIGNING_KEY_LABEL: &str = "hsmkeyd-jwt-signing";
+
+/// CKA_LABEL of the audit-signing pair (both objects): signs audit checkpoints only.
+pub const AUDIT_SIGNING_KEY_LABEL: &str = "hsmkeyd-audit-signing";
+
+/// Whether `label` is one of hsmkeyd's own signing keys, which are not managed keys.
+pub fn is_reserved_label(label: &[u8]) -> bool {
+    label == SIGNING_KEY_LABEL.as_bytes() || label == AUDIT_SIGNING_KEY_LABEL.as_bytes()
+}
 
 /// The signing pair, opaque above this layer.
 #[derive(Debug)]
 pub struct SigningKey {
+    /// The reserved label the pair carries.
+    label: &'static str,
     /// The private key's handle and the login generation it belongs to: a token may
     /// renumber private objects across a logout, so a stale handle is looked up again.
     private: Mutex<(u64, ObjectHandle)>,
@@ -42,13 +54,24 @@ impl SigningKey {
     pub fn key_id(&self) -> String {
         hex::encode(&self.id)
     }
+
+    /// The reserved label of the pair.
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
 }
 
 impl Hsm {
-    /// Finds the signing pair, or creates it when the token has none. Startup only: this
-    /// searches the token.
+    /// Finds the token-signing pair, or creates it when the token has none. Startup only:
+    /// this searches the token.
     pub fn signing_key(&self) -> Result<SigningKey, HsmError> {
-        let label = SIGNING_KEY_LABEL.as_bytes().to_vec();
+        self.signing_key_labelled(SIGNING_KEY_LABEL)
+    }
+
+    /// Finds the pair under one of the reserved labels, or creates it when the token has
+    /// none. Startup only: this searches the token.
+    pub fn signing_key_labelled(&self, name: &'static str) -> Result<SigningKey, HsmError> {
+        let label = name.as_bytes().to_vec();
         let find = |class: ObjectClass| {
             self.pool().run(|s| {
                 s.find_objects(&[
@@ -62,7 +85,7 @@ impl Hsm {
             find(ObjectClass::PRIVATE_KEY)?,
             find(ObjectClass::PUBLIC_KEY)?,
         );
-        self.signing_key_of(privs, pubs)
+        self.signing_key_of(name, privs, pubs)
     }
 
     /// [`Hsm::signing_key`] from the objects a scan found under the reserved label (EC
@@ -73,20 +96,20 @@ impl Hsm {
         pubs: &[ObjectRef],
     ) -> Result<SigningKey, HsmError> {
         let handles = |v: &[ObjectRef]| v.iter().map(|r| r.0).collect();
-        self.signing_key_of(handles(privs), handles(pubs))
+        self.signing_key_of(SIGNING_KEY_LABEL, handles(privs), handles(pubs))
     }
 
     fn signing_key_of(
         &self,
+        name: &'static str,
         mut privs: Vec<ObjectHandle>,
         mut pubs: Vec<ObjectHandle>,
     ) -> Result<SigningKey, HsmError> {
-        let label = SIGNING_KEY_LABEL.as_bytes().to_vec();
         if privs.len() > 1 || pubs.len() > 1 {
             return Err(HsmError::internal(
                 "C_FindObjects",
                 format!(
-                    "{} private and {} public keys carry the reserved label {SIGNING_KEY_LABEL}; \
+                    "{} private and {} public keys carry the reserved label {name}; \
                      keep one pair",
                     privs.len(),
                     pubs.len()
@@ -95,11 +118,11 @@ impl Hsm {
         }
         let (private, public) = match (privs.pop(), pubs.pop()) {
             (Some(p), Some(q)) => (p, q),
-            (None, None) => self.generate_signing_pair(&label)?,
+            (None, None) => self.generate_signing_pair(name)?,
             _ => {
                 return Err(HsmError::internal(
                     "C_FindObjects",
-                    format!("the {SIGNING_KEY_LABEL} pair is incomplete in the token; remove the lone object"),
+                    format!("the {name} pair is incomplete in the token; remove the lone object"),
                 ))
             }
         };
@@ -117,10 +140,11 @@ impl Hsm {
         let Some(point) = point.filter(|p| p.first() == Some(&0x04)) else {
             return Err(HsmError::internal(
                 "C_GetAttributeValue",
-                format!("the {SIGNING_KEY_LABEL} public key is not an uncompressed P-256 point"),
+                format!("the {name} public key is not an uncompressed P-256 point"),
             ));
         };
         Ok(SigningKey {
+            label: name,
             private: Mutex::new((self.login_generation(), private)),
             point,
             id,
@@ -129,8 +153,9 @@ impl Hsm {
 
     fn generate_signing_pair(
         &self,
-        label: &[u8],
+        name: &'static str,
     ) -> Result<(ObjectHandle, ObjectHandle), HsmError> {
+        let label = name.as_bytes();
         let id: [u8; 16] = rand::random();
         let public = [
             Attribute::Token(true),
@@ -153,7 +178,7 @@ impl Hsm {
         let (pubk, privk) = self
             .pool()
             .run(|s| s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private))?;
-        tracing::info!(kid = %hex::encode(id), "created the token-signing key {SIGNING_KEY_LABEL}");
+        tracing::info!(kid = %hex::encode(id), "created the signing key {name}");
         Ok((privk, pubk))
     }
 
@@ -167,14 +192,14 @@ impl Hsm {
                 let found = self.pool().run(|s| {
                     s.find_objects(&[
                         Attribute::Class(ObjectClass::PRIVATE_KEY),
-                        Attribute::Label(SIGNING_KEY_LABEL.as_bytes().to_vec()),
+                        Attribute::Label(key.label.as_bytes().to_vec()),
                         Attribute::Id(key.id.clone()),
                     ])
                 })?;
                 let [h] = found.as_slice() else {
                     return Err(HsmError::internal(
                         "C_FindObjects",
-                        format!("the {SIGNING_KEY_LABEL} private key is gone from the token"),
+                        format!("the {} private key is gone from the token", key.label),
                     ));
                 };
                 *slot = (now, *h);

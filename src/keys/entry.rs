@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::meta::{self, Layout, MetaRecord};
 use super::model::{KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid};
-use crate::hsm::{Algorithm, Curve, ObjectInfo, ObjectKind, ObjectRef, SIGNING_KEY_LABEL};
+use crate::hsm::{is_reserved_label, Algorithm, Curve, ObjectInfo, ObjectKind, ObjectRef};
 
 /// The metadata of a key, when there is some.
 #[derive(Debug, Clone)]
@@ -58,13 +58,13 @@ pub struct Group {
 }
 
 /// Groups scanned objects by id. Objects without a usable CKA_ID, foreign data objects and
-/// hsmkeyd's token-signing pair are left out; the count of left-out key objects is returned for the log.
+/// hsmkeyd's signing pairs are left out; the count of left-out key objects is returned for the log.
 pub fn group(objects: Vec<ObjectInfo>) -> (BTreeMap<Kid, Group>, usize) {
     let mut groups: BTreeMap<Kid, Group> = BTreeMap::new();
     let mut skipped = 0;
     for o in objects {
-        // hsmkeyd's own token-signing pair is not a managed key.
-        if o.label == SIGNING_KEY_LABEL.as_bytes() && o.kind != ObjectKind::Data {
+        // hsmkeyd's own signing pairs (tokens, audit) are not managed keys.
+        if is_reserved_label(&o.label) && o.kind != ObjectKind::Data {
             continue;
         }
         match o.kind {

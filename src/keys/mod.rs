@@ -26,7 +26,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-pub use crate::hsm::{KeySpec, Usage, SIGNING_KEY_LABEL};
+pub use crate::hsm::{is_reserved_label, KeySpec, Usage, SIGNING_KEY_LABEL};
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
 pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};

@@ -25,7 +25,7 @@ use super::entry::{kind_name, Entry, Group, MetaSlot};
 use super::meta::{self, Layout, MetaRecord};
 use super::model::{Description, KeyState, Kid, Label, RoleName};
 use super::{hsm_error, KeyError};
-use crate::hsm::{Hsm, HsmError, HsmErrorKind, ObjectRef, SIGNING_KEY_LABEL};
+use crate::hsm::{is_reserved_label, Hsm, HsmError, HsmErrorKind, ObjectRef};
 
 /// A validated partial update. `None` leaves a field alone.
 #[derive(Debug, Clone, Default)]
@@ -221,11 +221,18 @@ pub(super) fn plan(
 
     let mut changes = Vec::new();
     let mut label_writes = Vec::new();
-    if patch.label.as_ref().map(Label::as_str) == Some(SIGNING_KEY_LABEL) {
+    if let Some(l) = patch
+        .label
+        .as_ref()
+        .filter(|l| is_reserved_label(l.as_str().as_bytes()))
+    {
         return Err(KeyError::invalid(
             "invalid_label",
             "label",
-            format!("the label {SIGNING_KEY_LABEL} is reserved for hsmkeyd's token-signing key"),
+            format!(
+                "the label {} is reserved for hsmkeyd's own signing keys",
+                l.as_str()
+            ),
         ));
     }
     if let Some(label) = &patch.label {

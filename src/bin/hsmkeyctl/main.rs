@@ -5,11 +5,16 @@
 //! Exit codes: 0 done; 1 refused by the daemon (4xx); 2 usage (bad arguments, unreadable
 //! token file or CA); 3 the daemon or its token is unavailable (5xx, no connection);
 //! 4 precondition failed (412: the key changed since the ETag given to `--if-match`).
+//! `audit verify`: 0 the trail verifies; 10 broken chain (an entry changed, reordered or
+//! inserted); 11 gap in HSMKEYD_SEQ (entries deleted); 12 unsigned tail (entries after
+//! the last checkpoint); 13 a checkpoint signature does not verify; 2 usage; 3 the journal
+//! or the key cannot be read.
 #![forbid(unsafe_code)]
 
 mod audit;
 mod client;
 mod show;
+mod verify;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -24,7 +29,9 @@ use zeroize::Zeroizing;
 use client::{Answer, Target};
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 refused by the daemon (4xx), 2 usage, \
-3 daemon or token unavailable (5xx or no connection), 4 precondition failed (412).";
+3 daemon or token unavailable (5xx or no connection), 4 precondition failed (412). \
+audit verify: 0 verified, 10 broken chain, 11 gap in HSMKEYD_SEQ, 12 unsigned tail, \
+13 bad checkpoint signature.";
 
 /// Manage the keys of an hsmkeyd daemon.
 #[derive(Parser)]
@@ -175,8 +182,10 @@ enum Cmd {
     },
     /// The daemon's state: token, keys, background work.
     Status,
-    /// This host's audit trail (journalctl), oldest first.
+    /// This host's audit trail (journalctl), oldest first; `audit verify` checks it.
     Audit {
+        #[command(subcommand)]
+        action: Option<AuditCmd>,
         /// Only entries about this key.
         #[arg(long)]
         kid: Option<String>,
@@ -202,6 +211,28 @@ enum Cmd {
     Man,
 }
 
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the audit hash chain and check every checkpoint signature. Exit 0
+    /// verified, 10 broken chain, 11 gap in HSMKEYD_SEQ, 12 unsigned tail, 13 bad
+    /// signature.
+    Verify {
+        /// Journal file(s) to read, as `journalctl --file` takes them.
+        #[arg(long, conflicts_with_all = ["directory", "export"])]
+        file: Option<PathBuf>,
+        /// A journal directory, as `journalctl --directory` takes it.
+        #[arg(long, conflicts_with = "export")]
+        directory: Option<PathBuf>,
+        /// A `journalctl -o export` dump.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// The audit-signing public key (PEM, from `GET /v1/audit/key`); else the running
+        /// daemon is asked for it.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
 /// Why a command failed, and so its exit code.
 #[derive(Debug)]
 pub enum Failure {
@@ -216,6 +247,8 @@ pub enum Failure {
     },
     /// No daemon to talk to (exit 3).
     Unavailable(String),
+    /// `audit verify` found the trail broken (its own exit codes).
+    Verify(verify::Report),
 }
 
 impl Failure {
@@ -226,12 +259,14 @@ impl Failure {
             Failure::Daemon { status, .. } if *status >= 500 => 3,
             Failure::Daemon { .. } => 1,
             Failure::Unavailable(_) => 3,
+            Failure::Verify(r) => r.status,
         }
     }
 
     fn report(&self) {
         match self {
             Failure::Usage(m) | Failure::Unavailable(m) => eprintln!("hsmkeyctl: {m}"),
+            Failure::Verify(r) => println!("{}", r.text),
             Failure::Daemon {
                 status,
                 code,
@@ -321,6 +356,47 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::Usage(e.to_string()));
         }
         Cmd::Audit {
+            action:
+                Some(AuditCmd::Verify {
+                    file,
+                    directory,
+                    export,
+                    key,
+                }),
+            ..
+        } => {
+            let source = match (file, directory, export) {
+                (Some(f), _, _) => verify::Source::File(f),
+                (_, Some(d), _) => verify::Source::Directory(d),
+                (_, _, Some(e)) => verify::Source::Export(e),
+                _ => verify::Source::Host,
+            };
+            let pem = match key {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| Failure::Usage(format!("--key {}: {e}", p.display())))?,
+                None => {
+                    let a = target(&cli)?
+                        .send(Method::GET, "/v1/audit/key", None, &[])
+                        .await?
+                        .ok()?;
+                    a.body["public_key_pem"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                }
+            };
+            let point = verify::point_of_pem(&pem)
+                .map_err(|e| Failure::Usage(format!("the audit-signing key: {e}")))?;
+            let report = verify::verify(&verify::read(&source)?, &point);
+            return if report.status == 0 {
+                println!("{}", report.text);
+                Ok(())
+            } else {
+                Err(Failure::Verify(report))
+            };
+        }
+        Cmd::Audit {
+            action: None,
             kid,
             event,
             request_id,
