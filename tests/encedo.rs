@@ -165,16 +165,17 @@ fn list_and_get_have_the_appliance_shapes() {
     );
     let ec = by_kid(EC);
     assert_eq!(
-        (&ec["type"], &ec["label"], &ec["descr"], &ec["updated"]),
-        (
-            &json!("SECP256R1"),
-            &json!("ec-key"),
-            &Value::Null,
-            &Value::Null
-        )
+        ec,
+        json!({"kid": EC, "label": "ec-key", "type": "PKEY,ExDSA,SECP256R1", "updated": 0}),
+        "never updated: updated 0, no descr, never null"
     );
-    assert_eq!(by_kid(ED)["type"], "ED25519");
-    assert_eq!(by_kid(RSA)["type"], "RSA2048");
+    assert_eq!(by_kid(ED)["type"], "PKEY,ExDSA,ED25519");
+    assert_eq!(by_kid(RSA)["type"], "PKEY,RSA2048");
+    for k in list {
+        for (name, v) in k.as_object().unwrap() {
+            assert!(!v.is_null(), "{name} is null in {k}");
+        }
+    }
 
     // offset/limit page through the same order.
     let page = h.get("/api/keymgmt/list/1/2", &tok).ok();
@@ -200,8 +201,8 @@ fn list_and_get_have_the_appliance_shapes() {
 
     // get: type, updated, and the public key, which must be the one pkcs11-tool exports.
     let g = h.get(&format!("/api/keymgmt/get/{EC}"), &tok).ok();
-    assert_eq!(g["type"], "SECP256R1");
-    assert_eq!(g["updated"], Value::Null);
+    assert_eq!(g["type"], "PKEY,ExDSA,SECP256R1");
+    assert_eq!(g["updated"], 0);
     let point = STANDARD.decode(g["pubkey"].as_str().unwrap()).unwrap();
     assert_eq!(
         (point.len(), point[0]),
@@ -212,7 +213,7 @@ fn list_and_get_have_the_appliance_shapes() {
     assert!(spki.ends_with(&point), "the point ends pkcs11-tool's SPKI");
 
     let g = h.get(&format!("/api/keymgmt/get/{ED}"), &tok).ok();
-    assert_eq!(g["type"], "ED25519");
+    assert_eq!(g["type"], "PKEY,ExDSA,ED25519");
     let raw = STANDARD.decode(g["pubkey"].as_str().unwrap()).unwrap();
     assert_eq!(raw.len(), 32);
     let ed_der = t.public_key_der(ED);
@@ -224,7 +225,7 @@ fn list_and_get_have_the_appliance_shapes() {
     );
 
     let g = h.get(&format!("/api/keymgmt/get/{RSA}"), &tok).ok();
-    assert_eq!(g["type"], "RSA2048");
+    assert_eq!(g["type"], "PKEY,RSA2048");
     let pkcs1 = STANDARD.decode(g["pubkey"].as_str().unwrap()).unwrap();
     assert_eq!(pkcs1[0], 0x30, "DER SEQUENCE");
     assert!(
@@ -262,6 +263,84 @@ fn list_and_get_have_the_appliance_shapes() {
     );
     r.ok();
     assert_eq!(t.labels_of(ED), pair("from-unix"));
+}
+
+/// Every scope the Encedo endpoints know, for the operator of [`start_all`].
+const ENCEDO_SCOPES: [&str; 6] = [
+    "keymgmt:list",
+    "keymgmt:get",
+    "keymgmt:upd",
+    "keymgmt:gen",
+    "keymgmt:del",
+    "auth:token",
+];
+
+/// A daemon on HTTPS whose operator (the test's uid) holds [`ENCEDO_SCOPES`].
+fn start_all(t: &Token) -> Daemon {
+    let operator = Principal::me("operator").scopes(&ENCEDO_SCOPES);
+    Daemon::start(t, &Setup::with_access(access(&[], &[operator])).https())
+}
+
+#[test]
+fn list_without_a_limit_pages_by_15_and_type_flags_follow_the_token() {
+    let t = Token::new();
+    let _ = t.devtoken(&[
+        "bulk",
+        "--count",
+        "20",
+        "--id-prefix",
+        "b0",
+        "--label-prefix",
+        "bulk-",
+    ]);
+    let d = start_all(&t);
+    // An EC key that may derive, made through /v1: its private key carries CKA_DERIVE.
+    let made = d.client().send(
+        "POST",
+        "/v1/keys",
+        &[("Content-Type", "application/json")],
+        json!({"type": "ec", "label": "dh-key", "usage": {"derive": true}})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(made.status, 201, "{}", String::from_utf8_lossy(&made.body));
+    let dh = made.json()["key"]["kid"].as_str().unwrap().to_string();
+    let text = t.objects_text();
+    assert!(
+        text.contains("label:      dh-key") && text.contains("derive"),
+        "pkcs11-tool shows the derive flag: {text}"
+    );
+
+    let tok = d.mint(&["keymgmt:list"], 600);
+    let h = d.https();
+    let first = h.get("/api/keymgmt/list/0", &tok).ok();
+    assert_eq!(
+        (first["total"].as_u64(), first["listed"].as_u64()),
+        (Some(21), Some(15))
+    );
+    let rest = h.get("/api/keymgmt/list/15", &tok).ok();
+    assert_eq!(rest["listed"], 6);
+    let mut seen: Vec<Value> = first["list"].as_array().unwrap().clone();
+    seen.extend(rest["list"].as_array().unwrap().iter().cloned());
+    let explicit = h.get("/api/keymgmt/list/0/100", &tok).ok();
+    assert_eq!(
+        &Value::Array(seen.clone()),
+        &explicit["list"],
+        "the same keys, page by page"
+    );
+    let entry = seen.iter().find(|k| k["kid"] == dh.as_str()).unwrap();
+    assert_eq!(entry["type"], "PKEY,ECDH,ExDSA,SECP256R1");
+    let created = entry["updated"].as_i64().expect("a create sets updated");
+    assert!(created > 1_700_000_000, "{entry}");
+    let bulk = seen.iter().find(|k| k["label"] == "bulk-0").unwrap();
+    assert_eq!(bulk["type"], "AES256");
+    assert_eq!(bulk["updated"], 0);
+    assert!(bulk.get("descr").is_none(), "{bulk}");
+    h.get("/api/keymgmt/list/x", &tok)
+        .assert_error(400, "invalid_offset");
+    let none = d.mint(&["keymgmt:get"], 600);
+    h.get("/api/keymgmt/list/0", &none)
+        .assert_error(403, "missing_scope");
 }
 
 #[test]

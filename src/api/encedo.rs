@@ -7,8 +7,14 @@
 //!   is the base64 of the description, and leaving it out clears the description (the
 //!   appliance rewrites the whole record). The body needs a Content-Length (411) and is at
 //!   most 7,300 bytes (413). An unknown kid is 406, as on the appliance.
-//! - `GET /api/keymgmt/list/{offset}/{limit}` (scope `keymgmt:list`).
+//! - `GET /api/keymgmt/list/{offset}/{limit}` and `GET /api/keymgmt/list/{offset}` (limit
+//!   [`DEFAULT_LIMIT`]) (scope `keymgmt:list`).
 //! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get`): type, public key, last update.
+//!
+//! Listed and read keys have the appliance's shapes: `type` is its attribute string
+//! ([`type_string`]), `updated` is always a number (0 if hsmkeyd never wrote the key),
+//! `descr` is left out when the key has none. `created` is left out: the token keeps no
+//! creation time, and a create through hsmkeyd records its time as `updated`.
 
 use std::sync::Arc;
 
@@ -25,12 +31,14 @@ use super::audited::{reply, AuditFacts, Audited};
 use super::error::ApiError;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
-use crate::keys::model::{Curve, Description, KeyType, KeyView, Kid, Label};
+use crate::keys::model::{Curve, Description, KeyClass, KeyType, KeyView, Kid, Label};
 use crate::keys::KeyPatch;
 use crate::values::Scope;
 
 /// The appliance's request body limit.
 pub const MAX_BODY: usize = 7300;
+/// The page size of `/api/keymgmt/list/{offset}`, the appliance's default.
+pub const DEFAULT_LIMIT: usize = 15;
 /// The appliance's label limit, in characters (printable ASCII only).
 pub const MAX_LABEL_CHARS: usize = 32;
 
@@ -161,7 +169,25 @@ pub async fn list(
     Extension(p): Extension<Arc<Principal>>,
     Path((offset, limit)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    super::require(&p, Scope::KeysList)?;
+    list_page(&state, &p, &offset, body::page_limit(&limit)?)
+}
+
+/// `GET /api/keymgmt/list/{offset}`: a page of [`DEFAULT_LIMIT`] keys.
+pub async fn list_default(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(offset): Path<String>,
+) -> Result<Response, ApiError> {
+    list_page(&state, &p, &offset, DEFAULT_LIMIT)
+}
+
+fn list_page(
+    state: &AppState,
+    p: &Principal,
+    offset: &str,
+    limit: usize,
+) -> Result<Response, ApiError> {
+    super::require(p, Scope::KeysList)?;
     let offset = offset.parse::<usize>().map_err(|_| {
         ApiError::bad_field(
             "invalid_offset",
@@ -169,21 +195,23 @@ pub async fn list(
             "offset must be a non-negative integer",
         )
     })?;
-    let limit = body::page_limit(&limit)?;
     let (total, keys) = state.keys.slice(offset, limit).map_err(ApiError::encedo)?;
-    let list: Vec<Value> = keys
-        .iter()
-        .map(|k| {
-            json!({
-                "kid": k.kid,
-                "label": k.label,
-                "type": type_name(k),
-                "descr": k.description.as_deref().map(|d| STANDARD.encode(d)),
-                "updated": updated(k),
-            })
-        })
-        .collect();
+    let list: Vec<Value> = keys.iter().map(entry).collect();
     Ok(Json(json!({"total": total, "listed": list.len(), "list": list})).into_response())
+}
+
+/// One key of a listing: kid, label, type, updated, and descr when it has one.
+fn entry(k: &KeyView) -> Value {
+    let mut v = json!({
+        "kid": k.kid,
+        "label": k.label,
+        "type": type_string(k),
+        "updated": updated(k),
+    });
+    if let Some(d) = k.description.as_deref().filter(|d| !d.is_empty()) {
+        v["descr"] = Value::String(STANDARD.encode(d));
+    }
+    v
 }
 
 /// `GET /api/keymgmt/get/{kid}`.
@@ -199,7 +227,7 @@ pub async fn get(
         .get_with_public(&kid)
         .await
         .map_err(ApiError::encedo)?;
-    let mut out = json!({"type": type_name(&view), "updated": updated(&view)});
+    let mut out = json!({"type": type_string(&view), "updated": updated(&view)});
     if let Some(pk) = public {
         out["pubkey"] = Value::String(STANDARD.encode(pk));
     }
@@ -225,9 +253,34 @@ pub fn type_name(k: &KeyView) -> String {
     }
 }
 
-/// `updated`: seconds since the epoch of the last update through hsmkeyd, or null.
-fn updated(k: &KeyView) -> Option<i64> {
-    k.updated_at.map(|t| t.unix_timestamp())
+/// The appliance's attribute string: flags, then the algorithm ([`type_name`]) last.
+/// `PKEY`: the key has a private half; `ECDH`: an EC or Montgomery key that may derive;
+/// `ExDSA`: an EC or Edwards key that may sign.
+pub fn type_string(k: &KeyView) -> String {
+    let private = matches!(k.class, KeyClass::KeyPair | KeyClass::PrivateOnly);
+    let (ec, edwards, montgomery) = (
+        k.key_type == KeyType::Ec,
+        matches!(k.key_type, KeyType::Edwards(_)),
+        matches!(k.key_type, KeyType::Montgomery(_)),
+    );
+    let mut parts = Vec::new();
+    if private {
+        parts.push("PKEY".to_string());
+    }
+    if k.attributes.derive && (ec || montgomery) {
+        parts.push("ECDH".to_string());
+    }
+    if k.attributes.sign && (ec || edwards) {
+        parts.push("ExDSA".to_string());
+    }
+    parts.push(type_name(k));
+    parts.join(",")
+}
+
+/// `updated`: seconds since the epoch of the last change through hsmkeyd (a create
+/// included), else 0, as the appliance always sends a number.
+fn updated(k: &KeyView) -> i64 {
+    k.updated_at.map_or(0, |t| t.unix_timestamp())
 }
 
 #[cfg(test)]
@@ -271,6 +324,80 @@ mod tests {
             (KeyType::Unknown, None, None, "UNKNOWN"),
         ] {
             assert_eq!(name(k, c, bits), want);
+        }
+    }
+
+    #[test]
+    fn type_strings_put_the_flags_before_the_algorithm() {
+        let with = |key_type, curve, class, sign, derive| {
+            let mut v = KeyView::example(key_type, curve);
+            v.class = class;
+            v.attributes.sign = sign;
+            v.attributes.derive = derive;
+            v.bits = Some(256);
+            type_string(&v)
+        };
+        let p256 = Some(Curve::P256);
+        for (k, c, class, sign, derive, want) in [
+            (
+                KeyType::Ec,
+                p256.clone(),
+                KeyClass::KeyPair,
+                true,
+                true,
+                "PKEY,ECDH,ExDSA,SECP256R1",
+            ),
+            (
+                KeyType::Ec,
+                p256.clone(),
+                KeyClass::KeyPair,
+                true,
+                false,
+                "PKEY,ExDSA,SECP256R1",
+            ),
+            (
+                KeyType::Ec,
+                p256.clone(),
+                KeyClass::PrivateOnly,
+                false,
+                true,
+                "PKEY,ECDH,SECP256R1",
+            ),
+            (
+                KeyType::Ec,
+                p256,
+                KeyClass::PublicOnly,
+                false,
+                false,
+                "SECP256R1",
+            ),
+            (
+                KeyType::Edwards(Curve::Ed25519),
+                None,
+                KeyClass::KeyPair,
+                true,
+                false,
+                "PKEY,ExDSA,ED25519",
+            ),
+            (
+                KeyType::Montgomery(Curve::X25519),
+                None,
+                KeyClass::KeyPair,
+                false,
+                true,
+                "PKEY,ECDH,CURVE25519",
+            ),
+            (
+                KeyType::Rsa,
+                None,
+                KeyClass::KeyPair,
+                true,
+                false,
+                "PKEY,RSA256",
+            ),
+            (KeyType::Aes, None, KeyClass::Secret, true, true, "AES256"),
+        ] {
+            assert_eq!(with(k, c, class, sign, derive), want);
         }
     }
 

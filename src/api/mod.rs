@@ -15,7 +15,7 @@
 //!   (`by_label.rs`).
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
-//! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}/{limit}`,
+//! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}[/{limit}]`,
 //!   `GET /api/keymgmt/get/{kid}`: the Encedo HEM-compatible endpoints ([`encedo`]).
 //!
 //! May call: `auth`, `keys`. Called by: `front`.
@@ -231,6 +231,7 @@ fn table() -> Vec<Route> {
             encedo::update,
         ),
         read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
+        read("/api/keymgmt/list/{offset}", encedo::list_default),
         read("/api/keymgmt/get/{kid}", encedo::get),
     ]
 }
