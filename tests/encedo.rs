@@ -344,6 +344,62 @@ fn list_without_a_limit_pages_by_15_and_type_flags_follow_the_token() {
 }
 
 #[test]
+fn a_use_scope_reads_that_one_key_through_get_and_nothing_else() {
+    let t = token();
+    let d = start(&t);
+    let h = d.https();
+    let get = d.mint(&["keymgmt:get"], 600);
+    let want = h.get(&format!("/api/keymgmt/get/{EC}"), &get).ok();
+    let one = d.mint(&[&format!("keymgmt:use:{EC}")], 600);
+    assert_eq!(h.get(&format!("/api/keymgmt/get/{EC}"), &one).ok(), want);
+    let refused = h
+        .get(&format!("/api/keymgmt/get/{AES}"), &one)
+        .assert_error(403, "missing_scope");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("keymgmt:use:{AES}")),
+        "{refused}"
+    );
+    h.get("/api/keymgmt/list/0", &one)
+        .assert_error(403, "missing_scope");
+    h.get(&format!("/v1/keys/{EC}"), &one)
+        .assert_error(403, "missing_scope");
+    let refusals = results(&d)
+        .into_iter()
+        .filter(|e| e["HSMKEYD_EVENT"] == "FAILED_SCOPE_CHECK")
+        .filter(|e| e["HSMKEYD_REQUEST"] == format!("GET /api/keymgmt/get/{AES}"))
+        .count();
+    assert_eq!(refusals, 1);
+
+    // A principal configured with the scope alone: the same on the Unix socket, and it
+    // may mint the scope it holds, not one for another key.
+    let t = token();
+    let user = Principal::me("one-key").scopes(&[&format!("keymgmt:use:{EC}"), "auth:token"]);
+    let d = Daemon::start(&t, &Setup::with_access(access(&[], &[user])).https());
+    let c = d.client();
+    assert_eq!(
+        c.get(&format!("/api/keymgmt/get/{EC}")).ok()["type"],
+        want["type"]
+    );
+    c.get(&format!("/api/keymgmt/get/{AES}"))
+        .assert_error(403, "missing_scope");
+    let mint = |scope: String| {
+        c.send(
+            "POST",
+            "/v1/auth/token",
+            &[("Content-Type", "application/json")],
+            json!({"scopes": [scope], "ttl_s": 60})
+                .to_string()
+                .as_bytes(),
+        )
+    };
+    assert_eq!(mint(format!("keymgmt:use:{EC}")).status, 200);
+    mint(format!("keymgmt:use:{AES}")).assert_error(403, "missing_scope");
+}
+
+#[test]
 fn update_answers_every_status_of_the_seed_and_changes_nothing_on_refusal() {
     let t = token();
     let d = start(&t);

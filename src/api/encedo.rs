@@ -9,7 +9,8 @@
 //!   most 7,300 bytes (413). An unknown kid is 406, as on the appliance.
 //! - `GET /api/keymgmt/list/{offset}/{limit}` and `GET /api/keymgmt/list/{offset}` (limit
 //!   [`DEFAULT_LIMIT`]) (scope `keymgmt:list`).
-//! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get`): type, public key, last update.
+//! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get` or `keymgmt:use:<kid>`): type,
+//!   public key, last update.
 //!
 //! Listed and read keys have the appliance's shapes: `type` is its attribute string
 //! ([`type_string`]), `updated` is always a number (0 if hsmkeyd never wrote the key),
@@ -220,8 +221,14 @@ pub async fn get(
     Extension(p): Extension<Arc<Principal>>,
     Path(kid): Path<String>,
 ) -> Result<Response, ApiError> {
-    super::require(&p, Scope::KeysGet)?;
     let kid = body::kid(&kid)?;
+    if !p.may_use(&kid) {
+        return Err(ApiError::missing_scope(&format!(
+            "{} or {}",
+            Scope::KeysGet,
+            Scope::KeysUseOne(kid.clone())
+        )));
+    }
     let (view, public) = state
         .keys
         .get_with_public(&kid)

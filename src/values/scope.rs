@@ -15,6 +15,9 @@ pub enum Scope {
     KeysUpdate,
     /// `keymgmt:upd:<kid>`: update one key only.
     KeysUpdateOne(Kid),
+    /// `keymgmt:use:<kid>`: use one key, which includes reading it through
+    /// `GET /api/keymgmt/get/<kid>` (as on the Encedo appliance).
+    KeysUseOne(Kid),
     /// `keymgmt:gen`: create (generate) keys.
     KeysGenerate,
     /// `keymgmt:del`: delete keys.
@@ -33,15 +36,24 @@ impl Scope {
             "keymgmt:gen" => Ok(Scope::KeysGenerate),
             "keymgmt:del" => Ok(Scope::KeysDelete),
             "auth:token" => Ok(Scope::AuthToken),
-            _ => match s.strip_prefix("keymgmt:upd:") {
-                Some(kid) => Kid::parse(kid)
-                    .map(Scope::KeysUpdateOne)
-                    .map_err(|e| Invalid::new(format!("scope {s:?}: {e}"))),
-                None => Err(Invalid::new(format!(
-                    "unknown scope {s:?}; known: keymgmt:list, keymgmt:get, keymgmt:upd, \
-                     keymgmt:upd:<kid>, keymgmt:gen, keymgmt:del, auth:token"
-                ))),
-            },
+            _ => {
+                let one = |kid: &str, make: fn(Kid) -> Scope| {
+                    Kid::parse(kid)
+                        .map(make)
+                        .map_err(|e| Invalid::new(format!("scope {s:?}: {e}")))
+                };
+                if let Some(kid) = s.strip_prefix("keymgmt:upd:") {
+                    one(kid, Scope::KeysUpdateOne)
+                } else if let Some(kid) = s.strip_prefix("keymgmt:use:") {
+                    one(kid, Scope::KeysUseOne)
+                } else {
+                    Err(Invalid::new(format!(
+                        "unknown scope {s:?}; known: keymgmt:list, keymgmt:get, keymgmt:upd, \
+                         keymgmt:upd:<kid>, keymgmt:use:<kid>, keymgmt:gen, keymgmt:del, \
+                         auth:token"
+                    )))
+                }
+            }
         }
     }
 }
@@ -53,6 +65,7 @@ impl fmt::Display for Scope {
             Scope::KeysGet => f.write_str("keymgmt:get"),
             Scope::KeysUpdate => f.write_str("keymgmt:upd"),
             Scope::KeysUpdateOne(kid) => write!(f, "keymgmt:upd:{kid}"),
+            Scope::KeysUseOne(kid) => write!(f, "keymgmt:use:{kid}"),
             Scope::KeysGenerate => f.write_str("keymgmt:gen"),
             Scope::KeysDelete => f.write_str("keymgmt:del"),
             Scope::AuthToken => f.write_str("auth:token"),
@@ -71,12 +84,17 @@ mod tests {
             "keymgmt:get",
             "keymgmt:upd",
             "keymgmt:upd:0aff",
+            "keymgmt:use:0aff",
+            "keymgmt:gen",
+            "keymgmt:del",
             "auth:token",
         ] {
             assert_eq!(Scope::parse(s).unwrap().to_string(), s);
         }
         assert!(Scope::parse("keymgmt:upd:xyz").is_err());
-        assert!(Scope::parse("keymgmt:del").is_err());
+        assert!(Scope::parse("keymgmt:use:xyz").is_err());
+        assert!(Scope::parse("keymgmt:use").is_err());
+        assert!(Scope::parse("keymgmt:delete").is_err());
         assert!(Scope::parse("").is_err());
     }
 }
