@@ -400,6 +400,47 @@ fn a_use_scope_reads_that_one_key_through_get_and_nothing_else() {
 }
 
 #[test]
+fn version_and_status_answer_without_a_token() {
+    let t = token();
+    let d = start(&t);
+    let h = d.https();
+    let anon = |path: &str| h.send("GET", path, &[], b"");
+    let v = anon("/api/system/version").ok();
+    assert_eq!(
+        v,
+        json!({
+            "hwv": "hsmkeyd-pkcs11",
+            "blv": "hsmkeyd",
+            "fwv": env!("CARGO_PKG_VERSION"),
+            "fws": format!("hsmkeyd {}", env!("CARGO_PKG_VERSION")),
+        })
+    );
+    let s = anon("/api/system/status").ok();
+    assert_eq!(s["fls_state"], 0);
+    let ts = time::OffsetDateTime::parse(
+        s["ts"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap_or_else(|e| panic!("ts is ISO 8601: {s}: {e}"));
+    let skew = (time::OffsetDateTime::now_utc() - ts).whole_seconds().abs();
+    assert!(skew <= 5, "{s}");
+    let up = s["uptime"].as_u64().expect("uptime in seconds");
+    assert!(up < 120, "{s}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let later = anon("/api/system/status").ok();
+    assert!(later["uptime"].as_u64().unwrap() > up, "{later} after {s}");
+    assert_eq!(s.as_object().unwrap().len(), 3, "{s}");
+
+    // Only those two: the key endpoints, a near miss and another method still need a token.
+    anon("/api/keymgmt/list/0").assert_error(401, "unauthenticated");
+    anon("/api/system/version/").assert_error(401, "unauthenticated");
+    h.send("POST", "/api/system/status", &[], b"")
+        .assert_error(401, "unauthenticated");
+    // On the Unix socket too.
+    assert_eq!(d.client().get("/api/system/version").ok(), v);
+}
+
+#[test]
 fn update_answers_every_status_of_the_seed_and_changes_nothing_on_refusal() {
     let t = token();
     let d = start(&t);

@@ -11,6 +11,8 @@
 //!   [`DEFAULT_LIMIT`]) (scope `keymgmt:list`).
 //! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get` or `keymgmt:use:<kid>`): type,
 //!   public key, last update.
+//! - `GET /api/system/version` and `GET /api/system/status`, without authentication (the
+//!   appliance's clients check them before logging in): what hsmkeyd is, and that it runs.
 //!
 //! Listed and read keys have the appliance's shapes: `type` is its attribute string
 //! ([`type_string`]), `updated` is always a number (0 if hsmkeyd never wrote the key),
@@ -35,6 +37,11 @@ use crate::auth::Principal;
 use crate::keys::model::{Curve, Description, KeyClass, KeyType, KeyView, Kid, Label};
 use crate::keys::KeyPatch;
 use crate::values::Scope;
+
+/// Where the appliance says what it is.
+pub const VERSION_PATH: &str = "/api/system/version";
+/// Where the appliance says it is up.
+pub const STATUS_PATH: &str = "/api/system/status";
 
 /// The appliance's request body limit.
 pub const MAX_BODY: usize = 7300;
@@ -239,6 +246,37 @@ pub async fn get(
         out["pubkey"] = Value::String(STANDARD.encode(pk));
     }
     Ok(Json(out).into_response())
+}
+
+/// `GET /api/system/version`: hardware, bootloader and firmware version and the firmware
+/// signature, as hsmkeyd fills them: there is no hardware or bootloader of its own, so
+/// `hwv` and `blv` name hsmkeyd, `fwv` is its version, `fws` its name and version.
+pub async fn version() -> Response {
+    let v = env!("CARGO_PKG_VERSION");
+    Json(json!({
+        "hwv": "hsmkeyd-pkcs11",
+        "blv": "hsmkeyd",
+        "fwv": v,
+        "fws": format!("hsmkeyd {v}"),
+    }))
+    .into_response()
+}
+
+/// `GET /api/system/status`: `fls_state` 0 (no flash fault: hsmkeyd has no flash), the
+/// current time (ISO 8601, UTC, seconds) and the seconds since the daemon started.
+pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let ts = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| ApiError::internal(&e.to_string()))?;
+    Ok(Json(json!({
+        "fls_state": 0,
+        "ts": ts,
+        "uptime": state.started.elapsed().as_secs(),
+    }))
+    .into_response())
 }
 
 /// The appliance's names for key types: `AES256`, `SECP256R1`, `ED25519`, `RSA2048`, ...

@@ -16,7 +16,9 @@
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
 //! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}[/{limit}]`,
-//!   `GET /api/keymgmt/get/{kid}`: the Encedo HEM-compatible endpoints ([`encedo`]).
+//!   `GET /api/keymgmt/get/{kid}`, `GET /api/system/version`, `GET /api/system/status`
+//!   (the last two without authentication): the Encedo HEM-compatible endpoints
+//!   ([`encedo`]).
 //!
 //! May call: `auth`, `keys`. Called by: `front`.
 
@@ -65,6 +67,8 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Deadline and minimum rate of request bodies.
     pub body_limits: deadline::BodyLimits,
+    /// When the daemon started serving (the Encedo status's `uptime`).
+    pub started: std::time::Instant,
 }
 
 /// The parts of the configuration a reload replaces. Requests take a snapshot when they
@@ -233,6 +237,8 @@ fn table() -> Vec<Route> {
         read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
         read("/api/keymgmt/list/{offset}", encedo::list_default),
         read("/api/keymgmt/get/{kid}", encedo::get),
+        read(encedo::VERSION_PATH, encedo::version),
+        read(encedo::STATUS_PATH, encedo::status),
     ]
 }
 
@@ -263,9 +269,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The GET routes served without authentication: the JWK set, and the Encedo version and
+/// status that the appliance's clients read before they log in.
+pub const PUBLIC_PATHS: [&str; 3] = [tokens::JWKS_PATH, encedo::VERSION_PATH, encedo::STATUS_PATH];
+
 /// Resolves the caller before any handler runs, with the authenticator of the request's
 /// transport: peer credentials on the Unix socket, bearer token on TLS. Unknown callers
-/// get 401 whatever the path; only the JWK set is public. The answer carries the
+/// get 401 whatever the path; only [`PUBLIC_PATHS`] are served to anyone. The answer carries the
 /// [`Caller`] for the audit layer.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     // Requests name a path (origin form); `GET http://host/path` is a proxy's form.
@@ -276,7 +286,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         )
         .into_response();
     }
-    if req.method() == Method::GET && req.uri().path() == tokens::JWKS_PATH {
+    if req.method() == Method::GET && PUBLIC_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     let live = state.live();

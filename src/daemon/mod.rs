@@ -285,6 +285,7 @@ async fn serve(
             deadline: config.server.request_timeout,
             min_rate: config.server.min_body_rate,
         },
+        started: std::time::Instant::now(),
     };
     let app = api::router(state);
     let mut term = signal(SignalKind::terminate())
