@@ -67,7 +67,7 @@ fn entry_of(d: &Daemon, request_id: &str) -> Value {
     let found: Vec<Value> = results(d)
         .into_iter()
         .filter(|e| e["HSMKEYD_REQUEST_ID"] == request_id)
-        .filter(|e| e["HSMKEYD_EVENT"] != "KEY_ATTRIBUTES_CHANGE_INTENT")
+        .filter(|e| !e["HSMKEYD_EVENT"].as_str().unwrap().ends_with("_INTENT"))
         .collect();
     assert_eq!(
         found.len(),
@@ -438,6 +438,292 @@ fn version_and_status_answer_without_a_token() {
         .assert_error(401, "unauthenticated");
     // On the Unix socket too.
     assert_eq!(d.client().get("/api/system/version").ok(), v);
+}
+
+/// A request with a bearer token and a JSON body.
+fn send_json(d: &Daemon, method: &str, path: &str, token: &str, body: &Value) -> Response {
+    d.https().send(
+        method,
+        path,
+        &[
+            ("Authorization", &format!("Bearer {token}")),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// The lines of pkcs11-tool's object whose first line is `header` and label is `label`.
+fn object_block(text: &str, header: &str, label: &str) -> Option<String> {
+    let mut blocks: Vec<Vec<&str>> = Vec::new();
+    for line in text.lines() {
+        match blocks.last_mut() {
+            Some(b) if line.starts_with(' ') => b.push(line),
+            _ => blocks.push(vec![line]),
+        }
+    }
+    let want = format!("label:      {label}");
+    blocks
+        .into_iter()
+        .find(|b| b[0].trim_end() == header && b.iter().any(|l| l.trim() == want))
+        .map(|b| b.join("\n"))
+}
+
+/// pkcs11-tool's (class, label) of the objects with this id, sorted.
+fn objects_of(t: &Token, kid: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = t
+        .objects()
+        .into_iter()
+        .filter(|o| o.id == kid)
+        .map(|o| (o.class, o.label))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn create_makes_every_appliance_type_and_delete_removes_it_read_back_by_pkcs11_tool() {
+    let t = token();
+    let d = start_all(&t);
+    let gen = d.mint(&["keymgmt:gen"], 600);
+    let list = d.mint(&["keymgmt:list"], 600);
+    let created = |ty: &str, label: &str, extra: Value| {
+        let mut body = json!({"label": label, "type": ty});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = send_json(&d, "POST", "/api/keymgmt/create", &gen, &body);
+        let got = r.ok();
+        let kid = got["kid"].as_str().expect("kid").to_string();
+        assert_eq!(kid.len(), 32, "{got}");
+        assert!(kid.bytes().all(|b| b.is_ascii_hexdigit()), "{got}");
+        assert_eq!(got.as_object().unwrap().len(), 2, "kid and audit_id: {got}");
+        (kid, got["audit_id"].as_str().unwrap().to_string())
+    };
+    let mut made = Vec::new();
+    for (ty, listed, is_pair) in [
+        ("AES128", "AES128", false),
+        ("AES192", "AES192", false),
+        ("AES256", "AES256", false),
+        ("SECP256R1", "PKEY,ECDH,ExDSA,SECP256R1", true),
+        ("SECP384R1", "PKEY,ECDH,ExDSA,SECP384R1", true),
+        ("SECP521R1", "PKEY,ECDH,ExDSA,SECP521R1", true),
+        ("ED25519", "PKEY,ExDSA,ED25519", true),
+        ("SHA2-256", "SHA2-256", false),
+        ("SHA2-384", "SHA2-384", false),
+        ("SHA2-512", "SHA2-512", false),
+    ] {
+        let label = format!("new-{}", ty.to_ascii_lowercase());
+        let (kid, audit_id) = created(ty, &label, json!({}));
+        let want = if is_pair {
+            pair(&label)
+        } else {
+            vec![("Secret".to_string(), label.clone())]
+        };
+        assert_eq!(objects_of(&t, &kid), want, "{ty}: pkcs11-tool sees the key");
+        let e = entry_of(&d, &audit_id);
+        assert_eq!(
+            (&e["HSMKEYD_EVENT"], &e["HSMKEYD_RESULT"], &e["HSMKEYD_KID"]),
+            (&json!("KEY_CREATED"), &json!("OK"), &json!(kid)),
+            "{e}"
+        );
+        assert_eq!(e["HSMKEYD_STATUS"], "200", "the status the client got: {e}");
+        made.push((kid, listed));
+    }
+    let all = d.https().get("/api/keymgmt/list/0/100", &list).ok();
+    for (kid, listed) in &made {
+        let e = all["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == kid.as_str())
+            .unwrap_or_else(|| panic!("{kid} listed: {all}"));
+        assert_eq!(&e["type"], listed, "{e}");
+        assert!(e["updated"].as_i64().unwrap() > 1_700_000_000, "{e}");
+    }
+    // Kinds, sizes and usage, as pkcs11-tool shows them.
+    let text = t.objects_text();
+    for (label, header, usage) in [
+        (
+            "new-aes128",
+            "Secret Key Object; AES length 16",
+            "encrypt, decrypt, wrap, unwrap",
+        ),
+        (
+            "new-aes192",
+            "Secret Key Object; AES length 24",
+            "encrypt, decrypt, wrap, unwrap",
+        ),
+        (
+            "new-aes256",
+            "Secret Key Object; AES length 32",
+            "encrypt, decrypt, wrap, unwrap",
+        ),
+        (
+            "new-sha2-256",
+            "Secret Key Object; Generic secret length 32",
+            "",
+        ),
+        (
+            "new-sha2-384",
+            "Secret Key Object; Generic secret length 48",
+            "",
+        ),
+        (
+            "new-sha2-512",
+            "Secret Key Object; Generic secret length 64",
+            "",
+        ),
+        ("new-secp256r1", "Private Key Object; EC", "sign, derive"),
+        ("new-secp521r1", "Private Key Object; EC", "sign, derive"),
+        ("new-ed25519", "Private Key Object; EC_EDWARDS", "sign"),
+    ] {
+        let block = object_block(&text, header, label)
+            .unwrap_or_else(|| panic!("{label}: no {header:?} object: {text}"));
+        assert!(
+            block.contains(&format!("Usage:      {usage}")),
+            "{label}: {block}"
+        );
+    }
+
+    // A description, read back through /v1 and the listing.
+    let (kid, _) = created(
+        "AES256",
+        "described",
+        json!({"descr": STANDARD.encode("für Zahlungen")}),
+    );
+    let v1 = d.client().get(&format!("/v1/keys/{kid}")).ok();
+    assert_eq!(v1["description"], "für Zahlungen");
+
+    // Refusals change nothing in the token.
+    let before = t.objects().len();
+    for (body, status, code) in [
+        (
+            json!({"label": "x", "type": "CURVE25519"}),
+            400,
+            "unsupported_type",
+        ),
+        (json!({"label": "x", "type": "DES3"}), 400, "invalid_type"),
+        (
+            json!({"label": "x", "type": "RSA2048"}),
+            400,
+            "invalid_type",
+        ),
+        (json!({"label": "x"}), 400, "missing_type"),
+        (json!({"type": "AES256"}), 400, "missing_label"),
+        (
+            json!({"label": "a".repeat(33), "type": "AES256"}),
+            400,
+            "invalid_label",
+        ),
+        (
+            json!({"label": "x", "type": "AES256", "descr": "!!"}),
+            400,
+            "invalid_descr",
+        ),
+        (
+            json!({"label": "x", "type": "SECP256R1", "mode": "ECDH"}),
+            400,
+            "unsupported_mode",
+        ),
+        (
+            json!({"label": "x", "type": "AES256", "kid": "0a"}),
+            400,
+            "unknown_field",
+        ),
+    ] {
+        let r = send_json(&d, "POST", "/api/keymgmt/create", &gen, &body);
+        let got = r.assert_error(status, code);
+        let e = entry_of(&d, got["audit_id"].as_str().unwrap());
+        assert_eq!(
+            (&e["HSMKEYD_EVENT"], &e["HSMKEYD_RESULT"]),
+            (&json!("KEY_CREATED"), &json!("ERROR")),
+            "{body}: {e}"
+        );
+    }
+    let curve = send_json(
+        &d,
+        "POST",
+        "/api/keymgmt/create",
+        &gen,
+        &json!({"label": "x", "type": "CURVE25519"}),
+    );
+    assert!(curve.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("cannot be generated"));
+    send_json(
+        &d,
+        "POST",
+        "/api/keymgmt/create",
+        &list,
+        &json!({"label": "x", "type": "AES256"}),
+    )
+    .assert_error(403, "missing_scope");
+    assert_eq!(t.objects().len(), before, "no object made by a refusal");
+
+    // Delete: the key and its records are gone from the token.
+    let del = d.mint(&["keymgmt:del"], 600);
+    let ec = made[3].0.clone();
+    let path = format!("/api/keymgmt/delete/{ec}");
+    send_json(&d, "DELETE", &path, &list, &json!({})).assert_error(403, "missing_scope");
+    let stale = d.https().send(
+        "DELETE",
+        &path,
+        &[
+            ("Authorization", &format!("Bearer {del}")),
+            ("If-Match", "\"nope\""),
+        ],
+        b"",
+    );
+    stale.assert_error(412, "precondition_failed");
+    assert_eq!(
+        objects_of(&t, &ec).len(),
+        2,
+        "a refused delete leaves the key"
+    );
+    let r = d.https().send(
+        "DELETE",
+        &path,
+        &[("Authorization", &format!("Bearer {del}"))],
+        b"",
+    );
+    let got = r.ok();
+    assert_eq!(
+        got.as_object().unwrap().len(),
+        1,
+        "{{}} plus audit_id: {got}"
+    );
+    let e = entry_of(&d, got["audit_id"].as_str().unwrap());
+    assert_eq!(
+        (&e["HSMKEYD_EVENT"], &e["HSMKEYD_RESULT"], &e["HSMKEYD_KID"]),
+        (&json!("KEY_DELETED"), &json!("OK"), &json!(ec)),
+    );
+    assert_eq!(e["HSMKEYD_STATUS"], "200", "{e}");
+    assert!(
+        objects_of(&t, &ec).is_empty(),
+        "pkcs11-tool finds nothing of {ec}"
+    );
+    assert!(
+        t.objects().iter().all(|o| !o.label.contains(&ec)),
+        "no metadata record of {ec} is left"
+    );
+    d.https()
+        .send(
+            "DELETE",
+            &path,
+            &[("Authorization", &format!("Bearer {del}"))],
+            b"",
+        )
+        .assert_error(406, "key_not_found");
+    d.https()
+        .send(
+            "DELETE",
+            "/api/keymgmt/delete/xyz",
+            &[("Authorization", &format!("Bearer {del}"))],
+            b"",
+        )
+        .assert_error(400, "invalid_kid");
 }
 
 #[test]

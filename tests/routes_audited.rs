@@ -66,6 +66,18 @@ fn example(method: &str, pattern: &str) -> Option<Example> {
             invalid: r#"{"kid": "a1a1"}"#,
             invalid_path: None,
         },
+        ("POST", "/api/keymgmt/create") => Example {
+            path: "/api/keymgmt/create",
+            valid: r#"{"label": "walked-encedo-new", "type": "AES256"}"#,
+            invalid: r#"{"type": "AES256"}"#,
+            invalid_path: None,
+        },
+        ("DELETE", "/api/keymgmt/delete/{kid}") => Example {
+            path: "/api/keymgmt/delete/ec01",
+            valid: "",
+            invalid: "",
+            invalid_path: Some("/api/keymgmt/delete/ec01x"),
+        },
         _ => return None,
     };
     Some(e)

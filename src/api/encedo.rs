@@ -11,6 +11,10 @@
 //!   [`DEFAULT_LIMIT`]) (scope `keymgmt:list`).
 //! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get` or `keymgmt:use:<kid>`): type,
 //!   public key, last update.
+//! - `POST /api/keymgmt/create` `{"label", "type", "descr"?}` (scope `keymgmt:gen`):
+//!   generates a key of one of the appliance's types ([`new_key_spec`]), answers `{"kid"}`.
+//! - `DELETE /api/keymgmt/delete/{kid}` (scope `keymgmt:del`, `keys.allow_delete`, honours
+//!   `If-Match`): answers `{}`.
 //! - `GET /api/system/version` and `GET /api/system/status`, without authentication (the
 //!   appliance's clients check them before logging in): what hsmkeyd is, and that it runs.
 //!
@@ -35,7 +39,7 @@ use super::error::ApiError;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
 use crate::keys::model::{Curve, Description, KeyClass, KeyType, KeyView, Kid, Label};
-use crate::keys::KeyPatch;
+use crate::keys::{KeyPatch, KeySpec, NewKeyRequest, Usage};
 use crate::values::Scope;
 
 /// Where the appliance says what it is.
@@ -135,6 +139,208 @@ fn update_body(fields: Map<String, Value>) -> Result<(Kid, KeyPatch), ApiError> 
             ..KeyPatch::default()
         },
     ))
+}
+
+/// `POST /api/keymgmt/create`.
+pub(super) async fn create(u: UpdateRequest, headers: HeaderMap, body: Body) -> Audited {
+    let mut facts = AuditFacts::default();
+    let result = create_inner(&u, &mut facts, &headers, body).await;
+    Audited(facts, result)
+}
+
+async fn create_inner(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    super::require(&u.principal, Scope::KeysGenerate)?;
+    if !headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(ApiError::length_required());
+    }
+    let fields = body::json_object_within(headers, body, MAX_BODY).await?;
+    let req = create_body(fields)?;
+    let kid = req.kid.clone().unwrap_or_else(NewKeyRequest::random_kid);
+    facts.kid = Some(kid.to_string());
+    let req = NewKeyRequest {
+        kid: Some(kid.clone()),
+        ..req
+    };
+    let _ = super::run_change_answering(
+        u,
+        facts,
+        &kid,
+        false,
+        Some(200),
+        ApiError::encedo,
+        move |keys, actor, i, r| async move { keys.create(req, &actor, false, i, r).await },
+    )
+    .await?;
+    Ok(reply(json!({ "kid": kid })))
+}
+
+/// Validates `{"label", "type", "descr"?}`.
+fn create_body(fields: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
+    let (mut label, mut spec, mut descr) = (None, None, None);
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("label", Value::String(s)) => label = Some(encedo_label(&s)?),
+            ("label", _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_label",
+                    "label",
+                    "label must be a string",
+                ))
+            }
+            ("type", Value::String(s)) => spec = Some(new_key_spec(&s)?),
+            ("type", _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_type",
+                    "type",
+                    "type must be a string such as AES256 or SECP256R1",
+                ))
+            }
+            ("descr", Value::Null) => {}
+            ("descr", Value::String(s)) => descr = Some(description(&s)?),
+            ("descr", _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_descr",
+                    "descr",
+                    "descr must be a base64 string",
+                ))
+            }
+            ("mode", _) => {
+                return Err(ApiError::bad_field(
+                    "unsupported_mode",
+                    "mode",
+                    "hsmkeyd does not restrict keys by mode; leave mode out (EC keys may \
+                     both derive and sign)",
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::bad_field(
+                    "unknown_field",
+                    other,
+                    format!("unknown field {other:?}; a create accepts label, type and descr"),
+                ))
+            }
+        }
+    }
+    let label =
+        label.ok_or_else(|| ApiError::bad_field("missing_label", "label", "label is required"))?;
+    if label.as_str() == crate::keys::SIGNING_KEY_LABEL {
+        return Err(ApiError::bad_field(
+            "invalid_label",
+            "label",
+            "this label is reserved for hsmkeyd's token-signing key",
+        ));
+    }
+    let (spec, usage) =
+        spec.ok_or_else(|| ApiError::bad_field("missing_type", "type", "type is required"))?;
+    Ok(NewKeyRequest {
+        kid: None,
+        spec,
+        label,
+        description: descr,
+        roles: Vec::new(),
+        usage,
+    })
+}
+
+/// The appliance's key types hsmkeyd can generate, and the usage each gets: AES keys
+/// encrypt and wrap, EC keys sign and derive (`ExDSA` and `ECDH`), Ed25519 keys sign,
+/// `SHA2-*` are HMAC secrets of the hash's size.
+pub fn new_key_spec(kind: &str) -> Result<(KeySpec, Usage), ApiError> {
+    let aes = Usage {
+        encrypt: true,
+        decrypt: true,
+        wrap: true,
+        unwrap: true,
+        ..Usage::default()
+    };
+    let signing = Usage {
+        sign: true,
+        verify: true,
+        ..Usage::default()
+    };
+    let ec = Usage {
+        derive: true,
+        ..signing
+    };
+    Ok(match kind {
+        "AES128" => (KeySpec::Aes(16), aes),
+        "AES192" => (KeySpec::Aes(24), aes),
+        "AES256" => (KeySpec::Aes(32), aes),
+        "SECP256R1" => (KeySpec::Ec(Curve::P256), ec),
+        "SECP384R1" => (KeySpec::Ec(Curve::P384), ec),
+        "SECP521R1" => (KeySpec::Ec(Curve::P521), ec),
+        "ED25519" => (KeySpec::Ed25519, signing),
+        "SHA2-256" => (KeySpec::GenericSecret(32), signing),
+        "SHA2-384" => (KeySpec::GenericSecret(48), signing),
+        "SHA2-512" => (KeySpec::GenericSecret(64), signing),
+        "CURVE25519" | "CURVE448" | "ED448" => {
+            return Err(ApiError::bad_field(
+                "unsupported_type",
+                "type",
+                format!(
+                    "type {kind} cannot be generated: hsmkeyd's token (SoftHSM2 2.6) has no \
+                     Montgomery or Ed448 key generation; for key agreement use SECP256R1"
+                ),
+            ))
+        }
+        other => {
+            return Err(ApiError::bad_field(
+                "invalid_type",
+                "type",
+                format!(
+                    "type {other:?} is unknown or cannot be generated; choose AES128, AES192, \
+                     AES256, SECP256R1, SECP384R1, SECP521R1, ED25519, SHA2-256, SHA2-384 \
+                     or SHA2-512"
+                ),
+            ))
+        }
+    })
+}
+
+/// `DELETE /api/keymgmt/delete/{kid}`.
+pub(super) async fn delete(
+    u: UpdateRequest,
+    Path(kid): Path<String>,
+    headers: HeaderMap,
+) -> Audited {
+    let mut facts = AuditFacts::default();
+    let result = delete_inner(&u, &mut facts, &kid, &headers).await;
+    Audited(facts, result)
+}
+
+async fn delete_inner(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    kid: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let kid = body::kid(kid)?;
+    facts.kid = Some(kid.to_string());
+    super::require(&u.principal, Scope::KeysDelete)?;
+    if !u.state.live().allow_delete {
+        return Err(ApiError::delete_disabled());
+    }
+    let if_match = super::if_match(headers)?;
+    let target = kid.clone();
+    let _ = super::run_change_answering(
+        u,
+        facts,
+        &kid,
+        false,
+        Some(200),
+        ApiError::encedo,
+        move |keys, actor, i, r| async move {
+            keys.delete(&target, if_match.as_deref(), &actor, false, i, r)
+                .await
+        },
+    )
+    .await?;
+    Ok(reply(json!({})))
 }
 
 /// 1..=32 printable ASCII characters, as the appliance enforces.
@@ -285,7 +491,10 @@ pub fn type_name(k: &KeyView) -> String {
     match (&k.key_type, &k.curve) {
         (KeyType::Aes, _) => format!("AES{bits}"),
         (KeyType::Rsa, _) => format!("RSA{bits}"),
-        (KeyType::GenericSecret, _) => "GENERIC_SECRET".into(),
+        (KeyType::GenericSecret, _) => match k.bits {
+            Some(b @ (256 | 384 | 512)) => format!("SHA2-{b}"),
+            _ => "GENERIC_SECRET".into(),
+        },
         (KeyType::Ec, Some(Curve::P256)) => "SECP256R1".into(),
         (KeyType::Ec, Some(Curve::P384)) => "SECP384R1".into(),
         (KeyType::Ec, Some(Curve::P521)) => "SECP521R1".into(),
@@ -346,7 +555,9 @@ mod tests {
         for (k, c, bits, want) in [
             (KeyType::Aes, None, Some(256), "AES256"),
             (KeyType::Rsa, None, Some(2048), "RSA2048"),
-            (KeyType::GenericSecret, None, Some(256), "GENERIC_SECRET"),
+            (KeyType::GenericSecret, None, Some(256), "SHA2-256"),
+            (KeyType::GenericSecret, None, Some(512), "SHA2-512"),
+            (KeyType::GenericSecret, None, Some(128), "GENERIC_SECRET"),
             (KeyType::Ec, Some(Curve::P256), None, "SECP256R1"),
             (KeyType::Ec, Some(Curve::P384), None, "SECP384R1"),
             (KeyType::Ec, Some(Curve::P521), None, "SECP521R1"),

@@ -15,7 +15,8 @@
 //!   (`by_label.rs`).
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
-//! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}[/{limit}]`,
+//! - `POST /api/keymgmt/update`, `POST /api/keymgmt/create`,
+//!   `DELETE /api/keymgmt/delete/{kid}`, `GET /api/keymgmt/list/{offset}[/{limit}]`,
 //!   `GET /api/keymgmt/get/{kid}`, `GET /api/system/version`, `GET /api/system/status`
 //!   (the last two without authentication): the Encedo HEM-compatible endpoints
 //!   ([`encedo`]).
@@ -234,6 +235,20 @@ fn table() -> Vec<Route> {
             Event::KeyAttributesChanged,
             encedo::update,
         ),
+        change(
+            MethodFilter::POST,
+            "POST",
+            "/api/keymgmt/create",
+            Event::KeyCreated,
+            encedo::create,
+        ),
+        change(
+            MethodFilter::DELETE,
+            "DELETE",
+            "/api/keymgmt/delete/{kid}",
+            Event::KeyDeleted,
+            encedo::delete,
+        ),
         read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
         read("/api/keymgmt/list/{offset}", encedo::list_default),
         read("/api/keymgmt/get/{kid}", encedo::get),
@@ -421,6 +436,24 @@ where
     Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
 {
+    run_change_answering(u, facts, kid, dry_run, None, map, op).await
+}
+
+/// [`run_change`] for an endpoint whose success answers `success` rather than the usual
+/// status of its event (the result entry records the status the client gets).
+async fn run_change_answering<Op, Fut>(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    kid: &Kid,
+    dry_run: bool,
+    success: Option<u16>,
+    map: fn(KeyError) -> ApiError,
+    op: Op,
+) -> Result<UpdateOutcome, ApiError>
+where
+    Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
+{
     let actor = Actor {
         roles: u.principal.roles.clone(),
     };
@@ -435,6 +468,9 @@ where
         u.event,
         dry_run,
     );
+    if let Some(status) = success {
+        record.answers(status);
+    }
     let keys = u.state.keys.clone();
     facts.recorded = true;
     let task = u.state.tasks.spawn(async move {
