@@ -266,8 +266,9 @@ fn list_and_get_have_the_appliance_shapes() {
 }
 
 /// Every scope the Encedo endpoints know, for the operator of [`start_all`].
-const ENCEDO_SCOPES: [&str; 6] = [
+const ENCEDO_SCOPES: [&str; 7] = [
     "keymgmt:list",
+    "keymgmt:search",
     "keymgmt:get",
     "keymgmt:upd",
     "keymgmt:gen",
@@ -724,6 +725,101 @@ fn create_makes_every_appliance_type_and_delete_removes_it_read_back_by_pkcs11_t
             b"",
         )
         .assert_error(400, "invalid_kid");
+}
+
+#[test]
+fn search_finds_keys_by_description_and_answers_404_for_none() {
+    let t = token();
+    let d = start_all(&t);
+    let gen = d.mint(&["keymgmt:gen"], 600);
+    let mut kids = std::collections::BTreeMap::new();
+    for (label, descr) in [
+        ("pay-1", "payments 2026"),
+        ("pay-2", "payments 2027"),
+        ("old", "old payments"),
+        ("other", "wrapping"),
+    ] {
+        let body = json!({"label": label, "type": "AES256", "descr": STANDARD.encode(descr)});
+        let got = send_json(&d, "POST", "/api/keymgmt/create", &gen, &body).ok();
+        let _ = kids.insert(label, got["kid"].as_str().unwrap().to_string());
+    }
+    // The descriptions are in the token, where pkcs11-tool reads them.
+    let data: Vec<String> = t.objects().into_iter().map(|o| o.label).collect();
+    assert!(data.iter().any(|l| l.contains("payments 2026")), "{data:?}");
+
+    let tok = d.mint(&["keymgmt:search"], 600);
+    let search = |tok: &str, body: Value| send_json(&d, "POST", "/api/keymgmt/search", tok, &body);
+    let sorted = |labels: &[&str]| {
+        let mut v: Vec<String> = labels.iter().map(|l| kids[l].clone()).collect();
+        v.sort();
+        v
+    };
+    let kids_of = |r: &Value| -> Vec<String> {
+        common::kids(&r["list"])
+            .into_iter()
+            .map(String::from)
+            .collect()
+    };
+
+    let starts = search(
+        &tok,
+        json!({"descr": format!("^{}", STANDARD.encode("payments"))}),
+    )
+    .ok();
+    assert_eq!(kids_of(&starts), sorted(&["pay-1", "pay-2"]));
+    assert_eq!(
+        (&starts["total"], &starts["listed"], &starts["offset"]),
+        (&json!(2), &json!(2), &json!(0))
+    );
+    let contains = search(&tok, json!({"descr": STANDARD.encode("payments")})).ok();
+    assert_eq!(kids_of(&contains), sorted(&["pay-1", "pay-2", "old"]));
+    // Entries are the listing's.
+    let list = d
+        .https()
+        .get("/api/keymgmt/list/0/100", &d.mint(&["keymgmt:list"], 600))
+        .ok();
+    for e in contains["list"].as_array().unwrap() {
+        assert!(list["list"].as_array().unwrap().contains(e), "{e}");
+    }
+    let page = search(
+        &tok,
+        json!({"descr": STANDARD.encode("payments"), "offset": 1, "limit": 1}),
+    )
+    .ok();
+    assert_eq!(
+        (&page["total"], &page["listed"], &page["offset"]),
+        (&json!(3), &json!(1), &json!(1))
+    );
+    assert_eq!(
+        kids_of(&page),
+        vec![sorted(&["pay-1", "pay-2", "old"])[1].clone()]
+    );
+
+    search(
+        &tok,
+        json!({"descr": format!("^{}", STANDARD.encode("old payments!"))}),
+    )
+    .assert_error(404, "no_key_matches");
+    search(
+        &tok,
+        json!({"descr": format!("^{}", STANDARD.encode("2026"))}),
+    )
+    .assert_error(404, "no_key_matches");
+    search(&tok, json!({"descr": "not base64"})).assert_error(400, "invalid_descr");
+    search(&tok, json!({"label": "pay-1"})).assert_error(400, "unknown_field");
+
+    // keymgmt:list may search too; keymgmt:get may not, and the refusal is audited.
+    let by_list = d.mint(&["keymgmt:list"], 600);
+    assert_eq!(
+        search(&by_list, json!({"descr": STANDARD.encode("wrap")})).ok()["total"],
+        1
+    );
+    let get = d.mint(&["keymgmt:get"], 600);
+    let refused = search(&get, json!({"descr": STANDARD.encode("wrap")}));
+    let _ = refused.assert_error(403, "missing_scope");
+    let e = entry_of(&d, refused.header("x-request-id").unwrap());
+    assert_eq!(e["HSMKEYD_EVENT"], "FAILED_SCOPE_CHECK");
+    assert_eq!(e["HSMKEYD_REQUEST"], "POST /api/keymgmt/search");
 }
 
 #[test]

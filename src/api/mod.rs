@@ -16,7 +16,8 @@
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
 //! - `POST /api/keymgmt/update`, `POST /api/keymgmt/create`,
-//!   `DELETE /api/keymgmt/delete/{kid}`, `GET /api/keymgmt/list/{offset}[/{limit}]`,
+//!   `DELETE /api/keymgmt/delete/{kid}`, `POST /api/keymgmt/search` (a read),
+//!   `GET /api/keymgmt/list/{offset}[/{limit}]`,
 //!   `GET /api/keymgmt/get/{kid}`, `GET /api/system/version`, `GET /api/system/status`
 //!   (the last two without authentication): the Encedo HEM-compatible endpoints
 //!   ([`encedo`]).
@@ -149,6 +150,21 @@ fn read<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route 
     }
 }
 
+/// A POST that only reads (the Encedo search sends its query as a body). Like a [`read`]
+/// route it has no audit event: successful reads are not audited, refusals are (401/403).
+/// Its handler gets no [`UpdateRequest`], so it cannot reach [`run_change`]; the route
+/// table test lists each such route by name.
+fn read_posted<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route {
+    Route {
+        info: RouteInfo {
+            method: "POST",
+            path,
+            event: None,
+        },
+        handler: on(MethodFilter::POST, h),
+    }
+}
+
 /// A route that changes something. Its audit event is part of its registration: every
 /// answer it gives (errors included) carries the event, and the audit layer records it.
 fn change<H: Handler<T, AppState>, T: 'static>(
@@ -249,6 +265,7 @@ fn table() -> Vec<Route> {
             Event::KeyDeleted,
             encedo::delete,
         ),
+        read_posted("/api/keymgmt/search", encedo::search),
         read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
         read("/api/keymgmt/list/{offset}", encedo::list_default),
         read("/api/keymgmt/get/{kid}", encedo::get),

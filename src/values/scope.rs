@@ -9,6 +9,8 @@ use super::{Invalid, Kid};
 pub enum Scope {
     /// `keymgmt:list`: list keys.
     KeysList,
+    /// `keymgmt:search`: search keys by description (`keymgmt:list` also may).
+    KeysSearch,
     /// `keymgmt:get`: read one key.
     KeysGet,
     /// `keymgmt:upd`: update any key.
@@ -32,6 +34,7 @@ impl Scope {
         match s {
             "keymgmt:list" => Ok(Scope::KeysList),
             "keymgmt:get" => Ok(Scope::KeysGet),
+            "keymgmt:search" => Ok(Scope::KeysSearch),
             "keymgmt:upd" => Ok(Scope::KeysUpdate),
             "keymgmt:gen" => Ok(Scope::KeysGenerate),
             "keymgmt:del" => Ok(Scope::KeysDelete),
@@ -48,7 +51,7 @@ impl Scope {
                     one(kid, Scope::KeysUseOne)
                 } else {
                     Err(Invalid::new(format!(
-                        "unknown scope {s:?}; known: keymgmt:list, keymgmt:get, keymgmt:upd, \
+                        "unknown scope {s:?}; known: keymgmt:list, keymgmt:search, keymgmt:get, keymgmt:upd, \
                          keymgmt:upd:<kid>, keymgmt:use:<kid>, keymgmt:gen, keymgmt:del, \
                          auth:token"
                     )))
@@ -63,6 +66,7 @@ impl fmt::Display for Scope {
         match self {
             Scope::KeysList => f.write_str("keymgmt:list"),
             Scope::KeysGet => f.write_str("keymgmt:get"),
+            Scope::KeysSearch => f.write_str("keymgmt:search"),
             Scope::KeysUpdate => f.write_str("keymgmt:upd"),
             Scope::KeysUpdateOne(kid) => write!(f, "keymgmt:upd:{kid}"),
             Scope::KeysUseOne(kid) => write!(f, "keymgmt:use:{kid}"),
@@ -82,6 +86,7 @@ mod tests {
         for s in [
             "keymgmt:list",
             "keymgmt:get",
+            "keymgmt:search",
             "keymgmt:upd",
             "keymgmt:upd:0aff",
             "keymgmt:use:0aff",
