@@ -808,6 +808,31 @@ fn search_finds_keys_by_description_and_answers_404_for_none() {
     search(&tok, json!({"descr": "not base64"})).assert_error(400, "invalid_descr");
     search(&tok, json!({"label": "pay-1"})).assert_error(400, "unknown_field");
 
+    // As every Encedo body: a Content-Length is required (411 for a chunked body).
+    for (path, body) in [
+        (
+            "/api/keymgmt/search",
+            json!({"descr": STANDARD.encode("wrap")}),
+        ),
+        (
+            "/api/keymgmt/create",
+            json!({"label": "chunked", "type": "AES256"}),
+        ),
+    ] {
+        let body = body.to_string();
+        let tok = if path.ends_with("create") { &gen } else { &tok };
+        let chunked = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Authorization: Bearer {tok}\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        d.https()
+            .raw(chunked.as_bytes())
+            .assert_error(411, "length_required");
+    }
+    assert!(t.objects().iter().all(|o| o.label != "chunked"));
+
     // keymgmt:list may search too; keymgmt:get may not, and the refusal is audited.
     let by_list = d.mint(&["keymgmt:list"], 600);
     assert_eq!(
