@@ -30,7 +30,7 @@ fn p521_public_key_is_the_point_pkcs11_tool_exports() {
     t.gen("ec-p521", P521, "p521-key", &[]);
     let d = Daemon::start(&t, &Setup::default());
     let (kind, point) = pubkey(&d, P521);
-    assert_eq!(kind, "SECP521R1");
+    assert_eq!(kind, "PKEY,ExDSA,SECP521R1");
     // 04 || X || Y with 66-byte coordinates; its DER wrapping (04 81 85 ...) needs the
     // long form of the length.
     assert_eq!(

@@ -235,6 +235,8 @@ pub struct UpdateAudit {
     intent_refused: OnceLock<()>,
     /// Set by the result hook: whether its entry was written.
     written: OnceLock<bool>,
+    /// The status a success answers, when the endpoint's differs from the event's usual one.
+    success: OnceLock<u16>,
 }
 
 impl UpdateAudit {
@@ -257,7 +259,14 @@ impl UpdateAudit {
             planned: Mutex::new(None),
             intent_refused: OnceLock::new(),
             written: OnceLock::new(),
+            success: OnceLock::new(),
         })
+    }
+
+    /// Records a success as answering `status` (the Encedo create and delete answer 200
+    /// where `/v1` answers 201 and 204).
+    pub fn answers(&self, status: u16) {
+        let _ = self.success.set(status);
     }
 
     fn record(&self, changes: Option<Value>, error: Option<&ApiError>) -> Entry {
@@ -273,7 +282,10 @@ impl UpdateAudit {
                 success: if self.dry_run {
                     200
                 } else {
-                    success_status(self.event)
+                    self.success
+                        .get()
+                        .copied()
+                        .unwrap_or_else(|| success_status(self.event))
                 },
             },
         );

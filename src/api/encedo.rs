@@ -7,8 +7,25 @@
 //!   is the base64 of the description, and leaving it out clears the description (the
 //!   appliance rewrites the whole record). The body needs a Content-Length (411) and is at
 //!   most 7,300 bytes (413). An unknown kid is 406, as on the appliance.
-//! - `GET /api/keymgmt/list/{offset}/{limit}` (scope `keymgmt:list`).
-//! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get`): type, public key, last update.
+//! - `GET /api/keymgmt/list/{offset}/{limit}` and `GET /api/keymgmt/list/{offset}` (limit
+//!   [`DEFAULT_LIMIT`]) (scope `keymgmt:list`).
+//! - `GET /api/keymgmt/get/{kid}` (scope `keymgmt:get` or `keymgmt:use:<kid>`): type,
+//!   public key, last update.
+//! - `POST /api/keymgmt/create` `{"label", "type", "descr"?}` (scope `keymgmt:gen`):
+//!   generates a key of one of the appliance's types ([`new_key_spec`]), answers `{"kid"}`.
+//! - `DELETE /api/keymgmt/delete/{kid}` (scope `keymgmt:del`, `keys.allow_delete`, honours
+//!   `If-Match`): answers `{}`.
+//! - `POST /api/keymgmt/search` `{"descr", "offset"?, "limit"?}` (scope `keymgmt:search` or
+//!   `keymgmt:list`): the keys whose description contains the pattern (`descr` is its
+//!   base64; a leading `^` asks for descriptions that start with it), paged as a listing;
+//!   404 when none matches. A read with a body: no audit entry, as for the other reads.
+//! - `GET /api/system/version` and `GET /api/system/status`, without authentication (the
+//!   appliance's clients check them before logging in): what hsmkeyd is, and that it runs.
+//!
+//! Listed and read keys have the appliance's shapes: `type` is its attribute string
+//! ([`type_string`]), `updated` is always a number (0 if hsmkeyd never wrote the key),
+//! `descr` is left out when the key has none. `created` is left out: the token keeps no
+//! creation time, and a create through hsmkeyd records its time as `updated`.
 
 use std::sync::Arc;
 
@@ -25,12 +42,19 @@ use super::audited::{reply, AuditFacts, Audited};
 use super::error::ApiError;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
-use crate::keys::model::{Curve, Description, KeyType, KeyView, Kid, Label};
-use crate::keys::KeyPatch;
+use crate::keys::model::{Curve, Description, KeyClass, KeyType, KeyView, Kid, Label};
+use crate::keys::{KeyPatch, KeySpec, NewKeyRequest, Usage};
 use crate::values::Scope;
+
+/// Where the appliance says what it is.
+pub const VERSION_PATH: &str = "/api/system/version";
+/// Where the appliance says it is up.
+pub const STATUS_PATH: &str = "/api/system/status";
 
 /// The appliance's request body limit.
 pub const MAX_BODY: usize = 7300;
+/// The page size of `/api/keymgmt/list/{offset}`, the appliance's default.
+pub const DEFAULT_LIMIT: usize = 15;
 /// The appliance's label limit, in characters (printable ASCII only).
 pub const MAX_LABEL_CHARS: usize = 32;
 
@@ -121,6 +145,208 @@ fn update_body(fields: Map<String, Value>) -> Result<(Kid, KeyPatch), ApiError> 
     ))
 }
 
+/// `POST /api/keymgmt/create`.
+pub(super) async fn create(u: UpdateRequest, headers: HeaderMap, body: Body) -> Audited {
+    let mut facts = AuditFacts::default();
+    let result = create_inner(&u, &mut facts, &headers, body).await;
+    Audited(facts, result)
+}
+
+async fn create_inner(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    super::require(&u.principal, Scope::KeysGenerate)?;
+    if !headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(ApiError::length_required());
+    }
+    let fields = body::json_object_within(headers, body, MAX_BODY).await?;
+    let req = create_body(fields)?;
+    let kid = req.kid.clone().unwrap_or_else(NewKeyRequest::random_kid);
+    facts.kid = Some(kid.to_string());
+    let req = NewKeyRequest {
+        kid: Some(kid.clone()),
+        ..req
+    };
+    let _ = super::run_change_answering(
+        u,
+        facts,
+        &kid,
+        false,
+        Some(200),
+        ApiError::encedo,
+        move |keys, actor, i, r| async move { keys.create(req, &actor, false, i, r).await },
+    )
+    .await?;
+    Ok(reply(json!({ "kid": kid })))
+}
+
+/// Validates `{"label", "type", "descr"?}`.
+fn create_body(fields: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
+    let (mut label, mut spec, mut descr) = (None, None, None);
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("label", Value::String(s)) => label = Some(encedo_label(&s)?),
+            ("label", _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_label",
+                    "label",
+                    "label must be a string",
+                ))
+            }
+            ("type", Value::String(s)) => spec = Some(new_key_spec(&s)?),
+            ("type", _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_type",
+                    "type",
+                    "type must be a string such as AES256 or SECP256R1",
+                ))
+            }
+            ("descr", Value::Null) => {}
+            ("descr", Value::String(s)) => descr = Some(description(&s)?),
+            ("descr", _) => {
+                return Err(ApiError::bad_field(
+                    "invalid_descr",
+                    "descr",
+                    "descr must be a base64 string",
+                ))
+            }
+            ("mode", _) => {
+                return Err(ApiError::bad_field(
+                    "unsupported_mode",
+                    "mode",
+                    "hsmkeyd does not restrict keys by mode; leave mode out (EC keys may \
+                     both derive and sign)",
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::bad_field(
+                    "unknown_field",
+                    other,
+                    format!("unknown field {other:?}; a create accepts label, type and descr"),
+                ))
+            }
+        }
+    }
+    let label =
+        label.ok_or_else(|| ApiError::bad_field("missing_label", "label", "label is required"))?;
+    if label.as_str() == crate::keys::SIGNING_KEY_LABEL {
+        return Err(ApiError::bad_field(
+            "invalid_label",
+            "label",
+            "this label is reserved for hsmkeyd's token-signing key",
+        ));
+    }
+    let (spec, usage) =
+        spec.ok_or_else(|| ApiError::bad_field("missing_type", "type", "type is required"))?;
+    Ok(NewKeyRequest {
+        kid: None,
+        spec,
+        label,
+        description: descr,
+        roles: Vec::new(),
+        usage,
+    })
+}
+
+/// The appliance's key types hsmkeyd can generate, and the usage each gets: AES keys
+/// encrypt and wrap, EC keys sign and derive (`ExDSA` and `ECDH`), Ed25519 keys sign,
+/// `SHA2-*` are HMAC secrets of the hash's size.
+pub fn new_key_spec(kind: &str) -> Result<(KeySpec, Usage), ApiError> {
+    let aes = Usage {
+        encrypt: true,
+        decrypt: true,
+        wrap: true,
+        unwrap: true,
+        ..Usage::default()
+    };
+    let signing = Usage {
+        sign: true,
+        verify: true,
+        ..Usage::default()
+    };
+    let ec = Usage {
+        derive: true,
+        ..signing
+    };
+    Ok(match kind {
+        "AES128" => (KeySpec::Aes(16), aes),
+        "AES192" => (KeySpec::Aes(24), aes),
+        "AES256" => (KeySpec::Aes(32), aes),
+        "SECP256R1" => (KeySpec::Ec(Curve::P256), ec),
+        "SECP384R1" => (KeySpec::Ec(Curve::P384), ec),
+        "SECP521R1" => (KeySpec::Ec(Curve::P521), ec),
+        "ED25519" => (KeySpec::Ed25519, signing),
+        "SHA2-256" => (KeySpec::GenericSecret(32), signing),
+        "SHA2-384" => (KeySpec::GenericSecret(48), signing),
+        "SHA2-512" => (KeySpec::GenericSecret(64), signing),
+        "CURVE25519" | "CURVE448" | "ED448" => {
+            return Err(ApiError::bad_field(
+                "unsupported_type",
+                "type",
+                format!(
+                    "type {kind} cannot be generated: hsmkeyd's token (SoftHSM2 2.6) has no \
+                     Montgomery or Ed448 key generation; for key agreement use SECP256R1"
+                ),
+            ))
+        }
+        other => {
+            return Err(ApiError::bad_field(
+                "invalid_type",
+                "type",
+                format!(
+                    "type {other:?} is unknown or cannot be generated; choose AES128, AES192, \
+                     AES256, SECP256R1, SECP384R1, SECP521R1, ED25519, SHA2-256, SHA2-384 \
+                     or SHA2-512"
+                ),
+            ))
+        }
+    })
+}
+
+/// `DELETE /api/keymgmt/delete/{kid}`.
+pub(super) async fn delete(
+    u: UpdateRequest,
+    Path(kid): Path<String>,
+    headers: HeaderMap,
+) -> Audited {
+    let mut facts = AuditFacts::default();
+    let result = delete_inner(&u, &mut facts, &kid, &headers).await;
+    Audited(facts, result)
+}
+
+async fn delete_inner(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    kid: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let kid = body::kid(kid)?;
+    facts.kid = Some(kid.to_string());
+    super::require(&u.principal, Scope::KeysDelete)?;
+    if !u.state.live().allow_delete {
+        return Err(ApiError::delete_disabled());
+    }
+    let if_match = super::if_match(headers)?;
+    let target = kid.clone();
+    let _ = super::run_change_answering(
+        u,
+        facts,
+        &kid,
+        false,
+        Some(200),
+        ApiError::encedo,
+        move |keys, actor, i, r| async move {
+            keys.delete(&target, if_match.as_deref(), &actor, false, i, r)
+                .await
+        },
+    )
+    .await?;
+    Ok(reply(json!({})))
+}
+
 /// 1..=32 printable ASCII characters, as the appliance enforces.
 fn encedo_label(s: &str) -> Result<Label, ApiError> {
     let bad = |m: String| ApiError::bad_field("invalid_label", "label", m);
@@ -161,7 +387,25 @@ pub async fn list(
     Extension(p): Extension<Arc<Principal>>,
     Path((offset, limit)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    super::require(&p, Scope::KeysList)?;
+    list_page(&state, &p, &offset, body::page_limit(&limit)?)
+}
+
+/// `GET /api/keymgmt/list/{offset}`: a page of [`DEFAULT_LIMIT`] keys.
+pub async fn list_default(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(offset): Path<String>,
+) -> Result<Response, ApiError> {
+    list_page(&state, &p, &offset, DEFAULT_LIMIT)
+}
+
+fn list_page(
+    state: &AppState,
+    p: &Principal,
+    offset: &str,
+    limit: usize,
+) -> Result<Response, ApiError> {
+    super::require(p, Scope::KeysList)?;
     let offset = offset.parse::<usize>().map_err(|_| {
         ApiError::bad_field(
             "invalid_offset",
@@ -169,21 +413,144 @@ pub async fn list(
             "offset must be a non-negative integer",
         )
     })?;
-    let limit = body::page_limit(&limit)?;
     let (total, keys) = state.keys.slice(offset, limit).map_err(ApiError::encedo)?;
-    let list: Vec<Value> = keys
-        .iter()
-        .map(|k| {
-            json!({
-                "kid": k.kid,
-                "label": k.label,
-                "type": type_name(k),
-                "descr": k.description.as_deref().map(|d| STANDARD.encode(d)),
-                "updated": updated(k),
-            })
-        })
-        .collect();
+    let list: Vec<Value> = keys.iter().map(entry).collect();
     Ok(Json(json!({"total": total, "listed": list.len(), "list": list})).into_response())
+}
+
+/// One key of a listing: kid, label, type, updated, and descr when it has one.
+fn entry(k: &KeyView) -> Value {
+    let mut v = json!({
+        "kid": k.kid,
+        "label": k.label,
+        "type": type_string(k),
+        "updated": updated(k),
+    });
+    if let Some(d) = k.description.as_deref().filter(|d| !d.is_empty()) {
+        v["descr"] = Value::String(STANDARD.encode(d));
+    }
+    v
+}
+
+/// `POST /api/keymgmt/search`.
+pub async fn search(
+    State(state): State<AppState>,
+    Extension(p): Extension<Arc<Principal>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !p.has(&Scope::KeysSearch) && !p.has(&Scope::KeysList) {
+        return Err(ApiError::missing_scope(&format!(
+            "{} or {}",
+            Scope::KeysSearch,
+            Scope::KeysList
+        )));
+    }
+    if !headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(ApiError::length_required());
+    }
+    let q = search_body(body::json_object_within(&headers, body, MAX_BODY).await?)?;
+    let (_, keys) = state.keys.slice(0, usize::MAX).map_err(ApiError::encedo)?;
+    let found: Vec<&KeyView> = keys.iter().filter(|k| q.matches(k)).collect();
+    if found.is_empty() {
+        return Err(ApiError::no_key_matches());
+    }
+    let list: Vec<Value> = found
+        .iter()
+        .skip(q.offset)
+        .take(q.limit)
+        .map(|k| entry(k))
+        .collect();
+    Ok(Json(json!({
+        "offset": q.offset,
+        "total": found.len(),
+        "listed": list.len(),
+        "list": list,
+    }))
+    .into_response())
+}
+
+/// A search: the decoded pattern, whether it must start the description, and the page.
+#[derive(Debug, PartialEq)]
+struct Search {
+    pattern: Vec<u8>,
+    prefix: bool,
+    offset: usize,
+    limit: usize,
+}
+
+impl Search {
+    fn matches(&self, k: &KeyView) -> bool {
+        let Some(d) = k.description.as_deref().map(str::as_bytes) else {
+            return false;
+        };
+        if self.prefix {
+            d.starts_with(&self.pattern)
+        } else {
+            d.windows(self.pattern.len()).any(|w| w == self.pattern)
+        }
+    }
+}
+
+/// Validates `{"descr", "offset"?, "limit"?}`.
+fn search_body(fields: Map<String, Value>) -> Result<Search, ApiError> {
+    let number = |code: &'static str, name: &str, v: &Value| {
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::bad_field(code, name, format!("{name} must be a non-negative integer"))
+            })
+    };
+    let (mut descr, mut offset, mut limit) = (None, 0, DEFAULT_LIMIT);
+    for (name, value) in fields {
+        match name.as_str() {
+            "descr" => match value {
+                Value::String(s) => descr = Some(s),
+                _ => {
+                    return Err(ApiError::bad_field(
+                        "invalid_descr",
+                        "descr",
+                        "descr must be a base64 string, optionally after ^",
+                    ))
+                }
+            },
+            "offset" => offset = number("invalid_offset", "offset", &value)?,
+            "limit" => limit = body::page_limit(&value.to_string())?,
+            other => {
+                return Err(ApiError::bad_field(
+                    "unknown_field",
+                    other,
+                    format!("unknown field {other:?}; a search accepts descr, offset and limit"),
+                ))
+            }
+        }
+    }
+    let descr =
+        descr.ok_or_else(|| ApiError::bad_field("missing_descr", "descr", "descr is required"))?;
+    let (prefix, b64) = match descr.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, descr.as_str()),
+    };
+    let pattern = STANDARD.decode(b64).map_err(|e| {
+        ApiError::bad_field(
+            "invalid_descr",
+            "descr",
+            format!("descr is not standard base64 (after an optional ^): {e}"),
+        )
+    })?;
+    if pattern.is_empty() {
+        return Err(ApiError::bad_field(
+            "invalid_descr",
+            "descr",
+            "descr must not be empty; list the keys to see them all",
+        ));
+    }
+    Ok(Search {
+        pattern,
+        prefix,
+        offset,
+        limit,
+    })
 }
 
 /// `GET /api/keymgmt/get/{kid}`.
@@ -192,18 +559,55 @@ pub async fn get(
     Extension(p): Extension<Arc<Principal>>,
     Path(kid): Path<String>,
 ) -> Result<Response, ApiError> {
-    super::require(&p, Scope::KeysGet)?;
     let kid = body::kid(&kid)?;
+    if !p.may_use(&kid) {
+        return Err(ApiError::missing_scope(&format!(
+            "{} or {}",
+            Scope::KeysGet,
+            Scope::KeysUseOne(kid.clone())
+        )));
+    }
     let (view, public) = state
         .keys
         .get_with_public(&kid)
         .await
         .map_err(ApiError::encedo)?;
-    let mut out = json!({"type": type_name(&view), "updated": updated(&view)});
+    let mut out = json!({"type": type_string(&view), "updated": updated(&view)});
     if let Some(pk) = public {
         out["pubkey"] = Value::String(STANDARD.encode(pk));
     }
     Ok(Json(out).into_response())
+}
+
+/// `GET /api/system/version`: hardware, bootloader and firmware version and the firmware
+/// signature, as hsmkeyd fills them: there is no hardware or bootloader of its own, so
+/// `hwv` and `blv` name hsmkeyd, `fwv` is its version, `fws` its name and version.
+pub async fn version() -> Response {
+    let v = env!("CARGO_PKG_VERSION");
+    Json(json!({
+        "hwv": "hsmkeyd-pkcs11",
+        "blv": "hsmkeyd",
+        "fwv": v,
+        "fws": format!("hsmkeyd {v}"),
+    }))
+    .into_response()
+}
+
+/// `GET /api/system/status`: `fls_state` 0 (no flash fault: hsmkeyd has no flash), the
+/// current time (ISO 8601, UTC, seconds) and the seconds since the daemon started.
+pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let ts = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| ApiError::internal(&e.to_string()))?;
+    Ok(Json(json!({
+        "fls_state": 0,
+        "ts": ts,
+        "uptime": state.started.elapsed().as_secs(),
+    }))
+    .into_response())
 }
 
 /// The appliance's names for key types: `AES256`, `SECP256R1`, `ED25519`, `RSA2048`, ...
@@ -212,7 +616,10 @@ pub fn type_name(k: &KeyView) -> String {
     match (&k.key_type, &k.curve) {
         (KeyType::Aes, _) => format!("AES{bits}"),
         (KeyType::Rsa, _) => format!("RSA{bits}"),
-        (KeyType::GenericSecret, _) => "GENERIC_SECRET".into(),
+        (KeyType::GenericSecret, _) => match k.bits {
+            Some(b @ (256 | 384 | 512)) => format!("SHA2-{b}"),
+            _ => "GENERIC_SECRET".into(),
+        },
         (KeyType::Ec, Some(Curve::P256)) => "SECP256R1".into(),
         (KeyType::Ec, Some(Curve::P384)) => "SECP384R1".into(),
         (KeyType::Ec, Some(Curve::P521)) => "SECP521R1".into(),
@@ -225,9 +632,34 @@ pub fn type_name(k: &KeyView) -> String {
     }
 }
 
-/// `updated`: seconds since the epoch of the last update through hsmkeyd, or null.
-fn updated(k: &KeyView) -> Option<i64> {
-    k.updated_at.map(|t| t.unix_timestamp())
+/// The appliance's attribute string: flags, then the algorithm ([`type_name`]) last.
+/// `PKEY`: the key has a private half; `ECDH`: an EC or Montgomery key that may derive;
+/// `ExDSA`: an EC or Edwards key that may sign.
+pub fn type_string(k: &KeyView) -> String {
+    let private = matches!(k.class, KeyClass::KeyPair | KeyClass::PrivateOnly);
+    let (ec, edwards, montgomery) = (
+        k.key_type == KeyType::Ec,
+        matches!(k.key_type, KeyType::Edwards(_)),
+        matches!(k.key_type, KeyType::Montgomery(_)),
+    );
+    let mut parts = Vec::new();
+    if private {
+        parts.push("PKEY".to_string());
+    }
+    if k.attributes.derive && (ec || montgomery) {
+        parts.push("ECDH".to_string());
+    }
+    if k.attributes.sign && (ec || edwards) {
+        parts.push("ExDSA".to_string());
+    }
+    parts.push(type_name(k));
+    parts.join(",")
+}
+
+/// `updated`: seconds since the epoch of the last change through hsmkeyd (a create
+/// included), else 0, as the appliance always sends a number.
+fn updated(k: &KeyView) -> i64 {
+    k.updated_at.map_or(0, |t| t.unix_timestamp())
 }
 
 #[cfg(test)]
@@ -248,7 +680,9 @@ mod tests {
         for (k, c, bits, want) in [
             (KeyType::Aes, None, Some(256), "AES256"),
             (KeyType::Rsa, None, Some(2048), "RSA2048"),
-            (KeyType::GenericSecret, None, Some(256), "GENERIC_SECRET"),
+            (KeyType::GenericSecret, None, Some(256), "SHA2-256"),
+            (KeyType::GenericSecret, None, Some(512), "SHA2-512"),
+            (KeyType::GenericSecret, None, Some(128), "GENERIC_SECRET"),
             (KeyType::Ec, Some(Curve::P256), None, "SECP256R1"),
             (KeyType::Ec, Some(Curve::P384), None, "SECP384R1"),
             (KeyType::Ec, Some(Curve::P521), None, "SECP521R1"),
@@ -271,6 +705,112 @@ mod tests {
             (KeyType::Unknown, None, None, "UNKNOWN"),
         ] {
             assert_eq!(name(k, c, bits), want);
+        }
+    }
+
+    #[test]
+    fn type_strings_put_the_flags_before_the_algorithm() {
+        let with = |key_type, curve, class, sign, derive| {
+            let mut v = KeyView::example(key_type, curve);
+            v.class = class;
+            v.attributes.sign = sign;
+            v.attributes.derive = derive;
+            v.bits = Some(256);
+            type_string(&v)
+        };
+        let p256 = Some(Curve::P256);
+        for (k, c, class, sign, derive, want) in [
+            (
+                KeyType::Ec,
+                p256.clone(),
+                KeyClass::KeyPair,
+                true,
+                true,
+                "PKEY,ECDH,ExDSA,SECP256R1",
+            ),
+            (
+                KeyType::Ec,
+                p256.clone(),
+                KeyClass::KeyPair,
+                true,
+                false,
+                "PKEY,ExDSA,SECP256R1",
+            ),
+            (
+                KeyType::Ec,
+                p256.clone(),
+                KeyClass::PrivateOnly,
+                false,
+                true,
+                "PKEY,ECDH,SECP256R1",
+            ),
+            (
+                KeyType::Ec,
+                p256,
+                KeyClass::PublicOnly,
+                false,
+                false,
+                "SECP256R1",
+            ),
+            (
+                KeyType::Edwards(Curve::Ed25519),
+                None,
+                KeyClass::KeyPair,
+                true,
+                false,
+                "PKEY,ExDSA,ED25519",
+            ),
+            (
+                KeyType::Montgomery(Curve::X25519),
+                None,
+                KeyClass::KeyPair,
+                false,
+                true,
+                "PKEY,ECDH,CURVE25519",
+            ),
+            (
+                KeyType::Rsa,
+                None,
+                KeyClass::KeyPair,
+                true,
+                false,
+                "PKEY,RSA256",
+            ),
+            (KeyType::Aes, None, KeyClass::Secret, true, true, "AES256"),
+        ] {
+            assert_eq!(with(k, c, class, sign, derive), want);
+        }
+    }
+
+    #[test]
+    fn search_bodies_and_matching_follow_the_appliance() {
+        let q = |v: Value| search_body(fields(v));
+        let s = q(json!({"descr": format!("^{}", STANDARD.encode("pay"))})).unwrap();
+        assert_eq!((s.prefix, s.offset, s.limit), (true, 0, DEFAULT_LIMIT));
+        let with = |d: Option<&str>| {
+            let mut v = KeyView::example(KeyType::Aes, None);
+            v.description = d.map(str::to_string);
+            v
+        };
+        assert!(s.matches(&with(Some("payments"))));
+        assert!(!s.matches(&with(Some("old payments"))));
+        assert!(!s.matches(&with(None)));
+        let s = q(json!({"descr": STANDARD.encode("pay"), "offset": 2, "limit": 5})).unwrap();
+        assert_eq!((s.prefix, s.offset, s.limit), (false, 2, 5));
+        assert!(s.matches(&with(Some("old payments"))));
+        assert!(!s.matches(&with(Some("pa"))));
+        for (body, code) in [
+            (json!({}), "missing_descr"),
+            (json!({"descr": ""}), "invalid_descr"),
+            (json!({"descr": "^"}), "invalid_descr"),
+            (json!({"descr": "!!"}), "invalid_descr"),
+            (json!({"descr": 5}), "invalid_descr"),
+            (json!({"descr": "cGF5", "limit": 0}), "invalid_limit"),
+            (json!({"descr": "cGF5", "limit": 1001}), "invalid_limit"),
+            (json!({"descr": "cGF5", "offset": -1}), "invalid_offset"),
+            (json!({"descr": "cGF5", "label": "x"}), "unknown_field"),
+        ] {
+            assert_eq!(q(body.clone()).unwrap_err().code(), code, "{body}");
         }
     }
 

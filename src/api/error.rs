@@ -159,6 +159,15 @@ impl ApiError {
         )
     }
 
+    /// 404: an Encedo search that matched no key, as the appliance answers it.
+    pub fn no_key_matches() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_key_matches",
+            "no key's description matches the pattern",
+        )
+    }
+
     /// 405.
     pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
         ApiError::new(

@@ -17,8 +17,12 @@
 //!   trail's checkpoints (PEM, fingerprint), for `hsmkeyctl audit verify`.
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
-//! - `POST /api/keymgmt/update`, `GET /api/keymgmt/list/{offset}/{limit}`,
-//!   `GET /api/keymgmt/get/{kid}`: the Encedo HEM-compatible endpoints ([`encedo`]).
+//! - `POST /api/keymgmt/update`, `POST /api/keymgmt/create`,
+//!   `DELETE /api/keymgmt/delete/{kid}`, `POST /api/keymgmt/search` (a read),
+//!   `GET /api/keymgmt/list/{offset}[/{limit}]`,
+//!   `GET /api/keymgmt/get/{kid}`, `GET /api/system/version`, `GET /api/system/status`
+//!   (the last two without authentication): the Encedo HEM-compatible endpoints
+//!   ([`encedo`]).
 //!
 //! May call: `auth`, `keys`. Called by: `front`.
 
@@ -159,6 +163,21 @@ fn read<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route 
     }
 }
 
+/// A POST that only reads (the Encedo search sends its query as a body). Like a [`read`]
+/// route it has no audit event: successful reads are not audited, refusals are (401/403).
+/// Its handler gets no [`UpdateRequest`], so it cannot reach [`run_change`]; the route
+/// table test lists each such route by name.
+fn read_posted<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route {
+    Route {
+        info: RouteInfo {
+            method: "POST",
+            path,
+            event: None,
+        },
+        handler: on(MethodFilter::POST, h),
+    }
+}
+
 /// A route that changes something. Its audit event is part of its registration: every
 /// answer it gives (errors included) carries the event, and the audit layer records it.
 fn change<H: Handler<T, AppState>, T: 'static>(
@@ -246,8 +265,26 @@ fn table() -> Vec<Route> {
             Event::KeyAttributesChanged,
             encedo::update,
         ),
+        change(
+            MethodFilter::POST,
+            "POST",
+            "/api/keymgmt/create",
+            Event::KeyCreated,
+            encedo::create,
+        ),
+        change(
+            MethodFilter::DELETE,
+            "DELETE",
+            "/api/keymgmt/delete/{kid}",
+            Event::KeyDeleted,
+            encedo::delete,
+        ),
+        read_posted("/api/keymgmt/search", encedo::search),
         read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
+        read("/api/keymgmt/list/{offset}", encedo::list_default),
         read("/api/keymgmt/get/{kid}", encedo::get),
+        read(encedo::VERSION_PATH, encedo::version),
+        read(encedo::STATUS_PATH, encedo::status),
     ]
 }
 
@@ -278,9 +315,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The GET routes served without authentication: the JWK set, and the Encedo version and
+/// status that the appliance's clients read before they log in.
+pub const PUBLIC_PATHS: [&str; 3] = [tokens::JWKS_PATH, encedo::VERSION_PATH, encedo::STATUS_PATH];
+
 /// Resolves the caller before any handler runs, with the authenticator of the request's
 /// transport: peer credentials on the Unix socket, bearer token on TLS. Unknown callers
-/// get 401 whatever the path; only the JWK set is public. The answer carries the
+/// get 401 whatever the path; only [`PUBLIC_PATHS`] are served to anyone. The answer carries the
 /// [`Caller`] for the audit layer.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     // Requests name a path (origin form); `GET http://host/path` is a proxy's form.
@@ -291,7 +332,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         )
         .into_response();
     }
-    if req.method() == Method::GET && req.uri().path() == tokens::JWKS_PATH {
+    if req.method() == Method::GET && PUBLIC_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     let live = state.live();
@@ -426,6 +467,24 @@ where
     Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
 {
+    run_change_answering(u, facts, kid, dry_run, None, map, op).await
+}
+
+/// [`run_change`] for an endpoint whose success answers `success` rather than the usual
+/// status of its event (the result entry records the status the client gets).
+async fn run_change_answering<Op, Fut>(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    kid: &Kid,
+    dry_run: bool,
+    success: Option<u16>,
+    map: fn(KeyError) -> ApiError,
+    op: Op,
+) -> Result<UpdateOutcome, ApiError>
+where
+    Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
+{
     let actor = Actor {
         roles: u.principal.roles.clone(),
     };
@@ -440,6 +499,9 @@ where
         u.event,
         dry_run,
     );
+    if let Some(status) = success {
+        record.answers(status);
+    }
     let keys = u.state.keys.clone();
     facts.recorded = true;
     let task = u.state.tasks.spawn(async move {

@@ -73,7 +73,12 @@ async fn mint_inner(
     for s in &req.scopes {
         let scope =
             Scope::parse(s).map_err(|e| ApiError::bad_field("invalid_scopes", "scopes", e))?;
-        if !p.has(&scope) && !matches!(&scope, Scope::KeysUpdateOne(k) if p.may_update(k)) {
+        let implied = match &scope {
+            Scope::KeysUpdateOne(k) => p.may_update(k),
+            Scope::KeysUseOne(k) => p.may_use(k),
+            _ => false,
+        };
+        if !p.has(&scope) && !implied {
             return Err(ApiError::missing_scope(&scope.to_string()));
         }
         if !scopes.contains(&scope) {

@@ -80,6 +80,16 @@ impl Principal {
         })
     }
 
+    /// Whether the principal may read `kid` through the Encedo get: `keymgmt:get`, or
+    /// `keymgmt:use:<kid>`.
+    pub fn may_use(&self, kid: &Kid) -> bool {
+        self.scopes.iter().any(|s| match s {
+            Scope::KeysGet => true,
+            Scope::KeysUseOne(k) => k == kid,
+            _ => false,
+        })
+    }
+
     /// Whether the principal may update some key: `keymgmt:upd` or any `keymgmt:upd:<kid>`.
     pub fn may_update_some(&self) -> bool {
         self.scopes
@@ -143,7 +153,12 @@ mod tests {
     fn uid_wins_over_gid_and_strangers_are_unknown() {
         let p = Principals::new(&[
             pc("alice", vec![1000], vec![], &["keymgmt:list"]),
-            pc("ops", vec![], vec![50], &["keymgmt:upd:0a"]),
+            pc(
+                "ops",
+                vec![],
+                vec![50],
+                &["keymgmt:upd:0a", "keymgmt:use:0c"],
+            ),
         ]);
         let peer = |uid, gid| Peer { uid, gid, pid: 1 };
         assert_eq!(p.resolve(&peer(1000, 50)).unwrap().name, "alice");
@@ -152,5 +167,8 @@ mod tests {
         let ops = p.resolve(&peer(1, 50)).unwrap();
         assert!(ops.may_update(&Kid::parse("0a").unwrap()));
         assert!(!ops.may_update(&Kid::parse("0b").unwrap()));
+        assert!(ops.may_use(&Kid::parse("0c").unwrap()));
+        assert!(!ops.may_use(&Kid::parse("0a").unwrap()));
+        assert!(!ops.has(&Scope::KeysGet));
     }
 }

@@ -9,12 +9,17 @@ use super::{Invalid, Kid};
 pub enum Scope {
     /// `keymgmt:list`: list keys.
     KeysList,
+    /// `keymgmt:search`: search keys by description (`keymgmt:list` also may).
+    KeysSearch,
     /// `keymgmt:get`: read one key.
     KeysGet,
     /// `keymgmt:upd`: update any key.
     KeysUpdate,
     /// `keymgmt:upd:<kid>`: update one key only.
     KeysUpdateOne(Kid),
+    /// `keymgmt:use:<kid>`: use one key, which includes reading it through
+    /// `GET /api/keymgmt/get/<kid>` (as on the Encedo appliance).
+    KeysUseOne(Kid),
     /// `keymgmt:gen`: create (generate) keys.
     KeysGenerate,
     /// `keymgmt:del`: delete keys.
@@ -29,19 +34,29 @@ impl Scope {
         match s {
             "keymgmt:list" => Ok(Scope::KeysList),
             "keymgmt:get" => Ok(Scope::KeysGet),
+            "keymgmt:search" => Ok(Scope::KeysSearch),
             "keymgmt:upd" => Ok(Scope::KeysUpdate),
             "keymgmt:gen" => Ok(Scope::KeysGenerate),
             "keymgmt:del" => Ok(Scope::KeysDelete),
             "auth:token" => Ok(Scope::AuthToken),
-            _ => match s.strip_prefix("keymgmt:upd:") {
-                Some(kid) => Kid::parse(kid)
-                    .map(Scope::KeysUpdateOne)
-                    .map_err(|e| Invalid::new(format!("scope {s:?}: {e}"))),
-                None => Err(Invalid::new(format!(
-                    "unknown scope {s:?}; known: keymgmt:list, keymgmt:get, keymgmt:upd, \
-                     keymgmt:upd:<kid>, keymgmt:gen, keymgmt:del, auth:token"
-                ))),
-            },
+            _ => {
+                let one = |kid: &str, make: fn(Kid) -> Scope| {
+                    Kid::parse(kid)
+                        .map(make)
+                        .map_err(|e| Invalid::new(format!("scope {s:?}: {e}")))
+                };
+                if let Some(kid) = s.strip_prefix("keymgmt:upd:") {
+                    one(kid, Scope::KeysUpdateOne)
+                } else if let Some(kid) = s.strip_prefix("keymgmt:use:") {
+                    one(kid, Scope::KeysUseOne)
+                } else {
+                    Err(Invalid::new(format!(
+                        "unknown scope {s:?}; known: keymgmt:list, keymgmt:search, keymgmt:get, keymgmt:upd, \
+                         keymgmt:upd:<kid>, keymgmt:use:<kid>, keymgmt:gen, keymgmt:del, \
+                         auth:token"
+                    )))
+                }
+            }
         }
     }
 }
@@ -51,8 +66,10 @@ impl fmt::Display for Scope {
         match self {
             Scope::KeysList => f.write_str("keymgmt:list"),
             Scope::KeysGet => f.write_str("keymgmt:get"),
+            Scope::KeysSearch => f.write_str("keymgmt:search"),
             Scope::KeysUpdate => f.write_str("keymgmt:upd"),
             Scope::KeysUpdateOne(kid) => write!(f, "keymgmt:upd:{kid}"),
+            Scope::KeysUseOne(kid) => write!(f, "keymgmt:use:{kid}"),
             Scope::KeysGenerate => f.write_str("keymgmt:gen"),
             Scope::KeysDelete => f.write_str("keymgmt:del"),
             Scope::AuthToken => f.write_str("auth:token"),
@@ -69,8 +86,10 @@ mod tests {
         for s in [
             "keymgmt:list",
             "keymgmt:get",
+            "keymgmt:search",
             "keymgmt:upd",
             "keymgmt:upd:0aff",
+            "keymgmt:use:0aff",
             "keymgmt:gen",
             "keymgmt:del",
             "auth:token",
@@ -79,6 +98,9 @@ mod tests {
         }
         assert!(Scope::parse("keymgmt:upd:xyz").is_err());
         assert!(Scope::parse("keymgmt:destroy").is_err());
+        assert!(Scope::parse("keymgmt:use:xyz").is_err());
+        assert!(Scope::parse("keymgmt:use").is_err());
+        assert!(Scope::parse("keymgmt:delete").is_err());
         assert!(Scope::parse("").is_err());
     }
 }
