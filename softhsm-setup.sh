@@ -163,11 +163,12 @@ key = "$DEV/tls/key.pem"
 
 [keys]
 roles = ["ops", "payments"]
+unique_labels = true
 
 [[principals]]
 name = "$user_name"
 uids = [$user_uid]
-scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "auth:token"]
+scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "keymgmt:gen", "keymgmt:del", "auth:token"]
 roles = ["ops", "payments"]
 EOF
 chmod 0600 "$tmp_config" # mktemp creates it 0600 already; be explicit
