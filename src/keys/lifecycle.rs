@@ -292,15 +292,9 @@ impl KeyStore {
         F: FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static,
         G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
     {
-        self.refresh_handles().await?;
-        let _ = self.entry(kid).await?;
-        let _shared = self.gate.read().await;
-        let lock = self.lock_of(kid);
-        let _guard = lock.lock().await;
-        let current = sync::read(&self.index)
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
+        // Held to the end: the key's lock and the gate.
+        let locked = self.lock_key(kid).await?;
+        let current = locked.current.clone();
         update::may_change(kid, &current, actor, if_match)?;
         if current.objects.iter().any(|o| o.destroyable == Some(false)) {
             return Err(KeyError::NotDestroyable(kid.clone()));

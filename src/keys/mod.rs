@@ -391,16 +391,9 @@ impl KeyStore {
         // Validation that needs no key comes first, so bad input never waits on a lock.
         patch.check_roles(&sync::read(&self.roles))?;
         self.chores.room().await;
-        self.refresh_handles().await?;
-        let _ = self.entry(kid).await?;
-        let _shared = self.gate.read().await;
-        let lock = self.lock_of(kid);
-        let _guard = lock.lock().await;
-        // Re-read under the lock: the entry may have changed while we waited.
-        let current = sync::read(&self.index)
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
+        // Held to the end: the key's lock and the gate.
+        let locked = self.lock_key(kid).await?;
+        let current = locked.current.clone();
         let plan = update::plan(kid, &current, &patch, actor)?;
         let _claim = self.claim_label(kid, patch.label.as_ref())?;
         if dry_run {
@@ -458,9 +451,34 @@ impl KeyStore {
         }
     }
 
+    /// The key `kid` under its write lock and the store's gate (shared), as the index has
+    /// it once both are held: it may have changed while we waited. 404 for an unknown kid.
+    async fn lock_key(&self, kid: &Kid) -> Result<Locked<'_>, KeyError> {
+        self.refresh_handles().await?;
+        let _ = self.entry(kid).await?;
+        let gate = self.gate.read().await;
+        let key = self.lock_of(kid).lock_owned().await;
+        let current = sync::read(&self.index)
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
+        Ok(Locked {
+            _gate: gate,
+            _key: key,
+            current,
+        })
+    }
+
     fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// A key held for writing: see [`KeyStore::lock_key`].
+struct Locked<'a> {
+    _gate: tokio::sync::RwLockReadGuard<'a, ()>,
+    _key: tokio::sync::OwnedMutexGuard<()>,
+    current: Arc<Entry>,
 }
 
 /// Maps an HSM failure during a key operation to the domain error.
