@@ -29,34 +29,36 @@
 pub mod audited;
 pub mod body;
 mod by_label;
+mod change;
 pub mod deadline;
 pub mod encedo;
 pub mod error;
 mod lifecycle;
+mod routes;
 mod tokens;
 
 use std::sync::{Arc, RwLock};
 
 use axum::extract::{Path, Request, State};
-use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
-use axum::middleware::{self, Next};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, on, MethodFilter, MethodRouter};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::{Auditor, Event};
+use crate::audit::Auditor;
 use crate::auth::authenticate::{AuthError, Authenticator, BearerTokens, Credentials};
 use crate::auth::jwt::TokenService;
 use crate::auth::{ConnectionSlot, Peer, Principal, Principals, TlsPeer};
 use crate::keys::model::{KeyView, Kid, RoleName};
-use crate::keys::{Actor, FieldChange, KeyError, KeyPatch, KeyStore, UpdateOutcome};
+use crate::keys::KeyStore;
 use crate::sync;
 use crate::values::Scope;
-use audited::{AuditFacts, Audited, Caller, RequestFacts, RouteEvent, UpdateAudit};
+use audited::{AuditFacts, Audited, Caller};
+use change::{dry_run_reply, run_change, run_change_answering, update_key, UpdateRequest};
 use error::ApiError;
+pub use routes::{router, routes, RouteInfo};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -133,186 +135,6 @@ impl AppState {
     pub fn live(&self) -> Arc<Live> {
         sync::read(&self.live).clone()
     }
-}
-
-/// One route as registered: method, path, and the audit event of a changing route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteInfo {
-    /// `GET`, `POST`, `PATCH`, ...
-    pub method: &'static str,
-    /// The path pattern, e.g. `/v1/keys/{kid}`.
-    pub path: &'static str,
-    /// What its answers are recorded as; `None` for reads (successful reads are not audited).
-    pub event: Option<Event>,
-}
-
-struct Route {
-    info: RouteInfo,
-    handler: MethodRouter<AppState>,
-}
-
-/// A route that only reads: GET only, so it cannot change anything unaudited.
-fn read<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route {
-    Route {
-        info: RouteInfo {
-            method: "GET",
-            path,
-            event: None,
-        },
-        handler: get(h),
-    }
-}
-
-/// A POST that only reads (the Encedo search sends its query as a body). Like a [`read`]
-/// route it has no audit event: successful reads are not audited, refusals are (401/403).
-/// Its handler gets no [`UpdateRequest`], so it cannot reach [`run_change`]; the route
-/// table test lists each such route by name.
-fn read_posted<H: Handler<T, AppState>, T: 'static>(path: &'static str, h: H) -> Route {
-    Route {
-        info: RouteInfo {
-            method: "POST",
-            path,
-            event: None,
-        },
-        handler: on(MethodFilter::POST, h),
-    }
-}
-
-/// A route that changes something. Its audit event is part of its registration: every
-/// answer it gives (errors included) carries the event, and the audit layer records it.
-fn change<H: Handler<T, AppState>, T: 'static>(
-    method: MethodFilter,
-    name: &'static str,
-    path: &'static str,
-    event: Event,
-    h: H,
-) -> Route {
-    let handler = on(method, h).layer(middleware::from_fn(
-        move |mut req: Request, next: Next| async move {
-            let _ = req.extensions_mut().insert(RouteEvent(event));
-            let mut resp = next.run(req).await;
-            let _ = resp.extensions_mut().insert(RouteEvent(event));
-            resp
-        },
-    ));
-    Route {
-        info: RouteInfo {
-            method: name,
-            path,
-            event: Some(event),
-        },
-        handler,
-    }
-}
-
-/// Every route, in one table: the router is built from it, and tests walk it.
-fn table() -> Vec<Route> {
-    vec![
-        read("/v1/keys", list_keys),
-        change(
-            MethodFilter::POST,
-            "POST",
-            "/v1/keys",
-            Event::KeyCreated,
-            lifecycle::create,
-        ),
-        read("/v1/keys/{kid}", get_key),
-        change(
-            MethodFilter::DELETE,
-            "DELETE",
-            "/v1/keys/{kid}",
-            Event::KeyDeleted,
-            lifecycle::delete,
-        ),
-        read("/v1/keys/{kid}/public", lifecycle::public_key),
-        read("/v1/keys/by-label/{label}", by_label::get),
-        read("/v1/jwks", lifecycle::jwks),
-        change(
-            MethodFilter::PATCH,
-            "PATCH",
-            "/v1/keys/by-label/{label}",
-            Event::KeyAttributesChanged,
-            by_label::patch,
-        ),
-        change(
-            MethodFilter::DELETE,
-            "DELETE",
-            "/v1/keys/by-label/{label}",
-            Event::KeyDeleted,
-            by_label::delete,
-        ),
-        change(
-            MethodFilter::PATCH,
-            "PATCH",
-            "/v1/keys/{kid}",
-            Event::KeyAttributesChanged,
-            patch_key,
-        ),
-        change(
-            MethodFilter::POST,
-            "POST",
-            "/v1/auth/token",
-            Event::TokenIssued,
-            tokens::mint,
-        ),
-        read(tokens::JWKS_PATH, tokens::jwks),
-        read("/v1/status", status),
-        read("/v1/audit/key", audit_key),
-        change(
-            MethodFilter::POST,
-            "POST",
-            "/api/keymgmt/update",
-            Event::KeyAttributesChanged,
-            encedo::update,
-        ),
-        change(
-            MethodFilter::POST,
-            "POST",
-            "/api/keymgmt/create",
-            Event::KeyCreated,
-            encedo::create,
-        ),
-        change(
-            MethodFilter::DELETE,
-            "DELETE",
-            "/api/keymgmt/delete/{kid}",
-            Event::KeyDeleted,
-            encedo::delete,
-        ),
-        read_posted("/api/keymgmt/search", encedo::search),
-        read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
-        read("/api/keymgmt/list/{offset}", encedo::list_default),
-        read("/api/keymgmt/get/{kid}", encedo::get),
-        read(encedo::VERSION_PATH, encedo::version),
-        read(encedo::STATUS_PATH, encedo::status),
-    ]
-}
-
-/// The routes the router serves.
-pub fn routes() -> Vec<RouteInfo> {
-    table().into_iter().map(|r| r.info).collect()
-}
-
-/// Builds the router. The listener must put the connection's [`Peer`] into each request's
-/// extensions.
-pub fn router(state: AppState) -> Router {
-    table()
-        .into_iter()
-        .fold(Router::new(), |r, route| {
-            r.route(route.info.path, route.handler)
-        })
-        .method_not_allowed_fallback(method_not_allowed)
-        .fallback(no_route)
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            deadline::layer,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            audited::layer,
-        ))
-        .with_state(state)
 }
 
 /// The GET routes served without authentication: the JWK set, and the Encedo version and
@@ -405,148 +227,6 @@ fn require_update(p: &Principal, kid: &Kid) -> Result<(), ApiError> {
             Scope::KeysUpdateOne(kid.clone())
         )))
     }
-}
-
-/// What an updating handler hands [`update_key`]: the request, its caller and its route's
-/// event. An extractor, so every updating route gets it the same way.
-struct UpdateRequest {
-    state: AppState,
-    principal: Arc<Principal>,
-    request: RequestFacts,
-    event: Event,
-}
-
-impl axum::extract::FromRequestParts<AppState> for UpdateRequest {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &AppState,
-    ) -> Result<UpdateRequest, ApiError> {
-        let missing = |what: &str| ApiError::internal(&format!("an update without {what}"));
-        let ext = &parts.extensions;
-        Ok(UpdateRequest {
-            state: state.clone(),
-            principal: ext
-                .get::<Arc<Principal>>()
-                .cloned()
-                .ok_or_else(|| missing("a principal"))?,
-            request: ext
-                .get::<RequestFacts>()
-                .cloned()
-                .ok_or_else(|| missing("request facts"))?,
-            event: ext
-                .get::<RouteEvent>()
-                .map(|e| e.0)
-                .ok_or_else(|| missing("a route event"))?,
-        })
-    }
-}
-
-/// The audit hook a change runs before its first token write.
-type IntentHook = Box<dyn FnOnce(&[FieldChange]) -> Result<(), String> + Send>;
-/// The audit hook a change runs right after its token writes.
-type ResultHook = Box<dyn FnOnce(Result<&[FieldChange], &KeyError>) + Send>;
-
-/// The one way a handler changes keys. Once the request has passed its checks the change
-/// runs as its own task, not in the connection's future: token writes, rollback, the index
-/// refresh and the audit entries all happen even if the client disconnects, and the key's
-/// lock is held until the token work is over. `op` is the domain call, given the store,
-/// the caller as an [`Actor`] and the two audit hooks; `map` turns domain errors into the
-/// answer of the calling endpoint. The change records its own result entry, so `facts`
-/// says so.
-async fn run_change<Op, Fut>(
-    u: &UpdateRequest,
-    facts: &mut AuditFacts,
-    kid: &Kid,
-    dry_run: bool,
-    map: fn(KeyError) -> ApiError,
-    op: Op,
-) -> Result<UpdateOutcome, ApiError>
-where
-    Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
-{
-    run_change_answering(u, facts, kid, dry_run, None, map, op).await
-}
-
-/// [`run_change`] for an endpoint whose success answers `success` rather than the usual
-/// status of its event (the result entry records the status the client gets).
-async fn run_change_answering<Op, Fut>(
-    u: &UpdateRequest,
-    facts: &mut AuditFacts,
-    kid: &Kid,
-    dry_run: bool,
-    success: Option<u16>,
-    map: fn(KeyError) -> ApiError,
-    op: Op,
-) -> Result<UpdateOutcome, ApiError>
-where
-    Op: FnOnce(Arc<KeyStore>, Actor, IntentHook, ResultHook) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<UpdateOutcome, KeyError>> + Send + 'static,
-{
-    let actor = Actor {
-        roles: u.principal.roles.clone(),
-    };
-    let record = UpdateAudit::new(
-        u.state.audit.clone(),
-        u.request.clone(),
-        Caller {
-            principal: u.principal.name.clone(),
-            token_id: u.principal.token_id.clone(),
-        },
-        kid.to_string(),
-        u.event,
-        dry_run,
-    );
-    if let Some(status) = success {
-        record.answers(status);
-    }
-    let keys = u.state.keys.clone();
-    facts.recorded = true;
-    let task = u.state.tasks.spawn(async move {
-        let intent: IntentHook = Box::new(record.intent_hook());
-        let result: ResultHook = Box::new(record.result_hook(map));
-        let result = op(keys, actor, intent, result).await.map_err(map);
-        record.finish(result).await
-    });
-    task.await
-        .map_err(|e| ApiError::internal(&format!("update task failed: {e}")))?
-}
-
-/// An update of one key's attributes through [`run_change`].
-async fn update_key(
-    u: &UpdateRequest,
-    facts: &mut AuditFacts,
-    kid: &Kid,
-    patch: KeyPatch,
-    dry_run: bool,
-    map: fn(KeyError) -> ApiError,
-) -> Result<UpdateOutcome, ApiError> {
-    let target = kid.clone();
-    run_change(
-        u,
-        facts,
-        kid,
-        dry_run,
-        map,
-        move |keys, actor, intent, result| async move {
-            keys.update(&target, patch, &actor, dry_run, intent, result)
-                .await
-        },
-    )
-    .await
-}
-
-/// The answer of a dry run: the key as it would be, and each change with its values.
-fn dry_run_reply(outcome: &UpdateOutcome) -> Response {
-    let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field.name()).collect();
-    audited::reply(json!({
-        "dry_run": true,
-        "key": outcome.key,
-        "changed": changed,
-        "changes": audited::changes_json(&outcome.changes),
-    }))
 }
 
 fn with_etag(view: &KeyView, mut r: Response) -> Response {

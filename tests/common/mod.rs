@@ -31,6 +31,7 @@
 //!   each asserting a different error; the request is the thing under test.
 #![allow(dead_code)]
 
+pub mod encedo;
 pub mod fixture;
 pub mod journal;
 pub mod notify;
