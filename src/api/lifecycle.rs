@@ -86,28 +86,45 @@ pub(super) async fn delete_inner(
     let kid = body::kid(kid)?;
     facts.kid = Some(kid.to_string());
     let dry_run = body::dry_run(query)?;
+    let outcome = delete_key(u, facts, &kid, headers, dry_run, None, ApiError::from).await?;
+    if dry_run {
+        return Ok(super::dry_run_reply(&outcome));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The one delete of both front ends (`/v1` and the Encedo endpoint): the scope, the
+/// `keys.allow_delete` switch, `If-Match`, then the domain delete through
+/// `run_change_answering` (`success`: the status the endpoint answers, when not the
+/// event's usual 204; `map`: its error mapping).
+pub(super) async fn delete_key(
+    u: &UpdateRequest,
+    facts: &mut AuditFacts,
+    kid: &Kid,
+    headers: &HeaderMap,
+    dry_run: bool,
+    success: Option<u16>,
+    map: fn(crate::keys::KeyError) -> ApiError,
+) -> Result<crate::keys::UpdateOutcome, ApiError> {
     require(&u.principal, Scope::KeysDelete)?;
     if !u.state.live().allow_delete {
         return Err(ApiError::delete_disabled());
     }
     let if_match = super::if_match(headers)?;
     let target = kid.clone();
-    let outcome = run_change(
+    super::run_change_answering(
         u,
         facts,
-        &kid,
+        kid,
         dry_run,
-        ApiError::from,
+        success,
+        map,
         move |keys, actor, i, r| async move {
             keys.delete(&target, if_match.as_deref(), &actor, dry_run, i, r)
                 .await
         },
     )
-    .await?;
-    if dry_run {
-        return Ok(super::dry_run_reply(&outcome));
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    .await
 }
 
 /// `GET /v1/keys/{kid}/public`.

@@ -196,23 +196,14 @@ async fn delete_inner(
 ) -> Result<Response, ApiError> {
     let kid = body::kid(kid)?;
     facts.kid = Some(kid.to_string());
-    super::super::require(&u.principal, Scope::KeysDelete)?;
-    if !u.state.live().allow_delete {
-        return Err(ApiError::delete_disabled());
-    }
-    let if_match = super::super::if_match(headers)?;
-    let target = kid.clone();
-    let _ = super::super::run_change_answering(
+    let _ = super::super::lifecycle::delete_key(
         u,
         facts,
         &kid,
+        headers,
         false,
         Some(200),
         ApiError::encedo,
-        move |keys, actor, i, r| async move {
-            keys.delete(&target, if_match.as_deref(), &actor, false, i, r)
-                .await
-        },
     )
     .await?;
     Ok(reply(json!({})))

@@ -320,15 +320,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
                 .await?
                 .ok()?;
-            if *dry_run {
-                print_dry_run(&cli, &a);
-            } else if cli.json {
-                show::json(&a.body);
-            } else {
-                println!("{}", show::fields(&a.body["key"]));
-                println!("changed: {}", show::cell(&a.body["changed"]));
-                println!("audit id: {}", show::cell(&a.body["audit_id"]));
-            }
+            print_change(&cli, &a, *dry_run);
         }
         Cmd::Token { scopes, ttl, quiet } => {
             let mut body = json!({ "scopes": scopes });
@@ -389,14 +381,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
                 .await?
                 .ok()?;
-            if *dry_run {
-                print_dry_run(&cli, &a);
-            } else if cli.json {
-                show::json(&a.body);
-            } else {
-                println!("{}", show::fields(&a.body["key"]));
-                println!("audit id: {}", show::cell(&a.body["audit_id"]));
-            }
+            print_change(&cli, &a, *dry_run);
         }
         Cmd::Delete {
             kid,
@@ -454,6 +439,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Audit { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// The answer of an update or a create: the key, what changed and the audit id (or the
+/// dry run's preview).
+fn print_change(cli: &Cli, a: &Answer, dry_run: bool) {
+    if dry_run {
+        print_dry_run(cli, a);
+    } else if cli.json {
+        show::json(&a.body);
+    } else {
+        println!("{}", show::fields(&a.body["key"]));
+        if !a.body["changed"].is_null() {
+            println!("changed: {}", show::cell(&a.body["changed"]));
+        }
+        println!("audit id: {}", show::cell(&a.body["audit_id"]));
+    }
 }
 
 /// `?dry_run=true` when asked for.
