@@ -441,33 +441,6 @@ fn a_restart_continues_the_chain_from_the_last_checkpoint() {
     assert!(text.contains("which is missing"), "{text}");
 }
 
-/// A Python with `cryptography`: the system's, or a venv under target/ it is installed in.
-fn python_with_cryptography() -> PathBuf {
-    let ok = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import cryptography"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let system = PathBuf::from("python3");
-    if ok(&system) {
-        return system;
-    }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv-cryptography");
-    let py = venv.join("bin/python3");
-    if !ok(&py) {
-        let _ = run_ok(
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            "python3 -m venv",
-        );
-        let _ = run_ok(
-            Command::new(&py).args(["-m", "pip", "install", "-q", "cryptography"]),
-            "pip install cryptography",
-        );
-    }
-    py
-}
-
 #[test]
 #[cfg_attr(not(built_as_root), ignore = "needs root")]
 fn a_checkpoint_signature_verifies_with_python_cryptography_and_the_fingerprint_with_openssl() {
@@ -490,7 +463,7 @@ der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[3
 key.verify(der, message, ec.ECDSA(hashes.SHA256()))
 print("verified")
 "#;
-    let py = python_with_cryptography();
+    let py = common::python::python_with(&[("cryptography", "cryptography")]);
     let run = |sig: &str| {
         Command::new(&py)
             .args(["-c", script])

@@ -36,6 +36,7 @@ pub mod fixture;
 mod http;
 pub mod journal;
 pub mod notify;
+pub mod python;
 pub mod tls;
 
 pub use http::{parse_response, request, Client, Response};
