@@ -42,8 +42,11 @@ fn stderr_is_journal() -> bool {
 }
 
 /// The operational log (not the audit trail): structured journald entries (target, span
-/// fields, PRIORITY) when stderr is the journal, text on stderr otherwise. tracing-journald
-/// drops entries journald does not take, which is why the audit trail has its own sink.
+/// fields as `F_<NAME>`, PRIORITY) when stderr is the journal, text on stderr otherwise.
+/// Levels map to syslog priorities as syslog means them (info is 6, "informational";
+/// tracing-journald's default would make every info line a 5, "notice").
+/// tracing-journald drops entries journald does not take, which is why the audit trail has
+/// its own sink.
 fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -53,7 +56,15 @@ fn init_logging() {
         if let Ok(journald) = tracing_journald::layer() {
             tracing_subscriber::registry()
                 .with(filter)
-                .with(journald.with_syslog_identifier("hsmkeyd-log".into()))
+                .with(
+                    journald
+                        .with_syslog_identifier("hsmkeyd-log".into())
+                        .with_priority_mappings(tracing_journald::PriorityMappings {
+                            info: tracing_journald::Priority::Informational,
+                            debug: tracing_journald::Priority::Debug,
+                            ..tracing_journald::PriorityMappings::new()
+                        }),
+                )
                 .init();
             return;
         }

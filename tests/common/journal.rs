@@ -116,15 +116,15 @@ impl Journal {
 
     /// Every entry hsmkeyd wrote (`SYSLOG_IDENTIFIER=hsmkeyd`), oldest first.
     pub fn entries(&self) -> Vec<Value> {
+        self.entries_of("hsmkeyd")
+    }
+
+    /// Every entry with this `SYSLOG_IDENTIFIER`, oldest first.
+    pub fn entries_of(&self, identifier: &str) -> Vec<Value> {
         let out = self
             .command("journalctl")
-            .args([
-                "-o",
-                "json",
-                "--no-pager",
-                "-q",
-                "SYSLOG_IDENTIFIER=hsmkeyd",
-            ])
+            .args(["-o", "json", "--no-pager", "-q"])
+            .arg(format!("SYSLOG_IDENTIFIER={identifier}"))
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
