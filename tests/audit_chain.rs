@@ -501,3 +501,103 @@ print("verified")
         field(cp, "HSMKEYD_KEY_FINGERPRINT")
     );
 }
+
+#[test]
+#[cfg_attr(not(built_as_root), ignore = "needs root")]
+fn a_crash_leaves_an_unsigned_tail_the_next_run_links_past_and_the_verifier_names() {
+    let j = Journal::start();
+    let t = demo_token();
+    let dir = tempfile::tempdir().unwrap();
+    // First run: checkpoints every five entries, then kill -9 right after twelve more
+    // entries, so the last few are chained but no checkpoint signs them.
+    let d = Daemon::start(&t, &in_journal(&j));
+    let key = save_key(&d, dir.path());
+    busy(&d);
+    // One refusal (one entry) at a time until one to three plain entries follow the last
+    // checkpoint: then no checkpoint is due (every five) and the kill leaves a real tail.
+    for round in 0.. {
+        assert!(round < 20, "never found a moment between checkpoints");
+        let r = d.client().patch(EC, &json!({"label": 7}));
+        assert_eq!(r.status, 400);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = export_entries(&j);
+        let tail = now.iter().rev().take_while(|e| !is_checkpoint(e)).count();
+        if (1..=3).contains(&tail) {
+            break;
+        }
+    }
+    drop(d); // SIGKILL: no stop checkpoint.
+    let crashed = export_entries(&j);
+    let last = crashed.last().unwrap();
+    assert!(!is_checkpoint(last), "{last}");
+    let seq = |e: &str| field(e, "HSMKEYD_SEQ").unwrap().parse::<u64>().unwrap();
+    let last_signed = crashed
+        .iter()
+        .rev()
+        .find(|e| is_checkpoint(e))
+        .map(|e| {
+            field(e, "HSMKEYD_CHECKPOINT_SEQ")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .unwrap();
+    let crash_last = seq(last);
+
+    // Second run after the crash: numbers go on past everything the first run used.
+    let d = Daemon::start(&t, &in_journal(&j));
+    busy(&d);
+    assert_eq!(d.stop(), 0);
+    let _ = j.wait_for("the stop checkpoint", |e| {
+        e.last()
+            .is_some_and(|l| l["HSMKEYD_CHECKPOINT_REASON"] == "stop")
+    });
+    let all = export_entries(&j);
+    let second = &all[crashed.len()];
+    assert!(
+        seq(second) > crash_last,
+        "a number of the crashed run was used again: {} after {crash_last}",
+        seq(second)
+    );
+
+    let (status, text) = verify(&j, &t, &["--key", key.to_str().unwrap()]);
+    assert_eq!(status, 12, "{text}");
+    assert!(
+        text.contains(&format!(
+            "unsigned tail: entries {}..{crash_last}",
+            last_signed + 1
+        )),
+        "the crashed run's tail is named: {text}"
+    );
+    assert!(text.contains("in 2 run(s)"), "{text}");
+
+    // The second run's first entry names the link it continues from: the crashed run's
+    // last signed checkpoint (the token's high-water mark), which the verifier checked.
+    let link = field(second, "HSMKEYD_CHAIN_LINK").unwrap().to_string();
+    let cp = crashed.iter().rev().find(|e| is_checkpoint(e)).unwrap();
+    let cp_seq = field(cp, "HSMKEYD_SEQ").unwrap();
+    assert_eq!(
+        link,
+        format!("{cp_seq} {}", field(cp, "HSMKEYD_CHAIN").unwrap()),
+        "the run after the crash links to the last checkpoint before it"
+    );
+    // On its own, the second run verifies, and says where it continues from.
+    let export = write_export(dir.path(), "second", &all[crashed.len()..]);
+    let (status, text) = verify(
+        &j,
+        &t,
+        &[
+            "--key",
+            key.to_str().unwrap(),
+            "--export",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(status, 0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "continuing from checkpoint {cp_seq}, which is not in it"
+        )),
+        "{text}"
+    );
+}
