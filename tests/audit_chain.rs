@@ -526,6 +526,18 @@ fn a_crash_leaves_an_unsigned_tail_the_next_run_links_past_and_the_verifier_name
             break;
         }
     }
+    // The daemon counts what it chained (and what that cost: the benchmark's figure).
+    let st = d.client().get("/v1/status").json();
+    let chained = st["audit"]["chained_entries"].as_u64().unwrap();
+    let journaled = export_entries(&j)
+        .iter()
+        .filter(|e| field(e, "HSMKEYD_SEQ").is_some())
+        .count() as u64;
+    assert!(
+        chained > 20 && (chained..=chained + 1).contains(&journaled),
+        "status says {chained} chained, the journal has {journaled}: {st}"
+    );
+    assert!(st["audit"]["chain_us"].as_u64().is_some(), "{st}");
     drop(d); // SIGKILL: no stop checkpoint.
     let crashed = export_entries(&j);
     let last = crashed.last().unwrap();

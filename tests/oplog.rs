@@ -54,7 +54,7 @@ fn start_on_journal_stream(j: &Journal, t: &Token, journal_stream: &str) -> Daem
         https: None,
     };
     // Serving, as the daemon says in whichever form its log takes.
-    let _ = wait_for(j, "the daemon serving", |j| {
+    wait_for(j, "the daemon serving", |j| {
         ["hsmkeyd-log", "hsmkeyd-stderr"].iter().any(|id| {
             j.entries_of(id)
                 .iter()

@@ -42,10 +42,27 @@ fn both(n: usize) -> Value {
     json!({"label": format!("bench-ld-{}", n % 2), "description": format!("ld {}", n % 2)})
 }
 
-/// PATCH p50 (ms) on one key; `body(n)` alternates between two values.
-fn patch_p50<S: Read + Write>(o: &Opts, c: &mut Conn<S>, kid: &str, body: Body) -> Res<f64> {
+/// PATCH p50 (ms) on one key and how many PATCHes that took (warm-up included);
+/// `body(n)` alternates between two values.
+fn patch_p50<S: Read + Write>(
+    o: &Opts,
+    c: &mut Conn<S>,
+    kid: &str,
+    body: Body,
+) -> Res<(f64, usize)> {
     let lat = warm_sample(o.seconds, |n| c.patch(kid, &body(n)))?;
-    Ok(pct(&lat, 50.0))
+    Ok((pct(&lat, 50.0), lat.len() + 3))
+}
+
+/// The daemon's own count of what hash-chaining audit entries has cost: (entries, µs).
+fn chain_cost<S: Read + Write>(c: &mut Conn<S>) -> Res<(f64, f64)> {
+    let st = c.ok("GET", "/v1/status", "")?;
+    let n = |k: &str| {
+        st["audit"][k]
+            .as_f64()
+            .ok_or(format!("status has no audit.{k}: {st}"))
+    };
+    Ok((n("chained_entries")?, n("chain_us")?))
 }
 
 fn get_lat<S: Read + Write>(seconds: f64, c: &mut Conn<S>, path: &str) -> Res<Vec<Duration>> {
@@ -74,16 +91,33 @@ pub(crate) fn daemon_figures(
         ("patch_roles_unix", bulk_kid(2), roles),
         ("patch_label_description_unix", bulk_kid(3), both),
     ];
+    let (entries_before, us_before) = chain_cost(&mut unix)?;
+    let mut patches = 0;
     for (name, kid, body) in cases {
-        figs.add(name, patch_p50(o, &mut unix, &kid, body)?, "ms");
+        let (p50, n) = patch_p50(o, &mut unix, &kid, body)?;
+        figs.add(name, p50, "ms");
+        patches += n;
     }
+    // What the audit chain added to each of those PATCHes (two entries each: intent and
+    // result), compared with the cheapest PATCH's p50; the signatures are off this path.
+    let (entries_after, us_after) = chain_cost(&mut unix)?;
+    figs.add(
+        "audit_chain_per_patch",
+        (us_after - us_before) / 1000.0 / patches as f64,
+        "ms",
+    );
+    figs.add(
+        "audit_entries_per_patch",
+        (entries_after - entries_before) / patches as f64,
+        "entries",
+    );
 
     let bearer = mint(&mut unix)?;
     let mut https = tls_conn(&d, &bearer)?;
     let get = get_lat(o.seconds, &mut https, &get_path)?;
     figs.add("get_https_p50", pct(&get, 50.0), "ms");
     figs.add("get_https_p99", pct(&get, 99.0), "ms");
-    let v = patch_p50(o, &mut https, &bulk_kid(4), label)?;
+    let (v, _) = patch_p50(o, &mut https, &bulk_kid(4), label)?;
     figs.add("patch_label_secret_https", v, "ms");
     drop(https);
 

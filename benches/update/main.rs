@@ -13,7 +13,10 @@
 //! 2. the real daemon on the same token copy (after the raw part has finalized: SoftHSM file
 //!    tokens take one writing process at a time): start until READY=1 (sd_notify), GET
 //!    and PATCH latencies over one keep-alive connection on the Unix socket and over
-//!    HTTPS, PATCH throughput from 1..16 clients, its RSS (before the slow clients) and
+//!    HTTPS, what hash-chaining the audit entries added to each of those PATCHes
+//!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
+//!    with the label PATCH's p50; `audit_entries_per_patch`), PATCH throughput from 1..16
+//!    clients, its RSS (before the slow clients) and
 //!    how much it grew per update over the throughput runs (`rss_growth_per_update`), and
 //!    GET latency on both front doors while 400 slow clients hold stalled PATCH bodies on
 //!    the Unix socket (at most 12 s per door: the stalled bodies time out after 30 s).
@@ -110,6 +113,7 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("patch_description_unix", "raw_set_label_secret", 1.0),
     ("patch_roles_unix", "raw_set_label_secret", 1.0),
     ("patch_label_description_unix", "raw_set_label_secret", 2.0),
+    ("audit_chain_per_patch", "patch_label_secret_unix", 1.0),
     ("get_https_p50", "get_unix_p50", 1.0),
     ("get_https_p99", "get_unix_p99", 1.0),
     ("patch_label_secret_https", "patch_label_secret_unix", 1.0),

@@ -261,6 +261,7 @@ async fn status(
     let backlog = keys.backlog();
     let token = keys.hsm().token();
     let (in_use, open, max) = keys.hsm().sessions();
+    let (chained, chain_ns) = state.audit.chain_cost();
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "state": if keys.is_lost() { "token_unavailable" } else { "serving" },
@@ -271,7 +272,11 @@ async fn status(
         "keys": keys.len(),
         "uptime_s": state.started.elapsed().as_secs(),
         "sessions": {"in_use": in_use, "open": open, "max": max},
-        "audit": {"healthy": state.audit.healthy()},
+        "audit": {
+            "healthy": state.audit.healthy(),
+            "chained_entries": chained,
+            "chain_us": chain_ns / 1000,
+        },
         "last_reload": *sync::lock(&state.last_reload),
         "unreadable_objects": keys.unreadable(),
         "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},

@@ -15,7 +15,9 @@ pub mod chain;
 mod sink;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -341,6 +343,9 @@ pub struct Auditor {
     every: std::sync::atomic::AtomicU64,
     /// Woken when a checkpoint is due by count (or the reservation runs low).
     due: tokio::sync::Notify,
+    /// What chaining has cost on the writers' path: entries chained, and the time spent
+    /// waiting for the chain and stamping entries (the sink's write not included).
+    chain_cost: (AtomicU64, AtomicU64),
 }
 
 /// A chain head to sign: the last entry that is not a checkpoint.
@@ -372,6 +377,7 @@ impl Auditor {
             key: OnceLock::new(),
             every: std::sync::atomic::AtomicU64::new(u64::MAX),
             due: tokio::sync::Notify::new(),
+            chain_cost: (AtomicU64::new(0), AtomicU64::new(0)),
         })
     }
 
@@ -490,6 +496,16 @@ impl Auditor {
         written
     }
 
+    /// Entries chained so far and the nanoseconds chaining them cost their writers (lock
+    /// wait, stamping and advancing; not the sink's write), for `GET /v1/status` and the
+    /// benchmark's measure of what the chain adds to an update.
+    pub fn chain_cost(&self) -> (u64, u64) {
+        (
+            self.chain_cost.0.load(Ordering::Relaxed),
+            self.chain_cost.1.load(Ordering::Relaxed),
+        )
+    }
+
     /// Whether the last entry was taken by the sink.
     pub fn healthy(&self) -> bool {
         self.healthy.load(std::sync::atomic::Ordering::Relaxed)
@@ -499,13 +515,22 @@ impl Auditor {
     /// value. The chain advances only when the sink took the entry.
     fn write_chained(&self, entry: &Entry) -> Result<Option<(u64, [u8; 32])>, AuditError> {
         let mut fields = entry.fields();
+        let waited = Instant::now();
         let mut g = sync::lock(&self.chain);
         let Some(c) = g.as_mut() else {
             return self.sink.write(entry, &fields).map(|()| None);
         };
         let link = c.stamp(&mut fields)?;
+        let stamped = waited.elapsed();
         self.sink.write(entry, &fields)?;
+        let sent = Instant::now();
         let at = c.advance(link, entry.event == Event::AuditCheckpoint);
+        let spent = stamped + sent.elapsed();
+        let _ = self.chain_cost.0.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .chain_cost
+            .1
+            .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
         let every = self.every.load(std::sync::atomic::Ordering::Relaxed);
         if c.unsigned >= every || c.limit - c.next_seq < chain::RESERVE / 2 {
             self.due.notify_one();
