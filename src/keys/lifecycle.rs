@@ -18,7 +18,8 @@ use super::meta::{self, Lifecycle, MetaRecord};
 use super::model::{
     Curve, Description, KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid, Label, RoleName,
 };
-use super::update::{self, now_rfc3339, Actor, Field, FieldChange, UpdateOutcome};
+use super::plan::{self, now_rfc3339, Actor, Field, FieldChange, UpdateOutcome};
+use super::update;
 use super::{hsm_error, sync, KeyError, KeyStore};
 use crate::hsm::{Hsm, HsmErrorKind, KeySpec, NewKey, ObjectInfo, ObjectKind, ObjectRef, Usage};
 
@@ -295,7 +296,7 @@ impl KeyStore {
         // Held to the end: the key's lock and the gate.
         let locked = self.lock_key(kid).await?;
         let current = locked.current.clone();
-        update::may_change(kid, &current, actor, if_match)?;
+        plan::may_change(kid, &current, actor, if_match)?;
         if current.objects.iter().any(|o| o.destroyable == Some(false)) {
             return Err(KeyError::NotDestroyable(kid.clone()));
         }

@@ -15,6 +15,7 @@ mod labels;
 mod lifecycle;
 pub mod meta;
 pub mod model;
+mod plan;
 pub mod public;
 mod settle;
 mod update;
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 pub use crate::hsm::{is_reserved_label, KeySpec, Usage, SIGNING_KEY_LABEL};
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
-pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
+pub use plan::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 
 use crate::hsm::{Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef};
 use crate::sync;
@@ -394,10 +395,10 @@ impl KeyStore {
         // Held to the end: the key's lock and the gate.
         let locked = self.lock_key(kid).await?;
         let current = locked.current.clone();
-        let plan = update::plan(kid, &current, &patch, actor)?;
+        let plan = plan::plan(kid, &current, &patch, actor)?;
         let _claim = self.claim_label(kid, patch.label.as_ref())?;
         if dry_run {
-            let key = update::preview(kid, &current, &plan)
+            let key = plan::preview(kid, &current, &plan)
                 .ok_or_else(|| KeyError::Internal(format!("no preview of key {kid}")))?;
             return Ok(UpdateOutcome {
                 key,
