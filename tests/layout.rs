@@ -265,7 +265,7 @@ fn a_label_change_interrupted_after_its_record_is_rolled_forward_at_startup() {
     assert!(rec["seq"].as_u64().unwrap() > 2, "{rec}");
     assert!(
         d.log()
-            .contains("completed a label change interrupted by a crash"),
+            .contains("completed a change interrupted by a crash"),
         "{}",
         d.log()
     );

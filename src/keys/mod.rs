@@ -15,6 +15,7 @@ mod labels;
 mod lifecycle;
 pub mod meta;
 pub mod model;
+mod patch;
 mod plan;
 pub mod public;
 mod settle;
@@ -27,10 +28,12 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-pub use crate::hsm::{is_reserved_label, KeySpec, Usage, SIGNING_KEY_LABEL};
+pub use crate::hsm::{
+    is_reserved_label, usage_allowed, KeySpec, Usage, UsageFlag, SIGNING_KEY_LABEL,
+};
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
-pub use plan::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
+pub use patch::{check_validity, Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 
 use crate::hsm::{Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef};
 use crate::sync;
@@ -57,6 +60,8 @@ pub struct ListQuery {
     pub label: Option<String>,
     /// Only keys whose label starts with this.
     pub label_prefix: Option<String>,
+    /// Only keys whose `not_after` is before this day.
+    pub expires_before: Option<time::Date>,
 }
 
 /// One page of keys, ordered by kid.
@@ -229,8 +234,10 @@ impl KeyStore {
                 && q.label_prefix
                     .as_deref()
                     .is_none_or(|p| e.view.label.starts_with(p))
+                && q.expires_before
+                    .is_none_or(|day| e.view.not_after.is_some_and(|end| end < day))
         };
-        let total = if q.label.is_none() && q.label_prefix.is_none() {
+        let total = if q.label.is_none() && q.label_prefix.is_none() && q.expires_before.is_none() {
             index.len()
         } else {
             index.values().filter(|e| matches(e)).count()
@@ -390,7 +397,7 @@ impl KeyStore {
         G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
     {
         // Validation that needs no key comes first, so bad input never waits on a lock.
-        patch.check_roles(&sync::read(&self.roles))?;
+        patch.check(&sync::read(&self.roles))?;
         self.chores.room().await;
         // Held to the end: the key's lock and the gate.
         let locked = self.lock_key(kid).await?;

@@ -5,13 +5,17 @@
 //! - description/roles (with no label change): the record, once (a C_SetAttributeValue on
 //!   the metadata object's label; a C_CreateObject if the key has no record yet or the
 //!   token refuses long labels). One write: atomic by itself.
-//! - the label of a one-object key, and nothing else: that label, once. The record's
-//!   `updated_at` follows in the background ([`MetaSlot::dirty`]).
-//! - any other label change (a pair, or a label with description/roles): first the new
-//!   record with `relabel` = the new label, which commits the update, then CKA_LABEL on
-//!   each object. A crash after the record is rolled forward at the next scan
-//!   (`settle.rs`); a failed label write is undone at once (labels set back, the old record
-//!   written again). The worker later clears `relabel`.
+//! - a change of one object only (the label and/or usage flags, dates, the one-way flags
+//!   of a secret key; a flag that lives on one object of a pair), and nothing else: that
+//!   object, in one C_SetAttributeValue. The record's `updated_at` follows in the
+//!   background ([`MetaSlot::dirty`]).
+//! - any other change of key objects (two objects of a pair, or objects with
+//!   description/roles): first the new record with its markers (`relabel` = the new label,
+//!   `attrs` = the other attributes each kind of object takes), which commits the update,
+//!   then one C_SetAttributeValue per object, the object with a one-way attribute
+//!   (CKA_SENSITIVE, CKA_EXTRACTABLE) last. A crash after the record is rolled forward at
+//!   the next scan (`settle.rs`); a failed object write is undone at once (the objects set
+//!   back, the old record written again). The worker later clears the markers.
 //!
 //! Nothing is destroyed and nothing is searched on the request path: superseded objects go
 //! to the store's background worker.
@@ -21,9 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::entry::{Entry, Group, MetaSlot};
 use super::meta::{self, Layout, MetaRecord};
 use super::model::Kid;
-use super::plan::Plan;
+use super::plan::{ObjectWrite, Plan};
 use super::{hsm_error, KeyError};
-use crate::hsm::{Hsm, HsmError, HsmErrorKind, ObjectRef};
+use crate::hsm::{Hsm, HsmError, HsmErrorKind, KeyAttr, ObjectRef};
 
 /// Where a record write went.
 pub(super) struct Written {
@@ -119,7 +123,7 @@ pub(super) struct Applied {
 }
 
 /// Carries out `plan` as the module doc describes. On error every write already made has
-/// been undone, or, if undoing failed too, the record's `relabel` stays for the next start
+/// been undone, or, if undoing failed too, the record's markers stay for the next start
 /// to finish.
 pub(super) fn apply(
     hsm: &Hsm,
@@ -131,7 +135,6 @@ pub(super) fn apply(
     let mut superseded = Vec::new();
     let old = current.meta.as_ref();
     let next_seq = old.map_or(0, |m| m.record.seq) + 1;
-    let new_label = plan.new_label.clone().unwrap_or_default();
     // After a failure the token is the truth: read back the key's objects, including a
     // record object this update made.
     let failed = |e: HsmError, superseded: Vec<ObjectRef>, made: Option<ObjectRef>| Applied {
@@ -139,8 +142,8 @@ pub(super) fn apply(
         entry: reread(hsm, kid, current, made).map(|e| e.map(|e| keep_dirty(kid, current, e))),
         superseded,
     };
-    let mut objects = current.objects.clone();
-    let slot = if plan.label_writes.is_empty() {
+    let marked = old.is_some_and(|m| m.record.relabel.is_some() || m.record.attrs.is_some());
+    let slot = if plan.writes.is_empty() {
         // The record alone: one write.
         let mut record = plan.record.clone();
         record.seq = next_seq;
@@ -151,15 +154,12 @@ pub(super) fn apply(
             }
             Err(e) => return failed(e, superseded, None),
         }
-    } else if plan.label_writes.len() == 1
-        && !plan.meta_changes
-        && old.is_none_or(|m| m.record.relabel.is_none())
-    {
-        // One label, atomic by itself; `updated_at` reaches the token in the background.
-        // (Not while the token's record still names an earlier relabel: a crash would
-        // roll that one forward over this label.)
-        let (obj, _, _) = &plan.label_writes[0];
-        if let Err(e) = hsm.set_label(*obj, &new_label) {
+    } else if plan.writes.len() == 1 && !plan.meta_changes && !marked {
+        // One object, one call: atomic by itself; `updated_at` reaches the token in the
+        // background. (Not while the token's record still names an earlier change: a
+        // crash would roll that one forward over this one.)
+        let w = &plan.writes[0];
+        if let Err(e) = hsm.set_attributes(w.handle, &w.attrs) {
             return failed(e, superseded, None);
         }
         let mut record = plan.record.clone();
@@ -173,10 +173,17 @@ pub(super) fn apply(
             dirty: true,
         })
     } else {
-        // The record with `relabel` commits the change; then every label.
+        // The record with its markers commits the change; then each object.
         let mut record = plan.record.clone();
         record.seq = next_seq;
-        record.relabel = Some(hex::encode(&new_label));
+        let relabels = plan
+            .writes
+            .iter()
+            .any(|w| w.attrs.iter().any(|a| matches!(a, KeyAttr::Label(_))));
+        if relabels {
+            record.relabel = plan.new_label.as_ref().map(hex::encode);
+        }
+        record.attrs = plan.attrs_marker();
         let mut slot = match write_record(hsm, kid, old, &record, limit) {
             Ok(w) => {
                 superseded.extend(w.superseded);
@@ -184,12 +191,12 @@ pub(super) fn apply(
             }
             Err(e) => return failed(e, superseded, None),
         };
-        for (i, (obj, _, _)) in plan.label_writes.iter().enumerate() {
-            if let Err(e) = hsm.set_label(*obj, &new_label) {
+        for (i, w) in plan.writes.iter().enumerate() {
+            if let Err(e) = hsm.set_attributes(w.handle, &w.attrs) {
                 let keep = undo(
                     hsm,
                     kid,
-                    &plan.label_writes[..i],
+                    &plan.writes[..i],
                     old,
                     &slot,
                     limit,
@@ -201,9 +208,12 @@ pub(super) fn apply(
         slot.dirty = true;
         Some(slot)
     };
-    for o in objects.iter_mut() {
-        if plan.label_writes.iter().any(|(h, _, _)| *h == o.handle) {
-            o.label = new_label.clone();
+    let mut objects = current.objects.clone();
+    for w in &plan.writes {
+        if let Some(o) = objects.iter_mut().find(|o| o.handle == w.handle) {
+            for a in &w.attrs {
+                a.apply_to(o);
+            }
         }
     }
     let mut slot = slot.or_else(|| old.cloned());
@@ -218,25 +228,25 @@ pub(super) fn apply(
     }
 }
 
-/// Sets `done` objects back to their old labels and writes the record from before the
-/// update again (without `relabel`). Logs and leaves `relabel` in place if the token
+/// Sets the `done` objects back to what they held and writes the record from before the
+/// update again (without markers). Logs and leaves the markers in place if the token
 /// refuses: the key then reads inconsistent and the next start rolls the change forward.
 /// Returns the record object the key keeps (a key that had no record gets none: the
 /// object made for the update is cleared and queued for destruction).
 fn undo(
     hsm: &Hsm,
     kid: &Kid,
-    done: &[(ObjectRef, Vec<u8>, &'static str)],
+    done: &[ObjectWrite],
     old: Option<&MetaSlot>,
     written: &MetaSlot,
     limit: &AtomicUsize,
     superseded: &mut Vec<ObjectRef>,
 ) -> Option<ObjectRef> {
-    for (obj, label, kind) in done.iter().rev() {
-        if let Err(e) = hsm.set_label(*obj, label) {
-            tracing::error!(%kid, object = kind, error = %e,
-                "could not restore a label after a failed update; the key stays blocked until \
-                 the next start completes the change");
+    for w in done.iter().rev() {
+        if let Err(e) = hsm.set_attributes(w.handle, &w.undo) {
+            tracing::error!(%kid, object = w.kind, error = %e,
+                "could not restore an object after a failed update; the key stays blocked \
+                 until the next start completes the change");
             return written.object;
         }
     }
@@ -245,10 +255,11 @@ fn undo(
         .unwrap_or_else(|| MetaRecord::empty(kid));
     record.seq = written.record.seq + 1;
     record.relabel = None;
+    record.attrs = None;
     match write_record(hsm, kid, Some(written), &record, limit) {
         Ok(w) if old.is_none() => {
-            // The older object (with `relabel`) goes before the cleared one: were the
-            // cleared one destroyed first, a crash could leave `relabel` as the newest.
+            // The older object (with the markers) goes before the cleared one: were the
+            // cleared one destroyed first, a crash could leave the markers as the newest.
             superseded.extend(w.superseded);
             superseded.extend(w.slot.spare);
             superseded.extend(w.slot.object);
@@ -260,7 +271,7 @@ fn undo(
         }
         Err(e) => {
             tracing::error!(%kid, error = %e,
-                "labels restored but the record could not be; the next start completes the \
+                "objects restored but the record could not be; the next start completes the \
                  change");
             written.object
         }
