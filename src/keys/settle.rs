@@ -72,7 +72,7 @@ pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) ->
                 }
             }
         }
-        "completed"
+        "completed a change"
     } else if let Some(pending) = &slot.record.pending {
         let mut old = pending.old_labels.clone();
         for (i, o) in objects.iter().enumerate() {
@@ -83,7 +83,7 @@ pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) ->
                 }
             }
         }
-        "rolled back"
+        "rolled back a label change"
     } else {
         if slot.layout == Layout::V1 {
             slot.dirty = true;
@@ -108,7 +108,7 @@ pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) ->
     }
     match flush(hsm, kid, &slot, limit) {
         Ok((fresh, superseded)) => {
-            tracing::warn!(%kid, "{direction} a change interrupted by a crash");
+            tracing::warn!(%kid, "{direction} interrupted by a crash");
             slot = fresh;
             entry.stale.extend(superseded);
         }
