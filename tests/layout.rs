@@ -65,15 +65,19 @@ fn records(t: &Token, kid: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// Waits until `kid` has its record and at most one spare, the newest with no label change
-/// in progress; returns that one.
+/// Waits until `kid` has its record and at most one spare, the newest with no change in
+/// progress (`relabel`, `attrs`); returns that one.
 fn settled(t: &Token, kid: &str) -> (String, Value) {
     let deadline = Instant::now() + SETTLE;
     let mut seen = Vec::new();
     loop {
         let mut r = records(t, kid);
         r.sort_by_key(|(_, rec)| rec["seq"].as_u64());
-        if (1..=2).contains(&r.len()) && r.last().unwrap().1.get("relabel").is_none() {
+        let newest = r.last().map(|(_, rec)| rec.clone()).unwrap_or_default();
+        if (1..=2).contains(&r.len())
+            && newest.get("relabel").is_none()
+            && newest.get("attrs").is_none()
+        {
             return r.pop().unwrap();
         }
         if seen.last() != Some(&r) {
@@ -117,6 +121,14 @@ fn each_kind_of_update_makes_only_the_token_calls_it_must() {
     assert_eq!(got, Calls { set: 1, ..none }, "description");
     let got = counted(f, || patch(AES, json!({"roles": ["ops"]})));
     assert_eq!(got, Calls { set: 1, ..none }, "roles");
+    // Usage flags and dates of a secret key, with its label: one object, one write.
+    let got = counted(f, || {
+        patch(
+            AES,
+            json!({"label": "aes-u", "usage": {"wrap": false}, "not_after": "2030-01-01"}),
+        )
+    });
+    assert_eq!(got, Calls { set: 1, ..none }, "attributes of a secret key");
     // Label and description of a secret key: the record, then the label.
     let got = counted(f, || {
         patch(AES, json!({"label": "aes-2", "description": "d2"}))
@@ -139,7 +151,32 @@ fn each_kind_of_update_makes_only_the_token_calls_it_must() {
     let got = counted(f, || patch(EC, json!({"label": "ec-2"})));
     assert_eq!(got, Calls { set: 3, ..none }, "label of a pair");
     assert_eq!(t.labels_of(EC), pair("ec-2"));
+    // A flag that lives on one object of a pair: that object alone.
+    settled(&t, EC);
+    let got = counted(f, || patch(EC, json!({"usage": {"sign": false}})));
+    assert_eq!(
+        got,
+        Calls { set: 1, ..none },
+        "a private-key flag of a pair"
+    );
+    // Flags on both objects, or a date: the record with its marker, then each object.
+    settled(&t, EC);
+    let got = counted(f, || {
+        patch(EC, json!({"usage": {"sign": true, "verify": false}}))
+    });
+    assert_eq!(
+        got,
+        Calls { set: 3, ..none },
+        "flags on both objects of a pair"
+    );
+    settled(&t, EC);
+    let got = counted(f, || patch(EC, json!({"not_after": "2031-01-01"})));
+    assert_eq!(got, Calls { set: 3, ..none }, "the date of a pair");
     let (label, rec) = settled(&t, EC);
+    assert!(
+        rec.get("attrs").is_none(),
+        "the worker left the marker: {rec}"
+    );
     assert!(label.starts_with("hsmkeyd-meta:ec01 {"), "{label}");
     assert_eq!(rec["kid"], EC);
     let (_, rec) = settled(&t, AES);
@@ -265,7 +302,7 @@ fn a_label_change_interrupted_after_its_record_is_rolled_forward_at_startup() {
     assert!(rec["seq"].as_u64().unwrap() > 2, "{rec}");
     assert!(
         d.log()
-            .contains("completed a label change interrupted by a crash"),
+            .contains("completed a change interrupted by a crash"),
         "{}",
         d.log()
     );
@@ -319,4 +356,57 @@ fn status_shows_the_token_the_keys_and_what_the_scan_left_out() {
         "the readable keys must still be served: {s}"
     );
     assert!(d.log().contains("cannot be read"), "{}", d.log());
+}
+
+#[test]
+fn an_attribute_change_interrupted_after_its_record_is_rolled_forward_at_startup() {
+    // The token as a crash after the record and the private key leaves it: the record
+    // commits `derive` off on the private key (done: it never had it) and `verify` off on
+    // the public key (not done yet).
+    let t = token_with(&[Key::ec(EC, "ec")]);
+    let record = json!({
+        "kid": EC, "seq": 2, "description": null, "roles": [],
+        "updated_at": "2026-01-02T03:04:05Z",
+        "attrs": {"private": {"usage": {"derive": false}},
+                  "public": {"usage": {"verify": false}}},
+    });
+    let value = t.path().join("record.json");
+    std::fs::write(&value, record.to_string()).unwrap();
+    t.devtoken(&[
+        "raw-data",
+        "--label",
+        &format!("hsmkeyd-meta:{EC} {record}"),
+        "--application",
+        "hsmkeyd.meta.v2",
+        "--value-file",
+        value.to_str().unwrap(),
+    ]);
+    let public = |t: &Token| {
+        t.objects()
+            .into_iter()
+            .find(|o| o.id == EC && o.class == "Public")
+            .unwrap()
+            .usage
+    };
+    assert!(public(&t).iter().any(|u| u == "verify"));
+    let d = Daemon::start(&t, &Setup::default());
+    let key = Response::ok(&d.client().get(&format!("/v1/keys/{EC}")));
+    assert_eq!(
+        (key["state"].as_str(), key["attributes"]["verify"].as_bool()),
+        (Some("ok"), Some(false)),
+        "{key}"
+    );
+    assert!(
+        !public(&t).iter().any(|u| u == "verify"),
+        "the public key kept CKA_VERIFY: {:?}",
+        public(&t)
+    );
+    let (_, rec) = settled(&t, EC);
+    assert!(rec.get("attrs").is_none(), "the marker stayed: {rec}");
+    assert!(
+        d.log()
+            .contains("completed a change interrupted by a crash"),
+        "{}",
+        d.log()
+    );
 }

@@ -4,12 +4,14 @@
 use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use super::deadline::BodyStalled;
 use super::error::ApiError;
 use crate::keys::model::{Description, Kid, Label, RoleName};
-use crate::keys::{KeyPatch, ListQuery, MAX_PAGE};
+use crate::keys::{KeyPatch, ListQuery, UsageFlag, MAX_PAGE};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -206,14 +208,16 @@ pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
                     }
                 });
             }
+            "usage" => patch.usage = usage_flags(value)?,
+            "sensitive" => patch.sensitive = Some(flag("sensitive", value)?),
+            "extractable" => patch.extractable = Some(flag("extractable", value)?),
+            "not_before" => patch.not_before = Some(date("not_before", value)?),
+            "not_after" => patch.not_after = Some(date("not_after", value)?),
             other => {
                 return Err(ApiError::bad_field(
                     "unknown_field",
                     other,
-                    format!(
-                        "unknown field {other:?}; a key update accepts label, description and \
-                         roles"
-                    ),
+                    format!("unknown field {other:?}; a key update accepts {PATCH_FIELDS}"),
                 ))
             }
         }
@@ -221,10 +225,83 @@ pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
     if patch.is_empty() {
         return Err(ApiError::bad_request(
             "empty_patch",
-            "the update names no field; send at least one of label, description, roles",
+            format!("the update names no field; send at least one of {PATCH_FIELDS}"),
         ));
     }
+    if let (Some(Some(from)), Some(Some(to))) = (patch.not_before, patch.not_after) {
+        crate::keys::check_validity(Some(from), Some(to), "not_after")?;
+    }
     Ok(patch)
+}
+
+/// The fields a key update accepts.
+const PATCH_FIELDS: &str =
+    "label, description, roles, usage, sensitive, extractable, not_before and not_after";
+
+/// `true` or `false`.
+fn flag(name: &'static str, value: Value) -> Result<bool, ApiError> {
+    value.as_bool().ok_or_else(|| {
+        ApiError::bad_field(
+            "invalid_field",
+            name,
+            format!("{name} must be true or false"),
+        )
+    })
+}
+
+/// A date `YYYY-MM-DD`, or null (the empty date).
+pub fn date(name: &'static str, value: Value) -> Result<Option<time::Date>, ApiError> {
+    let bad = |why: String| ApiError::bad_field("invalid_date", name, why);
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => time::Date::parse(&s, crate::keys::meta::DATE_FORMAT)
+            .map(Some)
+            .map_err(|e| bad(format!("{name} {s:?} is not a date YYYY-MM-DD ({e})"))),
+        _ => Err(bad(format!(
+            "{name} must be a date YYYY-MM-DD, or null to clear it"
+        ))),
+    }
+}
+
+/// A `usage` object: `{"sign": true, ...}`, at least one known flag, each a boolean.
+/// Whether a flag makes sense for the key's type is for the key domain to say.
+pub fn usage_flags(value: Value) -> Result<BTreeMap<UsageFlag, bool>, ApiError> {
+    let Value::Object(m) = value else {
+        return Err(ApiError::bad_field(
+            "invalid_usage",
+            "usage",
+            "usage is an object of booleans, e.g. {\"sign\": true}",
+        ));
+    };
+    let mut out = BTreeMap::new();
+    for (name, v) in m {
+        let Some(f) = UsageFlag::parse(&name) else {
+            return Err(ApiError::bad_field(
+                "invalid_usage",
+                "usage",
+                format!(
+                    "unknown usage flag {name:?}; flags are sign, verify, encrypt, decrypt, \
+                     wrap, unwrap and derive"
+                ),
+            ));
+        };
+        let Some(on) = v.as_bool() else {
+            return Err(ApiError::bad_field(
+                "invalid_usage",
+                f.field(),
+                format!("usage.{name} must be true or false"),
+            ));
+        };
+        let _ = out.insert(f, on);
+    }
+    if out.is_empty() {
+        return Err(ApiError::bad_field(
+            "invalid_usage",
+            "usage",
+            "usage names no flag",
+        ));
+    }
+    Ok(out)
 }
 
 fn roles(items: Vec<Value>) -> Result<Vec<RoleName>, ApiError> {
@@ -263,7 +340,8 @@ pub fn cursor_of(kid: &Kid) -> String {
     URL_SAFE_NO_PAD.encode(format!("after:{kid}"))
 }
 
-/// Parses `limit`, `cursor`, `label` and `label_prefix`; anything else is refused.
+/// Parses `limit`, `cursor`, `label`, `label_prefix` and `expires_before`; anything else
+/// is refused.
 pub fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
     let mut q = ListQuery {
         limit: DEFAULT_PAGE,
@@ -297,13 +375,16 @@ pub fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
             }
             "label" => q.label = Some(v),
             "label_prefix" => q.label_prefix = Some(v),
+            "expires_before" => {
+                q.expires_before = date("expires_before", Value::String(v))?;
+            }
             other => {
                 return Err(ApiError::bad_field(
                     "invalid_query",
                     other,
                     format!(
                         "unknown query parameter {other:?}; accepted: limit, cursor, label, \
-                         label_prefix"
+                         label_prefix, expires_before"
                     ),
                 ))
             }

@@ -211,9 +211,10 @@ pub(super) async fn jwks(
 }
 
 /// Validates a create body: `type`, `bits`/`curve`, `label`, `description`, `roles`,
-/// `usage`, `kid`.
+/// `usage`, `not_before`, `not_after`, `kid`.
 fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
-    const FIELDS: &str = "type, bits, curve, label, description, roles, usage and kid";
+    const FIELDS: &str =
+        "type, bits, curve, label, description, roles, usage, not_before, not_after and kid";
     if let Some(other) = f.keys().find(|k| {
         ![
             "type",
@@ -223,6 +224,8 @@ fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
             "description",
             "roles",
             "usage",
+            "not_before",
+            "not_after",
             "kid",
         ]
         .contains(&k.as_str())
@@ -310,6 +313,17 @@ fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
         })
         .transpose()?;
     let usage = usage(&spec, f.remove("usage"))?;
+    let not_before = f
+        .remove("not_before")
+        .map(|v| body::date("not_before", v))
+        .transpose()?
+        .flatten();
+    let not_after = f
+        .remove("not_after")
+        .map(|v| body::date("not_after", v))
+        .transpose()?
+        .flatten();
+    crate::keys::check_validity(not_before, not_after, "not_after")?;
     Ok(NewKeyRequest {
         kid,
         spec,
@@ -317,6 +331,8 @@ fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
         description,
         roles,
         usage,
+        not_before,
+        not_after,
     })
 }
 
@@ -393,105 +409,31 @@ fn spec(kind: &str, bits: Option<u32>, curve: Option<&str>) -> Result<KeySpec, A
 }
 
 /// The usage flags: the defaults of the key type, changed by the flags given; a flag that
-/// makes no sense for the type is refused.
+/// makes no sense for the type (the one table, [`crate::keys::usage_allowed`]) is refused.
 fn usage(spec: &KeySpec, given: Option<Value>) -> Result<Usage, ApiError> {
-    let (mut u, allowed): (Usage, &[&str]) = match spec {
-        KeySpec::Aes(_) => (
-            Usage {
-                encrypt: true,
-                decrypt: true,
-                wrap: true,
-                unwrap: true,
-                ..Usage::default()
-            },
-            &[
-                "encrypt", "decrypt", "wrap", "unwrap", "sign", "verify", "derive",
-            ],
-        ),
-        KeySpec::GenericSecret(_) => (
-            Usage {
-                sign: true,
-                verify: true,
-                ..Usage::default()
-            },
-            &["sign", "verify", "derive"],
-        ),
-        KeySpec::Ec(_) => (
-            Usage {
-                sign: true,
-                verify: true,
-                ..Usage::default()
-            },
-            &["sign", "verify", "derive"],
-        ),
-        KeySpec::Ed25519 => (
-            Usage {
-                sign: true,
-                verify: true,
-                ..Usage::default()
-            },
-            &["sign", "verify"],
-        ),
-        KeySpec::Rsa(_) => (
-            Usage {
-                sign: true,
-                verify: true,
-                encrypt: true,
-                decrypt: true,
-                ..Usage::default()
-            },
-            &["sign", "verify", "encrypt", "decrypt", "wrap", "unwrap"],
-        ),
-    };
+    let mut u = Usage::defaults(spec);
     let flags = match given {
         None | Some(Value::Null) => return Ok(u),
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return Err(ApiError::bad_field(
-                "invalid_usage",
-                "usage",
-                "usage is an object of booleans, e.g. {\"sign\": true}",
-            ))
-        }
+        Some(v) => body::usage_flags(v)?,
     };
-    for (name, v) in flags {
-        let Some(on) = v.as_bool() else {
+    let allowed = crate::keys::usage_allowed(&spec.algorithm()).unwrap_or_default();
+    for (flag, on) in flags {
+        if on && !allowed.contains(&flag) {
             return Err(ApiError::bad_field(
                 "invalid_usage",
-                "usage",
-                format!("usage.{name} must be true or false"),
-            ));
-        };
-        if on && !allowed.contains(&name.as_str()) {
-            return Err(ApiError::bad_field(
-                "invalid_usage",
-                "usage",
+                flag.field(),
                 format!(
-                    "usage.{name} makes no sense for this key type; it allows {}",
-                    allowed.join(", ")
+                    "usage.{} makes no sense for this key type; it allows {}",
+                    flag.name(),
+                    allowed
+                        .iter()
+                        .map(|f| f.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
-        let slot = match name.as_str() {
-            "sign" => &mut u.sign,
-            "verify" => &mut u.verify,
-            "encrypt" => &mut u.encrypt,
-            "decrypt" => &mut u.decrypt,
-            "wrap" => &mut u.wrap,
-            "unwrap" => &mut u.unwrap,
-            "derive" => &mut u.derive,
-            other => {
-                return Err(ApiError::bad_field(
-                    "invalid_usage",
-                    "usage",
-                    format!(
-                        "unknown usage flag {other:?}; flags are sign, verify, encrypt, \
-                         decrypt, wrap, unwrap and derive"
-                    ),
-                ))
-            }
-        };
-        *slot = on;
+        u.set(flag, on);
     }
     Ok(u)
 }
@@ -547,17 +489,28 @@ mod tests {
             (
                 json!({"type": "ec", "label": "k", "usage": {"decrypt": true}}),
                 "invalid_usage",
-                "usage",
+                "usage.decrypt",
             ),
             (
                 json!({"type": "ed25519", "label": "k", "usage": {"derive": true}}),
                 "invalid_usage",
-                "usage",
+                "usage.derive",
             ),
             (
                 json!({"type": "ec", "label": "k", "usage": {"sing": true}}),
                 "invalid_usage",
                 "usage",
+            ),
+            (
+                json!({"type": "ec", "label": "k", "not_after": "2026-02-30"}),
+                "invalid_date",
+                "not_after",
+            ),
+            (
+                json!({"type": "ec", "label": "k", "not_before": "2027-01-01",
+                       "not_after": "2026-01-01"}),
+                "invalid_validity",
+                "not_after",
             ),
             (
                 json!({"type": "ec", "label": "k", "kid": "abc"}),

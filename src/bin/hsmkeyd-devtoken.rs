@@ -126,6 +126,12 @@ struct GenArgs {
     /// Set CKA_MODIFIABLE=false on every object created.
     #[arg(long)]
     non_modifiable: bool,
+    /// Secret and private keys: CKA_SENSITIVE=false (to try PKCS#11's one-way rules).
+    #[arg(long)]
+    not_sensitive: bool,
+    /// Secret and private keys: CKA_EXTRACTABLE=true (to try PKCS#11's one-way rules).
+    #[arg(long)]
+    extractable: bool,
     /// Set CKA_DESTROYABLE=false on every object created.
     #[arg(long)]
     non_destroyable: bool,
@@ -358,7 +364,10 @@ fn object(
         }),
     ];
     if secret {
-        t.extend([Attribute::Sensitive(true), Attribute::Extractable(false)]);
+        t.extend([
+            Attribute::Sensitive(!spec.not_sensitive),
+            Attribute::Extractable(spec.extractable),
+        ]);
     }
     if spec.non_modifiable {
         t.push(Attribute::Modifiable(false));
@@ -520,6 +529,8 @@ fn demo(session: &Session) -> Res<()> {
             public_label: None,
             non_modifiable,
             non_destroyable: false,
+            not_sensitive: false,
+            extractable: false,
             private_only: false,
             public_only: false,
         };

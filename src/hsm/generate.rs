@@ -5,7 +5,9 @@
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
 
+use super::attributes::KeyAttr;
 use super::ec::Curve;
+use super::objects::Algorithm;
 use super::{Hsm, HsmError, ObjectRef};
 
 /// What to generate.
@@ -27,6 +29,17 @@ impl KeySpec {
     /// Whether this makes a pair (private and public key objects).
     pub fn is_pair(&self) -> bool {
         !matches!(self, KeySpec::Aes(_) | KeySpec::GenericSecret(_))
+    }
+
+    /// The key type the token will report.
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            KeySpec::Aes(_) => Algorithm::Aes,
+            KeySpec::GenericSecret(_) => Algorithm::GenericSecret,
+            KeySpec::Ec(_) => Algorithm::Ec,
+            KeySpec::Ed25519 => Algorithm::EcEdwards,
+            KeySpec::Rsa(_) => Algorithm::Rsa,
+        }
     }
 }
 
@@ -51,6 +64,33 @@ pub struct Usage {
     pub derive: bool,
 }
 
+impl Usage {
+    /// The flags a new key of this type gets unless the request says otherwise.
+    pub fn defaults(spec: &KeySpec) -> Usage {
+        match spec {
+            KeySpec::Aes(_) => Usage {
+                encrypt: true,
+                decrypt: true,
+                wrap: true,
+                unwrap: true,
+                ..Usage::default()
+            },
+            KeySpec::GenericSecret(_) | KeySpec::Ec(_) | KeySpec::Ed25519 => Usage {
+                sign: true,
+                verify: true,
+                ..Usage::default()
+            },
+            KeySpec::Rsa(_) => Usage {
+                sign: true,
+                verify: true,
+                encrypt: true,
+                decrypt: true,
+                ..Usage::default()
+            },
+        }
+    }
+}
+
 /// A key to generate.
 #[derive(Debug, Clone)]
 pub struct NewKey {
@@ -62,6 +102,10 @@ pub struct NewKey {
     pub label: Vec<u8>,
     /// Usage flags.
     pub usage: Usage,
+    /// CKA_START_DATE of every object (`None`: left empty).
+    pub start_date: Option<time::Date>,
+    /// CKA_END_DATE of every object (`None`: left empty).
+    pub end_date: Option<time::Date>,
 }
 
 impl Hsm {
@@ -70,13 +114,20 @@ impl Hsm {
     pub fn generate(&self, key: &NewKey) -> Result<Vec<ObjectRef>, HsmError> {
         let u = key.usage;
         let common = |private: bool| {
-            vec![
+            let mut t = vec![
                 Attribute::Token(true),
                 Attribute::Private(private),
                 Attribute::Modifiable(true),
                 Attribute::Label(key.label.clone()),
                 Attribute::Id(key.id.clone()),
-            ]
+            ];
+            if key.start_date.is_some() {
+                t.push(KeyAttr::StartDate(key.start_date).to_ck());
+            }
+            if key.end_date.is_some() {
+                t.push(KeyAttr::EndDate(key.end_date).to_ck());
+            }
+            t
         };
         let hidden = [Attribute::Sensitive(true), Attribute::Extractable(false)];
         let (mechanism, public_extra) = match &key.spec {

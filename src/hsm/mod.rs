@@ -8,6 +8,7 @@
 //! Every call here blocks; callers run them on blocking threads, never on the reactor.
 //! May call: `config`, `secret`.
 
+pub mod attributes;
 pub mod audit_mark;
 pub mod ec;
 mod error;
@@ -23,6 +24,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::Slot;
 
+pub use attributes::{usage_allowed, KeyAttr, UsageFlag};
 pub use audit_mark::AuditMark;
 pub use ec::Curve;
 pub use error::{Ckr, Code, HsmError, HsmErrorKind};

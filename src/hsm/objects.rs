@@ -93,6 +93,10 @@ pub struct ObjectInfo {
     pub unwrap: Option<bool>,
     /// CKA_DERIVE.
     pub derive: Option<bool>,
+    /// CKA_START_DATE of a key object (`None`: empty, absent or not a date).
+    pub start_date: Option<time::Date>,
+    /// CKA_END_DATE of a key object (`None`: empty, absent or not a date).
+    pub end_date: Option<time::Date>,
     /// CKA_APPLICATION of a data object.
     pub application: Option<Vec<u8>>,
     /// CKA_VALUE, for data objects of the requested application only.
@@ -147,6 +151,8 @@ fn read_one(
         wrap: None,
         unwrap: None,
         derive: None,
+        start_date: None,
+        end_date: None,
         application: None,
         value: None,
     };
@@ -181,6 +187,27 @@ fn read_one(
             Attribute::Derive(b) => o.derive = Some(b),
             Attribute::Application(v) => o.application = Some(v),
             _ => {}
+        }
+    }
+    if matches!(
+        o.kind,
+        ObjectKind::SecretKey | ObjectKind::PrivateKey | ObjectKind::PublicKey
+    ) {
+        // A call of their own, whose failure leaves the dates unknown and never the object
+        // unreadable: cryptoki refuses a date that is not digits, and SoftHSM 2.6 keeps
+        // the dates of private objects unencrypted and then fails to read them back
+        // (CKR_GENERAL_ERROR once the object is reloaded; SoftHSMv2 issue 655).
+        match s.get_attributes(h, &[AttributeType::StartDate, AttributeType::EndDate]) {
+            Ok(dates) => {
+                for a in dates {
+                    match a {
+                        Attribute::StartDate(d) => o.start_date = super::attributes::date_of(&d),
+                        Attribute::EndDate(d) => o.end_date = super::attributes::date_of(&d),
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "a key object's dates cannot be read"),
         }
     }
     let ours = |a: &[u8]| data_applications.contains(&a);

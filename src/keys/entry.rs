@@ -7,9 +7,9 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::meta::{self, Layout, MetaRecord};
+use super::meta::{self, AttrSet, Layout, MetaRecord};
 use super::model::{KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid};
-use crate::hsm::{is_reserved_label, Algorithm, Curve, ObjectInfo, ObjectKind, ObjectRef};
+use crate::hsm::{is_reserved_label, Algorithm, Curve, KeyAttr, ObjectInfo, ObjectKind, ObjectRef};
 
 /// The metadata of a key, when there is some.
 #[derive(Debug, Clone)]
@@ -210,6 +210,15 @@ impl Entry {
                         .to_string(),
                 );
             }
+            if let Some(marker) = &m.record.attrs {
+                if !attrs_done(&objects, marker) {
+                    let _ = problem.get_or_insert(
+                        "an interrupted attribute change could not be completed; restart to \
+                         retry"
+                            .to_string(),
+                    );
+                }
+            }
             if let Some(l) = m.record.relabel_bytes() {
                 if objects.iter().any(|o| o.label != l) {
                     let _ = problem.get_or_insert(
@@ -241,6 +250,9 @@ impl Entry {
             ));
         }
         let find = |k| objects.iter().find(|o| o.kind == k);
+        // The dates as the public key has them when there is one: some tokens cannot read
+        // back the dates of private objects (see `hsm::objects`).
+        let dated = find(ObjectKind::PublicKey).unwrap_or(primary);
         let private = find(ObjectKind::PrivateKey).or(find(ObjectKind::SecretKey));
         let public = find(ObjectKind::PublicKey).or(find(ObjectKind::SecretKey));
         let flag = |o: Option<&ObjectInfo>, f: fn(&ObjectInfo) -> Option<bool>| {
@@ -290,6 +302,8 @@ impl Entry {
             class,
             has_certificate: count(ObjectKind::Certificate) > 0,
             attributes,
+            not_before: dated.start_date,
+            not_after: dated.end_date,
             updated_at: record.and_then(|r| updated_at(kid, r)),
             state: match &problem {
                 None => KeyState::Ok,
@@ -308,6 +322,32 @@ impl Entry {
     }
 }
 
+/// What objects of each kind a record's attribute marker names still lack: (object index,
+/// attributes to write). `None` when the marker names something this daemon cannot write.
+pub fn attrs_missing(
+    objects: &[ObjectInfo],
+    marker: &BTreeMap<String, AttrSet>,
+) -> Option<Vec<(usize, Vec<KeyAttr>)>> {
+    let mut out = Vec::new();
+    for (kind, set) in marker {
+        let attrs = set.attrs()?;
+        for (i, o) in objects.iter().enumerate() {
+            if kind_name(o.kind) != kind {
+                continue;
+            }
+            let missing: Vec<KeyAttr> = attrs.iter().filter(|a| !a.held_by(o)).cloned().collect();
+            if !missing.is_empty() {
+                out.push((i, missing));
+            }
+        }
+    }
+    Some(out)
+}
+
+fn attrs_done(objects: &[ObjectInfo], marker: &BTreeMap<String, AttrSet>) -> bool {
+    attrs_missing(objects, marker).is_some_and(|m| m.is_empty())
+}
+
 /// A strong validator over everything the view shows plus every object's label (labels of
 /// secondary objects are not in the view but a label change must change the etag).
 fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
@@ -317,6 +357,11 @@ fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
         h.update(kind_name(o.kind).as_bytes());
         h.update((o.label.len() as u64).to_be_bytes());
         h.update(&o.label);
+        // Dates of secondary objects are not in the view either.
+        for d in [o.start_date, o.end_date] {
+            h.update(d.map(meta::date_text).unwrap_or_default().as_bytes());
+            h.update(b";");
+        }
     }
     hex::encode(&h.finalize()[..16])
 }

@@ -18,7 +18,9 @@ use super::meta::{self, Lifecycle, MetaRecord};
 use super::model::{
     Curve, Description, KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid, Label, RoleName,
 };
-use super::update::{self, now_rfc3339, Actor, Field, FieldChange, UpdateOutcome};
+use super::patch::{Actor, Field, FieldChange, UpdateOutcome};
+use super::plan::{self, now_rfc3339};
+use super::update;
 use super::{hsm_error, sync, KeyError, KeyStore};
 use crate::hsm::{Hsm, HsmErrorKind, KeySpec, NewKey, ObjectInfo, ObjectKind, ObjectRef, Usage};
 
@@ -37,6 +39,10 @@ pub struct NewKeyRequest {
     pub roles: Vec<RoleName>,
     /// Usage flags.
     pub usage: Usage,
+    /// CKA_START_DATE of its objects.
+    pub not_before: Option<time::Date>,
+    /// CKA_END_DATE of its objects.
+    pub not_after: Option<time::Date>,
 }
 
 impl NewKeyRequest {
@@ -82,6 +88,8 @@ impl NewKeyRequest {
                 unwrap: u.unwrap,
                 derive: u.derive,
             },
+            not_before: self.not_before,
+            not_after: self.not_after,
             updated_at: None,
             state: KeyState::Ok,
             etag: String::new(),
@@ -107,6 +115,8 @@ impl NewKeyRequest {
             "usage": {"sign": u.sign, "verify": u.verify, "encrypt": u.encrypt,
                       "decrypt": u.decrypt, "wrap": u.wrap, "unwrap": u.unwrap,
                       "derive": u.derive},
+            "not_before": self.not_before.map(meta::date_text),
+            "not_after": self.not_after.map(meta::date_text),
         });
         if let (Some(obj), Some(size)) = (v.as_object_mut(), size.as_object()) {
             obj.extend(size.clone());
@@ -166,6 +176,8 @@ fn make(hsm: &Hsm, kid: &Kid, req: &NewKeyRequest, limit: &AtomicUsize) -> Resul
         id: kid.id_bytes(),
         label: req.label.as_str().as_bytes().to_vec(),
         usage: req.usage,
+        start_date: req.not_before,
+        end_date: req.not_after,
     };
     let made = match hsm.generate(&key) {
         Ok(m) => m,
@@ -295,7 +307,7 @@ impl KeyStore {
         // Held to the end: the key's lock and the gate.
         let locked = self.lock_key(kid).await?;
         let current = locked.current.clone();
-        update::may_change(kid, &current, actor, if_match)?;
+        plan::may_change(kid, &current, actor, if_match)?;
         if current.objects.iter().any(|o| o.destroyable == Some(false)) {
             return Err(KeyError::NotDestroyable(kid.clone()));
         }

@@ -24,9 +24,12 @@
 //! back) is still read; its interrupted changes are rolled back, and its records are
 //! rewritten as v2 by the worker after start.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::model::{Description, Kid, RoleName};
+use crate::hsm::{KeyAttr, UsageFlag};
 
 /// CKA_APPLICATION of hsmkeyd's metadata objects.
 pub const APPLICATION: &[u8] = b"hsmkeyd.meta.v2";
@@ -107,6 +110,11 @@ pub struct MetaRecord {
     /// (rolled forward at scan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relabel: Option<String>,
+    /// v2: a committed change of other attributes (usage flags, the one-way flags,
+    /// dates), by the kind of object that takes it (`secret`, `private`, `public`); rolled
+    /// forward at scan like `relabel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attrs: Option<BTreeMap<String, AttrSet>>,
     /// v2: the key is being created or deleted; a scan that finds this finishes or undoes
     /// it (see [`Lifecycle`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +135,80 @@ pub enum Lifecycle {
     },
     /// Deletion is under way: whatever is left of the key is destroyed.
     Deleting,
+}
+
+/// The attributes one object of a key takes in a committed change (absent: left alone).
+/// Dates are `YYYY-MM-DD`, or empty for the empty date.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttrSet {
+    /// Usage flags by name (`sign`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub usage: BTreeMap<String, bool>,
+    /// CKA_SENSITIVE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitive: Option<bool>,
+    /// CKA_EXTRACTABLE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extractable: Option<bool>,
+    /// CKA_START_DATE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_date: Option<String>,
+    /// CKA_END_DATE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_date: Option<String>,
+}
+
+/// `YYYY-MM-DD`, the one date format of the API and the record.
+pub const DATE_FORMAT: &[time::format_description::FormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+/// A date as the API and the record write it.
+pub fn date_text(d: time::Date) -> String {
+    d.format(DATE_FORMAT).unwrap_or_default()
+}
+
+impl AttrSet {
+    /// The record form of `attrs` (labels are left out: `relabel` carries them).
+    pub fn of(attrs: &[KeyAttr]) -> AttrSet {
+        let date = |d: &Option<time::Date>| d.map(date_text).unwrap_or_default();
+        let mut set = AttrSet::default();
+        for a in attrs {
+            match a {
+                KeyAttr::Label(_) => {}
+                KeyAttr::Usage(f, on) => {
+                    let _ = set.usage.insert(f.name().to_string(), *on);
+                }
+                KeyAttr::Sensitive(b) => set.sensitive = Some(*b),
+                KeyAttr::Extractable(b) => set.extractable = Some(*b),
+                KeyAttr::StartDate(d) => set.start_date = Some(date(d)),
+                KeyAttr::EndDate(d) => set.end_date = Some(date(d)),
+            }
+        }
+        set
+    }
+
+    /// The attributes, as the token writes them (`None`: the set names something this
+    /// daemon does not know, and it must not guess).
+    pub fn attrs(&self) -> Option<Vec<KeyAttr>> {
+        let date = |s: &str| match s {
+            "" => Some(None),
+            s => time::Date::parse(s, DATE_FORMAT).ok().map(Some),
+        };
+        let mut out = Vec::new();
+        for (name, on) in &self.usage {
+            out.push(KeyAttr::Usage(UsageFlag::parse(name)?, *on));
+        }
+        out.extend(self.sensitive.map(KeyAttr::Sensitive));
+        out.extend(self.extractable.map(KeyAttr::Extractable));
+        if let Some(d) = &self.start_date {
+            out.push(KeyAttr::StartDate(date(d)?));
+        }
+        if let Some(d) = &self.end_date {
+            out.push(KeyAttr::EndDate(date(d)?));
+        }
+        Some(out)
+    }
 }
 
 /// The labels to restore if a v1 label change was interrupted.
@@ -158,6 +240,7 @@ impl MetaRecord {
             updated_at: None,
             pending: None,
             relabel: None,
+            attrs: None,
             lifecycle: None,
         }
     }
@@ -217,6 +300,18 @@ mod tests {
         let mut new = old.clone();
         new.seq = 7;
         new.relabel = Some(hex::encode("x"));
+        let set = vec![
+            KeyAttr::Usage(UsageFlag::Verify, false),
+            KeyAttr::EndDate(Some(time::macros::date!(2030 - 01 - 31))),
+            KeyAttr::StartDate(None),
+        ];
+        new.attrs = Some(BTreeMap::from([("public".to_string(), AttrSet::of(&set))]));
+        let back = new.attrs.as_ref().unwrap()["public"].attrs().unwrap();
+        assert_eq!(
+            (back.len(), back.iter().all(|a| set.contains(a))),
+            (3, true),
+            "{back:?}"
+        );
         let label = record_label(&new);
         assert_eq!(kid_of_label(&label), Some(kid.clone()));
         let value = old.to_bytes();

@@ -15,6 +15,8 @@ mod labels;
 mod lifecycle;
 pub mod meta;
 pub mod model;
+mod patch;
+mod plan;
 pub mod public;
 mod settle;
 mod update;
@@ -26,10 +28,12 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-pub use crate::hsm::{is_reserved_label, KeySpec, Usage, SIGNING_KEY_LABEL};
+pub use crate::hsm::{
+    is_reserved_label, usage_allowed, KeySpec, Usage, UsageFlag, SIGNING_KEY_LABEL,
+};
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
-pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
+pub use patch::{check_validity, Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 
 use crate::hsm::{Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef};
 use crate::sync;
@@ -56,6 +60,8 @@ pub struct ListQuery {
     pub label: Option<String>,
     /// Only keys whose label starts with this.
     pub label_prefix: Option<String>,
+    /// Only keys whose `not_after` is before this day.
+    pub expires_before: Option<time::Date>,
 }
 
 /// One page of keys, ordered by kid.
@@ -228,8 +234,10 @@ impl KeyStore {
                 && q.label_prefix
                     .as_deref()
                     .is_none_or(|p| e.view.label.starts_with(p))
+                && q.expires_before
+                    .is_none_or(|day| e.view.not_after.is_some_and(|end| end < day))
         };
-        let total = if q.label.is_none() && q.label_prefix.is_none() {
+        let total = if q.label.is_none() && q.label_prefix.is_none() && q.expires_before.is_none() {
             index.len()
         } else {
             index.values().filter(|e| matches(e)).count()
@@ -389,15 +397,15 @@ impl KeyStore {
         G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
     {
         // Validation that needs no key comes first, so bad input never waits on a lock.
-        patch.check_roles(&sync::read(&self.roles))?;
+        patch.check(&sync::read(&self.roles))?;
         self.chores.room().await;
         // Held to the end: the key's lock and the gate.
         let locked = self.lock_key(kid).await?;
         let current = locked.current.clone();
-        let plan = update::plan(kid, &current, &patch, actor)?;
+        let plan = plan::plan(kid, &current, &patch, actor)?;
         let _claim = self.claim_label(kid, patch.label.as_ref())?;
         if dry_run {
-            let key = update::preview(kid, &current, &plan)
+            let key = plan::preview(kid, &current, &plan)
                 .ok_or_else(|| KeyError::Internal(format!("no preview of key {kid}")))?;
             return Ok(UpdateOutcome {
                 key,

@@ -124,6 +124,13 @@ fn rfc3339<S: serde::Serializer>(t: &Option<OffsetDateTime>, s: S) -> Result<S::
     }
 }
 
+fn day<S: serde::Serializer>(d: &Option<time::Date>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&super::meta::date_text(*d)),
+        None => s.serialize_none(),
+    }
+}
+
 /// The JSON shape of one key, as every endpoint returns it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KeyView {
@@ -150,6 +157,12 @@ pub struct KeyView {
     pub has_certificate: bool,
     /// The attributes that matter.
     pub attributes: KeyAttributes,
+    /// CKA_START_DATE of the key (`YYYY-MM-DD` in JSON, null when empty).
+    #[serde(serialize_with = "day")]
+    pub not_before: Option<time::Date>,
+    /// CKA_END_DATE of the key (`YYYY-MM-DD` in JSON, null when empty).
+    #[serde(serialize_with = "day")]
+    pub not_after: Option<time::Date>,
     /// Last update through hsmkeyd, or null if never (RFC 3339 in JSON).
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: Option<OffsetDateTime>,
@@ -175,6 +188,8 @@ impl KeyView {
             class: KeyClass::KeyPair,
             has_certificate: false,
             attributes: KeyAttributes::default(),
+            not_before: None,
+            not_after: None,
             updated_at: None,
             state: KeyState::Ok,
             etag: "e".into(),
@@ -190,9 +205,10 @@ mod tests {
     fn key_type_curve_and_time_serialize_as_the_strings_they_replace() {
         let mut ec = KeyView::example(KeyType::Ec, Some(Curve::P256));
         ec.updated_at = Some(time::macros::datetime!(2024-01-02 03:04:05.25 UTC));
+        ec.not_after = Some(time::macros::date!(2030 - 12 - 31));
         assert_eq!(
             serde_json::to_string(&ec).unwrap(),
-            r#"{"kid":"0a0b","label":"k","description":null,"roles":[],"type":"ec","curve":"P-256","class":"key-pair","has_certificate":false,"attributes":{"sensitive":null,"extractable":null,"modifiable":false,"sign":false,"verify":false,"encrypt":false,"decrypt":false,"wrap":false,"unwrap":false,"derive":false},"updated_at":"2024-01-02T03:04:05.25Z","state":"ok","etag":"e"}"#
+            r#"{"kid":"0a0b","label":"k","description":null,"roles":[],"type":"ec","curve":"P-256","class":"key-pair","has_certificate":false,"attributes":{"sensitive":null,"extractable":null,"modifiable":false,"sign":false,"verify":false,"encrypt":false,"decrypt":false,"wrap":false,"unwrap":false,"derive":false},"not_before":null,"not_after":"2030-12-31","updated_at":"2024-01-02T03:04:05.25Z","state":"ok","etag":"e"}"#
         );
         let json = |k: KeyType, c: Option<Curve>| {
             let v = serde_json::to_value(KeyView::example(k, c)).unwrap();

@@ -1,6 +1,6 @@
 //! Bringing a key's record to rest: the worker's write of a dirty record (and its spare),
-//! and the scan's repair of a label change a crash interrupted (v2: rolled forward from its
-//! `relabel` record; v1: rolled back from its `pending` labels).
+//! and the scan's repair of a change a crash interrupted (v2: rolled forward from its
+//! `relabel` and `attrs` markers; v1: rolled back from its `pending` labels).
 
 use std::sync::atomic::AtomicUsize;
 
@@ -8,7 +8,7 @@ use super::entry::{kind_name, Entry, Group, MetaSlot};
 use super::meta::{self, Layout};
 use super::model::Kid;
 use super::update::write_record;
-use crate::hsm::{Hsm, HsmError, ObjectRef};
+use crate::hsm::{Hsm, HsmError, KeyAttr, ObjectRef};
 
 /// Writes a dirty record to the token (the worker's job): `updated_at` of a label change,
 /// or a `relabel` that is complete; and gives a key whose record lives in a label its
@@ -23,6 +23,7 @@ pub(super) fn flush(
     let mut record = slot.record.clone();
     record.seq += 1;
     record.relabel = None;
+    record.attrs = None;
     record.pending = None;
     let mut w = write_record(hsm, kid, Some(slot), &record, limit)?;
     if w.slot.in_label && w.slot.spare.is_none() {
@@ -48,49 +49,71 @@ pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) ->
         return Some(entry);
     };
     let mut objects = entry.objects.clone();
-    let (target, direction): (Vec<(usize, Vec<u8>)>, &str) =
+    // Each object's writes: (index, attributes), one C_SetAttributeValue each.
+    let mut target: Vec<(usize, Vec<KeyAttr>)> = Vec::new();
+    let direction = if slot.record.relabel.is_some() || slot.record.attrs.is_some() {
         if let Some(new) = slot.record.relabel_bytes() {
-            let t = (0..objects.len())
-                .filter(|&i| objects[i].label != new)
-                .map(|i| (i, new.clone()))
-                .collect();
-            (t, "completed")
-        } else if let Some(pending) = &slot.record.pending {
-            let mut old = pending.old_labels.clone();
-            let mut t = Vec::new();
             for (i, o) in objects.iter().enumerate() {
-                if let Some(pos) = old.iter().position(|l| l.kind == kind_name(o.kind)) {
-                    let label = hex::decode(&old.remove(pos).label_hex).unwrap_or_default();
-                    if o.label != label {
-                        t.push((i, label));
-                    }
+                if o.label != new {
+                    target.push((i, vec![KeyAttr::Label(new.clone())]));
                 }
             }
-            (t, "rolled back")
-        } else {
-            if slot.layout == Layout::V1 {
-                slot.dirty = true;
-                entry.meta = Some(slot);
+        }
+        if let Some(marker) = &slot.record.attrs {
+            let Some(missing) = super::entry::attrs_missing(&objects, marker) else {
+                tracing::error!(%kid, "an interrupted attribute change names attributes \
+                    this daemon cannot write; the key stays inconsistent");
+                return Some(entry);
+            };
+            for (i, attrs) in missing {
+                match target.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, t)) => t.extend(attrs),
+                    None => target.push((i, attrs)),
+                }
             }
-            return Some(entry);
-        };
-    for (i, label) in target {
-        match hsm.set_label(objects[i].handle, &label) {
-            Ok(()) => objects[i].label = label,
+        }
+        "completed a change"
+    } else if let Some(pending) = &slot.record.pending {
+        let mut old = pending.old_labels.clone();
+        for (i, o) in objects.iter().enumerate() {
+            if let Some(pos) = old.iter().position(|l| l.kind == kind_name(o.kind)) {
+                let label = hex::decode(&old.remove(pos).label_hex).unwrap_or_default();
+                if o.label != label {
+                    target.push((i, vec![KeyAttr::Label(label)]));
+                }
+            }
+        }
+        "rolled back a label change"
+    } else {
+        if slot.layout == Layout::V1 {
+            slot.dirty = true;
+            entry.meta = Some(slot);
+        }
+        return Some(entry);
+    };
+    // One-way attributes last, as the update wrote them.
+    target.sort_by_key(|(_, attrs)| attrs.iter().any(KeyAttr::is_one_way));
+    for (i, attrs) in target {
+        match hsm.set_attributes(objects[i].handle, &attrs) {
+            Ok(()) => {
+                for a in &attrs {
+                    a.apply_to(&mut objects[i]);
+                }
+            }
             Err(e) => {
-                tracing::error!(%kid, error = %e, "finishing an interrupted label change failed");
+                tracing::error!(%kid, error = %e, "finishing an interrupted change failed");
                 return Some(entry);
             }
         }
     }
     match flush(hsm, kid, &slot, limit) {
         Ok((fresh, superseded)) => {
-            tracing::warn!(%kid, "{direction} a label change interrupted by a crash");
+            tracing::warn!(%kid, "{direction} interrupted by a crash");
             slot = fresh;
             entry.stale.extend(superseded);
         }
         Err(e) => {
-            tracing::error!(%kid, error = %e, "clearing an interrupted label change failed");
+            tracing::error!(%kid, error = %e, "clearing an interrupted change failed");
             return Some(entry);
         }
     }

@@ -1,298 +1,33 @@
-//! Updates: from a validated patch to a plan, and from a plan to token writes that are
-//! either all visible or none, at the token's own cost (see `meta.rs` for the layout).
+//! Updates: from a plan (`plan.rs`) to token writes that are either all visible or none,
+//! at the token's own cost (see `meta.rs` for the layout).
 //!
 //! What an update writes on the request path:
 //! - description/roles (with no label change): the record, once (a C_SetAttributeValue on
 //!   the metadata object's label; a C_CreateObject if the key has no record yet or the
 //!   token refuses long labels). One write: atomic by itself.
-//! - the label of a one-object key, and nothing else: that label, once. The record's
-//!   `updated_at` follows in the background ([`MetaSlot::dirty`]).
-//! - any other label change (a pair, or a label with description/roles): first the new
-//!   record with `relabel` = the new label, which commits the update, then CKA_LABEL on
-//!   each object. A crash after the record is rolled forward at the next scan
-//!   (`settle.rs`); a failed label write is undone at once (labels set back, the old record
-//!   written again). The worker later clears `relabel`.
+//! - a change of one object only (the label and/or usage flags, dates, the one-way flags
+//!   of a secret key; a flag that lives on one object of a pair), and nothing else: that
+//!   object, in one C_SetAttributeValue. The record's `updated_at` follows in the
+//!   background ([`MetaSlot::dirty`]).
+//! - any other change of key objects (two objects of a pair, or objects with
+//!   description/roles): first the new record with its markers (`relabel` = the new label,
+//!   `attrs` = the other attributes each kind of object takes), which commits the update,
+//!   then one C_SetAttributeValue per object, the object with a one-way attribute
+//!   (CKA_SENSITIVE, CKA_EXTRACTABLE) last. A crash after the record is rolled forward at
+//!   the next scan (`settle.rs`); a failed object write is undone at once (the objects set
+//!   back, the old record written again). The worker later clears the markers.
 //!
 //! Nothing is destroyed and nothing is searched on the request path: superseded objects go
 //! to the store's background worker.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use serde_json::{json, Value};
-
-use super::entry::{kind_name, Entry, Group, MetaSlot};
+use super::entry::{Entry, Group, MetaSlot};
 use super::meta::{self, Layout, MetaRecord};
-use super::model::{Description, KeyState, Kid, Label, RoleName};
+use super::model::Kid;
+use super::plan::{ObjectWrite, Plan};
 use super::{hsm_error, KeyError};
-use crate::hsm::{is_reserved_label, Hsm, HsmError, HsmErrorKind, ObjectRef};
-
-/// A validated partial update. `None` leaves a field alone.
-#[derive(Debug, Clone, Default)]
-pub struct KeyPatch {
-    /// New label for every object of the key.
-    pub label: Option<Label>,
-    /// New description; `Some(None)` clears it.
-    pub description: Option<Option<Description>>,
-    /// New roles (non-empty, duplicates dropped); `Some(None)` clears them.
-    pub roles: Option<Option<Vec<RoleName>>>,
-    /// The etag the caller expects the key to have (`If-Match`).
-    pub if_match: Option<String>,
-}
-
-impl KeyPatch {
-    /// Whether the patch names no field at all.
-    pub fn is_empty(&self) -> bool {
-        self.label.is_none() && self.description.is_none() && self.roles.is_none()
-    }
-
-    /// Checks that every role is one the configuration defines.
-    pub fn check_roles(&self, defined: &BTreeSet<RoleName>) -> Result<(), KeyError> {
-        if let Some(Some(roles)) = &self.roles {
-            if let Some(r) = roles.iter().find(|r| !defined.contains(*r)) {
-                return Err(KeyError::invalid(
-                    "unknown_role",
-                    "roles",
-                    format!(
-                        "role {:?} is not defined in the configuration (defined: {})",
-                        r.as_str(),
-                        defined
-                            .iter()
-                            .map(RoleName::as_str)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Who is updating, as far as the key domain cares.
-#[derive(Debug, Clone)]
-pub struct Actor {
-    /// Roles the caller holds.
-    pub roles: Vec<RoleName>,
-}
-
-/// One changed field, with its value before and after.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FieldChange {
-    /// What changed.
-    pub field: Field,
-    /// Value before.
-    pub before: Value,
-    /// Value after.
-    pub after: Value,
-}
-
-/// The attributes an update can change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Field {
-    /// CKA_LABEL of every object of the key.
-    Label,
-    /// The description in the metadata record.
-    Description,
-    /// The roles in the metadata record.
-    Roles,
-    /// The whole key: made (`before` null) or destroyed (`after` null).
-    Key,
-}
-
-impl Field {
-    /// The name in request bodies, `changed` lists and `HSMKEYD_CHANGES`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Field::Label => "label",
-            Field::Description => "description",
-            Field::Roles => "roles",
-            Field::Key => "key",
-        }
-    }
-}
-
-/// What an update did.
-#[derive(Debug, Clone)]
-pub struct UpdateOutcome {
-    /// The key as the token now holds it.
-    pub key: super::model::KeyView,
-    /// What changed; empty when the patch matched the key already.
-    pub changes: Vec<FieldChange>,
-}
-
-/// The writes an update needs.
-pub(super) struct Plan {
-    label_writes: Vec<(ObjectRef, Vec<u8>, &'static str)>,
-    new_label: Option<Vec<u8>>,
-    record: MetaRecord,
-    meta_changes: bool,
-    pub(super) changes: Vec<FieldChange>,
-}
-
-impl Plan {
-    pub(super) fn is_empty(&self) -> bool {
-        self.changes.is_empty()
-    }
-}
-
-/// The key as `plan` would leave it, for a dry run: nothing is written.
-pub(super) fn preview(kid: &Kid, current: &Entry, plan: &Plan) -> Option<super::model::KeyView> {
-    if plan.is_empty() {
-        return Some(current.view.clone());
-    }
-    let mut objects = current.objects.clone();
-    if let Some(l) = &plan.new_label {
-        for o in objects.iter_mut() {
-            o.label = l.clone();
-        }
-    }
-    let slot = match &current.meta {
-        Some(m) => MetaSlot {
-            record: plan.record.clone(),
-            ..m.clone()
-        },
-        None => MetaSlot {
-            object: None,
-            spare: None,
-            layout: Layout::V2,
-            in_label: true,
-            record: plan.record.clone(),
-            dirty: true,
-        },
-    };
-    Entry::assemble(kid, objects, Some(slot), None).map(|e| e.view)
-}
-
-pub(super) fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// Checks permissions and state, and works out what must be written.
-/// The checks every change of an existing key passes first: the caller holds one of the
-/// key's roles (when it has any), and `If-Match` names its current etag.
-pub(super) fn may_change(
-    kid: &Kid,
-    current: &Entry,
-    actor: &Actor,
-    if_match: Option<&str>,
-) -> Result<(), KeyError> {
-    let view = &current.view;
-    if !view.roles.is_empty() && !view.roles.iter().any(|r| actor.roles.contains(r)) {
-        return Err(KeyError::MissingRole {
-            kid: kid.clone(),
-            roles: view
-                .roles
-                .iter()
-                .map(RoleName::as_str)
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
-    match if_match {
-        Some(expected) if expected != view.etag => Err(KeyError::PreconditionFailed {
-            kid: kid.clone(),
-            current: view.etag.clone(),
-        }),
-        _ => Ok(()),
-    }
-}
-
-pub(super) fn plan(
-    kid: &Kid,
-    current: &Entry,
-    patch: &KeyPatch,
-    actor: &Actor,
-) -> Result<Plan, KeyError> {
-    let view = &current.view;
-    may_change(kid, current, actor, patch.if_match.as_deref())?;
-    let repair = current.labels_differ_only && patch.label.is_some();
-    if let (KeyState::Inconsistent(reason), false) = (&view.state, repair) {
-        return Err(KeyError::Inconsistent {
-            kid: kid.clone(),
-            reason: reason.clone(),
-        });
-    }
-    if !view.attributes.modifiable {
-        return Err(KeyError::NotModifiable(kid.clone()));
-    }
-
-    let mut changes = Vec::new();
-    let mut label_writes = Vec::new();
-    if let Some(l) = patch
-        .label
-        .as_ref()
-        .filter(|l| is_reserved_label(l.as_str().as_bytes()))
-    {
-        return Err(KeyError::invalid(
-            "invalid_label",
-            "label",
-            format!(
-                "the label {} is reserved for hsmkeyd's own signing keys",
-                l.as_str()
-            ),
-        ));
-    }
-    if let Some(label) = &patch.label {
-        let bytes = label.as_str().as_bytes();
-        label_writes = current
-            .objects
-            .iter()
-            .filter(|o| o.label != bytes)
-            .map(|o| (o.handle, o.label.clone(), kind_name(o.kind)))
-            .collect();
-        if !label_writes.is_empty() {
-            changes.push(FieldChange {
-                field: Field::Label,
-                before: json!(view.label),
-                after: json!(label.as_str()),
-            });
-        }
-    }
-    let old = current
-        .meta
-        .as_ref()
-        .map(|m| m.record.clone())
-        .unwrap_or_else(|| MetaRecord::empty(kid));
-    let mut record = old.clone();
-    if let Some(d) = &patch.description {
-        if &record.description != d {
-            changes.push(FieldChange {
-                field: Field::Description,
-                before: json!(record.description.as_ref().map(Description::as_str)),
-                after: json!(d.as_ref().map(Description::as_str)),
-            });
-            record.description = d.clone();
-        }
-    }
-    if let Some(r) = &patch.roles {
-        let new: Vec<RoleName> = r.clone().unwrap_or_default();
-        let same = new.iter().collect::<BTreeSet<_>>() == record.roles.iter().collect();
-        if !same {
-            changes.push(FieldChange {
-                field: Field::Roles,
-                before: json!(record.roles),
-                after: json!(new),
-            });
-            record.roles = new;
-        }
-    }
-    let meta_changes = changes.iter().any(|c| c.field != Field::Label);
-    record.updated_at = Some(now_rfc3339());
-    // Whatever the key's record had in progress is over by now (its update finished
-    // under this lock, or the scan finished it).
-    record.pending = None;
-    record.relabel = None;
-    Ok(Plan {
-        label_writes,
-        new_label: patch.label.as_ref().map(|l| l.as_str().as_bytes().to_vec()),
-        record,
-        meta_changes,
-        changes,
-    })
-}
+use crate::hsm::{Hsm, HsmError, HsmErrorKind, KeyAttr, ObjectRef};
 
 /// Where a record write went.
 pub(super) struct Written {
@@ -388,7 +123,7 @@ pub(super) struct Applied {
 }
 
 /// Carries out `plan` as the module doc describes. On error every write already made has
-/// been undone, or, if undoing failed too, the record's `relabel` stays for the next start
+/// been undone, or, if undoing failed too, the record's markers stay for the next start
 /// to finish.
 pub(super) fn apply(
     hsm: &Hsm,
@@ -400,7 +135,6 @@ pub(super) fn apply(
     let mut superseded = Vec::new();
     let old = current.meta.as_ref();
     let next_seq = old.map_or(0, |m| m.record.seq) + 1;
-    let new_label = plan.new_label.clone().unwrap_or_default();
     // After a failure the token is the truth: read back the key's objects, including a
     // record object this update made.
     let failed = |e: HsmError, superseded: Vec<ObjectRef>, made: Option<ObjectRef>| Applied {
@@ -408,8 +142,8 @@ pub(super) fn apply(
         entry: reread(hsm, kid, current, made).map(|e| e.map(|e| keep_dirty(kid, current, e))),
         superseded,
     };
-    let mut objects = current.objects.clone();
-    let slot = if plan.label_writes.is_empty() {
+    let marked = old.is_some_and(|m| m.record.relabel.is_some() || m.record.attrs.is_some());
+    let slot = if plan.writes.is_empty() {
         // The record alone: one write.
         let mut record = plan.record.clone();
         record.seq = next_seq;
@@ -420,15 +154,12 @@ pub(super) fn apply(
             }
             Err(e) => return failed(e, superseded, None),
         }
-    } else if plan.label_writes.len() == 1
-        && !plan.meta_changes
-        && old.is_none_or(|m| m.record.relabel.is_none())
-    {
-        // One label, atomic by itself; `updated_at` reaches the token in the background.
-        // (Not while the token's record still names an earlier relabel: a crash would
-        // roll that one forward over this label.)
-        let (obj, _, _) = &plan.label_writes[0];
-        if let Err(e) = hsm.set_label(*obj, &new_label) {
+    } else if plan.writes.len() == 1 && !plan.meta_changes && !marked {
+        // One object, one call: atomic by itself; `updated_at` reaches the token in the
+        // background. (Not while the token's record still names an earlier change: a
+        // crash would roll that one forward over this one.)
+        let w = &plan.writes[0];
+        if let Err(e) = hsm.set_attributes(w.handle, &w.attrs) {
             return failed(e, superseded, None);
         }
         let mut record = plan.record.clone();
@@ -442,10 +173,17 @@ pub(super) fn apply(
             dirty: true,
         })
     } else {
-        // The record with `relabel` commits the change; then every label.
+        // The record with its markers commits the change; then each object.
         let mut record = plan.record.clone();
         record.seq = next_seq;
-        record.relabel = Some(hex::encode(&new_label));
+        let relabels = plan
+            .writes
+            .iter()
+            .any(|w| w.attrs.iter().any(|a| matches!(a, KeyAttr::Label(_))));
+        if relabels {
+            record.relabel = plan.new_label.as_ref().map(hex::encode);
+        }
+        record.attrs = plan.attrs_marker();
         let mut slot = match write_record(hsm, kid, old, &record, limit) {
             Ok(w) => {
                 superseded.extend(w.superseded);
@@ -453,12 +191,12 @@ pub(super) fn apply(
             }
             Err(e) => return failed(e, superseded, None),
         };
-        for (i, (obj, _, _)) in plan.label_writes.iter().enumerate() {
-            if let Err(e) = hsm.set_label(*obj, &new_label) {
+        for (i, w) in plan.writes.iter().enumerate() {
+            if let Err(e) = hsm.set_attributes(w.handle, &w.attrs) {
                 let keep = undo(
                     hsm,
                     kid,
-                    &plan.label_writes[..i],
+                    &plan.writes[..i],
                     old,
                     &slot,
                     limit,
@@ -470,9 +208,12 @@ pub(super) fn apply(
         slot.dirty = true;
         Some(slot)
     };
-    for o in objects.iter_mut() {
-        if plan.label_writes.iter().any(|(h, _, _)| *h == o.handle) {
-            o.label = new_label.clone();
+    let mut objects = current.objects.clone();
+    for w in &plan.writes {
+        if let Some(o) = objects.iter_mut().find(|o| o.handle == w.handle) {
+            for a in &w.attrs {
+                a.apply_to(o);
+            }
         }
     }
     let mut slot = slot.or_else(|| old.cloned());
@@ -487,25 +228,25 @@ pub(super) fn apply(
     }
 }
 
-/// Sets `done` objects back to their old labels and writes the record from before the
-/// update again (without `relabel`). Logs and leaves `relabel` in place if the token
+/// Sets the `done` objects back to what they held and writes the record from before the
+/// update again (without markers). Logs and leaves the markers in place if the token
 /// refuses: the key then reads inconsistent and the next start rolls the change forward.
 /// Returns the record object the key keeps (a key that had no record gets none: the
 /// object made for the update is cleared and queued for destruction).
 fn undo(
     hsm: &Hsm,
     kid: &Kid,
-    done: &[(ObjectRef, Vec<u8>, &'static str)],
+    done: &[ObjectWrite],
     old: Option<&MetaSlot>,
     written: &MetaSlot,
     limit: &AtomicUsize,
     superseded: &mut Vec<ObjectRef>,
 ) -> Option<ObjectRef> {
-    for (obj, label, kind) in done.iter().rev() {
-        if let Err(e) = hsm.set_label(*obj, label) {
-            tracing::error!(%kid, object = kind, error = %e,
-                "could not restore a label after a failed update; the key stays blocked until \
-                 the next start completes the change");
+    for w in done.iter().rev() {
+        if let Err(e) = hsm.set_attributes(w.handle, &w.undo) {
+            tracing::error!(%kid, object = w.kind, error = %e,
+                "could not restore an object after a failed update; the key stays blocked \
+                 until the next start completes the change");
             return written.object;
         }
     }
@@ -514,10 +255,11 @@ fn undo(
         .unwrap_or_else(|| MetaRecord::empty(kid));
     record.seq = written.record.seq + 1;
     record.relabel = None;
+    record.attrs = None;
     match write_record(hsm, kid, Some(written), &record, limit) {
         Ok(w) if old.is_none() => {
-            // The older object (with `relabel`) goes before the cleared one: were the
-            // cleared one destroyed first, a crash could leave `relabel` as the newest.
+            // The older object (with the markers) goes before the cleared one: were the
+            // cleared one destroyed first, a crash could leave the markers as the newest.
             superseded.extend(w.superseded);
             superseded.extend(w.slot.spare);
             superseded.extend(w.slot.object);
@@ -529,7 +271,7 @@ fn undo(
         }
         Err(e) => {
             tracing::error!(%kid, error = %e,
-                "labels restored but the record could not be; the next start completes the \
+                "objects restored but the record could not be; the next start completes the \
                  change");
             written.object
         }

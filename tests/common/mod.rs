@@ -53,7 +53,7 @@ use serde_json::Value;
 
 pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const TOKEN_LABEL: &str = "hsmkeyd-test";
-const USER_PIN: &str = "test-user-pin-5678";
+pub const USER_PIN: &str = "test-user-pin-5678";
 
 /// Runs `cmd` (called `what` in messages) and returns its output; fails the test if it
 /// cannot start or exits non-zero, with its stderr.
@@ -259,6 +259,18 @@ pub struct P11Object {
     pub class: String,
     pub label: String,
     pub id: String,
+    /// pkcs11-tool's `Usage:` words (`sign`, `verify`, ...; it never prints CKA_SIGN of a
+    /// secret key).
+    pub usage: Vec<String>,
+    /// pkcs11-tool's `Access:` words (`sensitive`, `extractable`, `never extractable`, ...).
+    pub access: Vec<String>,
+}
+
+fn words(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|w| w.trim().to_string())
+        .filter(|w| !w.is_empty() && w != "none")
+        .collect()
 }
 
 fn parse_objects(text: &str) -> Vec<P11Object> {
@@ -282,6 +294,8 @@ fn parse_objects(text: &str) -> Vec<P11Object> {
                 class: class.into(),
                 label: String::new(),
                 id: String::new(),
+                usage: Vec::new(),
+                access: Vec::new(),
             });
         } else if let Some(o) = out.last_mut() {
             let t = line.trim_start();
@@ -289,6 +303,10 @@ fn parse_objects(text: &str) -> Vec<P11Object> {
                 o.label = l.trim().trim_matches('\'').to_string();
             } else if let Some(i) = t.strip_prefix("ID:") {
                 o.id = i.trim().to_lowercase();
+            } else if let Some(u) = t.strip_prefix("Usage:") {
+                o.usage = words(u);
+            } else if let Some(a) = t.strip_prefix("Access:") {
+                o.access = words(a);
             }
         }
     }

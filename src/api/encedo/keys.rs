@@ -119,6 +119,8 @@ fn create_body(fields: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
         description: descr,
         roles: Vec::new(),
         usage,
+        not_before: None,
+        not_after: None,
     })
 }
 
