@@ -410,3 +410,40 @@ fn an_attribute_change_interrupted_after_its_record_is_rolled_forward_at_startup
         d.log()
     );
 }
+
+/// Startup searches the token once: the scan that builds the index also finds hsmkeyd's
+/// own objects (both signing pairs, the audit marks), on a fresh token (where they are
+/// created) and on a restart (where they are found). On SoftHSM2 every search reads every
+/// object of the token, so each extra one is paid again at 10,000 keys.
+#[test]
+fn startup_searches_the_token_once() {
+    let t = token_with(&[Key::ec(EC, "ec"), Key::aes(AES, "aes")]);
+    for run in ["first start", "restart"] {
+        let faults = tempfile::tempdir().unwrap();
+        let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+        // Serving and chained: the audit key is published, and a change is audited.
+        assert_eq!(d.client().get("/v1/audit/key").status, 200, "{run}");
+        Response::ok(&d.client().patch(AES, &json!({"description": run})));
+        assert_eq!(
+            common::fault_count(faults.path(), "C_FindObjectsInit"),
+            1,
+            "{run}: {}",
+            d.log()
+        );
+        assert_eq!(d.stop(), 0, "{run}");
+    }
+    // Nothing was created twice: one pair per reserved label, two audit marks.
+    let objects = t.objects();
+    for label in ["hsmkeyd-jwt-signing", "hsmkeyd-audit-signing"] {
+        assert_eq!(
+            objects.iter().filter(|o| o.label == label).count(),
+            2,
+            "{label}: {objects:?}"
+        );
+    }
+    let marks = objects
+        .iter()
+        .filter(|o| o.label.starts_with("hsmkeyd-audit-mark"))
+        .count();
+    assert_eq!(marks, 2, "{objects:?}");
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::audit::chain::{self, Mark};
 use crate::audit::Auditor;
 use crate::hsm::{AuditMark, Hsm, SigningKey, AUDIT_SIGNING_KEY_LABEL};
-use crate::keys::KeyStore;
+use crate::keys::{KeyStore, Reserved};
 
 use super::Fatal;
 
@@ -26,12 +26,19 @@ pub(super) struct Anchor {
     one: tokio::sync::Mutex<()>,
 }
 
-/// Finds (or creates) the audit-signing key and the mark, starts the chain there, and
-/// stores the run's first reservation before any chained entry is written. Startup only.
-pub(super) fn anchor(hsm: &Hsm, audit: &Auditor, every: u64) -> Result<Arc<Anchor>, Fatal> {
+/// Takes the audit-signing key and the mark objects from the opening scan (creating them
+/// when the token has none), starts the chain there, and stores the run's first
+/// reservation before any chained entry is written. Startup only.
+pub(super) fn anchor(
+    hsm: &Hsm,
+    found: &Reserved,
+    audit: &Auditor,
+    every: u64,
+) -> Result<Arc<Anchor>, Fatal> {
     let token = hsm.token().to_string();
+    let (privs, pubs) = &found.audit_signing;
     let key = hsm
-        .signing_key_labelled(AUDIT_SIGNING_KEY_LABEL)
+        .signing_key_labelled_among(AUDIT_SIGNING_KEY_LABEL, privs, pubs)
         .map_err(|e| {
             Fatal(format!(
                 "the audit-signing key ({AUDIT_SIGNING_KEY_LABEL}) in {token} is unusable: {e}"
@@ -39,7 +46,7 @@ pub(super) fn anchor(hsm: &Hsm, audit: &Auditor, every: u64) -> Result<Arc<Ancho
         })?;
     let unreadable = |e: String| Fatal(format!("the audit high-water mark in {token}: {e}"));
     let (mark, labels) = hsm
-        .audit_mark(&Mark::FRESH.to_record(), |r| {
+        .audit_mark_among(&found.audit_marks, &Mark::FRESH.to_record(), |r| {
             Mark::from_record(r).map(|m| m.next)
         })
         .map_err(|e| unreadable(e.to_string()))?;

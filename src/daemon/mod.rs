@@ -144,15 +144,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         }
     };
     tracing::info!(token = %hsm.token(), module = %config.pkcs11.module.display(), "logged in");
-    // From here on every entry is chained, continuing from the token's high-water mark.
-    let anchor = checkpoint::anchor(&hsm, &audit, config.audit.checkpoint_entries)?;
-    audit
-        .write(&Entry::new(
-            Event::HsmLogin,
-            Outcome::Ok,
-            format!("logged in to {}", hsm.token()),
-        ))
-        .map_err(|e| Fatal(format!("cannot record the login in the audit trail: {e}")))?;
+    // One scan finds the keys and hsmkeyd's own objects (signing pairs, audit marks).
     let keys = KeyStore::open(
         hsm.clone(),
         config.roles.clone(),
@@ -162,6 +154,20 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     .map_err(|e| Fatal(format!("scanning {} failed: {e}", hsm.token())))?;
     keys.set_unique_labels(config.unique_labels);
     tracing::info!(keys = keys.len(), "key index built");
+    // From here on every entry is chained, continuing from the token's high-water mark.
+    let anchor = checkpoint::anchor(
+        &hsm,
+        keys.reserved(),
+        &audit,
+        config.audit.checkpoint_entries,
+    )?;
+    audit
+        .write(&Entry::new(
+            Event::HsmLogin,
+            Outcome::Ok,
+            format!("logged in to {}", hsm.token()),
+        ))
+        .map_err(|e| Fatal(format!("cannot record the login in the audit trail: {e}")))?;
     let signer = signer(&hsm, &keys)?;
     let tokens = token_service(&config, signer.clone())?;
     let listeners = Listeners {
@@ -227,7 +233,7 @@ impl Signer for HsmSigner {
 }
 
 fn signer(hsm: &Hsm, keys: &KeyStore) -> Result<Arc<dyn Signer>, Fatal> {
-    let (privs, pubs) = keys.signing_candidates();
+    let (privs, pubs) = &keys.reserved().token_signing;
     let key = hsm.signing_key_among(privs, pubs);
     if let Ok(k) = &key {
         keys.watch_signing_key(k.private_ref());

@@ -13,7 +13,7 @@
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use std::sync::Mutex;
 
-use super::{Ckr, Hsm, HsmError, ObjectRef};
+use super::{Ckr, Hsm, HsmError, ObjectInfo, ObjectKind, ObjectRef};
 use crate::sync;
 
 /// CKA_APPLICATION of the mark objects.
@@ -49,6 +49,21 @@ impl AuditMark {
     }
 }
 
+/// The record of a mark object as a scan read it (the scan must have asked for
+/// [`APPLICATION`]'s values); `None` for every other object.
+pub fn record_of(o: &ObjectInfo) -> Option<Vec<u8>> {
+    (o.kind == ObjectKind::Data && o.application.as_deref() == Some(APPLICATION))
+        .then(|| record_in(&o.label, o.value.clone().unwrap_or_default()))
+}
+
+/// A mark object's record: in its label after [`LABEL`] and a space, else its CKA_VALUE.
+fn record_in(label: &[u8], value: Vec<u8>) -> Vec<u8> {
+    match label.strip_prefix(LABEL) {
+        Some([b' ', rest @ ..]) => rest.to_vec(),
+        _ => value,
+    }
+}
+
 fn label_with(record: &[u8]) -> Vec<u8> {
     let mut l = LABEL.to_vec();
     l.push(b' ');
@@ -67,7 +82,28 @@ impl Hsm {
         initial: &[u8],
         rank: impl Fn(&[u8]) -> Option<u64>,
     ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
-        let mut found = self.find_marks()?;
+        let found = self.find_marks()?;
+        self.audit_mark_of(found, initial, rank)
+    }
+
+    /// [`Hsm::audit_mark`] from the mark objects a scan found ([`record_of`]), so startup
+    /// does not search the token again.
+    pub fn audit_mark_among(
+        &self,
+        found: &[(ObjectRef, Vec<u8>)],
+        initial: &[u8],
+        rank: impl Fn(&[u8]) -> Option<u64>,
+    ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
+        let found = found.iter().map(|(r, rec)| (r.0, rec.clone())).collect();
+        self.audit_mark_of(found, initial, rank)
+    }
+
+    fn audit_mark_of(
+        &self,
+        mut found: Vec<(ObjectHandle, Vec<u8>)>,
+        initial: &[u8],
+        rank: impl Fn(&[u8]) -> Option<u64>,
+    ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
         found.sort_by_key(|(_, r)| std::cmp::Reverse(rank(r)));
         for (h, _) in found.drain(found.len().min(2)..) {
             self.destroy(ObjectRef(h))?;
@@ -160,11 +196,7 @@ impl Hsm {
                         _ => {}
                     }
                 }
-                let record = match label.strip_prefix(LABEL) {
-                    Some([b' ', rest @ ..]) => rest.to_vec(),
-                    _ => value,
-                };
-                out.push((h, record));
+                out.push((h, record_in(&label, value)));
             }
             Ok(out)
         })

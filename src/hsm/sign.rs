@@ -95,8 +95,18 @@ impl Hsm {
         privs: &[ObjectRef],
         pubs: &[ObjectRef],
     ) -> Result<SigningKey, HsmError> {
+        self.signing_key_labelled_among(SIGNING_KEY_LABEL, privs, pubs)
+    }
+
+    /// [`Hsm::signing_key_labelled`] from the objects a scan found under `name`.
+    pub fn signing_key_labelled_among(
+        &self,
+        name: &'static str,
+        privs: &[ObjectRef],
+        pubs: &[ObjectRef],
+    ) -> Result<SigningKey, HsmError> {
         let handles = |v: &[ObjectRef]| v.iter().map(|r| r.0).collect();
-        self.signing_key_of(SIGNING_KEY_LABEL, handles(privs), handles(pubs))
+        self.signing_key_of(name, handles(privs), handles(pubs))
     }
 
     fn signing_key_of(

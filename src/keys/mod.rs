@@ -18,6 +18,7 @@ pub mod model;
 mod patch;
 mod plan;
 pub mod public;
+mod reserved;
 mod settle;
 mod update;
 mod worker;
@@ -34,8 +35,9 @@ pub use crate::hsm::{
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
 pub use patch::{check_validity, Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
+pub use reserved::Reserved;
 
-use crate::hsm::{Algorithm, Hsm, HsmError, HsmErrorKind, ObjectKind, ObjectRef};
+use crate::hsm::{audit_mark, Hsm, HsmError, HsmErrorKind, ObjectRef};
 use crate::sync;
 use entry::{Entry, Group};
 use model::{KeyView, Kid, RoleName};
@@ -98,9 +100,8 @@ pub struct KeyStore {
     chores: worker::Chores,
     /// Objects the last scan could not read.
     unreadable: Arc<AtomicUsize>,
-    /// The EC private and public keys the opening scan found under the token-signing
-    /// key's reserved label.
-    signing: (Vec<ObjectRef>, Vec<ObjectRef>),
+    /// hsmkeyd's own objects the opening scan found (signing pairs, audit marks).
+    reserved: Reserved,
     /// Turns for HSM work on blocking threads: as many as the token has sessions, plus
     /// one. Waiting for a turn is async, so a token that stops answering holds that many
     /// threads and no more, and the audit trail keeps the rest.
@@ -142,7 +143,7 @@ impl KeyStore {
         let Scan {
             generation,
             index,
-            signing,
+            reserved,
         } = scanner.scan()?;
         let Scanner {
             hsm,
@@ -150,7 +151,7 @@ impl KeyStore {
             chores,
             unreadable,
         } = scanner;
-        let probe = signing.0.first().copied();
+        let probe = reserved.token_signing.0.first().copied();
         Ok(KeyStore {
             generation: generation.into(),
             hsm,
@@ -164,7 +165,7 @@ impl KeyStore {
             shared,
             chores,
             unreadable,
-            signing,
+            reserved,
             turns: Arc::new(tokio::sync::Semaphore::new(sessions + 1)),
             lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             probe: Mutex::new(probe),
@@ -200,9 +201,10 @@ impl KeyStore {
         .map_err(|e| KeyError::Internal(format!("HSM task failed: {e}")))
     }
 
-    /// The token-signing key's objects the opening scan found (private, public).
-    pub fn signing_candidates(&self) -> (&[ObjectRef], &[ObjectRef]) {
-        (&self.signing.0, &self.signing.1)
+    /// hsmkeyd's own objects the opening scan found: the signing pairs' objects (private,
+    /// public) and the audit marks.
+    pub fn reserved(&self) -> &Reserved {
+        &self.reserved
     }
 
     /// The token behind the store.
@@ -343,12 +345,12 @@ impl KeyStore {
         let Scan {
             generation,
             index: fresh,
-            signing,
+            reserved,
         } = self
             .on_token(move || scanner.scan())
             .await?
             .map_err(KeyError::Unavailable)?;
-        self.judge_scan(signing.0.first().copied())?;
+        self.judge_scan(reserved.token_signing.0.first().copied())?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *sync::write(&self.index) = fresh;
         self.generation
@@ -523,19 +525,19 @@ struct Scan {
     /// The login generation the handles belong to.
     generation: u64,
     index: BTreeMap<Kid, Arc<Entry>>,
-    /// The token-signing pair's objects (private, public).
-    signing: (Vec<ObjectRef>, Vec<ObjectRef>),
+    /// hsmkeyd's own objects.
+    reserved: Reserved,
 }
 
 impl Scanner {
     fn scan(&self) -> Result<Scan, HsmError> {
         let generation = self.hsm.login_generation();
-        let mut signing = (Vec::new(), Vec::new());
-        let index = scan_index(self, generation, &mut signing)?;
+        let mut reserved = Reserved::default();
+        let index = scan_index(self, generation, &mut reserved)?;
         Ok(Scan {
             generation,
             index,
-            signing,
+            reserved,
         })
     }
 }
@@ -543,7 +545,7 @@ impl Scanner {
 fn scan_index(
     scanner: &Scanner,
     generation: u64,
-    signing: &mut (Vec<ObjectRef>, Vec<ObjectRef>),
+    reserved: &mut Reserved,
 ) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
     let Scanner {
         hsm,
@@ -551,15 +553,13 @@ fn scan_index(
         chores,
         unreadable,
     } = scanner;
-    let scanned = hsm.scan(&[meta::APPLICATION, meta::APPLICATION_V1])?;
+    let scanned = hsm.scan(&[
+        meta::APPLICATION,
+        meta::APPLICATION_V1,
+        audit_mark::APPLICATION,
+    ])?;
     for o in &scanned.objects {
-        if o.label == SIGNING_KEY_LABEL.as_bytes() && o.algorithm == Some(Algorithm::Ec) {
-            match o.kind {
-                ObjectKind::PrivateKey => signing.0.push(o.handle),
-                ObjectKind::PublicKey => signing.1.push(o.handle),
-                _ => {}
-            }
-        }
+        reserved.note(o);
     }
     unreadable.store(scanned.unreadable, std::sync::atomic::Ordering::Relaxed);
     if scanned.unreadable > 0 {

@@ -1,0 +1,48 @@
+//! hsmkeyd's own objects, as a scan finds them: the token-signing pair, the audit-signing
+//! pair and the audit trail's high-water mark objects (with their records). They are not
+//! managed keys; the daemon takes them from the opening scan, so startup searches the
+//! token once (on SoftHSM2 every C_FindObjects reads every object of the token again).
+
+use crate::hsm::{
+    audit_mark, Algorithm, ObjectInfo, ObjectKind, ObjectRef, AUDIT_SIGNING_KEY_LABEL,
+    SIGNING_KEY_LABEL,
+};
+
+/// The EC private and public key objects under one reserved label.
+pub type Pair = (Vec<ObjectRef>, Vec<ObjectRef>);
+
+/// What a scan found of hsmkeyd's own objects.
+#[derive(Debug, Default, Clone)]
+pub struct Reserved {
+    /// Under the token-signing key's label.
+    pub token_signing: Pair,
+    /// Under the audit-signing key's label.
+    pub audit_signing: Pair,
+    /// The audit high-water mark objects and their records.
+    pub audit_marks: Vec<(ObjectRef, Vec<u8>)>,
+}
+
+impl Reserved {
+    /// Takes note of `o` if it is one of hsmkeyd's own objects.
+    pub(super) fn note(&mut self, o: &ObjectInfo) {
+        if let Some(record) = audit_mark::record_of(o) {
+            self.audit_marks.push((o.handle, record));
+            return;
+        }
+        if o.algorithm != Some(Algorithm::Ec) {
+            return;
+        }
+        let pair = if o.label == SIGNING_KEY_LABEL.as_bytes() {
+            &mut self.token_signing
+        } else if o.label == AUDIT_SIGNING_KEY_LABEL.as_bytes() {
+            &mut self.audit_signing
+        } else {
+            return;
+        };
+        match o.kind {
+            ObjectKind::PrivateKey => pair.0.push(o.handle),
+            ObjectKind::PublicKey => pair.1.push(o.handle),
+            _ => {}
+        }
+    }
+}
