@@ -250,6 +250,7 @@ pub(crate) fn start_daemon(dir: &Path, conf: &Path, pin: &Path) -> Res<(Daemon, 
     let port = free.ctx("finding a free port")?.port();
     let config = write_config(dir, conf, pin, port)?;
     let notify_path = dir.join("notify.sock");
+    let _ = fs::remove_file(&notify_path);
     let notify = Notify::bind(&notify_path)?;
     let log = dir.join("daemon.log");
     let stderr = fs::File::create(&log).ctx("creating daemon.log")?;

@@ -76,6 +76,16 @@ pub(crate) fn daemon_figures(
     pin: &Path,
     figs: &mut Figures,
 ) -> Res<()> {
+    // The first start on this token copy creates hsmkeyd's own objects (both signing
+    // pairs, the audit marks); a restart, what operators do, finds them in its one scan.
+    let (first, first_ms) = start_daemon(dir, conf, pin)?;
+    figs.add("first_start_to_ready", first_ms, "ms");
+    let (status, _) = first.stop()?;
+    if !status.success() {
+        return Err(format!(
+            "the first daemon exited with {status} after SIGTERM"
+        ));
+    }
     let (d, ready_ms) = start_daemon(dir, conf, pin)?;
     figs.add("start_to_ready", ready_ms, "ms");
 

@@ -11,7 +11,9 @@
 //!    C_SetAttributeValue(CKA_LABEL) on a secret key and on both objects of a pair, label
 //!    sets/s from two threads, and initialize + login + one full scan;
 //! 2. the real daemon on the same token copy (after the raw part has finalized: SoftHSM file
-//!    tokens take one writing process at a time): start until READY=1 (sd_notify), GET
+//!    tokens take one writing process at a time): start until READY=1 (sd_notify), once
+//!    on the fresh copy (`first_start_to_ready`: hsmkeyd creates its signing keys and audit
+//!    marks) and again as a restart (`start_to_ready`, compared with the raw start), GET
 //!    and PATCH latencies over one keep-alive connection on the Unix socket and over
 //!    HTTPS, what hash-chaining the audit entries added to each of those PATCHes
 //!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
