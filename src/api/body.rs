@@ -160,10 +160,29 @@ fn read_error(e: axum::Error, max: usize) -> ApiError {
     ApiError::body_incomplete()
 }
 
+/// The fields a key update (PATCH) accepts, and only these: a field the parser below
+/// handles must be listed here, and the OpenAPI schema `KeyPatch` has exactly these
+/// (`api::openapi` tests tie them).
+pub const PATCH_FIELDS: &[&str] = &["label", "description", "roles"];
+
+fn unknown_patch_field(name: &str) -> ApiError {
+    ApiError::bad_field(
+        "unknown_field",
+        name,
+        format!(
+            "unknown field {name:?}; a key update accepts {}",
+            PATCH_FIELDS.join(", ")
+        ),
+    )
+}
+
 /// Turns a PATCH body into a validated [`KeyPatch`].
 pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
     let mut patch = KeyPatch::default();
     for (name, value) in body {
+        if !PATCH_FIELDS.contains(&name.as_str()) {
+            return Err(unknown_patch_field(&name));
+        }
         match name.as_str() {
             "label" => {
                 let Value::String(s) = value else {
@@ -206,16 +225,7 @@ pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
                     }
                 });
             }
-            other => {
-                return Err(ApiError::bad_field(
-                    "unknown_field",
-                    other,
-                    format!(
-                        "unknown field {other:?}; a key update accepts label, description and \
-                         roles"
-                    ),
-                ))
-            }
+            other => return Err(unknown_patch_field(other)),
         }
     }
     if patch.is_empty() {

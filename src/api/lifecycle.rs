@@ -20,7 +20,7 @@ use crate::keys::{public, KeySpec, NewKeyRequest, Usage};
 use crate::values::Scope;
 
 /// Longest kid a create may name, in bytes.
-const MAX_NEW_KID_BYTES: usize = 32;
+pub(super) const MAX_NEW_KID_BYTES: usize = 32;
 
 /// `POST /v1/keys`.
 pub(super) async fn create(u: UpdateRequest, uri: Uri, headers: HeaderMap, body: Body) -> Audited {
@@ -210,27 +210,35 @@ pub(super) async fn jwks(
     Ok(r)
 }
 
+/// The fields a create body (`POST /v1/keys`) accepts; the OpenAPI schema `NewKey` has
+/// exactly these (`api::openapi` tests tie them).
+pub(super) const NEW_KEY_FIELDS: [&str; 8] = [
+    "type",
+    "bits",
+    "curve",
+    "label",
+    "description",
+    "roles",
+    "usage",
+    "kid",
+];
+
+/// The usage flags a create body's `usage` object may name.
+pub(super) const USAGE_FLAGS: [&str; 7] = [
+    "sign", "verify", "encrypt", "decrypt", "wrap", "unwrap", "derive",
+];
+
 /// Validates a create body: `type`, `bits`/`curve`, `label`, `description`, `roles`,
 /// `usage`, `kid`.
-fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
-    const FIELDS: &str = "type, bits, curve, label, description, roles, usage and kid";
-    if let Some(other) = f.keys().find(|k| {
-        ![
-            "type",
-            "bits",
-            "curve",
-            "label",
-            "description",
-            "roles",
-            "usage",
-            "kid",
-        ]
-        .contains(&k.as_str())
-    }) {
+pub(super) fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
+    if let Some(other) = f.keys().find(|k| !NEW_KEY_FIELDS.contains(&k.as_str())) {
         return Err(ApiError::bad_field(
             "unknown_field",
             other,
-            format!("unknown field {other:?}; a new key takes {FIELDS}"),
+            format!(
+                "unknown field {other:?}; a new key takes {}",
+                NEW_KEY_FIELDS.join(", ")
+            ),
         ));
     }
     let text =
@@ -392,57 +400,40 @@ fn spec(kind: &str, bits: Option<u32>, curve: Option<&str>) -> Result<KeySpec, A
     }
 }
 
+/// The usage flags a key of this type may have (the others must be false or left out).
+pub(super) fn usage_allowed(spec: &KeySpec) -> &'static [&'static str] {
+    match spec {
+        KeySpec::Aes(_) => &USAGE_FLAGS,
+        KeySpec::GenericSecret(_) | KeySpec::Ec(_) => &["sign", "verify", "derive"],
+        KeySpec::Ed25519 => &["sign", "verify"],
+        KeySpec::Rsa(_) => &["sign", "verify", "encrypt", "decrypt", "wrap", "unwrap"],
+    }
+}
+
 /// The usage flags: the defaults of the key type, changed by the flags given; a flag that
 /// makes no sense for the type is refused.
 fn usage(spec: &KeySpec, given: Option<Value>) -> Result<Usage, ApiError> {
-    let (mut u, allowed): (Usage, &[&str]) = match spec {
-        KeySpec::Aes(_) => (
-            Usage {
-                encrypt: true,
-                decrypt: true,
-                wrap: true,
-                unwrap: true,
-                ..Usage::default()
-            },
-            &[
-                "encrypt", "decrypt", "wrap", "unwrap", "sign", "verify", "derive",
-            ],
-        ),
-        KeySpec::GenericSecret(_) => (
-            Usage {
-                sign: true,
-                verify: true,
-                ..Usage::default()
-            },
-            &["sign", "verify", "derive"],
-        ),
-        KeySpec::Ec(_) => (
-            Usage {
-                sign: true,
-                verify: true,
-                ..Usage::default()
-            },
-            &["sign", "verify", "derive"],
-        ),
-        KeySpec::Ed25519 => (
-            Usage {
-                sign: true,
-                verify: true,
-                ..Usage::default()
-            },
-            &["sign", "verify"],
-        ),
-        KeySpec::Rsa(_) => (
-            Usage {
-                sign: true,
-                verify: true,
-                encrypt: true,
-                decrypt: true,
-                ..Usage::default()
-            },
-            &["sign", "verify", "encrypt", "decrypt", "wrap", "unwrap"],
-        ),
+    let signing = Usage {
+        sign: true,
+        verify: true,
+        ..Usage::default()
     };
+    let mut u = match spec {
+        KeySpec::Aes(_) => Usage {
+            encrypt: true,
+            decrypt: true,
+            wrap: true,
+            unwrap: true,
+            ..Usage::default()
+        },
+        KeySpec::GenericSecret(_) | KeySpec::Ec(_) | KeySpec::Ed25519 => signing,
+        KeySpec::Rsa(_) => Usage {
+            encrypt: true,
+            decrypt: true,
+            ..signing
+        },
+    };
+    let allowed = usage_allowed(spec);
     let flags = match given {
         None | Some(Value::Null) => return Ok(u),
         Some(Value::Object(m)) => m,

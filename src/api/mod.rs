@@ -34,6 +34,7 @@ pub mod deadline;
 pub mod encedo;
 pub mod error;
 mod lifecycle;
+pub mod openapi;
 mod routes;
 mod tokens;
 
