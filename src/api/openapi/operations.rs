@@ -72,7 +72,7 @@ fn create_key() -> Operation {
         "Location",
         utoipa::openapi::HeaderBuilder::new()
             .schema(string())
-            .description(Some("/v1/keys/{kid} of the new key"))
+            .description(Some("The new key's path, /v1/keys/ and its kid"))
             .build(),
     );
     let created = link(created, "GetKey", "getKey", "$response.body#/key/kid");

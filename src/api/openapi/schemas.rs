@@ -408,11 +408,10 @@ fn updated() -> Schema {
 
 /// The answer of `?dry_run=true`.
 fn dry_run() -> Schema {
+    // Any JSON value: a label, a description, roles, a whole key, or null.
+    let any = || s(ObjectBuilder::new().schema_type(SchemaType::AnyValue));
     let change = closed(
-        vec![
-            ("before", RefOr::T(Schema::default())),
-            ("after", RefOr::T(Schema::default())),
-        ],
+        vec![("before", any()), ("after", any())],
         &["before", "after"],
     );
     closed(
