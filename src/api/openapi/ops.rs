@@ -322,9 +322,3 @@ fn closed_codes(codes: &BTreeSet<&str>) -> Schema {
 fn join(codes: &BTreeSet<&str>) -> String {
     codes.iter().copied().collect::<Vec<_>>().join(", ")
 }
-
-/// An empty object schema, for answers that only carry `audit_id`.
-#[allow(dead_code)]
-fn empty() -> Schema {
-    closed(vec![], &[])
-}

@@ -217,3 +217,13 @@ fn both_security_schemes_are_declared_and_used() {
     );
     assert!(d["paths"]["/v1/auth/jwks"]["get"].get("security").is_none());
 }
+
+/// Found by schemathesis: a dry run's `changes` hold any value before and after (a label,
+/// null for a key made or destroyed), and the schema had typed them as objects.
+#[test]
+fn a_dry_runs_changes_may_hold_any_value() {
+    let change = &schema("DryRun")["properties"]["changes"]["additionalProperties"];
+    for side in ["before", "after"] {
+        assert_eq!(change["properties"][side], json!({}), "{side}");
+    }
+}
