@@ -14,7 +14,7 @@ use utoipa::openapi::schema::{AllOfBuilder, Schema};
 use utoipa::openapi::{Content, Required, Response, ResponseBuilder, SecurityRequirement};
 use utoipa::openapi::{ObjectBuilder, RefOr, Type};
 
-use super::schemas::{self, closed, integer, r, string, BEARER, PEER};
+use super::schemas::{self, integer, r, string, BEARER, PEER};
 use crate::keys::MAX_PAGE;
 
 /// Who may call an operation.
