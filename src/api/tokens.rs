@@ -58,6 +58,9 @@ async fn mint_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     if !on_unix_socket {
+        // Read the body (within the usual limit) before refusing: a connection closed with
+        // an unread body is reset, and the client may lose the answer.
+        let _ = axum::body::to_bytes(body, body::MAX_BODY).await;
         return Err(ApiError::unix_socket_only());
     }
     require(p, Scope::AuthToken)?;
