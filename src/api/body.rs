@@ -162,10 +162,38 @@ fn read_error(e: axum::Error, max: usize) -> ApiError {
     ApiError::body_incomplete()
 }
 
+/// The fields a key update (PATCH) accepts, and only these: a field the parser below
+/// handles must be listed here, and the OpenAPI schema `KeyPatch` has exactly these
+/// (`api::openapi` tests tie them).
+pub const PATCH_FIELDS: &[&str] = &[
+    "label",
+    "description",
+    "roles",
+    "usage",
+    "sensitive",
+    "extractable",
+    "not_before",
+    "not_after",
+];
+
+fn unknown_patch_field(name: &str) -> ApiError {
+    ApiError::bad_field(
+        "unknown_field",
+        name,
+        format!(
+            "unknown field {name:?}; a key update accepts {}",
+            PATCH_FIELDS.join(", ")
+        ),
+    )
+}
+
 /// Turns a PATCH body into a validated [`KeyPatch`].
 pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
     let mut patch = KeyPatch::default();
     for (name, value) in body {
+        if !PATCH_FIELDS.contains(&name.as_str()) {
+            return Err(unknown_patch_field(&name));
+        }
         match name.as_str() {
             "label" => {
                 let Value::String(s) = value else {
@@ -213,19 +241,16 @@ pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
             "extractable" => patch.extractable = Some(flag("extractable", value)?),
             "not_before" => patch.not_before = Some(date("not_before", value)?),
             "not_after" => patch.not_after = Some(date("not_after", value)?),
-            other => {
-                return Err(ApiError::bad_field(
-                    "unknown_field",
-                    other,
-                    format!("unknown field {other:?}; a key update accepts {PATCH_FIELDS}"),
-                ))
-            }
+            other => return Err(unknown_patch_field(other)),
         }
     }
     if patch.is_empty() {
         return Err(ApiError::bad_request(
             "empty_patch",
-            format!("the update names no field; send at least one of {PATCH_FIELDS}"),
+            format!(
+                "the update names no field; send at least one of {}",
+                PATCH_FIELDS.join(", ")
+            ),
         ));
     }
     if let (Some(Some(from)), Some(Some(to))) = (patch.not_before, patch.not_after) {
@@ -235,8 +260,6 @@ pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
 }
 
 /// The fields a key update accepts.
-const PATCH_FIELDS: &str =
-    "label, description, roles, usage, sensitive, extractable, not_before and not_after";
 
 /// `true` or `false`.
 fn flag(name: &'static str, value: Value) -> Result<bool, ApiError> {

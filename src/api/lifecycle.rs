@@ -16,11 +16,12 @@ use super::error::ApiError;
 use super::{body, require, run_change, AppState, UpdateRequest};
 use crate::auth::Principal;
 use crate::keys::model::{Curve, Description, Kid, Label, RoleName};
+use crate::keys::UsageFlag;
 use crate::keys::{public, KeySpec, NewKeyRequest, Usage};
 use crate::values::Scope;
 
 /// Longest kid a create may name, in bytes.
-const MAX_NEW_KID_BYTES: usize = 32;
+pub(super) const MAX_NEW_KID_BYTES: usize = 32;
 
 /// `POST /v1/keys`.
 pub(super) async fn create(u: UpdateRequest, uri: Uri, headers: HeaderMap, body: Body) -> Audited {
@@ -210,30 +211,35 @@ pub(super) async fn jwks(
     Ok(r)
 }
 
+/// The fields a create body (`POST /v1/keys`) accepts; the OpenAPI schema `NewKey` has
+/// exactly these (`api::openapi` tests tie them).
+pub(super) const NEW_KEY_FIELDS: [&str; 10] = [
+    "type",
+    "bits",
+    "curve",
+    "label",
+    "description",
+    "roles",
+    "usage",
+    "not_before",
+    "not_after",
+    "kid",
+];
+
+/// The usage flags a `usage` object may name, in the API's order.
+pub(super) const USAGE_FLAGS: [&str; 7] = UsageFlag::ALL_NAMES;
+
 /// Validates a create body: `type`, `bits`/`curve`, `label`, `description`, `roles`,
 /// `usage`, `not_before`, `not_after`, `kid`.
-fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
-    const FIELDS: &str =
-        "type, bits, curve, label, description, roles, usage, not_before, not_after and kid";
-    if let Some(other) = f.keys().find(|k| {
-        ![
-            "type",
-            "bits",
-            "curve",
-            "label",
-            "description",
-            "roles",
-            "usage",
-            "not_before",
-            "not_after",
-            "kid",
-        ]
-        .contains(&k.as_str())
-    }) {
+pub(super) fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiError> {
+    if let Some(other) = f.keys().find(|k| !NEW_KEY_FIELDS.contains(&k.as_str())) {
         return Err(ApiError::bad_field(
             "unknown_field",
             other,
-            format!("unknown field {other:?}; a new key takes {FIELDS}"),
+            format!(
+                "unknown field {other:?}; a new key takes {}",
+                NEW_KEY_FIELDS.join(", ")
+            ),
         ));
     }
     let text =
@@ -406,6 +412,16 @@ fn spec(kind: &str, bits: Option<u32>, curve: Option<&str>) -> Result<KeySpec, A
             ),
         )),
     }
+}
+
+/// The names of the usage flags a key of this type may have (the others must be false or
+/// left out), from the one table ([`crate::keys::usage_allowed`]), for the OpenAPI schema.
+pub(super) fn usage_allowed(spec: &KeySpec) -> Vec<&'static str> {
+    crate::keys::usage_allowed(&spec.algorithm())
+        .unwrap_or(&[])
+        .iter()
+        .map(|f| f.name())
+        .collect()
 }
 
 /// The usage flags: the defaults of the key type, changed by the flags given; a flag that

@@ -15,6 +15,7 @@
 //!   (`by_label.rs`).
 //! - `GET /v1/audit/key` (any principal): the audit-signing key that signs the audit
 //!   trail's checkpoints (PEM, fingerprint), for `hsmkeyctl audit verify`.
+//! - `GET /v1/openapi.json` (any principal): the API's OpenAPI document ([`openapi`]).
 //! - `GET /v1/status` (scope `keymgmt:list`): the token, key count, objects the scan could
 //!   not read, the background worker's backlog.
 //! - `POST /api/keymgmt/update`, `POST /api/keymgmt/create`,
@@ -34,6 +35,7 @@ pub mod deadline;
 pub mod encedo;
 pub mod error;
 mod lifecycle;
+pub mod openapi;
 mod routes;
 mod tokens;
 

@@ -12,7 +12,7 @@ use axum::Router;
 use super::audited::{self, RouteEvent};
 use super::{
     audit_key, authenticate, by_label, deadline, encedo, get_key, lifecycle, list_keys,
-    method_not_allowed, no_route, patch_key, status, tokens, AppState,
+    method_not_allowed, no_route, openapi, patch_key, status, tokens, AppState,
 };
 use crate::audit::Event;
 
@@ -139,6 +139,7 @@ fn table() -> Vec<Route> {
         read(tokens::JWKS_PATH, tokens::jwks),
         read("/v1/status", status),
         read("/v1/audit/key", audit_key),
+        read(openapi::PATH, openapi::serve),
         change(
             MethodFilter::POST,
             "POST",

@@ -23,10 +23,16 @@ use crate::values::Scope;
 /// Path of the JWK set (the one unauthenticated route).
 pub const JWKS_PATH: &str = "/v1/auth/jwks";
 
-#[derive(Deserialize)]
+/// A token request: its type is its OpenAPI schema (`TokenRequest`), so the two agree.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MintRequest {
+#[schema(as = TokenRequest)]
+pub(super) struct MintRequest {
+    /// The scopes the token carries, each one the caller holds itself (or implies).
+    #[schema(min_items = 1, example = json!(["keymgmt:list", "keymgmt:get"]))]
     scopes: Vec<String>,
+    /// Lifetime in seconds, 1..=`tokens.max_ttl_s` (the configured cap, by default the cap).
+    #[schema(minimum = 1)]
     ttl_s: Option<u64>,
 }
 
@@ -52,6 +58,9 @@ async fn mint_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     if !on_unix_socket {
+        // Read the body (within the usual limit) before refusing: a connection closed with
+        // an unread body is reset, and the client may lose the answer.
+        let _ = axum::body::to_bytes(body, body::MAX_BODY).await;
         return Err(ApiError::unix_socket_only());
     }
     require(p, Scope::AuthToken)?;

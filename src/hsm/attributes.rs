@@ -40,6 +40,11 @@ impl UsageFlag {
         UsageFlag::Derive,
     ];
 
+    /// [`UsageFlag::ALL`]'s names.
+    pub const ALL_NAMES: [&'static str; 7] = [
+        "sign", "verify", "encrypt", "decrypt", "wrap", "unwrap", "derive",
+    ];
+
     /// The name in request bodies (`sign`, ...).
     pub fn name(self) -> &'static str {
         match self {
@@ -276,6 +281,11 @@ impl Hsm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_flag_names_are_the_flags_names() {
+        assert_eq!(UsageFlag::ALL.map(UsageFlag::name), UsageFlag::ALL_NAMES);
+    }
 
     #[test]
     fn dates_go_to_the_token_as_digits_and_come_back() {

@@ -50,8 +50,12 @@ mod keys;
 mod search;
 
 pub use keys::new_key_spec;
+#[cfg(test)]
+pub(in crate::api) use keys::CREATE_FIELDS;
 pub(in crate::api) use keys::{create, delete};
 pub use search::search;
+#[cfg(test)]
+pub(in crate::api) use search::SEARCH_FIELDS;
 
 /// Where the appliance says what it is.
 pub const VERSION_PATH: &str = "/api/system/version";
@@ -94,10 +98,29 @@ async fn update_inner(
     Ok(reply(json!({})))
 }
 
+/// The fields of `POST /api/keymgmt/update`, and only these (the OpenAPI schema
+/// `EncedoUpdate` has exactly these; `api::openapi` tests tie them).
+pub(in crate::api) const UPDATE_FIELDS: [&str; 3] = ["kid", "label", "descr"];
+
+/// 400 `unknown_field` for a field an Encedo body does not take.
+fn unknown_field(name: &str, what: &str, fields: &[&str]) -> ApiError {
+    ApiError::bad_field(
+        "unknown_field",
+        name,
+        format!(
+            "unknown field {name:?}; {what} accepts {}",
+            fields.join(", ")
+        ),
+    )
+}
+
 /// Validates `{"kid", "label", "descr"}`.
 fn update_body(fields: Map<String, Value>) -> Result<(Kid, KeyPatch), ApiError> {
     let (mut kid, mut label, mut descr) = (None, None, None);
     for (name, value) in fields {
+        if !UPDATE_FIELDS.contains(&name.as_str()) {
+            return Err(unknown_field(&name, "an update", &UPDATE_FIELDS));
+        }
         match name.as_str() {
             "kid" => match value {
                 Value::String(s) => kid = Some(body::kid(&s)?),
@@ -130,13 +153,7 @@ fn update_body(fields: Map<String, Value>) -> Result<(Kid, KeyPatch), ApiError> 
                     ))
                 }
             },
-            other => {
-                return Err(ApiError::bad_field(
-                    "unknown_field",
-                    other,
-                    format!("unknown field {other:?}; an update accepts kid, label and descr"),
-                ))
-            }
+            other => return Err(unknown_field(other, "an update", &UPDATE_FIELDS)),
         }
     }
     let kid = kid.ok_or_else(|| ApiError::bad_field("missing_kid", "kid", "kid is required"))?;

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::super::error::ApiError;
 use super::super::{body, AppState};
-use super::{entry, DEFAULT_LIMIT, MAX_BODY};
+use super::{entry, unknown_field, DEFAULT_LIMIT, MAX_BODY};
 use crate::auth::Principal;
 use crate::keys::model::KeyView;
 use crate::values::Scope;
@@ -78,6 +78,10 @@ impl Search {
     }
 }
 
+/// The fields of `POST /api/keymgmt/search`, and only these (the OpenAPI schema
+/// `EncedoSearch` has exactly these; `api::openapi` tests tie them).
+pub(in crate::api) const SEARCH_FIELDS: [&str; 3] = ["descr", "offset", "limit"];
+
 /// Validates `{"descr", "offset"?, "limit"?}`.
 fn search_body(fields: Map<String, Value>) -> Result<Search, ApiError> {
     let number = |code: &'static str, name: &str, v: &Value| {
@@ -89,6 +93,9 @@ fn search_body(fields: Map<String, Value>) -> Result<Search, ApiError> {
     };
     let (mut descr, mut offset, mut limit) = (None, 0, DEFAULT_LIMIT);
     for (name, value) in fields {
+        if !SEARCH_FIELDS.contains(&name.as_str()) {
+            return Err(unknown_field(&name, "a search", &SEARCH_FIELDS));
+        }
         match name.as_str() {
             "descr" => match value {
                 Value::String(s) => descr = Some(s),
@@ -102,13 +109,7 @@ fn search_body(fields: Map<String, Value>) -> Result<Search, ApiError> {
             },
             "offset" => offset = number("invalid_offset", "offset", &value)?,
             "limit" => limit = body::page_limit(&value.to_string())?,
-            other => {
-                return Err(ApiError::bad_field(
-                    "unknown_field",
-                    other,
-                    format!("unknown field {other:?}; a search accepts descr, offset and limit"),
-                ))
-            }
+            other => return Err(unknown_field(other, "a search", &SEARCH_FIELDS)),
         }
     }
     let descr =
