@@ -523,7 +523,27 @@ fn status() -> Schema {
             ),
             (
                 "audit",
-                RefOr::T(closed(vec![("healthy", s(boolean()))], &["healthy"])),
+                RefOr::T(closed(
+                    vec![
+                        (
+                            "healthy",
+                            s(boolean().description(Some("The last entry was taken"))),
+                        ),
+                        (
+                            "chained_entries",
+                            s(integer().minimum(Some(0)).description(Some(
+                                "Entries hash-chained since start",
+                            ))),
+                        ),
+                        (
+                            "chain_us",
+                            s(integer().minimum(Some(0)).description(Some(
+                                "What chaining them cost their writers, in microseconds",
+                            ))),
+                        ),
+                    ],
+                    &["healthy", "chained_entries", "chain_us"],
+                )),
             ),
             (
                 "last_reload",
