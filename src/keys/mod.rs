@@ -8,6 +8,7 @@
 //! blocking thread.
 //! May call: `hsm`. Called by: `api`, `daemon`.
 
+mod batch;
 mod entry;
 pub mod error;
 mod health;
@@ -27,6 +28,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use crate::hsm::{is_reserved_label, KeySpec, Usage, SIGNING_KEY_LABEL};
+pub use batch::{
+    Batch, BatchDone, BatchError, BatchFailure, BatchHooks, Phase, Refusal, Selector, MAX_BATCH,
+};
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
 pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
@@ -410,6 +414,25 @@ impl KeyStore {
                 changes: Vec::new(),
             });
         }
+        self.write_plan(kid, current, plan, before_write, after_write)
+            .await
+    }
+
+    /// Carries out `plan` on `current` (the key held under its lock by the caller) on a
+    /// blocking thread, between the two hooks of [`KeyStore::update`], and puts the result
+    /// into the index.
+    async fn write_plan<F, G>(
+        &self,
+        kid: &Kid,
+        current: Arc<Entry>,
+        plan: update::Plan,
+        before_write: F,
+        after_write: G,
+    ) -> Result<UpdateOutcome, KeyError>
+    where
+        F: FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static,
+        G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
+    {
         let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
         let (applied, changes) = self
             .on_token(move || {
@@ -422,6 +445,17 @@ impl KeyStore {
                 Ok((applied, plan.changes))
             })
             .await??;
+        self.install(kid, applied, changes)
+    }
+
+    /// Puts what [`update::apply`] left in the token into the index (and the worker's
+    /// queues), under the key's lock; the outcome of the update it carried out.
+    fn install(
+        &self,
+        kid: &Kid,
+        applied: update::Applied,
+        changes: Vec<FieldChange>,
+    ) -> Result<UpdateOutcome, KeyError> {
         let result = applied.result;
         match applied.entry {
             Ok(Some(mut entry)) => {
