@@ -313,6 +313,11 @@ impl BatchAudit {
                 Err(e)
             }
             Err(BatchError::Failed(f)) => self.finish_failed(f).await,
+            Err(BatchError::InvalidPatch(e)) => {
+                let e = ApiError::from(e).within("patch");
+                self.batch_entry(Some(&e), e.message().to_string()).await?;
+                Err(e)
+            }
             Err(BatchError::Invalid(e) | BatchError::Unavailable(e)) => {
                 let e = ApiError::from(e);
                 self.batch_entry(Some(&e), e.message().to_string()).await?;

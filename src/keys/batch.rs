@@ -117,6 +117,8 @@ pub enum BatchError {
     /// The request or its selection is wrong (no key matches, too many, an `if_match`
     /// outside the selection, an unknown role): nothing was checked or written.
     Invalid(KeyError),
+    /// The patch is wrong for every key (an unknown role): its field is the patch's.
+    InvalidPatch(KeyError),
     /// Keys failed their checks: nothing was written.
     Refused {
         /// Each failing key and why.
@@ -153,7 +155,7 @@ impl KeyStore {
         } = batch;
         patch
             .check_roles(&sync::read(&self.roles))
-            .map_err(BatchError::Invalid)?;
+            .map_err(BatchError::InvalidPatch)?;
         self.chores.room().await;
         self.refresh_handles()
             .await
