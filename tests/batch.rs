@@ -127,7 +127,8 @@ fn each_selector_changes_exactly_the_keys_it_names() {
     let r = batch(
         &c,
         "",
-        &json!({"select": {"kids": [AES, EC]}, "patch": {"description": "by kid"}}),
+        &json!({"select": {"kids": [AES, EC]}, "patch": {"description": "by kid"},
+                "if_match": {AES: "*"}}),
     )
     .ok();
     assert_eq!(kids_of(&r["keys"]), [AES, EC]);
@@ -264,6 +265,15 @@ fn a_batch_with_one_bad_key_changes_nothing() {
     .assert_error(409, "batch_refused");
     assert_eq!(e["failures"].as_array().unwrap().len(), 1, "{e}");
     assert_eq!(e["failures"][0]["kid"], EC, "{e}");
+    assert_eq!(e["failures"][0]["error"], "missing_scope", "{e}");
+    // A key it may not update is refused for its scope, whether or not it exists.
+    let e = batch(
+        &d.client(),
+        "",
+        &json!({"select": {"kids": [AES, NO_KEY]}, "patch": {"description": "x"}}),
+    )
+    .assert_error(409, "batch_refused");
+    assert_eq!(e["failures"][0]["kid"], NO_KEY, "{e}");
     assert_eq!(e["failures"][0]["error"], "missing_scope", "{e}");
     assert_unchanged(&t, &before, "a batch refused for scope");
 }

@@ -246,6 +246,10 @@ fn etags(value: Value) -> Result<BTreeMap<Kid, String>, ApiError> {
         if tag.is_empty() {
             return Err(bad("an etag in if_match is empty"));
         }
+        if tag == "*" {
+            // As `If-Match: *` on a PATCH: any existing key matches.
+            continue;
+        }
         if out.insert(kid.clone(), tag).is_some() {
             return Err(bad(&format!("if_match names key {kid} twice")));
         }

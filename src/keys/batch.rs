@@ -186,16 +186,18 @@ impl KeyStore {
         let mut failures = Vec::new();
         let mut planned = Vec::new();
         for (kid, current) in entries {
+            // The scope first, as a PATCH checks it: a caller learns nothing of keys it may
+            // not update, not even whether they exist.
+            if !hooks.permitted(&kid) && current.as_ref().is_none_or(|c| select.matches(&c.view)) {
+                failures.push((kid, Refusal::NotPermitted));
+                continue;
+            }
             let Some(current) = current else {
                 failures.push((kid.clone(), Refusal::Key(KeyError::NotFound(kid))));
                 continue;
             };
             // A key renamed or given other roles while the batch waited is no longer selected.
             if !select.matches(&current.view) {
-                continue;
-            }
-            if !hooks.permitted(&kid) {
-                failures.push((kid, Refusal::NotPermitted));
                 continue;
             }
             let mut p = patch.clone();

@@ -20,6 +20,7 @@ pub mod public;
 mod settle;
 mod update;
 mod worker;
+mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
@@ -416,73 +417,6 @@ impl KeyStore {
         }
         self.write_plan(kid, current, plan, before_write, after_write)
             .await
-    }
-
-    /// Carries out `plan` on `current` (the key held under its lock by the caller) on a
-    /// blocking thread, between the two hooks of [`KeyStore::update`], and puts the result
-    /// into the index.
-    async fn write_plan<F, G>(
-        &self,
-        kid: &Kid,
-        current: Arc<Entry>,
-        plan: update::Plan,
-        before_write: F,
-        after_write: G,
-    ) -> Result<UpdateOutcome, KeyError>
-    where
-        F: FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static,
-        G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
-    {
-        let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
-        let (applied, changes) = self
-            .on_token(move || {
-                before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
-                let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
-                after_write(match &applied.result {
-                    Ok(()) => Ok(&plan.changes),
-                    Err(e) => Err(e),
-                });
-                Ok((applied, plan.changes))
-            })
-            .await??;
-        self.install(kid, applied, changes)
-    }
-
-    /// Puts what [`update::apply`] left in the token into the index (and the worker's
-    /// queues), under the key's lock; the outcome of the update it carried out.
-    fn install(
-        &self,
-        kid: &Kid,
-        applied: update::Applied,
-        changes: Vec<FieldChange>,
-    ) -> Result<UpdateOutcome, KeyError> {
-        let result = applied.result;
-        match applied.entry {
-            Ok(Some(mut entry)) => {
-                let stale = std::mem::take(&mut entry.stale);
-                self.chores.superseded(self.generation(), kid, stale);
-                if entry.meta.as_ref().is_some_and(|m| m.dirty) {
-                    self.chores.dirty(kid);
-                }
-                let view = entry.view.clone();
-                let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(entry));
-                // Queued once the index no longer names them.
-                self.chores
-                    .superseded(self.generation(), kid, applied.superseded);
-                result.map(|()| UpdateOutcome { key: view, changes })
-            }
-            Ok(None) => {
-                let _ = sync::write(&self.index).remove(kid);
-                self.chores
-                    .superseded(self.generation(), kid, applied.superseded);
-                result.and(Err(KeyError::NotFound(kid.clone())))
-            }
-            Err(e) => {
-                // The token did not answer the re-read: force a rescan on the next miss.
-                *sync::lock(&self.last_rescan) = None;
-                result.and(Err(hsm_error(kid, e)))
-            }
-        }
     }
 
     /// The key `kid` under its write lock and the store's gate (shared), as the index has
