@@ -370,6 +370,54 @@ fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
 }
 
 #[test]
+fn a_batch_whose_rollback_fails_too_names_the_keys_left_changed() {
+    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
+    keys.extend(APP_KEYS);
+    let t = token_with(&keys);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &t,
+        &Setup::with_access(keys_access()).with_faults(faults.path()),
+    );
+    let c = d.client();
+    let all = [AES, OTHER, EC, APP1, APP2, APP3];
+    batch(
+        &c,
+        "",
+        &json!({"select": {"kids": all}, "patch": {"description": "before"}}),
+    )
+    .ok();
+    quiet(&c);
+
+    // Two writes pass; from then on the token refuses every write, rollbacks included.
+    std::fs::write(faults.path().join("setattr_fail_from"), "2").unwrap();
+    let r = batch(
+        &c,
+        "",
+        &json!({"select": {"kids": all}, "patch": {"description": "after"}}),
+    );
+    std::fs::remove_file(faults.path().join("setattr_fail_from")).unwrap();
+    let e = r.json();
+    assert_eq!(e["error"], "batch_failed", "{e}");
+    assert_eq!(e["rolled_back"], json!([]), "{e}");
+    let left = kids_of(&e["not_rolled_back"]);
+    assert_eq!(left.len(), 2, "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("could not be"),
+        "{e}"
+    );
+    // The answer is the truth: exactly the keys it names hold the batch's value.
+    for kid in all {
+        let expected = if left.contains(&kid.to_string()) {
+            "after"
+        } else {
+            "before"
+        };
+        assert_eq!(meta(&t, kid).0, expected, "{kid}: {e}");
+    }
+}
+
+#[test]
 fn a_dry_run_checks_every_key_writes_nothing_and_records_dry_run_entries() {
     let mut keys = vec![AES_KEY, EC_KEY];
     keys.extend(APP_KEYS);
