@@ -692,6 +692,11 @@ fn selection_errors_are_400_and_name_the_field() {
         ),
         (json!({"patch": p}), "missing_select", "select"),
         (
+            json!({"select": {"kids": ["xyz"]}, "patch": p}),
+            "invalid_kid",
+            "select.kids",
+        ),
+        (
             json!({"select": {"kids": [AES, AES]}, "patch": p}),
             "duplicate_kid",
             "select.kids",

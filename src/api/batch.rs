@@ -170,7 +170,9 @@ fn selector(value: Value) -> Result<Selector, ApiError> {
                     .ok_or_else(|| {
                         ApiError::bad_field("invalid_kid", field, "every kid must be a string")
                     })
-                    .and_then(|s| body::kid(s).map_err(|e| e.within("select")))?;
+                    .and_then(|s| {
+                        Kid::parse(s).map_err(|e| ApiError::bad_field("invalid_kid", field, e))
+                    })?;
                 if !kids.insert(kid.clone()) {
                     return Err(ApiError::bad_field(
                         "duplicate_kid",
@@ -238,7 +240,7 @@ fn etags(value: Value) -> Result<BTreeMap<Kid, String>, ApiError> {
     };
     let mut out = BTreeMap::new();
     for (k, v) in map {
-        let kid = body::kid(&k).map_err(|e| e.within("if_match"))?;
+        let kid = Kid::parse(&k).map_err(|e| ApiError::bad_field("invalid_kid", "if_match", e))?;
         let Value::String(tag) = v else {
             return Err(bad("every etag in if_match must be a string"));
         };
