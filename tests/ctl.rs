@@ -454,3 +454,109 @@ fn dry_runs_show_the_change_and_write_nothing() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert_eq!(t.objects_text(), before);
 }
+
+#[test]
+fn batch_changes_many_keys_and_lists_each_key_it_refused() {
+    use common::fixture::{OTHER, OTHER_KEY};
+    let t = token_with(&[AES_KEY, EC_KEY, OTHER_KEY]);
+    let d = Daemon::start(&t, &Setup::with_access(keys_access()));
+    let kids = format!("{AES},{EC}");
+
+    // A table of the keys changed, read back from the token with pkcs11-tool.
+    let o = ctl(&d, &["batch", "--kids", &kids, "--description", "batched"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.lines().next().unwrap().contains("KID"), "{text}");
+    assert!(
+        text.contains(AES) && text.contains(EC) && !text.contains(OTHER),
+        "{text}"
+    );
+    assert!(text.contains("batch id: "), "{text}");
+    for kid in [AES, EC] {
+        let prefix = format!("hsmkeyd-meta:{kid} ");
+        assert!(
+            t.objects()
+                .iter()
+                .filter_map(|o| o.label.strip_prefix(&prefix))
+                .any(|r| r.contains(r#""description":"batched""#)),
+            "{kid} has no record with the description"
+        );
+    }
+
+    // --json, a dry run by label prefix: what would change, nothing written.
+    let v = json(&ctl(
+        &d,
+        &[
+            "--json",
+            "batch",
+            "--label-prefix",
+            "other-",
+            "--roles",
+            "ops",
+            "--dry-run",
+        ],
+    ));
+    assert_eq!(v["dry_run"], true, "{v}");
+    assert_eq!(v["keys"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["keys"][0]["kid"], OTHER, "{v}");
+    assert_eq!(
+        v["keys"][0]["changes"]["roles"]["after"],
+        serde_json::json!(["ops"])
+    );
+    assert!(!t
+        .objects()
+        .iter()
+        .any(|o| o.label.starts_with(&format!("hsmkeyd-meta:{OTHER}"))));
+
+    // One stale etag: exit 1, nothing written, the refused key named on stderr.
+    let o = ctl(
+        &d,
+        &[
+            "batch",
+            "--kids",
+            &kids,
+            "--clear-description",
+            "--if-match",
+            &format!("{EC}=00"),
+        ],
+    );
+    assert_eq!(code(&o), 1, "{} {}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(EC) && err.contains("precondition_failed"),
+        "{err}"
+    );
+    assert!(err.contains("batch_refused"), "{err}");
+    assert_eq!(
+        json(&ctl(&d, &["--json", "get", AES]))["description"],
+        "batched"
+    );
+
+    // Usage errors: exit 2 before anything is sent.
+    for args in [
+        vec!["batch", "--description", "x"],
+        vec!["batch", "--kids", AES],
+        vec![
+            "batch",
+            "--kids",
+            AES,
+            "--role",
+            "ops",
+            "--description",
+            "x",
+        ],
+        vec!["batch", "--kids", AES, "--label", "x"],
+        vec![
+            "batch",
+            "--kids",
+            AES,
+            "--description",
+            "x",
+            "--if-match",
+            "nope",
+        ],
+    ] {
+        let o = ctl(&d, &args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+    }
+}

@@ -3,20 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::fixture::{keys_access, token_with, AES, AES_KEY, EC, EC_KEY};
-use common::{Daemon, Setup};
+use common::{wait_held, Daemon, Setup};
 use serde_json::{json, Value};
-
-/// Waits until the fault wrapper holds a call of `function`.
-fn wait_held(faults: &std::path::Path, function: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !faults.join(format!("held_{function}")).exists() {
-        assert!(Instant::now() < deadline, "{function} was never held");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn a_crash_during_create_or_delete_leaves_no_half_made_key_and_no_orphan_metadata() {

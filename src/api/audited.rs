@@ -48,9 +48,9 @@ pub struct RequestFacts {
     /// The request's id.
     pub rid: RequestId,
     /// `HSMKEYD_PEER` of the connection.
-    peer: Option<String>,
+    pub(super) peer: Option<String>,
     /// Method and path (`HSMKEYD_REQUEST`).
-    request: String,
+    pub(super) request: String,
 }
 
 /// Who called, as authentication found it. The authentication step adds it to the
@@ -156,6 +156,11 @@ fn result_entry(event: Event, r: Record<'_>) -> Entry {
         ),
         (Event::KeyCreated, Outcome::Ok) => format!("key {key}: created by {who}: OK"),
         (Event::KeyDeleted, Outcome::Ok) => format!("key {key}: deleted by {who}: OK"),
+        (Event::KeysBatchChanged, o) => format!(
+            "batch update by {who} refused ({status} {}): {reason}: {}",
+            code.unwrap_or("error"),
+            o.name()
+        ),
         (Event::KeyCreated | Event::KeyDeleted, o) => format!(
             "key {key}: {} by {who} refused ({status} {}): {reason}: {}",
             if event == Event::KeyCreated {
@@ -237,6 +242,9 @@ pub struct UpdateAudit {
     written: OnceLock<bool>,
     /// The status a success answers, when the endpoint's differs from the event's usual one.
     success: OnceLock<u16>,
+    /// The batch the update is part of, and whether it sets a key back after the batch
+    /// failed ([`UpdateAudit::in_batch`]).
+    batch: OnceLock<(String, bool)>,
 }
 
 impl UpdateAudit {
@@ -260,6 +268,7 @@ impl UpdateAudit {
             intent_refused: OnceLock::new(),
             written: OnceLock::new(),
             success: OnceLock::new(),
+            batch: OnceLock::new(),
         })
     }
 
@@ -267,6 +276,22 @@ impl UpdateAudit {
     /// where `/v1` answers 201 and 204).
     pub fn answers(&self, status: u16) {
         let _ = self.success.set(status);
+    }
+
+    /// Marks the update's entries as part of batch `id` (`HSMKEYD_BATCH_ID`); a `rollback`
+    /// sets a key back after the batch failed, and its messages say so.
+    pub fn in_batch(&self, id: &str, rollback: bool) {
+        let _ = self.batch.set((id.to_string(), rollback));
+    }
+
+    /// Adds the batch id, and says so in the message of a rollback.
+    fn mark_batch(&self, entry: &mut Entry) {
+        if let Some((id, rollback)) = self.batch.get() {
+            entry.batch_id = Some(id.clone());
+            if *rollback {
+                entry.message = format!("rollback of batch {id}: {}", entry.message);
+            }
+        }
     }
 
     fn record(&self, changes: Option<Value>, error: Option<&ApiError>) -> Entry {
@@ -293,6 +318,7 @@ impl UpdateAudit {
             entry.dry_run = true;
             entry.message = format!("dry run: {}", entry.message);
         }
+        self.mark_batch(&mut entry);
         entry
     }
 
@@ -329,6 +355,7 @@ impl UpdateAudit {
             e.token_id = this.caller.token_id.clone();
             e.request_id = Some(this.request.rid.0.clone());
             e.changes = Some(changes.clone());
+            this.mark_batch(&mut e);
             *sync::lock(&this.planned) = Some(changes);
             this.audit.write(&e).map_err(|err| {
                 let _ = this.intent_refused.set(());

@@ -21,6 +21,9 @@ pub struct ApiError {
     field: Option<String>,
     /// `WWW-Authenticate` challenge of a 401 on the TLS front door.
     challenge: Option<&'static str>,
+    /// Members the body carries beside `error`, `message` and `field` (a batch's
+    /// failures).
+    details: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// What kind of refusal an error is, for the audit trail.
@@ -91,6 +94,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             challenge: None,
+            details: None,
         }
     }
 
@@ -105,6 +109,47 @@ impl ApiError {
     /// 400 on the request as a whole.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// The same error with its field named inside `prefix` (`description` becomes
+    /// `patch.description`), for a value nested in a larger body.
+    pub fn within(mut self, prefix: &str) -> ApiError {
+        if let Some(f) = &self.field {
+            self.field = Some(format!("{prefix}.{f}"));
+        }
+        self
+    }
+
+    /// 409: a batch update in which some keys failed their checks, so nothing was written.
+    /// `details` lists them (`failures`) and names the batch.
+    pub fn batch_refused(
+        failed: usize,
+        selected: usize,
+        details: serde_json::Map<String, serde_json::Value>,
+    ) -> ApiError {
+        ApiError {
+            details: Some(Box::new(details)),
+            ..ApiError::new(
+                StatusCode::CONFLICT,
+                "batch_refused",
+                format!(
+                    "{failed} of the {selected} selected keys failed their checks, so no key                      was changed; see failures"
+                ),
+            )
+        }
+    }
+
+    /// A batch update whose writes failed part-way: the status `cause` (the first failed
+    /// write) has, code `batch_failed`; `details` says which keys were set back.
+    pub fn batch_failed(
+        cause: &ApiError,
+        message: String,
+        details: serde_json::Map<String, serde_json::Value>,
+    ) -> ApiError {
+        ApiError {
+            details: Some(Box::new(details)),
+            ..ApiError::new(cause.status, "batch_failed", message)
+        }
     }
 
     /// 401 on TLS without a bearer token (RFC 6750: a bare challenge).
@@ -364,13 +409,21 @@ impl From<AuthError> for ApiError {
 impl ApiError {
     /// The JSON body, with the request's `audit_id` when the request was audited.
     pub fn body(&self, audit_id: Option<&str>) -> Vec<u8> {
-        serde_json::to_vec(&Body {
+        let body = Body {
             error: self.code,
             message: &self.message,
             field: self.field.as_deref(),
             audit_id,
-        })
-        .unwrap_or_default()
+        };
+        match (&self.details, serde_json::to_value(&body)) {
+            (Some(details), Ok(serde_json::Value::Object(mut obj))) => {
+                for (k, v) in details.iter() {
+                    let _ = obj.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                serde_json::to_vec(&obj).unwrap_or_default()
+            }
+            _ => serde_json::to_vec(&body).unwrap_or_default(),
+        }
     }
 
     /// The whole clear-text answer the TLS port gives a client that spoke HTTP to it:

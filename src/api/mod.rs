@@ -11,6 +11,8 @@
 //!   and public halves (`lifecycle.rs`).
 //! - `PATCH /v1/keys/{kid}` (scope `keymgmt:upd` or `keymgmt:upd:<kid>`): label,
 //!   description, roles; honours `If-Match`.
+//! - `POST /v1/keys/batch` (the same scopes, per key): one patch for up to 1,000 keys,
+//!   all checked before any is written (`batch.rs`).
 //! - `GET|PATCH|DELETE /v1/keys/by-label/{label}`: the same, for the key with that label
 //!   (`by_label.rs`).
 //! - `GET /v1/audit/key` (any principal): the audit-signing key that signs the audit
@@ -28,6 +30,7 @@
 //! May call: `auth`, `keys`. Called by: `front`.
 
 pub mod audited;
+mod batch;
 pub mod body;
 mod by_label;
 mod change;

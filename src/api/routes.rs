@@ -11,7 +11,7 @@ use axum::Router;
 
 use super::audited::{self, RouteEvent};
 use super::{
-    audit_key, authenticate, by_label, deadline, encedo, get_key, lifecycle, list_keys,
+    audit_key, authenticate, batch, by_label, deadline, encedo, get_key, lifecycle, list_keys,
     method_not_allowed, no_route, openapi, patch_key, status, tokens, AppState,
 };
 use crate::audit::Event;
@@ -96,6 +96,13 @@ fn table() -> Vec<Route> {
             "/v1/keys",
             Event::KeyCreated,
             lifecycle::create,
+        ),
+        change(
+            MethodFilter::POST,
+            "POST",
+            "/v1/keys/batch",
+            Event::KeysBatchChanged,
+            batch::post,
         ),
         read("/v1/keys/{kid}", get_key),
         change(

@@ -63,11 +63,14 @@ pub enum Event {
     DaemonStopped,
     /// The chain head, signed by the audit-signing key in the HSM.
     AuditCheckpoint,
+    /// A batch update was answered (OK, ERROR or FAILED); each key's own entries carry the
+    /// same `HSMKEYD_BATCH_ID`.
+    KeysBatchChanged,
 }
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 14] = [
+    pub const ALL: [Event; 15] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
         Event::KeyCreated,
@@ -82,6 +85,7 @@ impl Event {
         Event::ConfigReloaded,
         Event::DaemonStopped,
         Event::AuditCheckpoint,
+        Event::KeysBatchChanged,
     ];
 
     /// `HSMKEYD_EVENT`.
@@ -101,6 +105,7 @@ impl Event {
             Event::ConfigReloaded => "CONFIG_RELOADED",
             Event::DaemonStopped => "DAEMON_STOPPED",
             Event::AuditCheckpoint => "AUDIT_CHECKPOINT",
+            Event::KeysBatchChanged => "KEYS_BATCH_CHANGED",
         }
     }
 
@@ -131,6 +136,7 @@ impl Event {
             Event::ConfigReloaded => "0a58dde6720542fc988bd5a9ba6ada33",
             Event::DaemonStopped => "d67dc6e9f1ff4de9b79a79e3f5a18642",
             Event::AuditCheckpoint => "b6817b9092514d7fb0d5c9256024351a",
+            Event::KeysBatchChanged => "0df4529f6493fef21caaa9f7ca14cd5c",
         }
     }
 }
@@ -203,6 +209,9 @@ pub struct Entry {
     /// The request was a dry run: checked and answered, nothing written
     /// (`HSMKEYD_DRY_RUN=1`).
     pub dry_run: bool,
+    /// The batch update the entry belongs to (`HSMKEYD_BATCH_ID`): the batch's own entry
+    /// and every entry of its keys.
+    pub batch_id: Option<String>,
     /// What an `AUDIT_CHECKPOINT` entry signs.
     pub checkpoint: Option<Checkpoint>,
 }
@@ -241,6 +250,7 @@ impl Entry {
             count: None,
             between: None,
             dry_run: false,
+            batch_id: None,
             checkpoint: None,
         }
     }
@@ -285,6 +295,7 @@ impl Entry {
         opt("HSMKEYD_FIRST", self.between.as_ref().map(|b| b.0.clone()));
         opt("HSMKEYD_LAST", self.between.as_ref().map(|b| b.1.clone()));
         opt("HSMKEYD_DRY_RUN", self.dry_run.then(|| "1".to_string()));
+        opt("HSMKEYD_BATCH_ID", self.batch_id.clone());
         if let Some(c) = &self.checkpoint {
             f.push(("HSMKEYD_CHECKPOINT_SEQ", c.seq.to_string()));
             f.push(("HSMKEYD_CHECKPOINT_HEAD", hex::encode(c.head)));

@@ -8,6 +8,7 @@
 //! blocking thread.
 //! May call: `hsm`. Called by: `api`, `daemon`.
 
+mod batch;
 mod entry;
 pub mod error;
 mod health;
@@ -22,6 +23,7 @@ mod reserved;
 mod settle;
 mod update;
 mod worker;
+mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
@@ -31,6 +33,9 @@ use std::time::{Duration, Instant};
 
 pub use crate::hsm::{
     is_reserved_label, usage_allowed, KeySpec, Usage, UsageFlag, SIGNING_KEY_LABEL,
+};
+pub use batch::{
+    Batch, BatchDone, BatchError, BatchFailure, BatchHooks, Phase, Refusal, Selector, MAX_BATCH,
 };
 pub use error::KeyError;
 pub use lifecycle::NewKeyRequest;
@@ -420,45 +425,8 @@ impl KeyStore {
                 changes: Vec::new(),
             });
         }
-        let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
-        let (applied, changes) = self
-            .on_token(move || {
-                before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
-                let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
-                after_write(match &applied.result {
-                    Ok(()) => Ok(&plan.changes),
-                    Err(e) => Err(e),
-                });
-                Ok((applied, plan.changes))
-            })
-            .await??;
-        let result = applied.result;
-        match applied.entry {
-            Ok(Some(mut entry)) => {
-                let stale = std::mem::take(&mut entry.stale);
-                self.chores.superseded(self.generation(), kid, stale);
-                if entry.meta.as_ref().is_some_and(|m| m.dirty) {
-                    self.chores.dirty(kid);
-                }
-                let view = entry.view.clone();
-                let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(entry));
-                // Queued once the index no longer names them.
-                self.chores
-                    .superseded(self.generation(), kid, applied.superseded);
-                result.map(|()| UpdateOutcome { key: view, changes })
-            }
-            Ok(None) => {
-                let _ = sync::write(&self.index).remove(kid);
-                self.chores
-                    .superseded(self.generation(), kid, applied.superseded);
-                result.and(Err(KeyError::NotFound(kid.clone())))
-            }
-            Err(e) => {
-                // The token did not answer the re-read: force a rescan on the next miss.
-                *sync::lock(&self.last_rescan) = None;
-                result.and(Err(hsm_error(kid, e)))
-            }
-        }
+        self.write_plan(kid, current, plan, before_write, after_write)
+            .await
     }
 
     /// The key `kid` under its write lock and the store's gate (shared), as the index has

@@ -31,6 +31,7 @@
 //!   each asserting a different error; the request is the thing under test.
 #![allow(dead_code)]
 
+pub mod batch;
 pub mod encedo;
 pub mod fixture;
 mod http;
@@ -365,6 +366,15 @@ pub struct Setup {
     pub pin_credential: Option<String>,
     /// More lines for the `[server]` section (e.g. limits).
     pub server_extra: String,
+}
+
+/// Waits until the fault wrapper holds a call of `function` (its `held_<function>` marker).
+pub fn wait_held(faults: &Path, function: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !faults.join(format!("held_{function}")).exists() {
+        assert!(Instant::now() < deadline, "{function} was never held");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Polls `f` every 10 ms until it holds or `limit` passes; says whether it held.

@@ -18,6 +18,7 @@ pub const OPERATIONS: &[Described] = &[
     ("POST", "/v1/keys", create_key),
     ("GET", "/v1/keys/{kid}", get_key),
     ("PATCH", "/v1/keys/{kid}", update_key),
+    ("POST", "/v1/keys/batch", batch),
     ("DELETE", "/v1/keys/{kid}", delete_key),
     ("GET", "/v1/keys/{kid}/public", public_key),
     ("GET", "/v1/keys/by-label/{label}", get_by_label),
@@ -220,6 +221,59 @@ fn delete(doc: Doc) -> Doc {
     .change()
     .errors(403, &["delete_disabled"])
     .errors(406, &["key_not_destroyable"])
+}
+
+fn batch() -> Operation {
+    Doc::new(
+        "updateKeys",
+        "Change many keys with one patch, all or nothing",
+        UPD,
+    )
+    .describe(
+        "Every selected key is checked as a PATCH would check it before anything is \
+             written; if any fails, nothing is written (409 batch_refused, each failure \
+             listed). A token failure part-way sets back the keys already changed (batch_failed).",
+    )
+    .dry_run()
+    .body("KeyBatch", JSON_BODIES, super::super::batch::MAX_BATCH_BODY)
+    .json(
+        200,
+        "Each key after the change (or as it would be)",
+        "BatchDone",
+    )
+    .change()
+    .errors(
+        400,
+        &[
+            "empty_select",
+            "ambiguous_select",
+            "invalid_select",
+            "missing_select",
+            "too_many_keys",
+            "no_keys_selected",
+            "duplicate_kid",
+            "invalid_kid",
+            "invalid_label_prefix",
+            "invalid_role",
+            "label_not_batchable",
+            "empty_patch",
+            "missing_patch",
+            "invalid_patch",
+            "invalid_if_match",
+            "if_match_outside_selection",
+            "invalid_description",
+            "invalid_roles",
+            "unknown_role",
+            "invalid_usage",
+            "invalid_field",
+            "invalid_date",
+            "invalid_validity",
+        ],
+    )
+    .errors(409, &["batch_refused"])
+    .errors(406, &["batch_failed"])
+    .errors(503, &["batch_failed"])
+    .build()
 }
 
 fn delete_key() -> Operation {

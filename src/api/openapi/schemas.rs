@@ -13,7 +13,7 @@ use utoipa::openapi::{KnownFormat, RefOr};
 use super::super::encedo::{self, MAX_LABEL_CHARS};
 use super::super::lifecycle::{usage_allowed, NEW_KEY_FIELDS, USAGE_FLAGS};
 use super::super::tokens::MintRequest;
-use crate::keys::{KeySpec, MAX_PAGE};
+use crate::keys::{KeySpec, MAX_BATCH, MAX_PAGE};
 use crate::values::{MAX_DESCRIPTION_CHARS, MAX_ID_BYTES, MAX_LABEL_BYTES, MAX_ROLE_BYTES};
 
 /// The security scheme of bearer JWTs (the HTTPS port).
@@ -154,8 +154,121 @@ fn error() -> Schema {
                 s(string().description(Some("The request field at fault"))),
             ),
             ("audit_id", audit_id()),
+            // A batch's refusal or failure (`POST /v1/keys/batch`) says more.
+            (
+                "batch_id",
+                s(string().description(Some("HSMKEYD_BATCH_ID"))),
+            ),
+            (
+                "failures",
+                a(array(r("BatchKeyError")).description(Some(
+                    "The keys that failed their checks (batch_refused) or their write \
+                     (batch_failed)",
+                ))),
+            ),
+            (
+                "rolled_back",
+                a(array(s(kid())).description(Some("Keys set back after a failure"))),
+            ),
+            (
+                "not_rolled_back",
+                a(array(r("BatchKeyError")).description(Some(
+                    "Keys that could not be set back and stay changed or blocked",
+                ))),
+            ),
+            (
+                "not_started",
+                a(array(s(kid())).description(Some("Keys the batch never wrote"))),
+            ),
         ],
         &["error", "message"],
+    )
+}
+
+/// One key's refusal or failure in a batch.
+fn batch_key_error() -> Schema {
+    closed(
+        vec![
+            ("kid", s(kid())),
+            (
+                "status",
+                s(integer().description(Some("What a PATCH of this key alone would answer"))),
+            ),
+            ("error", s(string())),
+            ("message", s(string())),
+            ("field", s(string())),
+        ],
+        &["kid", "error", "message"],
+    )
+}
+
+/// `POST /v1/keys/batch`: a selection and one patch (PATCH's fields but `label`).
+fn key_batch() -> Schema {
+    let select = Schema::OneOf(
+        OneOfBuilder::new()
+            .item(closed(
+                vec![(
+                    "kids",
+                    a(array(s(kid()))
+                        .min_items(Some(1))
+                        .max_items(Some(MAX_BATCH))),
+                )],
+                &["kids"],
+            ))
+            .item(closed(
+                vec![("label_prefix", s(string().min_length(Some(1))))],
+                &["label_prefix"],
+            ))
+            .item(closed(vec![("role", s(role()))], &["role"]))
+            .description(Some(format!(
+                "Exactly one selector; at most {MAX_BATCH} keys"
+            )))
+            .build(),
+    );
+    let mut patch = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .min_properties(Some(1))
+        .description(Some("PATCH's fields but label"));
+    for (name, schema) in patch_properties() {
+        if name != "label" {
+            patch = patch.property(name, schema);
+        }
+    }
+    let if_match = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(AdditionalProperties::RefOr(s(string()))))
+        .description(Some("kid -> etag, for keys of the selection"));
+    closed(
+        vec![
+            ("select", RefOr::T(select)),
+            ("patch", RefOr::T(Schema::Object(patch.build()))),
+            ("if_match", s(if_match)),
+        ],
+        &["select", "patch"],
+    )
+}
+
+/// A batch's answer: each key, what changed (and, for a dry run, before/after).
+fn batch_done() -> Schema {
+    let any = || s(ObjectBuilder::new().schema_type(SchemaType::AnyValue));
+    let key = closed(
+        vec![
+            ("kid", s(kid())),
+            ("changed", a(array(s(string())))),
+            ("key", r("Key")),
+            ("changes", any()),
+        ],
+        &["kid", "changed", "key"],
+    );
+    closed(
+        vec![
+            ("batch_id", s(string())),
+            ("keys", a(array(RefOr::T(key)))),
+            ("dry_run", s(boolean().enum_values(Some([true])))),
+            ("audit_id", audit_id()),
+        ],
+        &["batch_id", "keys"],
     )
 }
 
@@ -531,9 +644,9 @@ fn status() -> Schema {
                         ),
                         (
                             "chained_entries",
-                            s(integer().minimum(Some(0)).description(Some(
-                                "Entries hash-chained since start",
-                            ))),
+                            s(integer()
+                                .minimum(Some(0))
+                                .description(Some("Entries hash-chained since start"))),
                         ),
                         (
                             "chain_us",
@@ -674,6 +787,9 @@ pub fn components() -> Components {
         .schema("KeyPatch", key_patch())
         .schema("Updated", updated())
         .schema("DryRun", dry_run())
+        .schema("KeyBatch", key_batch())
+        .schema("BatchDone", batch_done())
+        .schema("BatchKeyError", batch_key_error())
         .schema_from::<MintRequest>()
         .schema(
             "Token",

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 refused by the daemon (4xx), 2 usage, \
 3 daemon or token unavailable (5xx or no connection), 4 precondition failed (412). \
@@ -86,6 +86,29 @@ pub(crate) enum Cmd {
         #[arg(long)]
         if_match: Option<String>,
         /// Check everything and show the key as it would be; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Change many keys at once (all are checked before any is written; one refused key
+    /// and none is changed): the keys named, those whose label starts with a prefix, or
+    /// those carrying a role. Labels are changed one key at a time, with `update`.
+    #[command(group(ArgGroup::new("select").required(true).args(["kids", "label_prefix", "role"])))]
+    Batch {
+        /// These keys (hex ids, comma-separated; at most 1,000).
+        #[arg(long, value_delimiter = ',')]
+        kids: Option<Vec<String>>,
+        /// Every key whose label starts with this.
+        #[arg(long)]
+        label_prefix: Option<String>,
+        /// Every key carrying this role.
+        #[arg(long)]
+        role: Option<String>,
+        #[command(flatten)]
+        patch: PatchFlags,
+        /// KID=ETAG: change KID only if it still has this ETag (from `get`); repeatable.
+        #[arg(long, value_name = "KID=ETAG")]
+        if_match: Vec<String>,
+        /// Check every key and show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -208,4 +231,21 @@ pub(crate) enum AuditCmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+}
+
+/// The fields a batch changes: those of `update` but the label.
+#[derive(Args)]
+pub(crate) struct PatchFlags {
+    /// New description.
+    #[arg(long, conflicts_with = "clear_description")]
+    pub(crate) description: Option<String>,
+    /// Remove the description.
+    #[arg(long)]
+    pub(crate) clear_description: bool,
+    /// New roles, comma-separated (who may update the keys).
+    #[arg(long, value_delimiter = ',', conflicts_with = "clear_roles")]
+    pub(crate) roles: Option<Vec<String>>,
+    /// Remove the roles (any principal with the scope may update).
+    #[arg(long)]
+    pub(crate) clear_roles: bool,
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod batch;
 mod cli;
 mod client;
 mod show;
@@ -321,6 +322,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .ok()?;
             print_change(&cli, &a, *dry_run);
+        }
+        Cmd::Batch {
+            kids,
+            label_prefix,
+            role,
+            patch,
+            if_match,
+            dry_run,
+        } => {
+            batch::run(
+                &cli,
+                &t,
+                batch::BatchArgs {
+                    kids,
+                    label_prefix,
+                    role,
+                    patch,
+                    if_match,
+                    dry_run: *dry_run,
+                },
+            )
+            .await?
         }
         Cmd::Token { scopes, ttl, quiet } => {
             let mut body = json!({ "scopes": scopes });

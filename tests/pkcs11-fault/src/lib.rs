@@ -41,6 +41,7 @@ const ENV_DIR: &str = "HSMKEYD_FAULT_DIR";
 
 /// Control file: decimal N; C_SetAttributeValue fails once after N successes.
 const FILE_SETATTR_FAIL_AFTER: &str = "setattr_fail_after";
+const FILE_SETATTR_FAIL_FROM: &str = "setattr_fail_from";
 /// Control file: decimal N; C_CreateObject fails once after N successes.
 const FILE_CREATE_FAIL_AFTER: &str = "create_fail_after";
 /// Control file: while it exists, selected calls block before forwarding.
@@ -261,6 +262,32 @@ impl Wrapper {
         self.fail_after(FILE_SETATTR_FAIL_AFTER, &SETATTR_LOCK)
     }
 
+    /// Applies `setattr_fail_from`: like `setattr_fail_after`, but once N reaches 0 the
+    /// file stays and every later call fails too, until the test removes it.
+    fn setattr_fails_from(&self) -> bool {
+        let Some(dir) = &self.dir else { return false };
+        let _guard = lock(&SETATTR_LOCK);
+        let Some(text) = read_control(dir, FILE_SETATTR_FAIL_FROM) else {
+            return false;
+        };
+        match text.trim().parse::<u64>() {
+            Ok(0) => true,
+            Ok(n) => {
+                if let Err(e) = write_atomically(dir, FILE_SETATTR_FAIL_FROM, &(n - 1).to_string())
+                {
+                    warn(&format!("cannot rewrite {FILE_SETATTR_FAIL_FROM}: {e}"));
+                }
+                false
+            }
+            Err(_) => {
+                warn(&format!(
+                    "{FILE_SETATTR_FAIL_FROM} does not hold a decimal integer; ignoring it"
+                ));
+                false
+            }
+        }
+    }
+
     /// Applies `create_fail_after`; returns true if this call must fail.
     fn create_must_fail(&self) -> bool {
         self.fail_after(FILE_CREATE_FAIL_AFTER, &CREATE_LOCK)
@@ -429,7 +456,7 @@ unsafe extern "C" fn wrap_get_attribute_value(
 }
 
 /// Wrapper for `C_SetAttributeValue`: counted; blocks while `hang` exists;
-/// honours `session_invalid_once`, then `setattr_fail_after`.
+/// honours `session_invalid_once`, then `setattr_fail_after` and `setattr_fail_from`.
 unsafe extern "C" fn wrap_set_attribute_value(
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
@@ -447,7 +474,7 @@ unsafe extern "C" fn wrap_set_attribute_value(
         if unsafe { w.label_too_long(template, count) } {
             return CKR_ATTRIBUTE_VALUE_INVALID;
         }
-        if w.setattr_must_fail() {
+        if w.setattr_must_fail() || w.setattr_fails_from() {
             return CKR_DEVICE_ERROR;
         }
         forward!(w.C_SetAttributeValue(session, object, template, count))
