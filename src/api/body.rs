@@ -259,8 +259,6 @@ pub fn key_patch(body: Map<String, Value>) -> Result<KeyPatch, ApiError> {
     Ok(patch)
 }
 
-/// The fields a key update accepts.
-
 /// `true` or `false`.
 fn flag(name: &'static str, value: Value) -> Result<bool, ApiError> {
     value.as_bool().ok_or_else(|| {
