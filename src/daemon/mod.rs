@@ -7,6 +7,7 @@
 //! May call: every module.
 
 mod checkpoint;
+mod login;
 mod reload;
 
 use std::sync::{Arc, RwLock};
@@ -164,6 +165,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
     tracing::info!(keys = keys.len(), "key index built");
     let signer = signer(&hsm, &keys)?;
     let tokens = token_service(&config, signer.clone())?;
+    let encedo_login = login::service(&config, &hsm)?;
     let listeners = Listeners {
         owns_unix_path,
         unix: listener,
@@ -180,6 +182,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         audit.clone(),
         (signer, tokens),
         anchor,
+        encedo_login,
     ));
     // A wedged HSM call must not hold the process: blocking threads still inside the
     // module after this grace are abandoned.
@@ -267,6 +270,7 @@ async fn serve(
     audit: Arc<Auditor>,
     (signer, tokens): (Arc<dyn Signer>, Arc<TokenService>),
     anchor: Arc<checkpoint::Anchor>,
+    encedo_login: Option<Arc<api::encedo::LoginService>>,
 ) -> Result<(), Fatal> {
     let owns_unix_path = listeners.owns_unix_path;
     let key_count = keys.len();
@@ -302,6 +306,7 @@ async fn serve(
         },
         started: std::time::Instant::now(),
         last_reload: last_reload.clone(),
+        encedo_login,
     };
     let app = api::router(state);
     let mut term = signal(SignalKind::terminate())

@@ -9,6 +9,7 @@
 //! May call: `config`, `secret`.
 
 pub mod audit_mark;
+mod device;
 pub mod ec;
 mod error;
 mod generate;
@@ -24,6 +25,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::Slot;
 
 pub use audit_mark::AuditMark;
+pub use device::DEVICE_KEY_LABEL;
 pub use ec::Curve;
 pub use error::{Ckr, Code, HsmError, HsmErrorKind};
 pub use generate::{KeySpec, NewKey, Usage};
