@@ -299,15 +299,19 @@ fn bad_logins_are_refused_with_the_appliance_status_and_recorded() {
     let t = common::encedo::token();
     let (d, c) = start(&t, &j);
 
-    // (mode, scope, status, code, whether the entry can name the user)
+    // (mode, scope, status, code, whether the entry can name the user). Twice a wrong
+    // passphrase: refused logins are recorded one by one, never summed up per peer as
+    // other unidentified callers' refusals are.
+    let wrong = (
+        "wrong-passphrase",
+        "keymgmt:list",
+        401,
+        "unknown_user",
+        false,
+    );
     let cases = [
-        (
-            "wrong-passphrase",
-            "keymgmt:list",
-            401,
-            "unknown_user",
-            false,
-        ),
+        wrong,
+        wrong,
         ("tampered", "keymgmt:list", 401, "bad_signature", true),
         ("expired", "keymgmt:list", 401, "challenge_expired", true),
         ("ok", "auth:token", 403, "missing_scope", true),
@@ -332,6 +336,19 @@ fn bad_logins_are_refused_with_the_appliance_status_and_recorded() {
     assert_eq!(v["answers"][1]["status"], 401, "{v}");
     assert_eq!(v["answers"][1]["body"]["error"], "unknown_challenge", "{v}");
     let replayed = v["answers"][1]["request_id"].as_str().unwrap().to_string();
+    // The challenge as the appliance shapes it: 32-byte spk and jti, a deadline seconds away.
+    let ch = &v["challenge"];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for field in ["spk", "jti", "eid"] {
+        let bytes = STANDARD.decode(ch[field].as_str().unwrap()).unwrap();
+        assert_eq!(bytes.len(), 32, "{field}: {ch}");
+    }
+    let exp = ch["exp"].as_u64().unwrap();
+    assert!(exp + 10 >= now && exp <= now + CHALLENGE_TTL_S, "{ch}");
+    assert_eq!(ch["lbl"], common::TOKEN_LABEL, "{ch}");
     refused.push(("replay", replayed, 401, "unknown_challenge", true));
 
     // A token for one scope, used on another endpoint.
@@ -448,6 +465,33 @@ fn login_answers_wait_half_a_second_then_longer_after_three_failures_without_blo
     assert!(
         took >= Duration::from_millis(1500),
         "after three failures: {took:?}"
+    );
+    assert_eq!(d.stop(), 0);
+
+    // The device key comes from the token: the same spk (and eid) after a restart, from a
+    // secret key that pkcs11-tool shows as never extractable.
+    let d = Daemon::start(&t, &setup);
+    let again = d.https().send("GET", "/api/auth/token", &[], b"").ok();
+    assert_eq!(
+        (&again["spk"], &again["eid"]),
+        (&challenge["spk"], &challenge["eid"])
+    );
+    assert_ne!(again["jti"], challenge["jti"]);
+    let text = t.objects_text();
+    // pkcs11-tool prints an object as a header line and indented attribute lines.
+    let block: String = format!("\n{text}")
+        .split("\nSecret Key Object")
+        .map(|b| {
+            b.lines()
+                .take_while(|l| l.starts_with(' ') || l.starts_with(';'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .find(|b| b.contains("label:      hsmkeyd-encedo-device"))
+        .unwrap_or_else(|| panic!("no device key in {text}"));
+    assert!(
+        block.contains("never extractable") && block.contains("sensitive"),
+        "{block}"
     );
     assert_eq!(d.stop(), 0);
 }
