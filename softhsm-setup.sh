@@ -233,7 +233,7 @@ info '  TOKEN=$(curl -s --unix-socket .dev/hsmkeyd.sock -H "Content-Type: applic
 info '  curl --cacert .dev/tls/ca.pem -H "Authorization: Bearer $TOKEN" https://localhost:8443/v1/keys'
 info ""
 info "Or log in as the Encedo appliance's clients do (user dev, .dev/encedo-passphrase):"
-info "  see README.md, \"The Encedo login\""
+info "  see README.md, \"Logging in as the appliance's clients do\""
 info ""
 info "Look at the token independently of the daemon:"
 # shellcheck disable=SC2016 # printed for the user to run, not expanded here

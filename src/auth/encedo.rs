@@ -159,8 +159,9 @@ struct Claims {
     jti: String,
     aud: String,
     exp: u64,
-    #[allow(dead_code)]
-    iat: u64,
+    /// Required, as the appliance requires it; its value decides nothing here.
+    #[serde(rename = "iat")]
+    _iat: u64,
     iss: String,
     scope: String,
 }
