@@ -405,6 +405,8 @@ fn bad_logins_are_refused_with_the_appliance_status_and_recorded() {
     assert_eq!(d.stop(), 0);
 }
 
+/// Also: a configured eid and label are what the challenge says, and the device key (spk)
+/// survives a restart.
 #[test]
 fn login_answers_wait_half_a_second_then_longer_after_three_failures_without_blocking_others() {
     let t = common::encedo::token();
@@ -417,7 +419,8 @@ fn login_answers_wait_half_a_second_then_longer_after_three_failures_without_blo
     .unwrap();
     let setup = Setup {
         extra: format!(
-            "[[encedo.users]]\nname = \"dev\"\nscopes = [\"keymgmt:list\"]\n\
+            "[encedo]\neid = \"my-hem\"\nlabel = \"bench\"\n\n\
+             [[encedo.users]]\nname = \"dev\"\nscopes = [\"keymgmt:list\"]\n\
              passphrase_file = \"{}\"\n",
             passphrase.display()
         ),
@@ -451,9 +454,14 @@ fn login_answers_wait_half_a_second_then_longer_after_three_failures_without_blo
     std::thread::sleep(Duration::from_millis(200));
     let c = h.send("GET", "/api/auth/token", &[], b"");
     let challenge = c.ok();
+    assert_eq!(
+        (&challenge["eid"], &challenge["lbl"]),
+        (&json!("my-hem"), &json!("bench")),
+        "eid and label as configured"
+    );
     assert!(
         !slow.is_finished(),
-        "the status answer waited for the slow login"
+        "the challenge waited for the slow login"
     );
     assert_eq!(
         challenge["jti"]
