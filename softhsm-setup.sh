@@ -57,6 +57,7 @@ CONF="$DEV/softhsm2.conf"
 TOKENS="$DEV/tokens"
 PIN="$DEV/pin"
 SO_PIN="$DEV/so-pin"
+ENCEDO_PASS="$DEV/encedo-passphrase"
 CONFIG="$DEV/hsmkeyd.toml"
 SOCK="$DEV/hsmkeyd.sock"
 
@@ -125,6 +126,18 @@ else
   unset so_pin user_pin
 fi
 
+# --- 4b. the Encedo login's dev passphrase (user "dev"), kept across runs --------
+if [ ! -s "$ENCEDO_PASS" ]; then
+  passphrase="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  [ "${#passphrase}" -eq 32 ] || die "could not read a random passphrase from /dev/urandom"
+  (
+    umask 077
+    printf '%s\n' "$passphrase" >"$ENCEDO_PASS"
+  )
+  unset passphrase
+fi
+chmod 0600 "$ENCEDO_PASS"
+
 # --- 5. demo keys ----------------------------------------------------------
 cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin hsmkeyd-devtoken --bin hsmkeyd-devcert
 tool="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hsmkeyd-devtoken"
@@ -170,6 +183,14 @@ name = "$user_name"
 uids = [$user_uid]
 scopes = ["keymgmt:list", "keymgmt:get", "keymgmt:upd", "keymgmt:gen", "keymgmt:del", "auth:token"]
 roles = ["ops", "payments"]
+
+# The Encedo HEM login (GET/POST /api/auth/token on the HTTPS port): user "dev" logs in
+# with the passphrase in .dev/encedo-passphrase, one scope per token.
+[[encedo.users]]
+name = "dev"
+scopes = ["keymgmt:list", "keymgmt:search", "keymgmt:get", "keymgmt:upd", "keymgmt:gen", "keymgmt:del"]
+roles = ["ops", "payments"]
+passphrase_file = "$ENCEDO_PASS"
 EOF
 chmod 0600 "$tmp_config" # mktemp creates it 0600 already; be explicit
 mv -f -- "$tmp_config" "$CONFIG"
@@ -210,6 +231,9 @@ info "Over HTTPS with a bearer token minted on the Unix socket:"
 info '  TOKEN=$(curl -s --unix-socket .dev/hsmkeyd.sock -H "Content-Type: application/json" -d '"'"'{"scopes":["keymgmt:list"],"ttl_s":600}'"'"' http://localhost/v1/auth/token | jq -r .token)'
 # shellcheck disable=SC2016
 info '  curl --cacert .dev/tls/ca.pem -H "Authorization: Bearer $TOKEN" https://localhost:8443/v1/keys'
+info ""
+info "Or log in as the Encedo appliance's clients do (user dev, .dev/encedo-passphrase):"
+info "  see README.md, \"Logging in as the appliance's clients do\""
 info ""
 info "Look at the token independently of the daemon:"
 # shellcheck disable=SC2016 # printed for the user to run, not expanded here

@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::encedo::{ejwt, login_pubkey};
 use common::fixture::{access, token_with, Principal, AES_KEY, EC_KEY, LOCKED_KEY, OTHER_KEY};
 use common::{Daemon, Setup};
 use hsmkeyd::api::routes;
@@ -16,73 +17,86 @@ use serde_json::Value;
 /// A request for one route: concrete path, a valid body and an invalid one.
 struct Example {
     path: &'static str,
-    valid: &'static str,
+    valid: String,
     invalid: &'static str,
     /// Where the invalid request goes, when not to `path`.
     invalid_path: Option<&'static str>,
 }
 
-fn example(method: &str, pattern: &str) -> Option<Example> {
+/// The key of the Encedo login's user in this test (`[[encedo.users]] pubkey`).
+const LOGIN_SEED: [u8; 32] = [0x5e; 32];
+
+fn example(c: &common::Client, method: &str, pattern: &str) -> Option<Example> {
     let e = match (method, pattern) {
         ("PATCH", "/v1/keys/{kid}") => Example {
             path: "/v1/keys/a1a1",
-            valid: r#"{"label": "walked"}"#,
+            valid: r#"{"label": "walked"}"#.into(),
             invalid: r#"{"label": ""}"#,
             invalid_path: None,
         },
         ("POST", "/v1/keys/batch") => Example {
             path: "/v1/keys/batch",
-            valid: r#"{"select": {"kids": ["a1a1"]}, "patch": {"description": "walked"}}"#,
+            valid: r#"{"select": {"kids": ["a1a1"]}, "patch": {"description": "walked"}}"#.into(),
             invalid: r#"{"select": {}, "patch": {"description": "walked"}}"#,
             invalid_path: None,
         },
         ("POST", "/v1/keys") => Example {
             path: "/v1/keys",
-            valid: r#"{"type": "aes", "label": "walked-new"}"#,
+            valid: r#"{"type": "aes", "label": "walked-new"}"#.into(),
             invalid: r#"{"type": "aes"}"#,
             invalid_path: None,
         },
         ("DELETE", "/v1/keys/{kid}") => Example {
             path: "/v1/keys/b2b2",
-            valid: "",
+            valid: "".into(),
             invalid: "",
             invalid_path: Some("/v1/keys/b2b2b"),
         },
         ("PATCH", "/v1/keys/by-label/{label}") => Example {
             path: "/v1/keys/by-label/ec-key",
-            valid: r#"{"label": "walked-by-label"}"#,
+            valid: r#"{"label": "walked-by-label"}"#.into(),
             invalid: r#"{"label": "x"}"#,
             invalid_path: Some("/v1/keys/by-label/nobody-has-this"),
         },
         ("DELETE", "/v1/keys/by-label/{label}") => Example {
             path: "/v1/keys/by-label/locked-key",
-            valid: "",
+            valid: "".into(),
             invalid: "",
             invalid_path: Some("/v1/keys/by-label/nobody-has-this"),
         },
         ("POST", "/v1/auth/token") => Example {
             path: "/v1/auth/token",
-            valid: r#"{"scopes": ["keymgmt:list"], "ttl_s": 60}"#,
+            valid: r#"{"scopes": ["keymgmt:list"], "ttl_s": 60}"#.into(),
             invalid: r#"{"scopes": []}"#,
             invalid_path: None,
         },
         ("POST", "/api/keymgmt/update") => Example {
             path: "/api/keymgmt/update",
-            valid: r#"{"kid": "a1a1", "label": "walked-encedo"}"#,
+            valid: r#"{"kid": "a1a1", "label": "walked-encedo"}"#.into(),
             invalid: r#"{"kid": "a1a1"}"#,
             invalid_path: None,
         },
         ("POST", "/api/keymgmt/create") => Example {
             path: "/api/keymgmt/create",
-            valid: r#"{"label": "walked-encedo-new", "type": "AES256"}"#,
+            valid: r#"{"label": "walked-encedo-new", "type": "AES256"}"#.into(),
             invalid: r#"{"type": "AES256"}"#,
             invalid_path: None,
         },
         ("DELETE", "/api/keymgmt/delete/{kid}") => Example {
             path: "/api/keymgmt/delete/ec01",
-            valid: "",
+            valid: "".into(),
             invalid: "",
             invalid_path: Some("/api/keymgmt/delete/ec01x"),
+        },
+        ("POST", "/api/auth/token") => Example {
+            path: "/api/auth/token",
+            valid: {
+                let challenge = c.get("/api/auth/token").ok();
+                serde_json::json!({"auth": ejwt(&challenge, LOGIN_SEED, "keymgmt:list")})
+                    .to_string()
+            },
+            invalid: r#"{"auth": "not.an.ejwt"}"#,
+            invalid_path: None,
         },
         _ => return None,
     };
@@ -124,7 +138,17 @@ fn every_changing_route_leaves_exactly_one_result_entry_per_answer() {
         "keymgmt:del",
         "auth:token",
     ]);
-    let d = Daemon::start(&t, &Setup::with_access(access(&[], &[me])));
+    let login = format!(
+        "[[encedo.users]]\nname = \"walker\"\nscopes = [\"keymgmt:list\"]\npubkey = \"{}\"\n",
+        login_pubkey(LOGIN_SEED)
+    );
+    let d = Daemon::start(
+        &t,
+        &Setup {
+            extra: login,
+            ..Setup::with_access(access(&[], &[me]))
+        },
+    );
     let c = d.client();
     let posted_read = |r: &hsmkeyd::api::RouteInfo| {
         POSTED_READS
@@ -159,7 +183,7 @@ fn every_changing_route_leaves_exactly_one_result_entry_per_answer() {
             .event
             .unwrap_or_else(|| panic!("{} {} has no audit event", route.method, route.path))
             .name();
-        let ex = example(route.method, route.path).unwrap_or_else(|| {
+        let ex = example(&c, route.method, route.path).unwrap_or_else(|| {
             panic!(
                 "{} {} has no example in tests/routes_audited.rs: add one",
                 route.method, route.path
@@ -167,7 +191,7 @@ fn every_changing_route_leaves_exactly_one_result_entry_per_answer() {
         });
         let invalid_path = ex.invalid_path.unwrap_or(ex.path);
         for (path, body, result) in [
-            (ex.path, ex.valid, "OK"),
+            (ex.path, ex.valid.as_str(), "OK"),
             (invalid_path, ex.invalid, "ERROR"),
         ] {
             let what = format!("{} {path} {body}", route.method);

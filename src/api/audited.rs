@@ -154,6 +154,15 @@ fn result_entry(event: Event, r: Record<'_>) -> Entry {
             code.unwrap_or("error"),
             o.name()
         ),
+        (Event::AuthSuccessInternal, Outcome::Ok) => format!(
+            "login of {who}: token {} issued: OK",
+            token_id.unwrap_or("?")
+        ),
+        (Event::AuthSuccessInternal, o) => format!(
+            "login from {who} refused ({status} {}): {reason}: {}",
+            code.unwrap_or("error"),
+            o.name()
+        ),
         (Event::KeyCreated, Outcome::Ok) => format!("key {key}: created by {who}: OK"),
         (Event::KeyDeleted, Outcome::Ok) => format!("key {key}: deleted by {who}: OK"),
         (Event::KeysBatchChanged, o) => format!(
@@ -446,9 +455,11 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     let rid = &facts.rid;
     if let Some(event) = event {
         let reason = error.as_ref().map_or("", ApiError::message);
-        // An unidentified caller's refusals are summed up per peer (see audit::aggregate).
+        // An unidentified caller's refusals are summed up per peer (see audit::aggregate),
+        // except a refused login: each is recorded (the login's throttle bounds them).
+        let login = route.is_some_and(|r| r.0 == Event::AuthSuccessInternal);
         let counted = match (&state.audit.refusals, event, &who, &facts.peer) {
-            (Some(r), Event::AuthFailed, None, Some(peer)) => {
+            (Some(r), Event::AuthFailed, None, Some(peer)) if !login => {
                 r.refused(peer, reason) == Verdict::Counted
             }
             _ => false,

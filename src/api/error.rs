@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::audit::Outcome;
 use crate::auth::authenticate::AuthError;
+use crate::auth::encedo::LoginError;
 use crate::keys::KeyError;
 
 /// An error response. Made only by the constructors below, so the status and the code
@@ -406,7 +407,38 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<LoginError> for ApiError {
+    /// An Encedo login's refusal: 400 for an answer not of the appliance's form, 401 for
+    /// one that does not authenticate, 403 for a scope the user does not hold.
+    fn from(e: LoginError) -> ApiError {
+        let message = e.to_string();
+        let (status, code) = match e {
+            LoginError::Malformed(_) => (StatusCode::BAD_REQUEST, "invalid_auth"),
+            LoginError::WrongAudience => (StatusCode::UNAUTHORIZED, "wrong_audience"),
+            LoginError::UnknownUser => (StatusCode::UNAUTHORIZED, "unknown_user"),
+            LoginError::BadSignature => (StatusCode::UNAUTHORIZED, "bad_signature"),
+            LoginError::UnknownChallenge => (StatusCode::UNAUTHORIZED, "unknown_challenge"),
+            LoginError::ChallengeExpired => (StatusCode::UNAUTHORIZED, "challenge_expired"),
+            LoginError::Expired => (StatusCode::UNAUTHORIZED, "auth_expired"),
+            LoginError::ScopeNotHeld { .. } => (StatusCode::FORBIDDEN, "missing_scope"),
+            LoginError::TooManyChallenges => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_challenges")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
 impl ApiError {
+    /// 404: the Encedo login is not configured (no `[[encedo.users]]`).
+    pub fn login_disabled() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "login_disabled",
+            "the Encedo login is not configured on this host (no [[encedo.users]])",
+        )
+    }
+
     /// The JSON body, with the request's `audit_id` when the request was audited.
     pub fn body(&self, audit_id: Option<&str>) -> Vec<u8> {
         let body = Body {

@@ -24,8 +24,8 @@
 //!   `DELETE /api/keymgmt/delete/{kid}`, `POST /api/keymgmt/search` (a read),
 //!   `GET /api/keymgmt/list/{offset}[/{limit}]`,
 //!   `GET /api/keymgmt/get/{kid}`, `GET /api/system/version`, `GET /api/system/status`
-//!   (the last two without authentication): the Encedo HEM-compatible endpoints
-//!   ([`encedo`]).
+//!   (the last two without authentication), `GET|POST /api/auth/token` (the login, without
+//!   authentication): the Encedo HEM-compatible endpoints ([`encedo`]).
 //!
 //! May call: `auth`, `keys`. Called by: `front`.
 
@@ -82,6 +82,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// The last reload: when (RFC 3339) and whether it was applied.
     pub last_reload: Arc<std::sync::Mutex<Option<LastReload>>>,
+    /// The Encedo login, when `[[encedo.users]]` are configured.
+    pub encedo_login: Option<Arc<encedo::LoginService>>,
 }
 
 /// A reload, as `GET /v1/status` reports it.
@@ -142,9 +144,18 @@ impl AppState {
     }
 }
 
-/// The GET routes served without authentication: the JWK set, and the Encedo version and
-/// status that the appliance's clients read before they log in.
-pub const PUBLIC_PATHS: [&str; 3] = [tokens::JWKS_PATH, encedo::VERSION_PATH, encedo::STATUS_PATH];
+/// The GET routes served without authentication: the JWK set, the Encedo version and
+/// status that the appliance's clients read before they log in, and its login challenge.
+pub const PUBLIC_PATHS: [&str; 4] = [
+    tokens::JWKS_PATH,
+    encedo::VERSION_PATH,
+    encedo::STATUS_PATH,
+    encedo::LOGIN_PATH,
+];
+
+/// The POST routes served without authentication: the answer to an Encedo login challenge,
+/// which authenticates itself.
+pub const PUBLIC_POSTS: [&str; 1] = [encedo::LOGIN_PATH];
 
 /// Resolves the caller before any handler runs, with the authenticator of the request's
 /// transport: peer credentials on the Unix socket, bearer token on TLS. Unknown callers
@@ -159,7 +170,12 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         )
         .into_response();
     }
-    if req.method() == Method::GET && PUBLIC_PATHS.contains(&req.uri().path()) {
+    let public = match *req.method() {
+        Method::GET => PUBLIC_PATHS.contains(&req.uri().path()),
+        Method::POST => PUBLIC_POSTS.contains(&req.uri().path()),
+        _ => false,
+    };
+    if public {
         return next.run(req).await;
     }
     let live = state.live();

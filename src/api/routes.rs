@@ -172,6 +172,14 @@ fn table() -> Vec<Route> {
         read("/api/keymgmt/list/{offset}/{limit}", encedo::list),
         read("/api/keymgmt/list/{offset}", encedo::list_default),
         read("/api/keymgmt/get/{kid}", encedo::get),
+        read(encedo::LOGIN_PATH, encedo::challenge),
+        change(
+            MethodFilter::POST,
+            "POST",
+            encedo::LOGIN_PATH,
+            Event::AuthSuccessInternal,
+            encedo::login,
+        ),
         read(encedo::VERSION_PATH, encedo::version),
         read(encedo::STATUS_PATH, encedo::status),
     ]

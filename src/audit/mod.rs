@@ -49,6 +49,9 @@ pub enum Event {
     KeyDeleteIntent,
     /// A request to mint a bearer token was answered (OK, ERROR or FAILED).
     TokenIssued,
+    /// An Encedo login (`POST /api/auth/token`) issued a token (OK) or was malformed
+    /// (ERROR); its refusals are [`Event::AuthFailed`] and [`Event::FailedScopeCheck`].
+    AuthSuccessInternal,
     /// A known caller lacked the scope or role an operation needs (403).
     FailedScopeCheck,
     /// A caller could not be identified (401).
@@ -70,7 +73,7 @@ pub enum Event {
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 15] = [
+    pub const ALL: [Event; 16] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
         Event::KeyCreated,
@@ -78,6 +81,7 @@ impl Event {
         Event::KeyDeleted,
         Event::KeyDeleteIntent,
         Event::TokenIssued,
+        Event::AuthSuccessInternal,
         Event::FailedScopeCheck,
         Event::AuthFailed,
         Event::HsmLogin,
@@ -98,6 +102,7 @@ impl Event {
             Event::KeyDeleted => "KEY_DELETED",
             Event::KeyDeleteIntent => "KEY_DELETE_INTENT",
             Event::TokenIssued => "TOKEN_ISSUED",
+            Event::AuthSuccessInternal => "AUTH_SUCCESS_INTERNAL",
             Event::FailedScopeCheck => "FAILED_SCOPE_CHECK",
             Event::AuthFailed => "AUTH_FAILED",
             Event::HsmLogin => "HSM_LOGIN",
@@ -129,6 +134,7 @@ impl Event {
             Event::KeyDeleted => "dbd2faf0830247cc8455704c833c7a1b",
             Event::KeyDeleteIntent => "8f3256d2508340329b5a8a5f5ac891f3",
             Event::TokenIssued => "3ddb88d0796940469831b8d9018ec3ed",
+            Event::AuthSuccessInternal => "148f92c523db4563be63338ab71d89f9",
             Event::FailedScopeCheck => "a0c40bcc976346d3926164df90487c42",
             Event::AuthFailed => "97b9ffb830b142acbfcfcb9a55c3b00f",
             Event::HsmLogin => "da56916af73041a8b023081743995c61",

@@ -6,6 +6,7 @@
 //! May call: `config`, `values`. Called by: `api`, `front`, `daemon`.
 
 pub mod authenticate;
+pub mod encedo;
 pub mod jwt;
 
 use std::collections::HashMap;

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod encedo;
 mod server;
 mod tls;
 
+pub use encedo::{EncedoConfig, EncedoUserConfig, UserKey};
 pub use server::ServerConfig;
 
 use server::RawServer;
@@ -182,6 +184,8 @@ pub struct Config {
     pub tokens: TokensConfig,
     /// `[[issuers]]`: external issuers whose tokens are accepted.
     pub issuers: Vec<IssuerConfig>,
+    /// `[encedo]`: the Encedo HEM login and its users.
+    pub encedo: EncedoConfig,
 }
 
 /// Where audit entries go.
@@ -225,6 +229,8 @@ struct RawConfig {
     tokens: RawTokens,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
+    #[serde(default)]
+    encedo: encedo::RawEncedo,
 }
 
 #[derive(Deserialize, Default)]
@@ -497,6 +503,8 @@ impl Config {
             });
         }
 
+        let encedo = encedo::encedo_config(raw.encedo, &roles, &err)?;
+
         Ok(Config {
             source: path.to_path_buf(),
             pkcs11: Pkcs11Config {
@@ -530,6 +538,7 @@ impl Config {
                 .enumerate()
                 .map(|(i, r)| issuer_config(i, r, &err))
                 .collect::<Result<_, _>>()?,
+            encedo,
         })
     }
 }

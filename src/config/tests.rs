@@ -253,3 +253,47 @@ fn limits_default_sensibly_and_bad_values_name_their_key() {
         (5, 10)
     );
 }
+
+#[test]
+fn encedo_users_have_one_key_source_and_bad_values_name_their_key() {
+    let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let user = |rest: &str| {
+        format!(
+            "{GOOD}[encedo]\nchallenge_ttl_s = 5\n[[encedo.users]]\nname = \"dev\"\n\
+             scopes = [\"keymgmt:list\"]\nroles = [\"ops\"]\n{rest}\n"
+        )
+    };
+    let c = parse(&user(&format!("pubkey = \"{key}\""))).unwrap();
+    assert_eq!(c.encedo.users[0].key, UserKey::Public([0; 32]));
+    assert_eq!(c.encedo.challenge_ttl, Duration::from_secs(5));
+    assert_eq!(parse(GOOD).unwrap().encedo.users.len(), 0, "off by default");
+    let c = parse(&user("passphrase_file = \"/etc/hsmkeyd/encedo\"")).unwrap();
+    assert_eq!(
+        c.encedo.users[0].key,
+        UserKey::PassphraseFile("/etc/hsmkeyd/encedo".into())
+    );
+    for (rest, at) in [
+        (String::new(), "encedo.users[0].pubkey"),
+        (
+            format!("pubkey = \"{key}\"\npassphrase_file = \"/etc/p\""),
+            "encedo.users[0].pubkey",
+        ),
+        ("pubkey = \"c2hvcnQ=\"".into(), "encedo.users[0].pubkey"),
+        (
+            "passphrase_file = \"relative\"".into(),
+            "encedo.users[0].passphrase_file",
+        ),
+    ] {
+        let e = parse(&user(&rest)).unwrap_err();
+        assert_eq!(e.key, at, "{rest}: {e}");
+    }
+    let bad_role = user(&format!("pubkey = \"{key}\""))
+        .replace("roles = [\"ops\"]\npubkey", "roles = [\"nope\"]\npubkey");
+    assert_eq!(
+        parse(&bad_role).unwrap_err().key,
+        "encedo.users[0].roles[0]"
+    );
+    let bad_ttl =
+        user(&format!("pubkey = \"{key}\"")).replace("challenge_ttl_s = 5", "challenge_ttl_s = 0");
+    assert_eq!(parse(&bad_ttl).unwrap_err().key, "encedo.challenge_ttl_s");
+}

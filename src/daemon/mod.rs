@@ -7,6 +7,7 @@
 //! May call: every module.
 
 mod checkpoint;
+mod login;
 mod reload;
 
 use std::sync::{Arc, RwLock};
@@ -170,6 +171,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         .map_err(|e| Fatal(format!("cannot record the login in the audit trail: {e}")))?;
     let signer = signer(&hsm, &keys)?;
     let tokens = token_service(&config, signer.clone())?;
+    let encedo_login = login::service(&config, &hsm)?;
     let listeners = Listeners {
         owns_unix_path,
         unix: listener,
@@ -186,6 +188,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         audit.clone(),
         (signer, tokens),
         anchor,
+        encedo_login,
     ));
     // A wedged HSM call must not hold the process: blocking threads still inside the
     // module after this grace are abandoned.
@@ -273,6 +276,7 @@ async fn serve(
     audit: Arc<Auditor>,
     (signer, tokens): (Arc<dyn Signer>, Arc<TokenService>),
     anchor: Arc<checkpoint::Anchor>,
+    encedo_login: Option<Arc<api::encedo::LoginService>>,
 ) -> Result<(), Fatal> {
     let owns_unix_path = listeners.owns_unix_path;
     let key_count = keys.len();
@@ -308,6 +312,7 @@ async fn serve(
         },
         started: std::time::Instant::now(),
         last_reload: last_reload.clone(),
+        encedo_login,
     };
     let app = api::router(state);
     let mut term = signal(SignalKind::terminate())

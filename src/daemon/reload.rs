@@ -143,6 +143,9 @@ fn needs_restart(old: &Config, new: &Config) -> Result<(), String> {
     if old.audit != new.audit {
         changed.push("audit.sink");
     }
+    if old.encedo != new.encedo {
+        changed.push("[encedo]");
+    }
     if old.max_cleanup_backlog != new.max_cleanup_backlog {
         changed.push("keys.max_cleanup_backlog");
     }

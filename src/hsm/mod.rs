@@ -10,6 +10,7 @@
 
 pub mod attributes;
 pub mod audit_mark;
+mod device;
 pub mod ec;
 mod error;
 mod generate;
@@ -26,6 +27,7 @@ use cryptoki::slot::Slot;
 
 pub use attributes::{usage_allowed, KeyAttr, UsageFlag};
 pub use audit_mark::AuditMark;
+pub use device::DEVICE_KEY_LABEL;
 pub use ec::Curve;
 pub use error::{Ckr, Code, HsmError, HsmErrorKind};
 pub use generate::{KeySpec, NewKey, Usage};

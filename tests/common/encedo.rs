@@ -1,5 +1,7 @@
 //! Helpers of the Encedo-compatible endpoint tests (tests/encedo.rs, tests/encedo_keys.rs).
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
 use serde_json::Value;
 
 use super::fixture::{
@@ -68,4 +70,41 @@ pub fn entry_of(d: &Daemon, request_id: &str) -> Value {
         "one result entry for {request_id}: {found:?}"
     );
     found.into_iter().next().unwrap()
+}
+
+/// The X25519 public key of `seed` (a user's private key), std base64: the eJWT's `iss`
+/// and `[[encedo.users]] pubkey`.
+pub fn login_pubkey(seed: [u8; 32]) -> String {
+    let secret = x25519_dalek::StaticSecret::from(seed);
+    STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+}
+
+/// An eJWT answering `challenge` (the JSON of `GET /api/auth/token`) for `scope`, signed
+/// with the key of `seed`, as the appliance's description says a client builds it. The
+/// Python client (encedo_client.py) is the independent one; this serves tests that only
+/// need a login to happen.
+pub fn ejwt(challenge: &Value, seed: [u8; 32], scope: &str) -> String {
+    let secret = x25519_dalek::StaticSecret::from(seed);
+    let spk: [u8; 32] = STANDARD
+        .decode(challenge["spk"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(spk));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let payload = serde_json::json!({
+        "jti": challenge["jti"], "aud": challenge["spk"], "exp": now + 600, "iat": now,
+        "iss": login_pubkey(seed), "scope": scope,
+    });
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(br#"{"ecdh":"x25519","alg":"HS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(payload.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes());
+    let tag = ring::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
 }

@@ -21,6 +21,8 @@
 //!   404 when none matches. A read with a body: no audit entry, as for the other reads.
 //! - `GET /api/system/version` and `GET /api/system/status`, without authentication (the
 //!   appliance's clients check them before logging in): what hsmkeyd is, and that it runs.
+//! - `GET /api/auth/token` and `POST /api/auth/token`, without authentication: the
+//!   appliance's login, a challenge and its answer for a one-scope bearer token (`login.rs`).
 //!
 //! Listed and read keys have the appliance's shapes: `type` is its attribute string
 //! ([`type_string`]), `updated` is always a number (0 if hsmkeyd never wrote the key),
@@ -47,12 +49,14 @@ use crate::keys::KeyPatch;
 use crate::values::Scope;
 
 mod keys;
+mod login;
 mod search;
 
 pub use keys::new_key_spec;
 #[cfg(test)]
 pub(in crate::api) use keys::CREATE_FIELDS;
 pub(in crate::api) use keys::{create, delete};
+pub use login::{challenge, token as login, LoginService, LOGIN_PATH};
 pub use search::search;
 #[cfg(test)]
 pub(in crate::api) use search::SEARCH_FIELDS;

@@ -37,6 +37,8 @@ pub const OPERATIONS: &[Described] = &[
     ("GET", "/api/keymgmt/list/{offset}/{limit}", encedo_list),
     ("GET", "/api/keymgmt/list/{offset}", encedo_list_default),
     ("GET", "/api/keymgmt/get/{kid}", encedo_get),
+    ("GET", "/api/auth/token", encedo_challenge),
+    ("POST", "/api/auth/token", encedo_login),
     ("GET", encedo::VERSION_PATH, encedo_version),
     ("GET", encedo::STATUS_PATH, encedo_status),
 ];
@@ -494,6 +496,49 @@ fn encedo_get() -> Operation {
     .json(200, "The key", "EncedoGet")
     .errors(406, &["key_not_found"])
     .errors(503, &["token_unavailable"])
+    .build()
+}
+
+fn encedo_challenge() -> Operation {
+    Doc::new(
+        "encedoChallenge",
+        "Encedo HEM login, step 1: a challenge (single use, valid for a few seconds)",
+        Access::Public,
+    )
+    .json(200, "The challenge", "EncedoChallenge")
+    .errors(404, &["login_disabled"])
+    .errors(503, &["too_many_challenges"])
+    .build()
+}
+
+fn encedo_login() -> Operation {
+    Doc::new(
+        "encedoLogin",
+        "Encedo HEM login, step 2: an eJWT for one scope in, a bearer token out",
+        Access::Public,
+    )
+    .describe(
+        "The eJWT is HMAC-SHA256 keyed with X25519(the user's key, spk); each answer \
+         takes at least 500 ms (1,500 ms after three failures).",
+    )
+    .length_required()
+    .body("EncedoLogin", JSON_BODIES, encedo::MAX_BODY)
+    .json(200, "A bearer token for the scope asked for", "EncedoToken")
+    .change()
+    .errors(400, &["invalid_auth"])
+    .errors(
+        401,
+        &[
+            "wrong_audience",
+            "unknown_user",
+            "bad_signature",
+            "unknown_challenge",
+            "challenge_expired",
+            "auth_expired",
+        ],
+    )
+    .errors(403, &["missing_scope"])
+    .errors(404, &["login_disabled"])
     .build()
 }
 

@@ -891,6 +891,48 @@ pub fn components() -> Components {
         )
         .schema("EncedoDone", closed(vec![("audit_id", audit_id())], &[]))
         .schema(
+            "EncedoChallenge",
+            closed(
+                vec![
+                    (
+                        "eid",
+                        s(string().description(Some("The EncedoID; PBKDF2's salt"))),
+                    ),
+                    (
+                        "spk",
+                        s(base64().description(Some("The device's X25519 public key"))),
+                    ),
+                    (
+                        "jti",
+                        s(string().description(Some("The challenge's nonce"))),
+                    ),
+                    (
+                        "exp",
+                        s(integer().description(Some("Its deadline, unix seconds"))),
+                    ),
+                    ("lbl", s(string())),
+                ],
+                &["eid", "spk", "jti", "exp", "lbl"],
+            ),
+        )
+        .schema(
+            "EncedoLogin",
+            closed(
+                vec![(
+                    "auth",
+                    s(string().description(Some("The eJWT: header.payload.HMAC"))),
+                )],
+                &["auth"],
+            ),
+        )
+        .schema(
+            "EncedoToken",
+            closed(
+                vec![("token", s(string())), ("audit_id", audit_id())],
+                &["token"],
+            ),
+        )
+        .schema(
             "EncedoVersion",
             closed(
                 vec![
