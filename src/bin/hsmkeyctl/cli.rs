@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::patch::PatchFlags;
+
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 refused by the daemon (4xx), 2 usage, \
 3 daemon or token unavailable (5xx or no connection), 4 precondition failed (412). \
 audit verify: 0 verified, 10 broken chain, 11 gap in HSMKEYD_SEQ, 12 unsigned tail, \
@@ -54,6 +56,9 @@ pub(crate) enum Cmd {
         /// Continue after this cursor (next_cursor of an earlier page).
         #[arg(long, conflicts_with = "all")]
         cursor: Option<String>,
+        /// Only keys whose end date (not_after) is before this day (YYYY-MM-DD).
+        #[arg(long, value_name = "DATE", value_parser = crate::patch::date)]
+        expires_before: Option<String>,
         /// Fetch every page.
         #[arg(long)]
         all: bool,
@@ -63,25 +68,15 @@ pub(crate) enum Cmd {
         /// The key id (hex).
         kid: String,
     },
-    /// Change a key's label, description or roles.
+    /// Change a key's label, description, roles, usage flags, dates or one-way flags.
     Update {
         /// The key id (hex).
         kid: String,
         /// New label (CKA_LABEL of every object of the key).
         #[arg(long)]
         label: Option<String>,
-        /// New description.
-        #[arg(long, conflicts_with = "clear_description")]
-        description: Option<String>,
-        /// Remove the description.
-        #[arg(long)]
-        clear_description: bool,
-        /// New roles, comma-separated (who may update the key).
-        #[arg(long, value_delimiter = ',', conflicts_with = "clear_roles")]
-        roles: Option<Vec<String>>,
-        /// Remove the roles (any principal with the scope may update).
-        #[arg(long)]
-        clear_roles: bool,
+        #[command(flatten)]
+        patch: PatchFlags,
         /// Update only if the key still has this ETag (from `get`).
         #[arg(long)]
         if_match: Option<String>,
