@@ -51,6 +51,9 @@ fn announced(intent: &Value, field: &str) -> (Value, Value) {
     (c["before"].clone(), c["after"].clone())
 }
 
+/// A change, from the key as it is before.
+type Change = fn(&Value) -> Value;
+
 /// `YYYY-MM-DD` (or null) as PyKCS11 prints a CK_DATE (`-` when empty).
 fn ck_date(v: &Value) -> String {
     v.as_str().map_or("-".into(), |d| d.replace('-', ""))
@@ -71,7 +74,7 @@ fn kill_9_at_each_write_of_a_pairs_attribute_change_leaves_it_fully_before_or_af
     // (C_SetAttributeValue calls of the change that go through before the held one,
     // what the change sets.) 0: the record with its marker is held; 1: the first object;
     // 2: the second object, after the first one took the change.
-    let rounds: [(u32, fn(&Value) -> Value); 7] = [
+    let rounds: [(u32, Change); 7] = [
         (0, |_| json!({"usage": {"sign": false, "verify": false}})),
         (1, |_| json!({"usage": {"sign": false, "verify": false}})),
         (2, |_| json!({"usage": {"sign": true, "verify": true}})),

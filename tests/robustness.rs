@@ -316,7 +316,9 @@ fn assert_attributes_agree(key: &Value, objects: &[common::P11Object], round: us
             objects
                 .iter()
                 .find(|o| o.id == kid && o.class == class)
-                .unwrap_or_else(|| panic!("round {round}: {kid} has no {class} object"))
+                .unwrap_or_else(|| {
+                    panic!("round {round}: {kid} has no {class} object: {key}\n{objects:?}")
+                })
                 .usage
                 .iter()
                 .any(|u| u == f)
