@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::fixture::{keys_access, minting_access, token_with, AES, AES_KEY, EC, EC_KEY};
+use common::fixture::{keys_access, minting_access, token_with, Key, AES, AES_KEY, EC, EC_KEY};
 use common::journal::Journal;
 use common::{tls, Daemon, Setup};
 use serde_json::Value;
@@ -169,6 +169,28 @@ fn usage_errors_are_exit_2_and_a_missing_daemon_is_exit_3() {
         &["update", AES, "--roles", "ops", "--clear-roles"],
         &["--url", "http://localhost:1", "list"],
         &["--url", "https://localhost:1", "list"],
+        &["update", AES, "--usage", "sign"],
+        &["update", AES, "--usage", "sing=true"],
+        &["update", AES, "--usage", "sign=yes"],
+        &["update", AES, "--usage", "sign=true,sign=false"],
+        &["update", AES, "--not-after", "2027-13-01"],
+        &[
+            "update",
+            AES,
+            "--not-after",
+            "2027-06-30",
+            "--clear-not-after",
+        ],
+        &[
+            "update",
+            AES,
+            "--not-before",
+            "2027-06-30",
+            "--clear-not-before",
+        ],
+        &["update", AES, "--sensitive", "--no-sensitive"],
+        &["update", AES, "--extractable", "--no-extractable"],
+        &["list", "--expires-before", "next year"],
     ] {
         let o = ctl(&d, args);
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
@@ -559,4 +581,116 @@ fn batch_changes_many_keys_and_lists_each_key_it_refused() {
         let o = ctl(&d, &args);
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn update_sets_usage_dates_and_the_one_way_flags_and_list_filters_by_expiry() {
+    // An AES key that is neither sensitive nor unextractable yet.
+    const OPEN: &str = "0be0";
+    let t = token_with(&[
+        AES_KEY,
+        EC_KEY,
+        Key::aes(OPEN, "open").flags(&["--not-sensitive", "--extractable"]),
+    ]);
+    let d = Daemon::start(&t, &Setup::with_access(keys_access()));
+    let object = |id: &str, class: &str| {
+        t.objects()
+            .into_iter()
+            .find(|o| o.id == id && o.class == class)
+            .unwrap_or_else(|| panic!("no {class} object {id}"))
+    };
+    let has = |words: &[String], w: &str| words.iter().any(|x| x == w);
+    let update = |args: &[&str]| json(&ctl(&d, &[&["--json", "update"], args].concat()));
+
+    // A dry run shows the change and writes nothing.
+    let before = t.objects_text();
+    let o = ctl(
+        &d,
+        &[
+            "update",
+            EC,
+            "--usage",
+            "sign=false,derive=true",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("usage"), "{}", stdout(&o));
+    assert_eq!(t.objects_text(), before);
+
+    // --usage: each flag on the object that carries it, read back with pkcs11-tool.
+    let up = update(&[EC, "--usage", "sign=false,derive=true"]);
+    assert_eq!(up["changed"], serde_json::json!(["usage"]), "{up}");
+    let private = object(EC, "Private").usage;
+    assert!(
+        !has(&private, "sign") && has(&private, "derive"),
+        "{private:?}"
+    );
+    assert!(has(&object(EC, "Public").usage, "verify"));
+
+    // Dates (the public key's, read back with PyKCS11: see fields.rs).
+    let up = update(&[
+        EC,
+        "--not-before",
+        "2026-01-01",
+        "--not-after",
+        "2027-06-30",
+    ]);
+    assert_eq!(up["key"]["not_after"], "2027-06-30", "{up}");
+    assert_eq!(
+        common::python::public_dates(&t, EC),
+        [(2, "20260101".into(), "20270630".into())]
+    );
+
+    // get and list show usage and dates; list filters on the end date.
+    let shown = stdout(&ctl(&d, &["get", EC]));
+    assert!(
+        shown.contains("attributes.derive") && shown.contains("2027-06-30"),
+        "{shown}"
+    );
+    let table = stdout(&ctl(&d, &["list"]));
+    let row = table.lines().find(|l| l.contains(EC)).unwrap();
+    assert!(
+        row.contains("verify,derive") && row.contains("2026-01-01..2027-06-30"),
+        "{table}"
+    );
+    let expiring = json(&ctl(
+        &d,
+        &["--json", "list", "--expires-before", "2027-07-01"],
+    ));
+    assert_eq!(common::kids(&expiring["keys"]), [EC], "{expiring}");
+    let none = json(&ctl(
+        &d,
+        &["--json", "list", "--expires-before", "2027-06-30"],
+    ));
+    assert_eq!(none["keys"], serde_json::json!([]), "{none}");
+
+    let up = update(&[EC, "--clear-not-before", "--clear-not-after"]);
+    assert_eq!(up["key"]["not_before"], Value::Null, "{up}");
+    assert_eq!(
+        common::python::public_dates(&t, EC),
+        [(2, "-".into(), "-".into())]
+    );
+
+    // The one-way flags, in the direction PKCS#11 allows.
+    let up = update(&[OPEN, "--sensitive", "--no-extractable"]);
+    assert_eq!(up["key"]["attributes"]["sensitive"], true, "{up}");
+    let access = object(OPEN, "Secret").access;
+    assert!(
+        has(&access, "sensitive") && !has(&access, "extractable"),
+        "{access:?}"
+    );
+
+    // The other direction is the daemon's refusal: exit 1, its message and field, and the
+    // key as it was.
+    let before = t.objects_text();
+    let o = ctl(&d, &["update", AES, "--no-sensitive"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("(field: sensitive)") && stderr(&o).contains("irreversible_attribute"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("cannot be undone"), "{}", stderr(&o));
+    assert_eq!(t.objects_text(), before);
 }

@@ -4,8 +4,9 @@
 use hyper::Method;
 use serde_json::{json, Map, Value};
 
-use crate::cli::{Cli, PatchFlags};
+use crate::cli::Cli;
 use crate::client::Target;
+use crate::patch::{patch_from_flags, PatchFlags};
 use crate::{dry_query, show, Failure};
 
 /// What `hsmkeyctl batch` was given.
@@ -16,26 +17,6 @@ pub(crate) struct BatchArgs<'a> {
     pub(crate) patch: &'a PatchFlags,
     pub(crate) if_match: &'a [String],
     pub(crate) dry_run: bool,
-}
-
-impl PatchFlags {
-    /// The patch as the API takes it.
-    fn body(&self) -> Map<String, Value> {
-        let mut patch = Map::new();
-        if let Some(d) = &self.description {
-            let _ = patch.insert("description".into(), json!(d));
-        }
-        if self.clear_description {
-            let _ = patch.insert("description".into(), Value::Null);
-        }
-        if let Some(r) = &self.roles {
-            let _ = patch.insert("roles".into(), json!(r));
-        }
-        if self.clear_roles {
-            let _ = patch.insert("roles".into(), Value::Null);
-        }
-        patch
-    }
 }
 
 /// Runs the batch and prints its answer.
@@ -50,11 +31,11 @@ pub(crate) async fn run(cli: &Cli, t: &Target, args: BatchArgs<'_>) -> Result<()
             ))
         }
     };
-    let patch = args.patch.body();
+    let patch = patch_from_flags(args.patch)?;
     if patch.is_empty() {
         return Err(Failure::Usage(
-            "nothing to change: give --description, --clear-description, --roles or \
-             --clear-roles"
+            "nothing to change: give --description, --roles, --usage, --not-before, \
+             --not-after, --sensitive, --no-extractable or a --clear-* option"
                 .into(),
         ));
     }

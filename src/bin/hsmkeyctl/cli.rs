@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
+
+use crate::patch::PatchFlags;
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 refused by the daemon (4xx), 2 usage, \
 3 daemon or token unavailable (5xx or no connection), 4 precondition failed (412). \
@@ -54,6 +56,9 @@ pub(crate) enum Cmd {
         /// Continue after this cursor (next_cursor of an earlier page).
         #[arg(long, conflicts_with = "all")]
         cursor: Option<String>,
+        /// Only keys whose end date (not_after) is before this day (YYYY-MM-DD).
+        #[arg(long, value_name = "DATE", value_parser = crate::patch::date)]
+        expires_before: Option<String>,
         /// Fetch every page.
         #[arg(long)]
         all: bool,
@@ -63,25 +68,15 @@ pub(crate) enum Cmd {
         /// The key id (hex).
         kid: String,
     },
-    /// Change a key's label, description or roles.
+    /// Change a key's label, description, roles, usage flags, dates or one-way flags.
     Update {
         /// The key id (hex).
         kid: String,
         /// New label (CKA_LABEL of every object of the key).
         #[arg(long)]
         label: Option<String>,
-        /// New description.
-        #[arg(long, conflicts_with = "clear_description")]
-        description: Option<String>,
-        /// Remove the description.
-        #[arg(long)]
-        clear_description: bool,
-        /// New roles, comma-separated (who may update the key).
-        #[arg(long, value_delimiter = ',', conflicts_with = "clear_roles")]
-        roles: Option<Vec<String>>,
-        /// Remove the roles (any principal with the scope may update).
-        #[arg(long)]
-        clear_roles: bool,
+        #[command(flatten)]
+        patch: PatchFlags,
         /// Update only if the key still has this ETag (from `get`).
         #[arg(long)]
         if_match: Option<String>,
@@ -231,21 +226,4 @@ pub(crate) enum AuditCmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-}
-
-/// The fields a batch changes: those of `update` but the label.
-#[derive(Args)]
-pub(crate) struct PatchFlags {
-    /// New description.
-    #[arg(long, conflicts_with = "clear_description")]
-    pub(crate) description: Option<String>,
-    /// Remove the description.
-    #[arg(long)]
-    pub(crate) clear_description: bool,
-    /// New roles, comma-separated (who may update the keys).
-    #[arg(long, value_delimiter = ',', conflicts_with = "clear_roles")]
-    pub(crate) roles: Option<Vec<String>>,
-    /// Remove the roles (any principal with the scope may update).
-    #[arg(long)]
-    pub(crate) clear_roles: bool,
 }

@@ -15,6 +15,7 @@ mod audit;
 mod batch;
 mod cli;
 mod client;
+mod patch;
 mod show;
 mod verify;
 
@@ -224,6 +225,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             label_prefix,
             limit,
             cursor,
+            expires_before,
             all,
         } => {
             let mut cursor = cursor.clone();
@@ -235,6 +237,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 if let Some(p) = label_prefix {
                     q.push(("label_prefix", p.clone()));
+                }
+                if let Some(d) = expires_before {
+                    q.push(("expires_before", d.clone()));
                 }
                 if let Some(n) = limit {
                     q.push(("limit", n.to_string()));
@@ -278,33 +283,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Update {
             kid,
             label,
-            description,
-            clear_description,
-            roles,
-            clear_roles,
+            patch,
             if_match,
             dry_run,
         } => {
-            let mut patch = Map::new();
+            let mut body = patch::patch_from_flags(patch)?;
             if let Some(l) = label {
-                let _ = patch.insert("label".into(), json!(l));
+                let _ = body.insert("label".into(), json!(l));
             }
-            if let Some(d) = description {
-                let _ = patch.insert("description".into(), json!(d));
-            }
-            if *clear_description {
-                let _ = patch.insert("description".into(), Value::Null);
-            }
-            if let Some(r) = roles {
-                let _ = patch.insert("roles".into(), json!(r));
-            }
-            if *clear_roles {
-                let _ = patch.insert("roles".into(), Value::Null);
-            }
-            if patch.is_empty() {
+            if body.is_empty() {
                 return Err(Failure::Usage(
-                    "nothing to change: give --label, --description, --clear-description, \
-                     --roles or --clear-roles"
+                    "nothing to change: give --label, --description, --roles, --usage, \
+                     --not-before, --not-after, --sensitive, --no-extractable or a --clear-* \
+                     option"
                         .into(),
                 ));
             }
@@ -316,7 +307,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .send(
                     Method::PATCH,
                     &format!("/v1/keys/{kid}{}", dry_query(*dry_run)),
-                    Some(&Value::Object(patch)),
+                    Some(&Value::Object(body)),
                     &headers,
                 )
                 .await?

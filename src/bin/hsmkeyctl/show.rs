@@ -39,7 +39,7 @@ pub fn cell(v: &Value) -> String {
 /// The keys of a listing.
 pub fn keys(keys: &[Value]) -> String {
     let mut t = table(&[
-        "KID", "LABEL", "TYPE", "SIZE", "CLASS", "ROLES", "STATE", "UPDATED",
+        "KID", "LABEL", "TYPE", "SIZE", "CLASS", "ROLES", "USAGE", "VALIDITY", "STATE", "UPDATED",
     ]);
     for k in keys {
         let size = match (&k["bits"], &k["curve"]) {
@@ -54,11 +54,37 @@ pub fn keys(keys: &[Value]) -> String {
             size,
             cell(&k["class"]),
             cell(&k["roles"]),
+            usage(&k["attributes"]),
+            validity(k),
             cell(&k["state"]),
             cell(&k["updated_at"]),
         ]);
     }
     t.to_string()
+}
+
+/// The usage flags a key's `attributes` has on, comma-separated (`-` for none).
+pub fn usage(attributes: &Value) -> String {
+    const FLAGS: [&str; 7] = [
+        "sign", "verify", "encrypt", "decrypt", "wrap", "unwrap", "derive",
+    ];
+    let on: Vec<&str> = FLAGS
+        .into_iter()
+        .filter(|f| attributes[f] == Value::Bool(true))
+        .collect();
+    if on.is_empty() {
+        "-".into()
+    } else {
+        on.join(",")
+    }
+}
+
+/// A key's validity, `not_before..not_after` (`-` for no date at all).
+pub fn validity(key: &Value) -> String {
+    match (&key["not_before"], &key["not_after"]) {
+        (Value::Null, Value::Null) => "-".into(),
+        (from, to) => format!("{}..{}", cell(from), cell(to)),
+    }
 }
 
 /// One object as two columns: field and value (nested objects flattened with dots).
