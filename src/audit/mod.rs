@@ -61,11 +61,16 @@ pub enum Event {
     DaemonStopped,
     /// The chain head, signed by the audit-signing key in the HSM.
     AuditCheckpoint,
+    /// The token went away under the daemon (FAILED), or another token is in its place
+    /// (FAILED); key operations answer 503.
+    TokenLost,
+    /// The token came back and is served again without a restart (OK).
+    TokenReturned,
 }
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 14] = [
+    pub const ALL: [Event; 16] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
         Event::KeyCreated,
@@ -80,6 +85,8 @@ impl Event {
         Event::ConfigReloaded,
         Event::DaemonStopped,
         Event::AuditCheckpoint,
+        Event::TokenLost,
+        Event::TokenReturned,
     ];
 
     /// `HSMKEYD_EVENT`.
@@ -99,6 +106,8 @@ impl Event {
             Event::ConfigReloaded => "CONFIG_RELOADED",
             Event::DaemonStopped => "DAEMON_STOPPED",
             Event::AuditCheckpoint => "AUDIT_CHECKPOINT",
+            Event::TokenLost => "TOKEN_LOST",
+            Event::TokenReturned => "TOKEN_RETURNED",
         }
     }
 
@@ -129,6 +138,8 @@ impl Event {
             Event::ConfigReloaded => "0a58dde6720542fc988bd5a9ba6ada33",
             Event::DaemonStopped => "d67dc6e9f1ff4de9b79a79e3f5a18642",
             Event::AuditCheckpoint => "b6817b9092514d7fb0d5c9256024351a",
+            Event::TokenLost => "9098fd463bcb4c238f7d672811554a46",
+            Event::TokenReturned => "085d745518ac47759288bd9c62c5f3d1",
         }
     }
 }
@@ -212,7 +223,7 @@ pub struct Checkpoint {
     pub seq: u64,
     /// `HSMKEYD_CHECKPOINT_HEAD`: its chain value.
     pub head: [u8; 32],
-    /// `HSMKEYD_CHECKPOINT_REASON`: `entries`, `time` or `stop`.
+    /// `HSMKEYD_CHECKPOINT_REASON`: `entries`, `time`, `token` or `stop`.
     pub reason: &'static str,
     /// `HSMKEYD_KEY_FINGERPRINT`: the signing key's ([`chain::fingerprint`]).
     pub fingerprint: String,

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::hsm::{is_reserved_label, KeySpec, Usage, SIGNING_KEY_LABEL};
 pub use error::KeyError;
+pub use health::TokenChange;
 pub use lifecycle::NewKeyRequest;
 pub use update::{Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 
@@ -103,8 +104,14 @@ pub struct KeyStore {
     lost: Arc<std::sync::atomic::AtomicBool>,
     /// The token-signing key's private object, probed to notice a token that goes away.
     probe: Mutex<Option<ObjectRef>>,
-    /// When a lost token was last looked for.
-    last_look: Mutex<Instant>,
+    /// The token-signing key's CKA_ID: tells the token served from any other.
+    identity: Mutex<Option<Vec<u8>>>,
+    /// When the lost token is looked for next.
+    recovery: Mutex<health::Recovery>,
+    /// Held by the one attempt to get the token back that may run.
+    recovering: tokio::sync::Mutex<()>,
+    /// Losses and returns not yet taken by the daemon (for the audit trail).
+    changes: Mutex<Vec<TokenChange>>,
 }
 
 /// The parts of the store the blocking write code needs.
@@ -144,7 +151,8 @@ impl KeyStore {
             chores,
             unreadable,
         } = scanner;
-        let probe = signing.0.first().copied();
+        let probe = signing.0.first().map(|(p, _)| *p);
+        let signing = (signing.0.into_iter().map(|(p, _)| p).collect(), signing.1);
         Ok(KeyStore {
             generation: generation.into(),
             hsm,
@@ -162,7 +170,10 @@ impl KeyStore {
             turns: Arc::new(tokio::sync::Semaphore::new(sessions + 1)),
             lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             probe: Mutex::new(probe),
-            last_look: Mutex::new(Instant::now()),
+            identity: Mutex::new(None),
+            recovery: Mutex::new(health::Recovery::default()),
+            recovering: tokio::sync::Mutex::new(()),
+            changes: Mutex::new(Vec::new()),
         })
     }
 
@@ -326,6 +337,11 @@ impl KeyStore {
     /// Rebuilds the index from one scan, with no update running.
     async fn rescan(&self, why: &str) -> Result<(), KeyError> {
         let _exclusive = self.gate.write().await;
+        self.rescan_held(why).await
+    }
+
+    /// [`KeyStore::rescan`] for a caller that holds the gate exclusively.
+    async fn rescan_held(&self, why: &str) -> Result<(), KeyError> {
         let scanner = Scanner {
             hsm: self.hsm.clone(),
             shared: self.shared.clone(),
@@ -340,7 +356,7 @@ impl KeyStore {
             .on_token(move || scanner.scan())
             .await?
             .map_err(KeyError::Unavailable)?;
-        self.judge_scan(signing.0.first().copied())?;
+        self.judge_scan(&signing.0)?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *sync::write(&self.index) = fresh;
         self.generation
@@ -458,6 +474,15 @@ impl KeyStore {
         let _ = self.entry(kid).await?;
         let gate = self.gate.read().await;
         let key = self.lock_of(kid).lock_owned().await;
+        // The module may have been re-initialized (or logged in again) while we waited:
+        // the index's handles would then name other objects.
+        self.ensure_token()?;
+        if self.hsm.login_generation() != self.generation() {
+            return Err(KeyError::Unavailable(HsmError::unavailable(
+                "the token",
+                "the token was logged in again while this request waited; retry",
+            )));
+        }
         let current = sync::read(&self.index)
             .get(kid)
             .cloned()
@@ -515,9 +540,13 @@ struct Scan {
     /// The login generation the handles belong to.
     generation: u64,
     index: BTreeMap<Kid, Arc<Entry>>,
-    /// The token-signing pair's objects (private, public).
-    signing: (Vec<ObjectRef>, Vec<ObjectRef>),
+    /// The token-signing pair's objects (private with its CKA_ID, public).
+    signing: SigningObjects,
 }
+
+/// The token-signing pair's objects a scan found: private keys with their CKA_ID, public
+/// keys.
+type SigningObjects = (Vec<(ObjectRef, Vec<u8>)>, Vec<ObjectRef>);
 
 impl Scanner {
     fn scan(&self) -> Result<Scan, HsmError> {
@@ -535,7 +564,7 @@ impl Scanner {
 fn scan_index(
     scanner: &Scanner,
     generation: u64,
-    signing: &mut (Vec<ObjectRef>, Vec<ObjectRef>),
+    signing: &mut SigningObjects,
 ) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
     let Scanner {
         hsm,
@@ -547,7 +576,7 @@ fn scan_index(
     for o in &scanned.objects {
         if o.label == SIGNING_KEY_LABEL.as_bytes() && o.algorithm == Some(Algorithm::Ec) {
             match o.kind {
-                ObjectKind::PrivateKey => signing.0.push(o.handle),
+                ObjectKind::PrivateKey => signing.0.push((o.handle, o.id.clone())),
                 ObjectKind::PublicKey => signing.1.push(o.handle),
                 _ => {}
             }
