@@ -145,9 +145,33 @@ fn a_token_that_goes_away_answers_503_and_is_served_again_when_it_is_back() {
         Duration::from_secs(20),
     );
 
-    std::fs::rename(&away, &dir).unwrap();
-    let r = until(&d, AES, 200, BACK_WITHIN);
-    assert_eq!(r.json()["label"], "one");
+    // Updates keep coming while the token returns: each is answered 200 or 503, never a
+    // 500 or a dropped connection, whatever moment of the swap it meets.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let statuses = std::thread::scope(|s| {
+        let during = s.spawn(|| {
+            let mut seen = Vec::new();
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                seen.push(
+                    d.client()
+                        .patch(OTHER, &json!({"description": format!("during {n}")}))
+                        .status,
+                );
+            }
+            seen
+        });
+        std::fs::rename(&away, &dir).unwrap();
+        let r = until(&d, AES, 200, BACK_WITHIN);
+        assert_eq!(r.json()["label"], "one");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        during.join().unwrap()
+    });
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "answers during the return: {statuses:?}"
+    );
     let s = Response::ok(&d.client().get("/v1/status"));
     assert_eq!(s["state"], "serving", "{s}");
     assert!(
