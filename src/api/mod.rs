@@ -261,6 +261,7 @@ async fn status(
     let backlog = keys.backlog();
     let token = keys.hsm().token();
     let (in_use, open, max) = keys.hsm().sessions();
+    let (key_locks, label_claims) = keys.tables();
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "state": if keys.is_lost() { "token_unavailable" } else { "serving" },
@@ -275,6 +276,7 @@ async fn status(
         "last_reload": *sync::lock(&state.last_reload),
         "unreadable_objects": keys.unreadable(),
         "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},
+        "tables": {"key_locks": key_locks, "label_claims": label_claims},
     }))
     .into_response())
 }

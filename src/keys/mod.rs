@@ -375,11 +375,26 @@ impl KeyStore {
         Ok(())
     }
 
-    fn lock_of(&self, kid: &Kid) -> Arc<tokio::sync::Mutex<()>> {
-        sync::lock(&self.locks)
+    /// Takes the write lock of `kid`. The lock map holds only locks in use or waited
+    /// for: the last holder removes its entry (see [`KeyLock`]), so the map does not grow
+    /// with every key ever written.
+    async fn key_lock(&self, kid: &Kid) -> KeyLock<'_> {
+        let lock = sync::lock(&self.locks)
             .entry(kid.clone())
             .or_default()
-            .clone()
+            .clone();
+        KeyLock {
+            locks: &self.locks,
+            kid: kid.clone(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+
+    /// Sizes of the store's own per-key tables (for `GET /v1/status`): write locks in use
+    /// or waited for, labels claimed by writes in progress. Both go back to 0 when no
+    /// write runs.
+    pub fn tables(&self) -> (usize, usize) {
+        (sync::lock(&self.locks).len(), self.claims.len())
     }
 
     /// Applies `patch` to the key `kid` on behalf of `actor`: all of it, or nothing. With
@@ -473,7 +488,7 @@ impl KeyStore {
         self.refresh_handles().await?;
         let _ = self.entry(kid).await?;
         let gate = self.gate.read().await;
-        let key = self.lock_of(kid).lock_owned().await;
+        let key = self.key_lock(kid).await;
         // The module may have been re-initialized (or logged in again) while we waited:
         // the index's handles would then name other objects.
         self.ensure_token()?;
@@ -502,8 +517,30 @@ impl KeyStore {
 /// A key held for writing: see [`KeyStore::lock_key`].
 struct Locked<'a> {
     _gate: tokio::sync::RwLockReadGuard<'a, ()>,
-    _key: tokio::sync::OwnedMutexGuard<()>,
+    _key: KeyLock<'a>,
     current: Arc<Entry>,
+}
+
+/// A key's write lock, held; on drop the lock is released and, if nobody else holds or
+/// waits for it, its entry leaves the map. (Everyone takes a clone of the entry under the
+/// map's mutex, so a count of one there means no one else has it.)
+struct KeyLock<'a> {
+    locks: &'a Mutex<HashMap<Kid, Arc<tokio::sync::Mutex<()>>>>,
+    kid: Kid,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyLock<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = sync::lock(self.locks);
+        if locks
+            .get(&self.kid)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            let _ = locks.remove(&self.kid);
+        }
+    }
 }
 
 /// Maps an HSM failure during a key operation to the domain error.
