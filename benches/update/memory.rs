@@ -5,7 +5,7 @@
 //! metadata record, which creates the record object and then its spare the first two
 //! times a key is written, and rewrites the older of the two in place after that.
 //!
-//! Reported in KiB per 1,000 updates, for the first pass over the keys (each key written
+//! At most [`MAX_KEYS`] keys are written. Reported in KiB per 1,000 updates, for the first pass over the keys (each key written
 //! for the first time: the token gains its record object), the second (the spare object),
 //! and the passes after them (every key has both: nothing new should stay).
 
@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use serde_json::json;
 
 use crate::client::{start_daemon, unix_conn};
@@ -22,6 +22,9 @@ use crate::{Ctx, Figures, Opts, Res};
 
 /// Passes over the keys: the first two create objects, the rest are steady.
 const PASSES: u32 = 4;
+/// Keys written (the first of the token's bulk keys): enough for RSS to move by megabytes,
+/// few enough that a 10,000-key run does not spend minutes on it.
+const MAX_KEYS: u32 = 2000;
 /// CKA_APPLICATION of hsmkeyd's metadata records (`keys/meta.rs`).
 const META_APPLICATION: &[u8] = b"hsmkeyd.meta.v2";
 
@@ -32,7 +35,7 @@ fn is_label(i: u32) -> bool {
 
 /// RSS growth per 1,000 updates, daemon and raw process, first pass and after.
 pub(crate) fn memory_figures(o: &Opts, cached: &Path, figs: &mut Figures) -> Res<()> {
-    let keys = o.keys;
+    let keys = o.keys.min(MAX_KEYS);
     let raw = {
         let work = tempfile::tempdir().ctx("tempdir")?;
         token::copy_dir(cached, work.path())?;
@@ -119,13 +122,22 @@ pub(crate) fn raw_memory_child(args: &[String]) -> Res<()> {
     std::env::set_var("SOFTHSM2_CONF", conf);
     let keys: u32 = keys.parse().ctx("KEYS")?;
     let (p11, _, s) = token::raw_open(Path::new(pin))?;
+    // One search, not one per key (each C_FindObjects reads the whole token).
+    let mut by_id = std::collections::HashMap::new();
+    let secret = [Attribute::Class(ObjectClass::SECRET_KEY)];
+    for h in s.find_objects(&secret).ctx("C_FindObjects")? {
+        for a in s
+            .get_attributes(h, &[AttributeType::Id])
+            .ctx("C_GetAttributeValue")?
+        {
+            if let Attribute::Id(id) = a {
+                let _ = by_id.insert(hex::encode(id), h);
+            }
+        }
+    }
     let mut objects = Vec::with_capacity(keys as usize);
     for k in 0..keys {
-        let id = hex::decode(bulk_kid(k)).ctx("kid")?;
-        let found = s
-            .find_objects(&[Attribute::Id(id), Attribute::Class(ObjectClass::SECRET_KEY)])
-            .ctx("C_FindObjects")?;
-        objects.push(*found.first().ok_or("a bulk key is missing")?);
+        objects.push(*by_id.get(&bulk_kid(k)).ok_or("a bulk key is missing")?);
     }
     let mut records: Vec<(Vec<ObjectHandle>, usize)> = vec![(Vec::new(), 0); keys as usize];
     let mut samples = vec![vm_rss_kib(std::process::id())?];
