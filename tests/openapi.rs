@@ -221,3 +221,33 @@ fn minting_over_https_with_a_large_body_gets_a_whole_403() {
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"], "unix_socket_only");
 }
+
+/// The status the daemon answers has exactly the fields (and sub-fields) the document's
+/// `Status` names: a field added to the handler and not to the schema fails here, before
+/// schemathesis meets it.
+#[test]
+fn the_status_answer_has_the_documented_fields() {
+    let t = demo_token();
+    let d = Daemon::start(&t, &Setup::default());
+    let r = d.client().get("/v1/status");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let doc = committed();
+    let schema = &doc["components"]["schemas"]["Status"];
+    fn names(v: &serde_json::Value) -> Vec<String> {
+        let mut n: Vec<String> = v
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        n.sort();
+        n
+    }
+    let answer = r.json();
+    assert_eq!(names(&answer), names(&schema["properties"]), "{answer}");
+    for nested in ["sessions", "audit", "cleanup_backlog", "tables"] {
+        assert_eq!(
+            names(&answer[nested]),
+            names(&schema["properties"][nested]["properties"]),
+            "{nested}: {answer}"
+        );
+    }
+}

@@ -40,6 +40,7 @@
 
 mod client;
 mod daemon;
+mod memory;
 mod notify;
 mod token;
 
@@ -124,6 +125,17 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("throughput_4", "raw_set_2threads", 1.0),
     ("throughput_16", "raw_set_2threads", 1.0),
     ("daemon_rss", "raw_rss", 1.0),
+    (
+        "mem_daemon_first_pass_per_1000",
+        "mem_raw_first_pass_per_1000",
+        1.0,
+    ),
+    (
+        "mem_daemon_second_pass_per_1000",
+        "mem_raw_second_pass_per_1000",
+        1.0,
+    ),
+    ("mem_daemon_steady_per_1000", "mem_raw_steady_per_1000", 1.0),
 ];
 
 fn main() {
@@ -133,6 +145,7 @@ fn main() {
         .collect();
     let result = match args.first().map(String::as_str) {
         Some("--raw-rss-child") if args.len() == 3 => token::raw_rss_child(&args[1], &args[2]),
+        Some("--raw-memory-child") => memory::raw_memory_child(&args[1..]),
         _ => parse_opts(&args).and_then(|o| run(&o)),
     };
     if let Err(e) = result {
@@ -182,6 +195,7 @@ fn run(o: &Opts) -> Res<()> {
     let mut figs = Figures::default();
     token::raw_floor(o, &pin, &mut figs)?;
     daemon::daemon_figures(o, work.path(), &conf, &pin, &mut figs)?;
+    memory::memory_figures(o, &cached, &mut figs)?;
     report(o, &bench_dir, &figs)
 }
 

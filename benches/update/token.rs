@@ -121,7 +121,7 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> Res<()> {
 // ---------------------------------------------------------------- raw PKCS#11 floor
 
 /// Loads the module, finds the token, opens a RW session and logs in.
-fn raw_open(pin_file: &Path) -> Res<(Pkcs11, Slot, Session)> {
+pub(crate) fn raw_open(pin_file: &Path) -> Res<(Pkcs11, Slot, Session)> {
     let p11 = Pkcs11::new(SOFTHSM).ctx("loading SoftHSM")?;
     let args = CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
     p11.initialize(args).ctx("C_Initialize")?;

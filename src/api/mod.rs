@@ -283,6 +283,7 @@ async fn status(
     let token = keys.hsm().token();
     let (in_use, open, max) = keys.hsm().sessions();
     let (chained, chain_ns) = state.audit.chain_cost();
+    let (key_locks, label_claims) = keys.tables();
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "state": if keys.is_lost() { "token_unavailable" } else { "serving" },
@@ -301,6 +302,7 @@ async fn status(
         "last_reload": *sync::lock(&state.last_reload),
         "unreadable_objects": keys.unreadable(),
         "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},
+        "tables": {"key_locks": key_locks, "label_claims": label_claims},
     }))
     .into_response())
 }

@@ -69,11 +69,16 @@ pub enum Event {
     /// A batch update was answered (OK, ERROR or FAILED); each key's own entries carry the
     /// same `HSMKEYD_BATCH_ID`.
     KeysBatchChanged,
+    /// The token went away under the daemon (FAILED), or another token is in its place
+    /// (FAILED); key operations answer 503.
+    TokenLost,
+    /// The token came back and is served again without a restart (OK).
+    TokenReturned,
 }
 
 impl Event {
     /// Every event, for the catalog check.
-    pub const ALL: [Event; 16] = [
+    pub const ALL: [Event; 18] = [
         Event::KeyAttributesChanged,
         Event::KeyAttributesChangeIntent,
         Event::KeyCreated,
@@ -90,6 +95,8 @@ impl Event {
         Event::DaemonStopped,
         Event::AuditCheckpoint,
         Event::KeysBatchChanged,
+        Event::TokenLost,
+        Event::TokenReturned,
     ];
 
     /// `HSMKEYD_EVENT`.
@@ -111,6 +118,8 @@ impl Event {
             Event::DaemonStopped => "DAEMON_STOPPED",
             Event::AuditCheckpoint => "AUDIT_CHECKPOINT",
             Event::KeysBatchChanged => "KEYS_BATCH_CHANGED",
+            Event::TokenLost => "TOKEN_LOST",
+            Event::TokenReturned => "TOKEN_RETURNED",
         }
     }
 
@@ -143,6 +152,8 @@ impl Event {
             Event::DaemonStopped => "d67dc6e9f1ff4de9b79a79e3f5a18642",
             Event::AuditCheckpoint => "b6817b9092514d7fb0d5c9256024351a",
             Event::KeysBatchChanged => "0df4529f6493fef21caaa9f7ca14cd5c",
+            Event::TokenLost => "9098fd463bcb4c238f7d672811554a46",
+            Event::TokenReturned => "085d745518ac47759288bd9c62c5f3d1",
         }
     }
 }
@@ -229,7 +240,7 @@ pub struct Checkpoint {
     pub seq: u64,
     /// `HSMKEYD_CHECKPOINT_HEAD`: its chain value.
     pub head: [u8; 32],
-    /// `HSMKEYD_CHECKPOINT_REASON`: `entries`, `time` or `stop`.
+    /// `HSMKEYD_CHECKPOINT_REASON`: `entries`, `time`, `token` or `stop`.
     pub reason: &'static str,
     /// `HSMKEYD_KEY_FINGERPRINT`: the signing key's ([`chain::fingerprint`]).
     pub fingerprint: String,

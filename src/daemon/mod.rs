@@ -237,9 +237,10 @@ impl Signer for HsmSigner {
 
 fn signer(hsm: &Hsm, keys: &KeyStore) -> Result<Arc<dyn Signer>, Fatal> {
     let (privs, pubs) = &keys.reserved().token_signing;
-    let key = hsm.signing_key_among(privs, pubs);
+    let privs: Vec<_> = privs.iter().map(|(p, _)| *p).collect();
+    let key = hsm.signing_key_among(&privs, pubs);
     if let Ok(k) = &key {
-        keys.watch_signing_key(k.private_ref());
+        keys.watch_signing_key(k);
     }
     let key = key.map_err(|e| {
         Fatal(format!(
@@ -267,6 +268,32 @@ fn token_service(config: &Config, signer: Arc<dyn Signer>) -> Result<Arc<TokenSe
     TokenService::new(&config.tokens, &config.issuers, signer, secret)
         .map(Arc::new)
         .map_err(|e| Fatal(format!("config {}: {e}", config.source.display())))
+}
+
+/// Writes the token's losses and returns (`keys/health.rs`) to the audit trail; after a
+/// return, a checkpoint writes the high-water mark to the token again (its objects are
+/// found anew: the module was re-initialized).
+async fn record_token_changes(
+    keys: &KeyStore,
+    audit: &Arc<Auditor>,
+    anchor: &Arc<checkpoint::Anchor>,
+) {
+    use crate::keys::TokenChange;
+    for change in keys.token_changes() {
+        let (event, outcome, message, back) = match change {
+            TokenChange::Lost(m) => (Event::TokenLost, Outcome::Failed, m, false),
+            TokenChange::Foreign(m) => (Event::TokenLost, Outcome::Failed, m, false),
+            TokenChange::Returned(m) => (Event::TokenReturned, Outcome::Ok, m, true),
+        };
+        if let Err(e) = audit.write_async(Entry::new(event, outcome, message)).await {
+            tracing::error!(error = %e, "could not record a change of the token's availability");
+        }
+        if back {
+            if let Err(e) = checkpoint::checkpoint(anchor, audit, keys, "token").await {
+                tracing::error!(error = %e, "the audit checkpoint after the token's return was not written");
+            }
+        }
+    }
 }
 
 async fn serve(
@@ -395,13 +422,14 @@ async fn serve(
     // Housekeeping that may wait on the token or journald runs in a task of its own, so
     // that a token that hangs never keeps this loop from seeing a signal.
     let housekeeping = {
-        let (keys, audit) = (reloader.keys.clone(), audit.clone());
+        let (keys, audit, anchor) = (reloader.keys.clone(), audit.clone(), anchor.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(STATUS_INTERVAL);
             loop {
                 let _ = tick.tick().await;
                 audit.flush_refusals(false).await;
                 keys.check_token(false).await;
+                record_token_changes(&keys, &audit, &anchor).await;
             }
         })
     };

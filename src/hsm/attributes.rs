@@ -274,7 +274,9 @@ impl Hsm {
     /// all of them or none).
     pub fn set_attributes(&self, r: ObjectRef, attrs: &[KeyAttr]) -> Result<(), HsmError> {
         let template: Vec<Attribute> = attrs.iter().map(KeyAttr::to_ck).collect();
-        self.pool().run(|s| s.update_attributes(r.0, &template))
+        let live = self.live()?;
+        let h = live.handle(r)?;
+        live.pool.run(|s| s.update_attributes(h, &template))
     }
 }
 

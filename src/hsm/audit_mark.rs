@@ -10,7 +10,7 @@
 //! `hsmkeyd-audit-mark`), and the object it replaces is destroyed. Mark writes happen at
 //! start and at each audit checkpoint, never while a client waits.
 
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use std::sync::Mutex;
 
 use super::{Ckr, Hsm, HsmError, ObjectInfo, ObjectKind, ObjectRef};
@@ -26,7 +26,7 @@ const LABEL: &[u8] = b"hsmkeyd-audit-mark";
 struct Slots {
     /// Login generation the handles belong to.
     generation: u64,
-    handles: [ObjectHandle; 2],
+    handles: [ObjectRef; 2],
     /// The slot the next write goes to.
     next: usize,
     /// The token refused a label holding the record: records go to CKA_VALUE.
@@ -94,23 +94,22 @@ impl Hsm {
         initial: &[u8],
         rank: impl Fn(&[u8]) -> Option<u64>,
     ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
-        let found = found.iter().map(|(r, rec)| (r.0, rec.clone())).collect();
-        self.audit_mark_of(found, initial, rank)
+        self.audit_mark_of(found.to_vec(), initial, rank)
     }
 
     fn audit_mark_of(
         &self,
-        mut found: Vec<(ObjectHandle, Vec<u8>)>,
+        mut found: Vec<(ObjectRef, Vec<u8>)>,
         initial: &[u8],
         rank: impl Fn(&[u8]) -> Option<u64>,
     ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
         found.sort_by_key(|(_, r)| std::cmp::Reverse(rank(r)));
         for (h, _) in found.drain(found.len().min(2)..) {
-            self.destroy(ObjectRef(h))?;
+            self.destroy(h)?;
         }
         while found.len() < 2 {
             let r = self.create_data(LABEL, APPLICATION, initial)?;
-            found.push((r.0, initial.to_vec()));
+            found.push((r, initial.to_vec()));
         }
         let records = [found[0].1.clone(), found[1].1.clone()];
         Ok((
@@ -133,7 +132,8 @@ impl Hsm {
     pub fn write_audit_mark(&self, mark: &AuditMark, record: &[u8]) -> Result<(), HsmError> {
         let mut slots = sync::lock(&mark.slots);
         let now = self.login_generation();
-        if slots.generation != now {
+        let epoch = self.live()?.epoch;
+        if slots.generation != now || slots.handles[0].1 != epoch {
             let found = self.find_marks()?;
             let [a, b] = found.as_slice() else {
                 return Err(HsmError::internal(
@@ -151,7 +151,7 @@ impl Hsm {
         let at = slots.next;
         let old = slots.handles[at];
         if !slots.in_value {
-            match self.set_label(ObjectRef(old), &label_with(record)) {
+            match self.set_label(old, &label_with(record)) {
                 Ok(()) => {
                     slots.next = 1 - at;
                     slots.last = record.to_vec();
@@ -168,20 +168,21 @@ impl Hsm {
             }
         }
         let new = self.create_data(LABEL, APPLICATION, record)?;
-        slots.handles[at] = new.0;
+        slots.handles[at] = new;
         slots.next = 1 - at;
         slots.last = record.to_vec();
         // The other slot still holds the previous record; a failed destroy leaves a third
         // object, cut down at the next start.
-        if let Err(e) = self.destroy(ObjectRef(old)) {
+        if let Err(e) = self.destroy(old) {
             tracing::warn!(error = %e, "a superseded audit high-water mark object stays in the token");
         }
         Ok(())
     }
 
     /// Every mark object and its record (from the label, else CKA_VALUE).
-    fn find_marks(&self) -> Result<Vec<(ObjectHandle, Vec<u8>)>, HsmError> {
-        self.pool().run(|s| {
+    fn find_marks(&self) -> Result<Vec<(ObjectRef, Vec<u8>)>, HsmError> {
+        let live = self.live()?;
+        live.pool.run(|s| {
             let handles = s.find_objects(&[
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Application(APPLICATION.to_vec()),
@@ -196,7 +197,7 @@ impl Hsm {
                         _ => {}
                     }
                 }
-                out.push((h, record_in(&label, value)));
+                out.push((live.object(h), record_in(&label, value)));
             }
             Ok(out)
         })

@@ -25,7 +25,8 @@ impl Hsm {
     /// Startup only: this searches the token, and creates the secret key when missing.
     pub fn encedo_device_secret(&self) -> Result<Zeroizing<[u8; 32]>, HsmError> {
         let label = DEVICE_KEY_LABEL.as_bytes().to_vec();
-        let found = self.pool().run(|s| {
+        let live = self.live()?;
+        let found = live.pool.run(|s| {
             s.find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::GENERIC_SECRET),
@@ -46,8 +47,8 @@ impl Hsm {
                     Attribute::ValueLen(32.into()),
                     Attribute::Label(label.clone()),
                 ];
-                let k = self
-                    .pool()
+                let k = live
+                    .pool
                     .run(|s| s.generate_key(&Mechanism::GenericSecretKeyGen, &template))?;
                 tracing::info!("created the Encedo device key {DEVICE_KEY_LABEL}");
                 k
@@ -63,7 +64,7 @@ impl Hsm {
             }
         };
         let mac = Zeroizing::new(
-            self.pool()
+            live.pool
                 .run(|s| s.sign(&Mechanism::Sha256Hmac, key, DERIVATION_MESSAGE))?,
         );
         let secret: [u8; 32] = mac.as_slice().try_into().map_err(|_| {

@@ -149,8 +149,9 @@ impl Hsm {
                 } else {
                     Mechanism::GenericSecretKeyGen
                 };
-                let h = self.pool().run(|s| s.generate_key(&mechanism, &t))?;
-                return Ok(vec![ObjectRef(h)]);
+                let live = self.live()?;
+                let h = live.pool.run(|s| s.generate_key(&mechanism, &t))?;
+                return Ok(vec![live.object(h)]);
             }
             KeySpec::Ec(curve) => (
                 Mechanism::EccKeyPairGen,
@@ -183,10 +184,11 @@ impl Hsm {
             Attribute::Unwrap(u.unwrap),
             Attribute::Derive(u.derive),
         ]);
-        let (pubk, privk): (ObjectHandle, ObjectHandle) = self
-            .pool()
+        let live = self.live()?;
+        let (pubk, privk): (ObjectHandle, ObjectHandle) = live
+            .pool
             .run(|s| s.generate_key_pair(&mechanism, &public, &private))?;
-        Ok(vec![ObjectRef(privk), ObjectRef(pubk)])
+        Ok(vec![live.object(privk), live.object(pubk)])
     }
 }
 

@@ -10,10 +10,12 @@ use cryptoki::session::Session;
 use super::ec::{self, Curve};
 use super::{Hsm, HsmError};
 
-/// An object of the token, opaque above this layer. Valid for the life of the process
-/// (a token re-initialized under the daemon shows as [`super::HsmErrorKind::ObjectGone`]).
+/// An object of the token, opaque above this layer: its handle and the initialization of
+/// the module it belongs to. Once the module is re-initialized (`Hsm::reinitialize`),
+/// using it answers [`super::HsmErrorKind::Unavailable`] instead of reaching whatever
+/// object now has that number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ObjectRef(pub(super) ObjectHandle);
+pub struct ObjectRef(pub(super) ObjectHandle, pub(super) u64);
 
 /// CKA_CLASS, reduced to what hsmkeyd distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,10 +131,11 @@ const READ: &[AttributeType] = &[
 fn read_one(
     s: &Session,
     h: ObjectHandle,
+    epoch: u64,
     data_applications: &[&[u8]],
 ) -> cryptoki::error::Result<ObjectInfo> {
     let mut o = ObjectInfo {
-        handle: ObjectRef(h),
+        handle: ObjectRef(h, epoch),
         kind: ObjectKind::Other,
         id: Vec::new(),
         label: Vec::new(),
@@ -258,14 +261,16 @@ impl Hsm {
     /// result, never a failed scan: the keys made of readable objects keep working.
     pub fn scan(&self, data_applications: &[&[u8]]) -> Result<Scanned, HsmError> {
         use cryptoki::error::{Error, RvError};
-        self.pool().run(|s| {
+        let live = self.live()?;
+        let epoch = live.epoch;
+        live.pool.run(|s| {
             let handles = s.find_objects(&[])?;
             let mut out = Scanned {
                 objects: Vec::with_capacity(handles.len()),
                 unreadable: 0,
             };
             for h in handles {
-                match read_one(s, h, data_applications) {
+                match read_one(s, h, epoch, data_applications) {
                     Ok(o) => out.objects.push(o),
                     // Deleted by another application between the find and the read.
                     Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
@@ -288,13 +293,17 @@ impl Hsm {
 
     /// Reads one object again (after a write, or to check it still exists).
     pub fn read(&self, r: ObjectRef, data_applications: &[&[u8]]) -> Result<ObjectInfo, HsmError> {
-        self.pool().run(|s| read_one(s, r.0, data_applications))
+        let live = self.live()?;
+        let h = live.handle(r)?;
+        live.pool.run(|s| read_one(s, h, r.1, data_applications))
     }
 
     /// Sets CKA_LABEL of one object.
     pub fn set_label(&self, r: ObjectRef, label: &[u8]) -> Result<(), HsmError> {
-        self.pool()
-            .run(|s| s.update_attributes(r.0, &[Attribute::Label(label.to_vec())]))
+        let live = self.live()?;
+        let h = live.handle(r)?;
+        live.pool
+            .run(|s| s.update_attributes(h, &[Attribute::Label(label.to_vec())]))
     }
 
     /// Creates a private token CKO_DATA object.
@@ -313,14 +322,17 @@ impl Hsm {
             Attribute::Application(application.to_vec()),
             Attribute::Value(value.to_vec()),
         ];
-        self.pool()
+        let live = self.live()?;
+        live.pool
             .run(|s| s.create_object(&template))
-            .map(ObjectRef)
+            .map(|h| live.object(h))
     }
 
     /// Destroys an object.
     pub fn destroy(&self, r: ObjectRef) -> Result<(), HsmError> {
-        self.pool().run(|s| s.destroy_object(r.0))
+        let live = self.live()?;
+        let h = live.handle(r)?;
+        live.pool.run(|s| s.destroy_object(h))
     }
 }
 
@@ -352,11 +364,13 @@ pub struct PublicParts {
 impl Hsm {
     /// Reads the public parts of a key object (absent attributes stay `None`).
     pub fn public_parts(&self, r: ObjectRef) -> Result<PublicParts, HsmError> {
-        self.pool().run(|s| {
+        let live = self.live()?;
+        let h = live.handle(r)?;
+        live.pool.run(|s| {
             let mut p = PublicParts::default();
             let (mut point, mut curve) = (None, Curve::Unknown(None));
             for a in s.get_attributes(
-                r.0,
+                h,
                 &[
                     AttributeType::EcParams,
                     AttributeType::EcPoint,

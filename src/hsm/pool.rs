@@ -7,7 +7,7 @@
 //! logging in again.
 //! CKR_USER_ALREADY_LOGGED_IN counts as a successful login.
 
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
@@ -28,8 +28,9 @@ pub(crate) struct Pool {
     slot: Slot,
     /// The user PIN, kept for logging in again after the token forgets the login; replaced
     /// by [`Pool::change_pin`] on reload.
-    pin: RwLock<SecretString>,
-    logins: std::sync::atomic::AtomicU64,
+    pin: Arc<RwLock<SecretString>>,
+    /// Shared with the module and every pool it had (see `Module::logins`).
+    logins: Arc<std::sync::atomic::AtomicU64>,
     max: usize,
     state: Mutex<State>,
     freed: Condvar,
@@ -51,12 +52,18 @@ impl Pool {
         (st.open.saturating_sub(st.idle.len()), st.open, self.max)
     }
 
-    pub(crate) fn new(ctx: Pkcs11, slot: Slot, pin: SecretString, max: usize) -> Pool {
+    pub(crate) fn new(
+        ctx: Pkcs11,
+        slot: Slot,
+        pin: Arc<RwLock<SecretString>>,
+        logins: Arc<std::sync::atomic::AtomicU64>,
+        max: usize,
+    ) -> Pool {
         Pool {
             ctx,
             slot,
-            pin: RwLock::new(pin),
-            logins: std::sync::atomic::AtomicU64::new(0),
+            pin,
+            logins,
             max,
             state: Mutex::new(State {
                 idle: Vec::new(),
@@ -98,11 +105,6 @@ impl Pool {
         let _ = self
             .logins
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// How many logins the pool has made.
-    pub(crate) fn logins(&self) -> u64 {
-        self.logins.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether `pin` is the PIN in use.

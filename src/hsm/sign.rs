@@ -7,7 +7,7 @@
 //! their labels ([`is_reserved_label`]).
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 
@@ -22,12 +22,9 @@ pub const SIGNING_KEY_LABEL: &str = "hsmkeyd-jwt-signing";
 /// CKA_LABEL of the audit-signing pair (both objects): signs audit checkpoints only.
 pub const AUDIT_SIGNING_KEY_LABEL: &str = "hsmkeyd-audit-signing";
 
-/// Whether `label` is one of hsmkeyd's own keys (the signing pairs, the Encedo device
-/// key), which are not managed keys.
+/// Whether `label` is one of hsmkeyd's own signing keys, which are not managed keys.
 pub fn is_reserved_label(label: &[u8]) -> bool {
-    label == SIGNING_KEY_LABEL.as_bytes()
-        || label == AUDIT_SIGNING_KEY_LABEL.as_bytes()
-        || label == super::DEVICE_KEY_LABEL.as_bytes()
+    label == SIGNING_KEY_LABEL.as_bytes() || label == AUDIT_SIGNING_KEY_LABEL.as_bytes()
 }
 
 /// The signing pair, opaque above this layer.
@@ -37,7 +34,7 @@ pub struct SigningKey {
     label: &'static str,
     /// The private key's handle and the login generation it belongs to: a token may
     /// renumber private objects across a logout, so a stale handle is looked up again.
-    private: Mutex<(u64, ObjectHandle)>,
+    private: Mutex<(u64, ObjectRef)>,
     point: Vec<u8>,
     id: Vec<u8>,
 }
@@ -45,7 +42,7 @@ pub struct SigningKey {
 impl SigningKey {
     /// The private key's object, as last found.
     pub fn private_ref(&self) -> ObjectRef {
-        ObjectRef(sync::lock(&self.private).1)
+        sync::lock(&self.private).1
     }
 
     /// The public point, uncompressed SEC1 (0x04 || X || Y), 65 bytes.
@@ -56,6 +53,12 @@ impl SigningKey {
     /// CKA_ID of the pair, hex: the JWT `kid` header.
     pub fn key_id(&self) -> String {
         hex::encode(&self.id)
+    }
+
+    /// CKA_ID of the pair: random, made when hsmkeyd created the pair, so it tells this
+    /// token (or a copy of it) from any other.
+    pub fn id(&self) -> &[u8] {
+        &self.id
     }
 
     /// The reserved label of the pair.
@@ -76,19 +79,42 @@ impl Hsm {
     pub fn signing_key_labelled(&self, name: &'static str) -> Result<SigningKey, HsmError> {
         let label = name.as_bytes().to_vec();
         let find = |class: ObjectClass| {
-            self.pool().run(|s| {
-                s.find_objects(&[
-                    Attribute::Class(class),
-                    Attribute::Label(label.clone()),
-                    Attribute::KeyType(KeyType::EC),
-                ])
-            })
+            let live = self.live()?;
+            live.pool
+                .run(|s| {
+                    s.find_objects(&[
+                        Attribute::Class(class),
+                        Attribute::Label(label.clone()),
+                        Attribute::KeyType(KeyType::EC),
+                    ])
+                })
+                .map(|v| v.into_iter().map(|h| live.object(h)).collect::<Vec<_>>())
         };
         let (privs, pubs) = (
             find(ObjectClass::PRIVATE_KEY)?,
             find(ObjectClass::PUBLIC_KEY)?,
         );
         self.signing_key_of(name, privs, pubs)
+    }
+
+    /// CKA_ID of every private key under the reserved label `name`: one search, to tell
+    /// whether the token in the slot is the one hsmkeyd served before (see
+    /// [`SigningKey::id`]) without reading or writing anything else.
+    pub fn signing_key_ids(&self, name: &'static str) -> Result<Vec<Vec<u8>>, HsmError> {
+        self.live()?.pool.run(|s| {
+            let mut ids = Vec::new();
+            for h in s.find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(name.as_bytes().to_vec()),
+            ])? {
+                for a in s.get_attributes(h, &[AttributeType::Id])? {
+                    if let Attribute::Id(id) = a {
+                        ids.push(id);
+                    }
+                }
+            }
+            Ok(ids)
+        })
     }
 
     /// [`Hsm::signing_key`] from the objects a scan found under the reserved label (EC
@@ -108,15 +134,14 @@ impl Hsm {
         privs: &[ObjectRef],
         pubs: &[ObjectRef],
     ) -> Result<SigningKey, HsmError> {
-        let handles = |v: &[ObjectRef]| v.iter().map(|r| r.0).collect();
-        self.signing_key_of(name, handles(privs), handles(pubs))
+        self.signing_key_of(name, privs.to_vec(), pubs.to_vec())
     }
 
     fn signing_key_of(
         &self,
         name: &'static str,
-        mut privs: Vec<ObjectHandle>,
-        mut pubs: Vec<ObjectHandle>,
+        mut privs: Vec<ObjectRef>,
+        mut pubs: Vec<ObjectRef>,
     ) -> Result<SigningKey, HsmError> {
         if privs.len() > 1 || pubs.len() > 1 {
             return Err(HsmError::internal(
@@ -139,8 +164,10 @@ impl Hsm {
                 ))
             }
         };
-        let attrs = self
-            .pool()
+        let live = self.live()?;
+        let public = live.handle(public)?;
+        let attrs = live
+            .pool
             .run(|s| s.get_attributes(public, &[AttributeType::EcPoint, AttributeType::Id]))?;
         let (mut point, mut id) = (None, Vec::new());
         for a in attrs {
@@ -167,7 +194,7 @@ impl Hsm {
     fn generate_signing_pair(
         &self,
         name: &'static str,
-    ) -> Result<(ObjectHandle, ObjectHandle), HsmError> {
+    ) -> Result<(ObjectRef, ObjectRef), HsmError> {
         let label = name.as_bytes();
         let id: [u8; 16] = rand::random();
         let public = [
@@ -188,21 +215,25 @@ impl Hsm {
             Attribute::Label(label.to_vec()),
             Attribute::Id(id.to_vec()),
         ];
-        let (pubk, privk) = self
-            .pool()
+        let live = self.live()?;
+        let (pubk, privk) = live
+            .pool
             .run(|s| s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private))?;
         tracing::info!(kid = %hex::encode(id), "created the signing key {name}");
-        Ok((privk, pubk))
+        Ok((live.object(privk), live.object(pubk)))
     }
 
     /// An ES256 signature (r || s, 64 bytes, as JWS wants it) of `message`.
     pub fn sign_es256(&self, key: &SigningKey, message: &[u8]) -> Result<Vec<u8>, HsmError> {
         let digest = Sha256::digest(message);
+        // One hold on the module for the look-up and the signature: no re-initialization
+        // between them.
+        let live = self.live()?;
         let private = {
             let mut slot = sync::lock(&key.private);
             let now = self.login_generation();
-            if slot.0 != now {
-                let found = self.pool().run(|s| {
+            if slot.0 != now || slot.1 .1 != live.epoch {
+                let found = live.pool.run(|s| {
                     s.find_objects(&[
                         Attribute::Class(ObjectClass::PRIVATE_KEY),
                         Attribute::Label(key.label.as_bytes().to_vec()),
@@ -215,12 +246,12 @@ impl Hsm {
                         format!("the {} private key is gone from the token", key.label),
                     ));
                 };
-                *slot = (now, *h);
+                *slot = (now, live.object(*h));
             }
-            slot.1
+            live.handle(slot.1)?
         };
-        let sig = self
-            .pool()
+        let sig = live
+            .pool
             .run(|s| s.sign(&Mechanism::Ecdsa, private, &digest))?;
         if sig.len() != 64 {
             return Err(HsmError::internal(

@@ -175,7 +175,7 @@ impl KeyStore {
         let _gate = self.gate.read().await;
         let mut locks = Vec::with_capacity(wanted.len());
         for kid in &wanted {
-            locks.push(self.lock_of(kid).lock_owned().await);
+            locks.push(self.key_lock(kid).await);
         }
         let entries: Vec<(Kid, Option<Arc<Entry>>)> = {
             let index = sync::read(&self.index);

@@ -21,6 +21,13 @@ pub(super) struct Claim<'a> {
     label: Option<String>,
 }
 
+impl Claims {
+    /// Labels claimed now.
+    pub(super) fn len(&self) -> usize {
+        sync::lock(&self.0).len()
+    }
+}
+
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if let Some(l) = self.label.take() {

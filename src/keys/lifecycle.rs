@@ -253,8 +253,7 @@ impl KeyStore {
             Err(e) => return Err(e),
         }
         let _shared = self.gate.read().await;
-        let lock = self.lock_of(&kid);
-        let _guard = lock.lock().await;
+        let _guard = self.key_lock(&kid).await;
         if sync::read(&self.index).contains_key(&kid) {
             return Err(KeyError::KidTaken(kid));
         }
@@ -342,7 +341,6 @@ impl KeyStore {
         match result {
             Ok(()) => {
                 let _ = sync::write(&self.index).remove(kid);
-                let _ = sync::lock(&self.locks).remove(kid);
                 Ok(UpdateOutcome {
                     key: current.view.clone(),
                     changes,

@@ -38,6 +38,7 @@ pub use batch::{
     Batch, BatchDone, BatchError, BatchFailure, BatchHooks, Phase, Refusal, Selector, MAX_BATCH,
 };
 pub use error::KeyError;
+pub use health::TokenChange;
 pub use lifecycle::NewKeyRequest;
 pub use patch::{check_validity, Actor, Field, FieldChange, KeyPatch, UpdateOutcome};
 pub use reserved::Reserved;
@@ -115,8 +116,14 @@ pub struct KeyStore {
     lost: Arc<std::sync::atomic::AtomicBool>,
     /// The token-signing key's private object, probed to notice a token that goes away.
     probe: Mutex<Option<ObjectRef>>,
-    /// When a lost token was last looked for.
-    last_look: Mutex<Instant>,
+    /// The token-signing key's CKA_ID: tells the token served from any other.
+    identity: Mutex<Option<Vec<u8>>>,
+    /// When the lost token is looked for next.
+    recovery: Mutex<health::Recovery>,
+    /// Held by the one attempt to get the token back that may run.
+    recovering: tokio::sync::Mutex<()>,
+    /// Losses and returns not yet taken by the daemon (for the audit trail).
+    changes: Mutex<Vec<TokenChange>>,
 }
 
 /// The parts of the store the blocking write code needs.
@@ -156,7 +163,7 @@ impl KeyStore {
             chores,
             unreadable,
         } = scanner;
-        let probe = reserved.token_signing.0.first().copied();
+        let probe = reserved.token_signing.0.first().map(|(p, _)| *p);
         Ok(KeyStore {
             generation: generation.into(),
             hsm,
@@ -174,7 +181,10 @@ impl KeyStore {
             turns: Arc::new(tokio::sync::Semaphore::new(sessions + 1)),
             lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             probe: Mutex::new(probe),
-            last_look: Mutex::new(Instant::now()),
+            identity: Mutex::new(None),
+            recovery: Mutex::new(health::Recovery::default()),
+            recovering: tokio::sync::Mutex::new(()),
+            changes: Mutex::new(Vec::new()),
         })
     }
 
@@ -341,6 +351,11 @@ impl KeyStore {
     /// Rebuilds the index from one scan, with no update running.
     async fn rescan(&self, why: &str) -> Result<(), KeyError> {
         let _exclusive = self.gate.write().await;
+        self.rescan_held(why).await
+    }
+
+    /// [`KeyStore::rescan`] for a caller that holds the gate exclusively.
+    async fn rescan_held(&self, why: &str) -> Result<(), KeyError> {
         let scanner = Scanner {
             hsm: self.hsm.clone(),
             shared: self.shared.clone(),
@@ -355,7 +370,7 @@ impl KeyStore {
             .on_token(move || scanner.scan())
             .await?
             .map_err(KeyError::Unavailable)?;
-        self.judge_scan(reserved.token_signing.0.first().copied())?;
+        self.judge_scan(&reserved.token_signing.0)?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
         *sync::write(&self.index) = fresh;
         self.generation
@@ -374,11 +389,26 @@ impl KeyStore {
         Ok(())
     }
 
-    fn lock_of(&self, kid: &Kid) -> Arc<tokio::sync::Mutex<()>> {
-        sync::lock(&self.locks)
+    /// Takes the write lock of `kid`. The lock map holds only locks in use or waited
+    /// for: the last holder removes its entry (see [`KeyLock`]), so the map does not grow
+    /// with every key ever written.
+    async fn key_lock(&self, kid: &Kid) -> KeyLock<'_> {
+        let lock = sync::lock(&self.locks)
             .entry(kid.clone())
             .or_default()
-            .clone()
+            .clone();
+        KeyLock {
+            locks: &self.locks,
+            kid: kid.clone(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+
+    /// Sizes of the store's own per-key tables (for `GET /v1/status`): write locks in use
+    /// or waited for, labels claimed by writes in progress. Both go back to 0 when no
+    /// write runs.
+    pub fn tables(&self) -> (usize, usize) {
+        (sync::lock(&self.locks).len(), self.claims.len())
     }
 
     /// Applies `patch` to the key `kid` on behalf of `actor`: all of it, or nothing. With
@@ -435,7 +465,16 @@ impl KeyStore {
         self.refresh_handles().await?;
         let _ = self.entry(kid).await?;
         let gate = self.gate.read().await;
-        let key = self.lock_of(kid).lock_owned().await;
+        let key = self.key_lock(kid).await;
+        // The module may have been re-initialized (or logged in again) while we waited:
+        // the index's handles would then name other objects.
+        self.ensure_token()?;
+        if self.hsm.login_generation() != self.generation() {
+            return Err(KeyError::Unavailable(HsmError::unavailable(
+                "the token",
+                "the token was logged in again while this request waited; retry",
+            )));
+        }
         let current = sync::read(&self.index)
             .get(kid)
             .cloned()
@@ -455,8 +494,30 @@ impl KeyStore {
 /// A key held for writing: see [`KeyStore::lock_key`].
 struct Locked<'a> {
     _gate: tokio::sync::RwLockReadGuard<'a, ()>,
-    _key: tokio::sync::OwnedMutexGuard<()>,
+    _key: KeyLock<'a>,
     current: Arc<Entry>,
+}
+
+/// A key's write lock, held; on drop the lock is released and, if nobody else holds or
+/// waits for it, its entry leaves the map. (Everyone takes a clone of the entry under the
+/// map's mutex, so a count of one there means no one else has it.)
+struct KeyLock<'a> {
+    locks: &'a Mutex<HashMap<Kid, Arc<tokio::sync::Mutex<()>>>>,
+    kid: Kid,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyLock<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = sync::lock(self.locks);
+        if locks
+            .get(&self.kid)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            let _ = locks.remove(&self.kid);
+        }
+    }
 }
 
 /// Maps an HSM failure during a key operation to the domain error.

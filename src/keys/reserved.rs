@@ -11,11 +11,15 @@ use crate::hsm::{
 /// The EC private and public key objects under one reserved label.
 pub type Pair = (Vec<ObjectRef>, Vec<ObjectRef>);
 
+/// The token-signing pair's objects: the private keys with their CKA_ID (which tells the
+/// token served from any other, `health.rs`), the public keys.
+pub type SigningObjects = (Vec<(ObjectRef, Vec<u8>)>, Vec<ObjectRef>);
+
 /// What a scan found of hsmkeyd's own objects.
 #[derive(Debug, Default, Clone)]
 pub struct Reserved {
     /// Under the token-signing key's label.
-    pub token_signing: Pair,
+    pub token_signing: SigningObjects,
     /// Under the audit-signing key's label.
     pub audit_signing: Pair,
     /// The audit high-water mark objects and their records.
@@ -32,17 +36,18 @@ impl Reserved {
         if o.algorithm != Some(Algorithm::Ec) {
             return;
         }
-        let pair = if o.label == SIGNING_KEY_LABEL.as_bytes() {
-            &mut self.token_signing
+        if o.label == SIGNING_KEY_LABEL.as_bytes() {
+            match o.kind {
+                ObjectKind::PrivateKey => self.token_signing.0.push((o.handle, o.id.clone())),
+                ObjectKind::PublicKey => self.token_signing.1.push(o.handle),
+                _ => {}
+            }
         } else if o.label == AUDIT_SIGNING_KEY_LABEL.as_bytes() {
-            &mut self.audit_signing
-        } else {
-            return;
-        };
-        match o.kind {
-            ObjectKind::PrivateKey => pair.0.push(o.handle),
-            ObjectKind::PublicKey => pair.1.push(o.handle),
-            _ => {}
+            match o.kind {
+                ObjectKind::PrivateKey => self.audit_signing.0.push(o.handle),
+                ObjectKind::PublicKey => self.audit_signing.1.push(o.handle),
+                _ => {}
+            }
         }
     }
 }

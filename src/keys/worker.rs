@@ -252,8 +252,7 @@ impl KeyStore {
     /// Writes the dirty record of `kid` to the token.
     async fn flush(&self, kid: &Kid) {
         let _shared = self.gate.read().await;
-        let lock = self.lock_of(kid);
-        let _guard = lock.lock().await;
+        let _guard = self.key_lock(kid).await;
         let Some(entry) = sync::read(&self.index).get(kid).cloned() else {
             return;
         };

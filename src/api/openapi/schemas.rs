@@ -673,13 +673,20 @@ fn status() -> Schema {
                     &["objects", "records"],
                 )),
             ),
+            (
+                "tables",
+                RefOr::T(closed(
+                    vec![("key_locks", n()), ("label_claims", n())],
+                    &["key_locks", "label_claims"],
+                )),
+            ),
         ],
         &STATUS_FIELDS,
     )
 }
 
 /// The fields of `GET /v1/status`, all always there.
-pub(super) const STATUS_FIELDS: [&str; 13] = [
+pub(super) const STATUS_FIELDS: [&str; 14] = [
     "version",
     "state",
     "token",
@@ -693,6 +700,7 @@ pub(super) const STATUS_FIELDS: [&str; 13] = [
     "last_reload",
     "unreadable_objects",
     "cleanup_backlog",
+    "tables",
 ];
 
 /// The appliance's label: 1..=32 printable ASCII characters.
