@@ -412,15 +412,23 @@ fn an_attribute_change_interrupted_after_its_record_is_rolled_forward_at_startup
 }
 
 /// Startup searches the token once: the scan that builds the index also finds hsmkeyd's
-/// own objects (both signing pairs, the audit marks), on a fresh token (where they are
-/// created) and on a restart (where they are found). On SoftHSM2 every search reads every
-/// object of the token, so each extra one is paid again at 10,000 keys.
+/// own objects (both signing pairs, the audit marks, the Encedo device key), on a fresh
+/// token (where they are created) and on a restart (where they are found). On SoftHSM2
+/// every search reads every object of the token, so each extra one is paid again at
+/// 10,000 keys.
 #[test]
 fn startup_searches_the_token_once() {
     let t = token_with(&[Key::ec(EC, "ec"), Key::aes(AES, "aes")]);
     for run in ["first start", "restart"] {
         let faults = tempfile::tempdir().unwrap();
-        let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+        let setup = Setup {
+            extra: format!(
+                "[[encedo.users]]\nname = \"dev\"\nscopes = [\"keymgmt:list\"]\npubkey = \"{}\"\n",
+                common::encedo::login_pubkey([7; 32])
+            ),
+            ..Setup::faulty(faults.path())
+        };
+        let d = Daemon::start(&t, &setup);
         // Serving and chained: the audit key is published, and a change is audited.
         assert_eq!(d.client().get("/v1/audit/key").status, 200, "{run}");
         Response::ok(&d.client().patch(AES, &json!({"description": run})));
@@ -446,4 +454,9 @@ fn startup_searches_the_token_once() {
         .filter(|o| o.label.starts_with("hsmkeyd-audit-mark"))
         .count();
     assert_eq!(marks, 2, "{objects:?}");
+    let device = objects
+        .iter()
+        .filter(|o| o.label == "hsmkeyd-encedo-device")
+        .count();
+    assert_eq!(device, 1, "{objects:?}");
 }

@@ -285,10 +285,17 @@ fn the_jwks_verifies_minted_tokens_with_an_independent_library() {
     // It is not a managed key.
     let keys = d.client().get("/v1/keys").json();
     assert_eq!(keys["total"], 2);
-    // And no key may take its label.
-    d.client()
-        .patch(AES, &json!({"label": "hsmkeyd-jwt-signing"}))
-        .assert_error(400, "invalid_label");
+    // And no key may take its label, nor that of hsmkeyd's other own keys: a second key
+    // under one would leave the daemon unable to tell its own at the next start.
+    for reserved in [
+        "hsmkeyd-jwt-signing",
+        "hsmkeyd-audit-signing",
+        "hsmkeyd-encedo-device",
+    ] {
+        d.client()
+            .patch(AES, &json!({"label": reserved}))
+            .assert_error(400, "invalid_label");
+    }
 }
 
 /// Expected status of each endpoint for a caller holding `scopes`.

@@ -276,7 +276,7 @@ pub(super) fn new_key(mut f: Map<String, Value>) -> Result<NewKeyRequest, ApiErr
         return Err(ApiError::bad_field(
             "invalid_label",
             "label",
-            "this label is reserved for hsmkeyd's own signing keys",
+            "this label is reserved for hsmkeyd's own keys",
         ));
     }
     let description = text(&mut f, "description")?

@@ -7,23 +7,30 @@ use crate::api::encedo::LoginService;
 use crate::auth::encedo::{default_eid, passphrase_public_key, EncedoLogin, LoginUser};
 use crate::config::{Config, UserKey};
 use crate::hsm::{Hsm, DEVICE_KEY_LABEL};
+use crate::keys::Reserved;
 use crate::secret;
 
 use super::Fatal;
 
 /// The login of `config`, or `None` when no `[[encedo.users]]` are configured (the
 /// endpoints then answer 404 `login_disabled`, and the token gets no device key).
-pub(super) fn service(config: &Config, hsm: &Hsm) -> Result<Option<Arc<LoginService>>, Fatal> {
+pub(super) fn service(
+    config: &Config,
+    hsm: &Hsm,
+    found: &Reserved,
+) -> Result<Option<Arc<LoginService>>, Fatal> {
     let e = &config.encedo;
     if e.users.is_empty() {
         return Ok(None);
     }
-    let device = hsm.encedo_device_secret().map_err(|err| {
-        Fatal(format!(
-            "the Encedo device key ({DEVICE_KEY_LABEL}) in {} is unusable: {err}",
-            hsm.token()
-        ))
-    })?;
+    let device = hsm
+        .encedo_device_secret(&found.encedo_device)
+        .map_err(|err| {
+            Fatal(format!(
+                "the Encedo device key ({DEVICE_KEY_LABEL}) in {} is unusable: {err}",
+                hsm.token()
+            ))
+        })?;
     let eid = e
         .eid
         .clone()

@@ -171,7 +171,7 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         .map_err(|e| Fatal(format!("cannot record the login in the audit trail: {e}")))?;
     let signer = signer(&hsm, &keys)?;
     let tokens = token_service(&config, signer.clone())?;
-    let encedo_login = login::service(&config, &hsm)?;
+    let encedo_login = login::service(&config, &hsm, keys.reserved())?;
     let listeners = Listeners {
         owns_unix_path,
         unix: listener,

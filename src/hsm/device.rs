@@ -8,10 +8,10 @@
 //! on drop), the same on every start with the same token, and gone with the token.
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::object::Attribute;
 use zeroize::Zeroizing;
 
-use super::{Hsm, HsmError};
+use super::{Hsm, HsmError, ObjectRef};
 
 /// CKA_LABEL of the generic secret key the device key is derived from.
 pub const DEVICE_KEY_LABEL: &str = "hsmkeyd-encedo-device";
@@ -21,18 +21,19 @@ pub const DEVICE_KEY_LABEL: &str = "hsmkeyd-encedo-device";
 const DERIVATION_MESSAGE: &[u8] = b"hsmkeyd encedo device x25519 v1";
 
 impl Hsm {
-    /// The device's X25519 private key, derived through the token (see the module doc).
-    /// Startup only: this searches the token, and creates the secret key when missing.
-    pub fn encedo_device_secret(&self) -> Result<Zeroizing<[u8; 32]>, HsmError> {
+    /// The device's X25519 private key, derived through the token (see the module doc),
+    /// from the secret keys a scan found under [`DEVICE_KEY_LABEL`]; the key is created
+    /// when there is none. Startup only.
+    pub fn encedo_device_secret(
+        &self,
+        found: &[ObjectRef],
+    ) -> Result<Zeroizing<[u8; 32]>, HsmError> {
         let label = DEVICE_KEY_LABEL.as_bytes().to_vec();
         let live = self.live()?;
-        let found = live.pool.run(|s| {
-            s.find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::Label(label.clone()),
-            ])
-        })?;
+        let found = found
+            .iter()
+            .map(|r| live.handle(*r))
+            .collect::<Result<Vec<_>, _>>()?;
         let key = match found.as_slice() {
             [k] => *k,
             [] => {

@@ -22,9 +22,13 @@ pub const SIGNING_KEY_LABEL: &str = "hsmkeyd-jwt-signing";
 /// CKA_LABEL of the audit-signing pair (both objects): signs audit checkpoints only.
 pub const AUDIT_SIGNING_KEY_LABEL: &str = "hsmkeyd-audit-signing";
 
-/// Whether `label` is one of hsmkeyd's own signing keys, which are not managed keys.
+/// Whether `label` is one of hsmkeyd's own keys (the two signing pairs, the Encedo device
+/// key), which are not managed keys: no key may be created or renamed to one (a second key
+/// under it would stop the daemon from telling its own).
 pub fn is_reserved_label(label: &[u8]) -> bool {
-    label == SIGNING_KEY_LABEL.as_bytes() || label == AUDIT_SIGNING_KEY_LABEL.as_bytes()
+    label == SIGNING_KEY_LABEL.as_bytes()
+        || label == AUDIT_SIGNING_KEY_LABEL.as_bytes()
+        || label == super::DEVICE_KEY_LABEL.as_bytes()
 }
 
 /// The signing pair, opaque above this layer.

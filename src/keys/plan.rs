@@ -161,7 +161,7 @@ pub(super) fn plan(
             "invalid_label",
             "label",
             format!(
-                "the label {} is reserved for hsmkeyd's own signing keys",
+                "the label {} is reserved for hsmkeyd's own keys",
                 l.as_str()
             ),
         ));

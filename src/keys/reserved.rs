@@ -1,11 +1,12 @@
 //! hsmkeyd's own objects, as a scan finds them: the token-signing pair, the audit-signing
-//! pair and the audit trail's high-water mark objects (with their records). They are not
+//! pair, the audit trail's high-water mark objects (with their records) and the Encedo
+//! device key. They are not
 //! managed keys; the daemon takes them from the opening scan, so startup searches the
 //! token once (on SoftHSM2 every C_FindObjects reads every object of the token again).
 
 use crate::hsm::{
     audit_mark, Algorithm, ObjectInfo, ObjectKind, ObjectRef, AUDIT_SIGNING_KEY_LABEL,
-    SIGNING_KEY_LABEL,
+    DEVICE_KEY_LABEL, SIGNING_KEY_LABEL,
 };
 
 /// The EC private and public key objects under one reserved label.
@@ -24,6 +25,8 @@ pub struct Reserved {
     pub audit_signing: Pair,
     /// The audit high-water mark objects and their records.
     pub audit_marks: Vec<(ObjectRef, Vec<u8>)>,
+    /// Secret keys under the Encedo device key's label.
+    pub encedo_device: Vec<ObjectRef>,
 }
 
 impl Reserved {
@@ -31,6 +34,12 @@ impl Reserved {
     pub(super) fn note(&mut self, o: &ObjectInfo) {
         if let Some(record) = audit_mark::record_of(o) {
             self.audit_marks.push((o.handle, record));
+            return;
+        }
+        if o.label == DEVICE_KEY_LABEL.as_bytes() {
+            if o.kind == ObjectKind::SecretKey {
+                self.encedo_device.push(o.handle);
+            }
             return;
         }
         if o.algorithm != Some(Algorithm::Ec) {

@@ -414,8 +414,11 @@ fn new_key() -> Schema {
             (
                 "kid",
                 s(kid()
+                    .schema_type(or_null(Type::String))
                     .max_length(Some(2 * MAX_NEW_KID_BYTES))
-                    .description(Some("The new key's kid; random when left out"))),
+                    .description(Some(
+                        "The new key's kid; random (16 bytes) when left out or null",
+                    ))),
             ),
         ];
         if let Some(size) = size {
