@@ -1,6 +1,6 @@
 //! The API's OpenAPI 3.1 document, built from the code (utoipa's model): the operations of
 //! the route table (`operations.rs`, one per route of [`super::routes`]), the schemas with
-//! the parsers' own limits and field lists (`schemas.rs`), every error code per
+//! the parsers' own limits and field lists (`schemas/`), every error code per
 //! operation (`ops.rs`). Served at `GET /v1/openapi.json` to any principal, and committed
 //! as `docs/openapi.json`; the tests fail when a route, a field or the committed copy
 //! drifts from the code.

@@ -88,7 +88,7 @@ fn the_key_schema_has_the_fields_a_key_serializes_to() {
     assert_eq!(
         names(&key["properties"]),
         names(&full),
-        "the Key schema (src/api/openapi/schemas.rs) and KeyView's JSON have different fields"
+        "the Key schema (src/api/openapi/schemas/keys.rs) and KeyView's JSON have different fields"
     );
     let required: BTreeSet<String> = key["required"]
         .as_array()
@@ -115,7 +115,7 @@ fn the_patch_schema_has_the_fields_the_parser_accepts() {
     assert_eq!(
         props,
         list(PATCH_FIELDS),
-        "KeyPatch (schemas.rs patch_properties) and body::PATCH_FIELDS differ"
+        "KeyPatch (schemas/keys.rs patch_properties) and body::PATCH_FIELDS differ"
     );
     for field in PATCH_FIELDS {
         // A value of the wrong type: refused as that field, never as unknown.
