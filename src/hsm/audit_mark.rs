@@ -72,37 +72,18 @@ fn label_with(record: &[u8]) -> Vec<u8> {
 }
 
 impl Hsm {
-    /// Finds the mark objects (creating them with `initial` when there are fewer than two)
-    /// and returns the records of both, in slot order, so the caller can pick the higher
-    /// and [`AuditMark::write_first`] the other. More than two (a crash between a create
-    /// and a destroy) are cut down to the two the caller's `rank` puts highest. Startup
-    /// only: this searches the token.
-    pub fn audit_mark(
-        &self,
-        initial: &[u8],
-        rank: impl Fn(&[u8]) -> Option<u64>,
-    ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
-        let found = self.find_marks()?;
-        self.audit_mark_of(found, initial, rank)
-    }
-
-    /// [`Hsm::audit_mark`] from the mark objects a scan found ([`record_of`]), so startup
-    /// does not search the token again.
+    /// Takes the mark objects a scan found ([`record_of`]), creating them with `initial`
+    /// when there are fewer than two, and returns the records of both, in slot order, so
+    /// the caller can pick the higher and [`AuditMark::write_first`] the other. More than
+    /// two (a crash between a create and a destroy) are cut down to the two the caller's
+    /// `rank` puts highest. Startup only.
     pub fn audit_mark_among(
         &self,
         found: &[(ObjectRef, Vec<u8>)],
         initial: &[u8],
         rank: impl Fn(&[u8]) -> Option<u64>,
     ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
-        self.audit_mark_of(found.to_vec(), initial, rank)
-    }
-
-    fn audit_mark_of(
-        &self,
-        mut found: Vec<(ObjectRef, Vec<u8>)>,
-        initial: &[u8],
-        rank: impl Fn(&[u8]) -> Option<u64>,
-    ) -> Result<(AuditMark, [Vec<u8>; 2]), HsmError> {
+        let mut found = found.to_vec();
         found.sort_by_key(|(_, r)| std::cmp::Reverse(rank(r)));
         for (h, _) in found.drain(found.len().min(2)..) {
             self.destroy(h)?;

@@ -7,7 +7,7 @@
 //! their labels ([`is_reserved_label`]).
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 
@@ -72,35 +72,6 @@ impl SigningKey {
 }
 
 impl Hsm {
-    /// Finds the token-signing pair, or creates it when the token has none. Startup only:
-    /// this searches the token.
-    pub fn signing_key(&self) -> Result<SigningKey, HsmError> {
-        self.signing_key_labelled(SIGNING_KEY_LABEL)
-    }
-
-    /// Finds the pair under one of the reserved labels, or creates it when the token has
-    /// none. Startup only: this searches the token.
-    pub fn signing_key_labelled(&self, name: &'static str) -> Result<SigningKey, HsmError> {
-        let label = name.as_bytes().to_vec();
-        let find = |class: ObjectClass| {
-            let live = self.live()?;
-            live.pool
-                .run(|s| {
-                    s.find_objects(&[
-                        Attribute::Class(class),
-                        Attribute::Label(label.clone()),
-                        Attribute::KeyType(KeyType::EC),
-                    ])
-                })
-                .map(|v| v.into_iter().map(|h| live.object(h)).collect::<Vec<_>>())
-        };
-        let (privs, pubs) = (
-            find(ObjectClass::PRIVATE_KEY)?,
-            find(ObjectClass::PUBLIC_KEY)?,
-        );
-        self.signing_key_of(name, privs, pubs)
-    }
-
     /// CKA_ID of every private key under the reserved label `name`: one search, to tell
     /// whether the token in the slot is the one hsmkeyd served before (see
     /// [`SigningKey::id`]) without reading or writing anything else.
@@ -121,7 +92,7 @@ impl Hsm {
         })
     }
 
-    /// [`Hsm::signing_key`] from the objects a scan found under the reserved label (EC
+    /// The token-signing pair from the objects a scan found under the reserved label (EC
     /// private and public keys), so startup does not search the token again.
     pub fn signing_key_among(
         &self,
@@ -131,7 +102,8 @@ impl Hsm {
         self.signing_key_labelled_among(SIGNING_KEY_LABEL, privs, pubs)
     }
 
-    /// [`Hsm::signing_key_labelled`] from the objects a scan found under `name`.
+    /// The pair under the reserved label `name`, from the objects a scan found there, or
+    /// a new pair when the token has none. Startup only.
     pub fn signing_key_labelled_among(
         &self,
         name: &'static str,
