@@ -350,6 +350,25 @@ fn a_write_that_fails_part_way_through_a_pair_is_undone_at_once() {
     let d = Daemon::start(&t, &setup().with_faults(faults.path()));
     let c = d.client();
     Response::ok(&c.patch(EC, &json!({"description": "first"})));
+    // The worker makes the record's spare once the key is quiet: then the next record write
+    // is one C_SetAttributeValue (before, it would be a C_CreateObject, and the count below
+    // would fall on the wrong write).
+    let meta = format!("hsmkeyd-meta:{EC} ");
+    assert!(
+        common::wait_until(
+            "the record's spare",
+            std::time::Duration::from_secs(10),
+            || {
+                t.objects()
+                    .iter()
+                    .filter(|o| o.label.starts_with(&meta))
+                    .count()
+                    == 2
+            }
+        ),
+        "{}",
+        t.objects_text()
+    );
     let (objects, when) = (flags(&t, EC), dates(&t, EC));
     let key = Response::ok(&c.get(&format!("/v1/keys/{EC}")));
     // The record, then the private key, then the public key fails.
