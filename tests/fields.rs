@@ -152,7 +152,14 @@ fn sensitive_and_extractable_change_one_way_only() {
     );
 
     // The reverse directions are refused before anything reaches the token, dry run or not.
-    let before = t.objects_text();
+    // (The key objects: the worker may still be writing the record of the changes above.)
+    let key_objects = || -> Vec<_> {
+        t.objects()
+            .into_iter()
+            .filter(|o| o.class != "Data")
+            .collect()
+    };
+    let before = key_objects();
     for q in ["", "?dry_run=true"] {
         for (kid, body, field) in [
             (AES, json!({"sensitive": false}), "sensitive"),
@@ -169,7 +176,7 @@ fn sensitive_and_extractable_change_one_way_only() {
             assert_eq!(e["field"], field, "{body}{q}: {e}");
         }
     }
-    assert_eq!(t.objects_text(), before, "a refused one-way change wrote");
+    assert_eq!(key_objects(), before, "a refused one-way change wrote");
 
     // The allowed directions reach the token.
     let body = Response::ok(&c.patch(OPEN, &json!({"sensitive": true, "extractable": false})));
