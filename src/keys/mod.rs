@@ -20,6 +20,8 @@ mod patch;
 mod plan;
 pub mod public;
 mod reserved;
+mod scan;
+use scan::{Scan, Scanner};
 mod settle;
 mod update;
 mod worker;
@@ -536,90 +538,5 @@ fn hsm_error(kid: &Kid, e: HsmError) -> KeyError {
         },
         HsmErrorKind::Unavailable => KeyError::Unavailable(e),
         HsmErrorKind::Internal => KeyError::Internal(e.to_string()),
-    }
-}
-
-/// One full scan: group objects into keys, finish interrupted label changes, and hand
-/// superseded and v1 records to the worker.
-/// What a scan reads the token with.
-struct Scanner {
-    hsm: Hsm,
-    shared: Arc<Shared>,
-    chores: worker::Chores,
-    unreadable: Arc<AtomicUsize>,
-}
-
-/// What one scan found.
-struct Scan {
-    /// The login generation the handles belong to.
-    generation: u64,
-    index: BTreeMap<Kid, Arc<Entry>>,
-    /// hsmkeyd's own objects.
-    reserved: Reserved,
-}
-
-impl Scanner {
-    fn scan(&self) -> Result<Scan, HsmError> {
-        let generation = self.hsm.login_generation();
-        let mut reserved = Reserved::default();
-        let index = scan_index(self, generation, &mut reserved)?;
-        Ok(Scan {
-            generation,
-            index,
-            reserved,
-        })
-    }
-}
-
-fn scan_index(
-    scanner: &Scanner,
-    generation: u64,
-    reserved: &mut Reserved,
-) -> Result<BTreeMap<Kid, Arc<Entry>>, HsmError> {
-    let Scanner {
-        hsm,
-        shared,
-        chores,
-        unreadable,
-    } = scanner;
-    let scanned = hsm.scan(&[
-        meta::APPLICATION,
-        meta::APPLICATION_V1,
-        audit_mark::APPLICATION,
-    ])?;
-    for o in &scanned.objects {
-        reserved.note(o);
-    }
-    unreadable.store(scanned.unreadable, std::sync::atomic::Ordering::Relaxed);
-    if scanned.unreadable > 0 {
-        tracing::warn!(
-            objects = scanned.unreadable,
-            "objects of the token could not be read and are not served"
-        );
-    }
-    let (groups, skipped) = entry::group(scanned.objects);
-    if skipped > 0 {
-        tracing::warn!(
-            objects = skipped,
-            "key objects without a usable CKA_ID (empty or over 128 bytes) are not served"
-        );
-    }
-    let mut index = BTreeMap::new();
-    chores.forget_all();
-    for (kid, group) in groups {
-        if let Some(mut e) = settle::settle(hsm, &kid, group, &shared.label_limit) {
-            chores.superseded(generation, &kid, std::mem::take(&mut e.stale));
-            if e.meta.as_ref().is_some_and(|m| m.dirty) {
-                chores.dirty(&kid);
-            }
-            let _ = index.insert(kid, Arc::new(e));
-        }
-    }
-    Ok(index)
-}
-
-impl Group {
-    fn new(objects: Vec<crate::hsm::ObjectInfo>, metas: Vec<crate::hsm::ObjectInfo>) -> Group {
-        Group { objects, metas }
     }
 }
