@@ -366,7 +366,7 @@ fn destroy(hsm: &Hsm, kid: &Kid, entry: &Entry, limit: &AtomicUsize) -> Result<(
     record.seq += 1;
     record.relabel = None;
     record.lifecycle = Some(Lifecycle::Deleting);
-    let marked = update::write_record(hsm, kid, entry.meta.as_ref(), &record, limit)
+    let marked = update::write_record(hsm, kid, entry.meta.as_deref(), &record, limit)
         .map_err(|e| hsm_error(kid, e))?;
     for o in &entry.objects {
         hsm.destroy(o.handle).map_err(|e| hsm_error(kid, e))?;

@@ -80,7 +80,7 @@ pub(super) fn preview(kid: &Kid, current: &Entry, plan: &Plan) -> Option<super::
     let slot = match &current.meta {
         Some(m) => MetaSlot {
             record: plan.record.clone(),
-            ..m.clone()
+            ..(**m).clone()
         },
         None => MetaSlot {
             object: None,
@@ -91,7 +91,7 @@ pub(super) fn preview(kid: &Kid, current: &Entry, plan: &Plan) -> Option<super::
             dirty: true,
         },
     };
-    Entry::assemble(kid, objects, Some(slot), None).map(|e| e.view)
+    Entry::assemble(kid, objects, Some(Box::new(slot)), None).map(|e| e.view)
 }
 
 pub(super) fn now_rfc3339() -> String {

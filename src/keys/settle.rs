@@ -109,7 +109,7 @@ pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) ->
     match flush(hsm, kid, &slot, limit) {
         Ok((fresh, superseded)) => {
             tracing::warn!(%kid, "{direction} interrupted by a crash");
-            slot = fresh;
+            *slot = fresh;
             entry.stale.extend(superseded);
         }
         Err(e) => {

@@ -133,7 +133,7 @@ pub(super) fn apply(
     limit: &AtomicUsize,
 ) -> Applied {
     let mut superseded = Vec::new();
-    let old = current.meta.as_ref();
+    let old = current.meta.as_deref();
     let next_seq = old.map_or(0, |m| m.record.seq) + 1;
     // After a failure the token is the truth: read back the key's objects, including a
     // record object this update made.
@@ -223,7 +223,7 @@ pub(super) fn apply(
     }
     Applied {
         result: Ok(()),
-        entry: Ok(Entry::assemble(kid, objects, slot, None)),
+        entry: Ok(Entry::assemble(kid, objects, slot.map(Box::new), None)),
         superseded,
     }
 }

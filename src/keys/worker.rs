@@ -266,7 +266,7 @@ impl KeyStore {
         match written {
             Ok(Ok((fresh, superseded))) => {
                 let mut e = (*entry).clone();
-                e.meta = Some(fresh);
+                e.meta = Some(Box::new(fresh));
                 let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(e));
                 self.chores.superseded(self.generation(), kid, superseded);
             }
