@@ -241,6 +241,28 @@ fn a_new_key_keeps_its_description_roles_usage_and_chosen_kid() {
     let kid = r.json()["key"]["kid"].as_str().unwrap().to_string();
     assert_eq!(kid.len(), 32, "{kid}");
     assert_eq!(blocks_of(&t, &kid).len(), 1, "{}", t.objects_text());
+    // So is `"usage": null` (schemathesis again): the type's defaults, as when left out.
+    let r = create(
+        &d,
+        json!({"type": "ec", "label": "null-usage", "kid": "0bad", "usage": null}),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let defaults = create(
+        &d,
+        json!({"type": "ec", "label": "no-usage", "kid": "0bae"}),
+    );
+    assert_eq!(
+        defaults.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&defaults.body)
+    );
+    let (null_usage, no_usage) = (r.json()["key"].clone(), defaults.json()["key"].clone());
+    assert_eq!(
+        null_usage["attributes"], no_usage["attributes"],
+        "{null_usage}"
+    );
+    assert_eq!(null_usage["attributes"]["sign"], true, "{null_usage}");
 }
 
 #[test]

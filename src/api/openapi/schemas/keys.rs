@@ -136,7 +136,7 @@ pub(super) fn new_key() -> Schema {
                 "roles",
                 a(array(s(role())).schema_type(or_null(Type::Array))),
             ),
-            ("usage", RefOr::T(usage(&spec))),
+            ("usage", RefOr::T(usage_or_null(&spec))),
             ("not_before", date_or_null("CKA_START_DATE of every object")),
             (
                 "not_after",
@@ -228,6 +228,20 @@ pub(super) fn usage(spec: &KeySpec) -> Schema {
         })
         .collect();
     closed(props, &[])
+}
+
+/// A new key's `usage`: the flags of [`usage`], or null (as when left out: the type's
+/// defaults; `lifecycle::usage`).
+fn usage_or_null(spec: &KeySpec) -> Schema {
+    match usage(spec) {
+        Schema::Object(mut o) => {
+            o.schema_type = [Type::Object, Type::Null].into_iter().collect();
+            o.description =
+                Some("The usage flags; the type's defaults when left out or null".into());
+            Schema::Object(o)
+        }
+        other => other,
+    }
 }
 
 /// `PATCH /v1/keys/{kid}`: the fields of `body::PATCH_FIELDS`.
