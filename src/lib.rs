@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod front;
 pub mod hsm;
 pub mod keys;
+pub mod memory;
 pub mod secret;
 pub mod sync;
 pub mod systemd;

@@ -65,3 +65,55 @@ fn updates_of_many_keys_leave_no_lock_or_claim_behind() {
         vec![("Secret".to_string(), "t-7".to_string())]
     );
 }
+
+/// Steady updates, once every key has its record and its spare, leave none of our memory
+/// behind (`GET /v1/status` `memory.heap_bytes` counts what hsmkeyd's own code holds, not
+/// the PKCS#11 module's `malloc`): issue #17 saw RSS grow with every update, and the bench
+/// (`mem_*`) puts what remains with the module.
+#[test]
+fn steady_updates_leave_none_of_our_memory_behind() {
+    const STEADY: u32 = 40;
+    let t = Token::new();
+    let _ = t.devtoken(&["bulk", "--count", &STEADY.to_string(), "--id-prefix", "dd"]);
+    let d = Daemon::start(&t, &Setup::default());
+    let kid = |i: u32| format!("dd{i:08x}");
+    let pass = |p: u32| {
+        for i in 0..STEADY {
+            let c = d.client();
+            Response::ok(&c.patch(&kid(i), &json!({"label": format!("p{p}-{i}")})));
+            Response::ok(&c.patch(&kid(i), &json!({"description": format!("d{p}-{i}")})));
+        }
+    };
+    let settled_heap = || {
+        let mut last = None;
+        assert!(
+            common::wait_until("a quiet worker", Duration::from_secs(20), || {
+                let s = Response::ok(&d.client().get("/v1/status"));
+                last = s["memory"]["heap_bytes"].as_u64();
+                s["cleanup_backlog"]["objects"] == 0 && s["cleanup_backlog"]["records"] == 0
+            }),
+            "{}",
+            d.log()
+        );
+        last.expect("memory.heap_bytes is counted by the daemon")
+    };
+    // Two passes give every key its record object and its spare; later writes are in place.
+    pass(0);
+    pass(1);
+    let before = settled_heap();
+    for p in 2..7 {
+        pass(p);
+    }
+    let after = settled_heap();
+    let updates = u64::from(STEADY) * 2 * 5;
+    let grown = after.saturating_sub(before);
+    eprintln!("heap {before} -> {after} over {updates} updates");
+    // A leak of 40 bytes an update would be 16 KB here.
+    assert!(
+        grown < 16 * 1024,
+        "our heap grew by {grown} bytes over {updates} steady updates ({before} -> {after})"
+    );
+    let status = Response::ok(&d.client().get("/v1/status"));
+    let rss = status["memory"]["rss_bytes"].as_u64().unwrap_or(0);
+    assert!(rss > after, "the resident set holds our heap: {status}");
+}

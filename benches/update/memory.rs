@@ -67,11 +67,11 @@ pub(crate) fn memory_figures(o: &Opts, cached: &Path, figs: &mut Figures) -> Res
             };
             c.patch(&bulk_kid(i % keys), &body)?;
             if i + 1 == keys || i + 1 == 2 * keys {
+                settled(&mut c)?;
                 samples.push(d.rss_mib()? * 1024.0);
             }
         }
-        // The worker's record writes of the last updates.
-        std::thread::sleep(Duration::from_secs(1));
+        settled(&mut c)?;
         samples.push(d.rss_mib()? * 1024.0);
         drop(c);
         drop(d.stop()?);
@@ -99,6 +99,27 @@ pub(crate) fn memory_figures(o: &Opts, cached: &Path, figs: &mut Figures) -> Res
         );
     }
     Ok(())
+}
+
+/// Waits until the worker has written every dirty record and destroyed every superseded
+/// object, so a pass's sample holds the objects that pass made: the records of the last
+/// label changes of a pass are written (created, in the first two passes) a moment after
+/// it ends, and sampling before that charged their objects to the next pass.
+fn settled(c: &mut crate::client::Conn<std::os::unix::net::UnixStream>) -> Res<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let status = c.ok("GET", "/v1/status", "")?;
+        let backlog = &status["cleanup_backlog"];
+        if backlog["objects"] == 0 && backlog["records"] == 0 {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "the worker did not catch up within 60 s: {backlog}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn parse_samples(text: &str) -> Res<Vec<f64>> {

@@ -303,6 +303,10 @@ async fn status(
         "unreadable_objects": keys.unreadable(),
         "cleanup_backlog": {"objects": backlog.objects, "records": backlog.records},
         "tables": {"key_locks": key_locks, "label_claims": label_claims},
+        "memory": {
+            "heap_bytes": crate::memory::heap_bytes(),
+            "rss_bytes": crate::memory::rss_bytes(),
+        },
     }))
     .into_response())
 }

@@ -312,13 +312,38 @@ fn status() -> Schema {
                     &["key_locks", "label_claims"],
                 )),
             ),
+            (
+                "memory",
+                RefOr::T(closed(
+                    vec![
+                        (
+                            "heap_bytes",
+                            s(ObjectBuilder::new()
+                                .schema_type(or_null(Type::Integer))
+                                .minimum(Some(0))
+                                .description(Some(
+                                    "Bytes hsmkeyd's own code holds (not the PKCS#11 \
+                                     module's); null when not counted",
+                                ))),
+                        ),
+                        (
+                            "rss_bytes",
+                            s(ObjectBuilder::new()
+                                .schema_type(or_null(Type::Integer))
+                                .minimum(Some(0))
+                                .description(Some("The process's resident set, in bytes"))),
+                        ),
+                    ],
+                    &["heap_bytes", "rss_bytes"],
+                )),
+            ),
         ],
         &STATUS_FIELDS,
     )
 }
 
 /// The fields of `GET /v1/status`, all always there.
-pub(super) const STATUS_FIELDS: [&str; 14] = [
+pub(super) const STATUS_FIELDS: [&str; 15] = [
     "version",
     "state",
     "token",
@@ -333,6 +358,7 @@ pub(super) const STATUS_FIELDS: [&str; 14] = [
     "unreadable_objects",
     "cleanup_backlog",
     "tables",
+    "memory",
 ];
 
 /// Every component: schemas and the two security schemes.
