@@ -40,7 +40,7 @@ impl<S: Read + Write> Conn<S> {
     }
 
     /// Sends one request; returns the status and the (de-chunked) body.
-    fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Res<(u16, Vec<u8>)> {
+    pub(crate) fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Res<(u16, Vec<u8>)> {
         let (headers, len) = (&self.headers, body.len());
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}");
         if method != "GET" {
@@ -139,6 +139,50 @@ pub(crate) fn unix_conn(sock: &Path) -> Res<Conn<UnixStream>> {
     let s = UnixStream::connect(sock).ctx(format!("connecting to {}", sock.display()))?;
     s.set_read_timeout(Some(READ_TIMEOUT)).ctx("timeout")?;
     Ok(Conn::new(s, String::new()))
+}
+
+/// A keep-alive HTTPS connection to `addr` (a server with the dev certificate `ca` signed),
+/// sending `bearer` with every request.
+pub(crate) fn tls_client(addr: SocketAddr, ca: &Path, bearer: &str) -> Res<Conn<TlsStream>> {
+    let name = ServerName::try_from("localhost").ctx("server name")?;
+    let mut conn = rustls::ClientConnection::new(tls_config(ca)?, name).ctx("TLS client")?;
+    let mut sock = TcpStream::connect(addr).ctx(format!("connecting to {addr}"))?;
+    sock.set_nodelay(true).ctx("nodelay")?;
+    sock.set_read_timeout(Some(READ_TIMEOUT)).ctx("timeout")?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).ctx("TLS handshake")?;
+    }
+    let auth = format!("Authorization: Bearer {bearer}\r\n");
+    Ok(Conn::new(rustls::StreamOwned::new(conn, sock), auth))
+}
+
+/// The whole answer (status line, headers, body) to one GET of `path` on `s`; the answer
+/// must carry a Content-Length.
+pub(crate) fn raw_answer<S: Read + Write>(s: &mut S, path: &str) -> Res<Vec<u8>> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    s.write_all(req.as_bytes()).ctx("writing the request")?;
+    let (mut answer, mut chunk) = (Vec::new(), [0u8; 16 * 1024]);
+    loop {
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .ok_or(format!(
+                    "GET {path}: an answer without Content-Length: {head}"
+                ))?;
+            let length: usize = length.trim().parse().ctx("Content-Length")?;
+            if answer.len() >= end + 4 + length {
+                answer.truncate(end + 4 + length);
+                return Ok(answer);
+            }
+        }
+        let n = s.read(&mut chunk).ctx("reading the answer")?;
+        if n == 0 {
+            return Err(format!("GET {path}: the daemon closed the connection"));
+        }
+        answer.extend_from_slice(&chunk[..n]);
+    }
 }
 
 fn tls_config(ca: &Path) -> Res<Arc<rustls::ClientConfig>> {

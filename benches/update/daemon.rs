@@ -127,6 +127,8 @@ pub(crate) fn daemon_figures(
     let get = get_lat(o.seconds, &mut https, &get_path)?;
     figs.add("get_https_p50", pct(&get, 50.0), "ms");
     figs.add("get_https_p99", pct(&get, 99.0), "ms");
+    let answer = crate::transport::recorded_answer(&d.sock, &get_path)?;
+    crate::transport::transport_figures(o, dir, &get_path, &bearer, answer, figs)?;
     let (v, _) = patch_p50(o, &mut https, &bulk_kid(4), label)?;
     figs.add("patch_label_secret_https", v, "ms");
     drop(https);

@@ -15,7 +15,9 @@
 //!    on the fresh copy (`first_start_to_ready`: hsmkeyd creates its signing keys and audit
 //!    marks) and again as a restart (`start_to_ready`, compared with the raw start), GET
 //!    and PATCH latencies over one keep-alive connection on the Unix socket and over
-//!    HTTPS, what hash-chaining the audit entries added to each of those PATCHes
+//!    HTTPS, the transport floor of that GET (`transport.rs`: the same bytes answered by a
+//!    bare server in this process over a Unix socket and over TLS, and `https_floor_p50`,
+//!    the Unix GET plus what TLS on loopback TCP adds to it), what hash-chaining the audit entries added to each of those PATCHes
 //!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
 //!    with the label PATCH's p50; `audit_entries_per_patch`), PATCH throughput from 1..16
 //!    clients, its RSS (before the slow clients) and
@@ -43,6 +45,7 @@ mod daemon;
 mod memory;
 mod notify;
 mod token;
+mod transport;
 
 use std::fs;
 use std::path::Path;
@@ -119,6 +122,8 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("audit_chain_per_patch", "patch_label_secret_unix", 1.0),
     ("get_https_p50", "get_unix_p50", 1.0),
     ("get_https_p99", "get_unix_p99", 1.0),
+    ("transport_tls_p50", "transport_unix_p50", 1.0),
+    ("https_floor_p50", "get_unix_p50", 1.0),
     ("patch_label_secret_https", "patch_label_secret_unix", 1.0),
     ("throughput_1", "raw_set_2threads", 1.0),
     ("throughput_2", "raw_set_2threads", 1.0),
