@@ -144,16 +144,7 @@ pub(crate) fn unix_conn(sock: &Path) -> Res<Conn<UnixStream>> {
 /// A keep-alive HTTPS connection to `addr` (a server with the dev certificate `ca` signed),
 /// sending `bearer` with every request.
 pub(crate) fn tls_client(addr: SocketAddr, ca: &Path, bearer: &str) -> Res<Conn<TlsStream>> {
-    let name = ServerName::try_from("localhost").ctx("server name")?;
-    let mut conn = rustls::ClientConnection::new(tls_config(ca)?, name).ctx("TLS client")?;
-    let mut sock = TcpStream::connect(addr).ctx(format!("connecting to {addr}"))?;
-    sock.set_nodelay(true).ctx("nodelay")?;
-    sock.set_read_timeout(Some(READ_TIMEOUT)).ctx("timeout")?;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut sock).ctx("TLS handshake")?;
-    }
-    let auth = format!("Authorization: Bearer {bearer}\r\n");
-    Ok(Conn::new(rustls::StreamOwned::new(conn, sock), auth))
+    tls_connect(addr, tls_config(ca)?, bearer)
 }
 
 /// The whole answer (status line, headers, body) to one GET of `path` on `s`; the answer
@@ -198,9 +189,17 @@ fn tls_config(ca: &Path) -> Res<Arc<rustls::ClientConfig>> {
 }
 
 pub(crate) fn tls_conn(d: &Daemon, bearer: &str) -> Res<Conn<TlsStream>> {
+    tls_connect(d.tls_addr, d.tls.clone(), bearer)
+}
+
+fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    bearer: &str,
+) -> Res<Conn<TlsStream>> {
     let name = ServerName::try_from("localhost").ctx("server name")?;
-    let mut conn = rustls::ClientConnection::new(d.tls.clone(), name).ctx("TLS client")?;
-    let mut sock = TcpStream::connect(d.tls_addr).ctx("connecting to the TLS port")?;
+    let mut conn = rustls::ClientConnection::new(config, name).ctx("TLS client")?;
+    let mut sock = TcpStream::connect(addr).ctx(format!("connecting to {addr}"))?;
     sock.set_nodelay(true).ctx("nodelay")?;
     sock.set_read_timeout(Some(READ_TIMEOUT)).ctx("timeout")?;
     while conn.is_handshaking() {

@@ -94,6 +94,9 @@ pub(crate) fn daemon_figures(
     let get = get_lat(o.seconds, &mut unix, &get_path)?;
     figs.add("get_unix_p50", pct(&get, 50.0), "ms");
     figs.add("get_unix_p99", pct(&get, 99.0), "ms");
+    // The state the raw RSS process is in: the token opened and scanned, reads served, no
+    // write yet.
+    figs.add("daemon_rss_ready", d.rss_mib()?, "MiB");
     let cases: [(&str, String, Body); 5] = [
         ("patch_label_secret_unix", bulk_kid(0), label),
         ("patch_label_pair_unix", ec_kid(0), label),
@@ -151,6 +154,12 @@ pub(crate) fn daemon_figures(
     let rss = d.rss_mib()?;
     figs.add("daemon_rss", rss, "MiB");
     figs.add("daemon_rss_over_raw", rss - figs.value("raw_rss"), "MiB");
+    // Of that, what hsmkeyd's own code holds (the rest is the module's, the code's pages
+    // and the threads').
+    let status = unix_conn(&d.sock)?.ok("GET", "/v1/status", "")?;
+    let heap = status["memory"]["heap_bytes"].as_f64();
+    let heap = heap.ok_or("no memory.heap_bytes in GET /v1/status")?;
+    figs.add("daemon_heap", heap / (1024.0 * 1024.0), "MiB");
     let growth = (rss - rss_before_load) * 1024.0 * 1024.0 / updates.max(1.0);
     figs.add("rss_growth_per_update", growth, "bytes");
 

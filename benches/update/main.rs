@@ -20,7 +20,9 @@
 //!    the Unix GET plus what TLS on loopback TCP adds to it), what hash-chaining the audit entries added to each of those PATCHes
 //!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
 //!    with the label PATCH's p50; `audit_entries_per_patch`), PATCH throughput from 1..16
-//!    clients, its RSS (before the slow clients) and
+//!    clients, its RSS once it serves (`daemon_rss_ready`: opened, scanned, GETs answered,
+//!    nothing written, the raw RSS process's state) and after the throughput runs (before
+//!    the slow clients; `daemon_heap`, the part of it hsmkeyd's own code holds) and
 //!    how much it grew per update over the throughput runs (`rss_growth_per_update`), and
 //!    GET latency on both front doors while 400 slow clients hold stalled PATCH bodies on
 //!    the Unix socket (at most 12 s per door: the stalled bodies time out after 30 s).
@@ -129,7 +131,9 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("throughput_2", "raw_set_2threads", 1.0),
     ("throughput_4", "raw_set_2threads", 1.0),
     ("throughput_16", "raw_set_2threads", 1.0),
+    ("daemon_rss_ready", "raw_rss", 1.0),
     ("daemon_rss", "raw_rss", 1.0),
+    ("daemon_heap", "daemon_rss", 1.0),
     (
         "mem_daemon_first_pass_per_1000",
         "mem_raw_first_pass_per_1000",
@@ -141,6 +145,22 @@ const FLOORS: &[(&str, &str, f64)] = &[
         1.0,
     ),
     ("mem_daemon_steady_per_1000", "mem_raw_steady_per_1000", 1.0),
+    // Of the daemon's growth, the part that is its own heap.
+    (
+        "mem_daemon_heap_first_pass_per_1000",
+        "mem_daemon_first_pass_per_1000",
+        1.0,
+    ),
+    (
+        "mem_daemon_heap_second_pass_per_1000",
+        "mem_daemon_second_pass_per_1000",
+        1.0,
+    ),
+    (
+        "mem_daemon_heap_steady_per_1000",
+        "mem_daemon_steady_per_1000",
+        1.0,
+    ),
 ];
 
 fn main() {

@@ -5,6 +5,10 @@
 //! metadata record, which creates the record object and then its spare the first two
 //! times a key is written, and rewrites the older of the two in place after that.
 //!
+//! The daemon's figures come twice: its RSS (`mem_daemon_*`) and the part of it that is
+//! hsmkeyd's own heap (`mem_daemon_heap_*`, from `GET /v1/status` `memory.heap_bytes`, which
+//! the PKCS#11 module's allocations are not in).
+//!
 //! At most [`MAX_KEYS`] keys are written. Reported in KiB per 1,000 updates, for the first pass over the keys (each key written
 //! for the first time: the token gains its record object), the second (the spare object),
 //! and the passes after them (every key has both: nothing new should stay).
@@ -16,7 +20,9 @@ use std::time::Duration;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use serde_json::json;
 
-use crate::client::{start_daemon, unix_conn};
+use std::os::unix::net::UnixStream;
+
+use crate::client::{start_daemon, unix_conn, Conn};
 use crate::token::{self, bulk_kid, check_output, vm_rss_kib};
 use crate::{Ctx, Figures, Opts, Res};
 
@@ -52,13 +58,21 @@ pub(crate) fn memory_figures(o: &Opts, cached: &Path, figs: &mut Figures) -> Res
         check_output("raw memory child", &out)?;
         parse_samples(&String::from_utf8_lossy(&out.stdout))?
     };
-    let daemon = {
+    let (daemon, heap) = {
         let work = tempfile::tempdir().ctx("tempdir")?;
         token::copy_dir(cached, work.path())?;
         let conf = token::write_softhsm_conf(work.path())?;
         let (d, _) = start_daemon(work.path(), &conf, &work.path().join("pin"))?;
         let mut c = unix_conn(&d.sock)?;
-        let mut samples = vec![d.rss_mib()? * 1024.0];
+        // RSS and, from the daemon's own count, the part of it that is ours (KiB).
+        let mut samples = Vec::new();
+        let mut heap = Vec::new();
+        let mut sample = |c: &mut Conn<UnixStream>| -> Res<()> {
+            heap.push(settled(c)? / 1024.0);
+            samples.push(d.rss_mib()? * 1024.0);
+            Ok(())
+        };
+        sample(&mut c)?;
         for i in 0..keys * PASSES {
             let body = if is_label(i) {
                 json!({"label": format!("mem-{i}")})
@@ -67,21 +81,19 @@ pub(crate) fn memory_figures(o: &Opts, cached: &Path, figs: &mut Figures) -> Res
             };
             c.patch(&bulk_kid(i % keys), &body)?;
             if i + 1 == keys || i + 1 == 2 * keys {
-                settled(&mut c)?;
-                samples.push(d.rss_mib()? * 1024.0);
+                sample(&mut c)?;
             }
         }
-        settled(&mut c)?;
-        samples.push(d.rss_mib()? * 1024.0);
+        sample(&mut c)?;
         drop(c);
         drop(d.stop()?);
-        samples
+        (samples, heap)
     };
     let per_1000 = |s: &[f64], from: usize, to: usize, updates: u32| {
         (s[to] - s[from]) * 1000.0 / f64::from(updates.max(1))
     };
     let steady = keys * (PASSES - 2);
-    for (who, s) in [("raw", &raw), ("daemon", &daemon)] {
+    for (who, s) in [("raw", &raw), ("daemon", &daemon), ("daemon_heap", &heap)] {
         figs.add(
             &format!("mem_{who}_first_pass_per_1000"),
             per_1000(s, 0, 1, keys),
@@ -104,14 +116,16 @@ pub(crate) fn memory_figures(o: &Opts, cached: &Path, figs: &mut Figures) -> Res
 /// Waits until the worker has written every dirty record and destroyed every superseded
 /// object, so a pass's sample holds the objects that pass made: the records of the last
 /// label changes of a pass are written (created, in the first two passes) a moment after
-/// it ends, and sampling before that charged their objects to the next pass.
-fn settled(c: &mut crate::client::Conn<std::os::unix::net::UnixStream>) -> Res<()> {
+/// it ends, and sampling before that charged their objects to the next pass. Returns the
+/// daemon's `memory.heap_bytes` then.
+fn settled(c: &mut Conn<UnixStream>) -> Res<f64> {
     let t0 = std::time::Instant::now();
     loop {
         let status = c.ok("GET", "/v1/status", "")?;
         let backlog = &status["cleanup_backlog"];
         if backlog["objects"] == 0 && backlog["records"] == 0 {
-            return Ok(());
+            let heap = status["memory"]["heap_bytes"].as_f64();
+            return heap.ok_or(format!("no memory.heap_bytes in {status}"));
         }
         if t0.elapsed() > Duration::from_secs(60) {
             return Err(format!(
