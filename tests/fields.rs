@@ -174,9 +174,16 @@ fn sensitive_and_extractable_change_one_way_only() {
             );
             let e = r.assert_error(400, "irreversible_attribute");
             assert_eq!(e["field"], field, "{body}{q}: {e}");
+            let message = e["message"].as_str().unwrap_or_default();
+            assert!(message.ends_with("; once set it cannot be undone"), "{e}");
         }
     }
     assert_eq!(key_objects(), before, "a refused one-way change wrote");
+    // The value a key already has is no reverse direction: it changes nothing (the
+    // document allows both values, schemathesis sent this one).
+    let body = Response::ok(&c.patch(OPEN, &json!({"sensitive": false, "extractable": true})));
+    assert_eq!(body["changed"], json!([]), "{body}");
+    assert_eq!(key_objects(), before, "a no-op one-way field wrote");
 
     // The allowed directions reach the token.
     let body = Response::ok(&c.patch(OPEN, &json!({"sensitive": true, "extractable": false})));

@@ -356,7 +356,7 @@ fn plan_attributes(
                 "irreversible_attribute",
                 name,
                 format!(
-                    "{name} is {} and PKCS#11 lets it change only to {allowed_to}; once                      set it cannot be undone",
+                    "{name} is {} and PKCS#11 lets it change only to {allowed_to}; once set it cannot be undone",
                     !wanted
                 ),
             ));

@@ -288,15 +288,18 @@ pub(crate) fn patch_properties() -> Vec<(&'static str, RefOr<Schema>)> {
         ),
         (
             "sensitive",
-            s(boolean()
-                .enum_values(Some([true]))
-                .description(Some("CKA_SENSITIVE only goes from false to true"))),
+            s(boolean().description(Some(
+                "CKA_SENSITIVE only goes from false to true: false on a sensitive key is 400 \
+                 irreversible_attribute; on a key that is not sensitive it changes nothing",
+            ))),
         ),
         (
             "extractable",
-            s(boolean()
-                .enum_values(Some([false]))
-                .description(Some("CKA_EXTRACTABLE only goes from true to false"))),
+            s(boolean().description(Some(
+                "CKA_EXTRACTABLE only goes from true to false: true on a key that is not \
+                 extractable is 400 irreversible_attribute; on an extractable key it changes \
+                 nothing",
+            ))),
         ),
         (
             "not_before",
