@@ -24,7 +24,7 @@
 //!    nothing written, the raw RSS process's state) and after the throughput runs (before
 //!    the slow clients; `daemon_heap`, the part of it hsmkeyd's own code holds) and
 //!    how much it grew per update over the throughput runs (`rss_growth_per_update`), and
-//!    GET latency on both front doors while 400 slow clients hold stalled PATCH bodies on
+//!    GET latency on both front doors while 500 slow clients hold stalled PATCH bodies on
 //!    the Unix socket (at most 12 s per door: the stalled bodies time out after 30 s).
 //!    One config serves throughout, with the connection limits the slow part needs;
 //! 3. the daemon's background-worker lag, from the `STATUS=` lines it sends on our
