@@ -105,7 +105,11 @@ pub(super) async fn checkpoint(
     Ok(())
 }
 
-/// Writes checkpoints when one is due by count or by `interval`, until `stop` turns true.
+/// How often a due checkpoint looks again while the token is lost.
+const LOST_RECHECK: Duration = Duration::from_secs(1);
+
+/// Writes checkpoints when one is due by count or by `interval`, until `stop` turns true;
+/// none while the token is lost.
 pub(super) async fn run(
     anchor: Arc<Anchor>,
     audit: Arc<Auditor>,
@@ -122,6 +126,17 @@ pub(super) async fn run(
             _ = tick.tick() => "time",
             _ = stop.changed() => return,
         };
+        if keys.is_lost() {
+            // Nothing can be signed while the token is gone, and every refusal meanwhile
+            // makes a checkpoint due: trying each time failed (and logged) thousands of
+            // times a second under load. The checkpoint after the token's return (reason
+            // "token") signs what was written meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(LOST_RECHECK) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
         if let Err(e) = checkpoint(&anchor, &audit, &keys, reason).await {
             tracing::error!(error = %e, "an audit checkpoint was not written; the trail's tail stays unsigned until the next one");
         }
