@@ -45,16 +45,7 @@ pub(super) fn key_batch() -> Schema {
             )))
             .build(),
     );
-    let mut patch = ObjectBuilder::new()
-        .schema_type(Type::Object)
-        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
-        .min_properties(Some(1))
-        .description(Some("PATCH's fields but label"));
-    for (name, schema) in patch_properties() {
-        if name != "label" {
-            patch = patch.property(name, schema);
-        }
-    }
+    let patch = super::keys::patch_object("PATCH's fields but label", &["label"]);
     let if_match = ObjectBuilder::new()
         .schema_type(Type::Object)
         .additional_properties(Some(AdditionalProperties::RefOr(s(string()))))
@@ -62,7 +53,7 @@ pub(super) fn key_batch() -> Schema {
     closed(
         vec![
             ("select", RefOr::T(select)),
-            ("patch", RefOr::T(Schema::Object(patch.build()))),
+            ("patch", RefOr::T(patch)),
             ("if_match", s(if_match)),
         ],
         &["select", "patch"],

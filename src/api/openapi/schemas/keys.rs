@@ -246,13 +246,20 @@ fn usage_or_null(spec: &KeySpec) -> Schema {
 
 /// `PATCH /v1/keys/{kid}`: the fields of `body::PATCH_FIELDS`.
 pub(super) fn key_patch() -> Schema {
+    patch_object("The fields to change; at least one", &[])
+}
+
+/// A PATCH body: at least one of [`patch_properties`] but those in `without`, nothing else.
+pub(super) fn patch_object(description: &str, without: &[&str]) -> Schema {
     let mut o = ObjectBuilder::new()
         .schema_type(Type::Object)
         .additional_properties(Some(AdditionalProperties::FreeForm(false)))
         .min_properties(Some(1))
-        .description(Some("The fields to change; at least one"));
+        .description(Some(description));
     for (name, schema) in patch_properties() {
-        o = o.property(name, schema);
+        if !without.contains(&name) {
+            o = o.property(name, schema);
+        }
     }
     Schema::Object(o.build())
 }

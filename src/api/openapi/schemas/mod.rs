@@ -9,7 +9,6 @@ mod keys;
 
 #[cfg(test)]
 pub(crate) use hem::ENCEDO_TYPES;
-pub(crate) use keys::patch_properties;
 #[cfg(test)]
 pub(crate) use keys::{KEY_ATTRIBUTES, KEY_REQUIRED};
 
