@@ -21,6 +21,9 @@ const DEFAULT_MIN_BODY_RATE: u64 = 1024;
 const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
 /// Seconds a TLS connection may stay unauthenticated after its handshake.
 const DEFAULT_UNAUTHENTICATED_TIMEOUT_S: u64 = 5;
+/// Threads that serve the connections. One is enough for a token's pace: HSM calls run on
+/// threads of their own, and each hand-off between two serving threads costs a wake-up.
+const DEFAULT_IO_THREADS: usize = 1;
 
 /// The `[server]` section: limits shared by the listeners.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +43,8 @@ pub struct ServerConfig {
     pub max_unauthenticated: usize,
     /// How long a TLS connection may stay unauthenticated after its handshake.
     pub unauthenticated_timeout: Duration,
+    /// Threads of the async runtime: HTTP, TLS, JSON and the index (not HSM calls).
+    pub io_threads: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -52,6 +57,7 @@ pub(super) struct RawServer {
     max_connections_per_caller: Option<usize>,
     max_unauthenticated: Option<usize>,
     unauthenticated_timeout_s: Option<u64>,
+    io_threads: Option<usize>,
 }
 
 /// `value` if it lies in `lo..=hi`, else the error naming `key` and the range.
@@ -123,6 +129,13 @@ pub(super) fn server_config(
             DEFAULT_UNAUTHENTICATED_TIMEOUT_S,
             1,
             300,
+        )?,
+        io_threads: in_range(
+            err,
+            "server.io_threads",
+            raw.io_threads.unwrap_or(DEFAULT_IO_THREADS),
+            1,
+            64,
         )?,
     })
 }

@@ -86,9 +86,12 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
             .map_err(|e| Fatal(e.to_string()))?,
     );
     // HSM work takes at most max_sessions + 1 blocking threads (KeyStore::on_token); the
-    // rest are for audit writes, which must never wait behind a token that hangs.
+    // rest are for audit writes, which must never wait behind a token that hangs. The
+    // connections are served by `server.io_threads` (default 1: on a second serving thread
+    // each update's hand-offs woke threads that then found nothing to do).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .worker_threads(config.server.io_threads)
         .max_blocking_threads(config.pkcs11.max_sessions + 1 + BLOCKING_FOR_AUDIT)
         .thread_name("hsmkeyd")
         .build()
