@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::entry::Entry;
-use super::model::{KeyView, Kid, RoleName};
+use super::model::{Kid, RoleName};
 use super::patch::{Actor, FieldChange, KeyPatch, UpdateOutcome};
 use super::plan::{self, Plan};
 use super::{KeyError, KeyStore};
@@ -39,11 +39,11 @@ pub enum Selector {
 }
 
 impl Selector {
-    fn matches(&self, view: &KeyView) -> bool {
+    fn matches(&self, key: &Entry) -> bool {
         match self {
-            Selector::Kids(kids) => kids.contains(&view.kid),
-            Selector::LabelPrefix(p) => view.label.starts_with(p.as_str()),
-            Selector::Role(r) => view.roles.contains(r),
+            Selector::Kids(kids) => kids.contains(key.kid()),
+            Selector::LabelPrefix(p) => key.label().starts_with(p.as_str()),
+            Selector::Role(r) => key.roles().contains(r),
         }
     }
 }
@@ -189,7 +189,7 @@ impl KeyStore {
         for (kid, current) in entries {
             // The scope first, as a PATCH checks it: a caller learns nothing of keys it may
             // not update, not even whether they exist.
-            if !hooks.permitted(&kid) && current.as_ref().is_none_or(|c| select.matches(&c.view)) {
+            if !hooks.permitted(&kid) && current.as_ref().is_none_or(|c| select.matches(c)) {
                 failures.push((kid, Refusal::NotPermitted));
                 continue;
             }
@@ -198,7 +198,7 @@ impl KeyStore {
                 continue;
             };
             // A key renamed or given other roles while the batch waited is no longer selected.
-            if !select.matches(&current.view) {
+            if !select.matches(&current) {
                 continue;
             }
             let mut p = patch.clone();
@@ -249,8 +249,8 @@ impl KeyStore {
         let pick = |index: &BTreeMap<Kid, Arc<Entry>>| -> BTreeSet<Kid> {
             index
                 .values()
-                .filter(|e| select.matches(&e.view))
-                .map(|e| e.view.kid.clone())
+                .filter(|e| select.matches(e))
+                .map(|e| e.kid().clone())
                 .collect()
         };
         let found = match select {
@@ -300,7 +300,7 @@ impl KeyStore {
                 done.push((
                     kid,
                     UpdateOutcome {
-                        key: current.view.clone(),
+                        key: current.view(),
                         changes: Vec::new(),
                     },
                 ));
@@ -404,7 +404,7 @@ impl KeyStore {
             .cloned()
             .ok_or_else(|| KeyError::NotFound(kid.clone()))?;
         let actor = Actor {
-            roles: current.view.roles.clone(),
+            roles: current.roles().to_vec(),
         };
         let plan = plan::plan(kid, &current, &inverse, &actor)?;
         if plan.is_empty() {
@@ -422,7 +422,7 @@ impl KeyStore {
         let Some(now) = index.get(kid) else {
             return false;
         };
-        let (mut a, mut b) = (now.view.clone(), before.view.clone());
+        let (mut a, mut b) = (now.view(), before.view());
         (a.updated_at, b.updated_at) = (None, None);
         (a.etag, b.etag) = (String::new(), String::new());
         serde_json::to_value(&a).ok() == serde_json::to_value(&b).ok()

@@ -1,5 +1,6 @@
-//! One logical key as the index holds it: its objects, its metadata, and the JSON view
-//! derived from them. Grouping a token's objects into keys happens here.
+//! One logical key as the index holds it: its objects and its metadata, from which the
+//! JSON view is derived when asked for ([`Entry::view`]; only its etag and state are kept,
+//! so the index holds each label once). Grouping a token's objects into keys happens here.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::meta::{self, AttrSet, Layout, MetaRecord};
-use super::model::{KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid};
+use super::model::{KeyAttributes, KeyClass, KeyState, KeyType, KeyView, Kid, RoleName};
 use crate::hsm::{is_reserved_label, Algorithm, Curve, KeyAttr, ObjectInfo, ObjectKind, ObjectRef};
 
 /// The metadata of a key, when there is some.
@@ -42,11 +43,19 @@ pub struct Entry {
     pub meta: Option<Box<MetaSlot>>,
     /// Superseded metadata objects (older generations) the worker is to destroy.
     pub stale: Vec<ObjectRef>,
-    /// What the API shows.
-    pub view: KeyView,
     /// The key is inconsistent only because its objects carry different labels, which a
     /// label update repairs.
     pub labels_differ_only: bool,
+    /// The key's id.
+    kid: Kid,
+    /// What the key is made of.
+    class: KeyClass,
+    /// Where in `objects` the object is whose label and type the key shows.
+    primary: usize,
+    /// Why the key reads inconsistent (`None`: it is ok).
+    problem: Option<Box<str>>,
+    /// The view's etag (see [`etag_of`]).
+    etag: [u8; 16],
 }
 
 /// Objects of one id before they become an entry.
@@ -194,10 +203,10 @@ impl Entry {
             let _ = problem
                 .get_or_insert("a secret key and an asymmetric key share the id".to_string());
         }
-        let primary = objects
+        let primary_at = objects
             .iter()
-            .find(|o| matches!(o.kind, ObjectKind::SecretKey | ObjectKind::PrivateKey))
-            .or_else(|| objects.iter().find(|o| o.kind == ObjectKind::PublicKey))?;
+            .position(|o| matches!(o.kind, ObjectKind::SecretKey | ObjectKind::PrivateKey))
+            .or_else(|| objects.iter().position(|o| o.kind == ObjectKind::PublicKey))?;
         let algs: Vec<_> = objects
             .iter()
             .filter(|o| o.kind != ObjectKind::Certificate)
@@ -253,10 +262,74 @@ impl Entry {
                     .join(", ")
             ));
         }
+        if let Some(at) = meta.as_ref().and_then(|m| m.record.updated_at.as_deref()) {
+            if let Err(e) = OffsetDateTime::parse(at, &Rfc3339) {
+                tracing::warn!(%kid, updated_at = at, error = %e,
+                    "the metadata record's updated_at is not RFC 3339; it is left out");
+            }
+        }
+        let mut entry = Entry {
+            objects,
+            meta,
+            stale: Vec::new(),
+            labels_differ_only,
+            kid: kid.clone(),
+            class,
+            primary: primary_at,
+            problem: problem.map(String::into_boxed_str),
+            etag: [0; 16],
+        };
+        entry.etag = etag_of(&entry.unstamped_view(), &entry.objects);
+        Some(entry)
+    }
+
+    /// The key's id.
+    pub fn kid(&self) -> &Kid {
+        &self.kid
+    }
+
+    /// The label the key shows (its main object's).
+    pub fn label(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.objects[self.primary].label)
+    }
+
+    /// The roles its record names (none without a record).
+    pub fn roles(&self) -> &[RoleName] {
+        self.meta.as_ref().map_or(&[], |m| &m.record.roles)
+    }
+
+    /// The key's CKA_END_DATE as it shows it.
+    pub fn not_after(&self) -> Option<time::Date> {
+        self.dated().end_date
+    }
+
+    /// The etag of the key's view.
+    pub fn etag(&self) -> String {
+        hex::encode(self.etag)
+    }
+
+    /// The object whose dates the key shows: the public key when there is one (some tokens
+    /// cannot read back the dates of private objects, see `hsm::objects`).
+    fn dated(&self) -> &ObjectInfo {
+        let objects = &self.objects;
+        objects
+            .iter()
+            .find(|o| o.kind == ObjectKind::PublicKey)
+            .unwrap_or(&objects[self.primary])
+    }
+
+    /// What the API shows of the key.
+    pub fn view(&self) -> KeyView {
+        let mut view = self.unstamped_view();
+        view.etag = self.etag();
+        view
+    }
+
+    /// The view without its etag (the etag is a hash of this).
+    fn unstamped_view(&self) -> KeyView {
+        let (objects, kid, primary) = (&self.objects, &self.kid, &self.objects[self.primary]);
         let find = |k| objects.iter().find(|o| o.kind == k);
-        // The dates as the public key has them when there is one: some tokens cannot read
-        // back the dates of private objects (see `hsm::objects`).
-        let dated = find(ObjectKind::PublicKey).unwrap_or(primary);
+        let dated = self.dated();
         let private = find(ObjectKind::PrivateKey).or(find(ObjectKind::SecretKey));
         let public = find(ObjectKind::PublicKey).or(find(ObjectKind::SecretKey));
         let flag = |o: Option<&ObjectInfo>, f: fn(&ObjectInfo) -> Option<bool>| {
@@ -292,37 +365,29 @@ impl Entry {
             Some(Algorithm::Other(name)) => (KeyType::Other(name), None, None),
             None => (KeyType::Unknown, None, None),
         };
-        let record = meta.as_ref().map(|m| &m.record);
-        let mut view = KeyView {
+        let record = self.meta.as_ref().map(|m| &m.record);
+        KeyView {
             kid: kid.clone(),
-            label: String::from_utf8_lossy(&primary.label).into_owned(),
+            label: self.label().into_owned(),
             description: record
                 .and_then(|r| r.description.as_ref())
                 .map(|d| d.as_str().to_string()),
-            roles: record.map(|r| r.roles.clone()).unwrap_or_default(),
+            roles: self.roles().to_vec(),
             key_type,
             curve,
             bits,
-            class,
-            has_certificate: count(ObjectKind::Certificate) > 0,
+            class: self.class,
+            has_certificate: find(ObjectKind::Certificate).is_some(),
             attributes,
             not_before: dated.start_date,
             not_after: dated.end_date,
-            updated_at: record.and_then(|r| updated_at(kid, r)),
-            state: match &problem {
+            updated_at: record.and_then(updated_at),
+            state: match &self.problem {
                 None => KeyState::Ok,
-                Some(p) => KeyState::Inconsistent(p.clone()),
+                Some(p) => KeyState::Inconsistent(p.to_string()),
             },
             etag: String::new(),
-        };
-        view.etag = etag_of(&view, &objects);
-        Some(Entry {
-            objects,
-            meta,
-            stale: Vec::new(),
-            view,
-            labels_differ_only,
-        })
+        }
     }
 }
 
@@ -354,7 +419,7 @@ fn attrs_done(objects: &[ObjectInfo], marker: &BTreeMap<String, AttrSet>) -> boo
 
 /// A strong validator over everything the view shows plus every object's label (labels of
 /// secondary objects are not in the view but a label change must change the etag).
-fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
+fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(view).unwrap_or_default());
     for o in objects {
@@ -367,19 +432,15 @@ fn etag_of(view: &KeyView, objects: &[ObjectInfo]) -> String {
             h.update(b";");
         }
     }
-    hex::encode(&h.finalize()[..16])
+    let mut tag = [0; 16];
+    tag.copy_from_slice(&h.finalize()[..16]);
+    tag
 }
 
 /// The record's `updated_at`; one that is not RFC 3339 (hsmkeyd never writes such) shows
-/// as never updated.
-fn updated_at(kid: &Kid, record: &MetaRecord) -> Option<OffsetDateTime> {
-    let at = record.updated_at.as_deref()?;
-    OffsetDateTime::parse(at, &Rfc3339)
-        .inspect_err(|e| {
-            tracing::warn!(%kid, updated_at = at, error = %e,
-            "the metadata record's updated_at is not RFC 3339; it is left out")
-        })
-        .ok()
+/// as never updated (and is logged once, when the entry is built).
+fn updated_at(record: &MetaRecord) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(record.updated_at.as_deref()?, &Rfc3339).ok()
 }
 
 #[cfg(test)]
@@ -388,11 +449,12 @@ mod tests {
 
     /// The index holds one entry per key for the daemon's life (at 10,000 keys every 100
     /// bytes here are a MiB of RSS): a key no record names yet carries one pointer for
-    /// its metadata slot, not the slot.
+    /// its metadata slot, not the slot, and the JSON view is derived when asked for, not
+    /// kept (it held the label, the kid and the etag a second time, as strings).
     #[test]
     fn an_index_entry_stays_small() {
         let size = std::mem::size_of::<Entry>();
-        assert!(size <= 320, "Entry is {size} bytes");
+        assert!(size <= 136, "Entry is {size} bytes");
         assert_eq!(
             std::mem::size_of::<Option<Box<MetaSlot>>>(),
             std::mem::size_of::<usize>()

@@ -47,16 +47,16 @@ impl KeyStore {
     pub fn kid_by_label(&self, label: &str) -> Result<Kid, KeyError> {
         self.ensure_token()?;
         let index = sync::read(&self.index);
-        let mut found = index.values().filter(|e| e.view.label == label);
+        let mut found = index.values().filter(|e| e.label() == label);
         match (found.next(), found.next()) {
-            (Some(e), None) => Ok(e.view.kid.clone()),
+            (Some(e), None) => Ok(e.kid().clone()),
             (None, _) => Err(KeyError::NoSuchLabel(label.to_string())),
             (Some(a), Some(b)) => Err(KeyError::LabelAmbiguous {
                 label: label.to_string(),
                 kids: [a, b]
                     .into_iter()
                     .chain(found)
-                    .map(|e| e.view.kid.to_string())
+                    .map(|e| e.kid().to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
             }),
@@ -74,14 +74,10 @@ impl KeyStore {
         self.ensure_token()?;
         let index = sync::read(&self.index);
         let mut hits = index.values().filter(|e| {
-            label_prefix.is_none_or(|p| e.view.label.starts_with(p))
-                && role.is_none_or(|r| e.view.roles.contains(r))
+            label_prefix.is_none_or(|p| e.label().starts_with(p))
+                && role.is_none_or(|r| e.roles().contains(r))
         });
-        let kids: Vec<Kid> = hits
-            .by_ref()
-            .take(max)
-            .map(|e| e.view.kid.clone())
-            .collect();
+        let kids: Vec<Kid> = hits.by_ref().take(max).map(|e| e.kid().clone()).collect();
         Ok((kids, hits.next().is_some()))
     }
 
@@ -102,8 +98,8 @@ impl KeyStore {
         let mut claimed = sync::lock(&self.claims.0);
         let taken = sync::read(&self.index)
             .values()
-            .find(|e| e.view.label == label.as_str() && &e.view.kid != kid)
-            .map(|e| e.view.kid.clone());
+            .find(|e| e.label() == label.as_str() && e.kid() != kid)
+            .map(|e| e.kid().clone());
         if let Some(other) = taken {
             return Err(KeyError::LabelTaken {
                 label: label.as_str().to_string(),

@@ -283,7 +283,7 @@ impl KeyStore {
             })
             .await??;
         let entry = made?;
-        let view = entry.view.clone();
+        let view = entry.view();
         let _ = sync::write(&self.index).insert(kid, Arc::new(entry));
         Ok(UpdateOutcome { key: view, changes })
     }
@@ -312,12 +312,12 @@ impl KeyStore {
         }
         let changes = vec![FieldChange {
             field: Field::Key,
-            before: serde_json::to_value(&current.view).unwrap_or(Value::Null),
+            before: serde_json::to_value(current.view()).unwrap_or(Value::Null),
             after: Value::Null,
         }];
         if dry_run {
             return Ok(UpdateOutcome {
-                key: current.view.clone(),
+                key: current.view(),
                 changes,
             });
         }
@@ -342,7 +342,7 @@ impl KeyStore {
             Ok(()) => {
                 let _ = sync::write(&self.index).remove(kid);
                 Ok(UpdateOutcome {
-                    key: current.view.clone(),
+                    key: current.view(),
                     changes,
                 })
             }

@@ -249,12 +249,12 @@ impl KeyStore {
         self.ensure_token()?;
         let index = sync::read(&self.index);
         let matches = |e: &Entry| {
-            q.label.as_deref().is_none_or(|l| e.view.label == l)
+            q.label.as_deref().is_none_or(|l| e.label() == l)
                 && q.label_prefix
                     .as_deref()
-                    .is_none_or(|p| e.view.label.starts_with(p))
+                    .is_none_or(|p| e.label().starts_with(p))
                 && q.expires_before
-                    .is_none_or(|day| e.view.not_after.is_some_and(|end| end < day))
+                    .is_none_or(|day| e.not_after().is_some_and(|end| end < day))
         };
         let total = if q.label.is_none() && q.label_prefix.is_none() && q.expires_before.is_none() {
             index.len()
@@ -275,7 +275,7 @@ impl KeyStore {
                 more = true;
                 break;
             }
-            keys.push(e.view.clone());
+            keys.push(e.view());
         }
         let next_after = if more {
             keys.last().map(|k: &KeyView| k.kid.clone())
@@ -297,7 +297,7 @@ impl KeyStore {
             .values()
             .skip(offset)
             .take(limit)
-            .map(|e| e.view.clone())
+            .map(|e| e.view())
             .collect();
         Ok((index.len(), keys))
     }
@@ -308,23 +308,20 @@ impl KeyStore {
         self.refresh_handles().await?;
         let entry = self.entry(kid).await?;
         let Some(source) = public::source(&entry.objects) else {
-            return Ok((entry.view.clone(), None));
+            return Ok((entry.view(), None));
         };
         let (hsm, handle, algorithm) = (self.hsm.clone(), source.handle, source.algorithm.clone());
         let parts = self
             .on_token(move || hsm.public_parts(handle))
             .await?
             .map_err(|e| hsm_error(kid, e))?;
-        Ok((
-            entry.view.clone(),
-            public::encode(algorithm.as_ref(), &parts),
-        ))
+        Ok((entry.view(), public::encode(algorithm.as_ref(), &parts)))
     }
 
     /// One key; an unknown id may trigger a (rate-limited) rescan before answering
     /// [`KeyError::NotFound`].
     pub async fn get(&self, kid: &Kid) -> Result<KeyView, KeyError> {
-        self.entry(kid).await.map(|e| e.view.clone())
+        self.entry(kid).await.map(|e| e.view())
     }
 
     async fn entry(&self, kid: &Kid) -> Result<Arc<Entry>, KeyError> {
@@ -453,7 +450,7 @@ impl KeyStore {
         }
         if plan.is_empty() {
             return Ok(UpdateOutcome {
-                key: current.view.clone(),
+                key: current.view(),
                 changes: Vec::new(),
             });
         }

@@ -67,7 +67,7 @@ impl Plan {
 /// The key as `plan` would leave it, for a dry run: nothing is written.
 pub(super) fn preview(kid: &Kid, current: &Entry, plan: &Plan) -> Option<super::model::KeyView> {
     if plan.is_empty() {
-        return Some(current.view.clone());
+        return Some(current.view());
     }
     let mut objects = current.objects.clone();
     for w in &plan.writes {
@@ -91,7 +91,7 @@ pub(super) fn preview(kid: &Kid, current: &Entry, plan: &Plan) -> Option<super::
             dirty: true,
         },
     };
-    Entry::assemble(kid, objects, Some(Box::new(slot)), None).map(|e| e.view)
+    Entry::assemble(kid, objects, Some(Box::new(slot)), None).map(|e| e.view())
 }
 
 pub(super) fn now_rfc3339() -> String {
@@ -109,7 +109,7 @@ pub(super) fn may_change(
     actor: &Actor,
     if_match: Option<&str>,
 ) -> Result<(), KeyError> {
-    let view = &current.view;
+    let view = &current.view();
     if !view.roles.is_empty() && !view.roles.iter().any(|r| actor.roles.contains(r)) {
         return Err(KeyError::MissingRole {
             kid: kid.clone(),
@@ -136,7 +136,7 @@ pub(super) fn plan(
     patch: &KeyPatch,
     actor: &Actor,
 ) -> Result<Plan, KeyError> {
-    let view = &current.view;
+    let view = &current.view();
     may_change(kid, current, actor, patch.if_match.as_deref())?;
     let repair = current.labels_differ_only && patch.label.is_some();
     if let (KeyState::Inconsistent(reason), false) = (&view.state, repair) {
@@ -275,7 +275,7 @@ fn plan_attributes(
     changes: &mut Vec<FieldChange>,
 ) -> Result<(), KeyError> {
     let objects = &current.objects;
-    let view = &current.view;
+    let view = &current.view();
     let algorithm = objects
         .iter()
         .filter(|o| is_key_object(o))

@@ -56,7 +56,7 @@ impl KeyStore {
                 if entry.meta.as_ref().is_some_and(|m| m.dirty) {
                     self.chores.dirty(kid);
                 }
-                let view = entry.view.clone();
+                let view = entry.view();
                 let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(entry));
                 // Queued once the index no longer names them.
                 self.chores
