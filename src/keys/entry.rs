@@ -82,7 +82,17 @@ pub fn group(objects: Vec<ObjectInfo>) -> (BTreeMap<Kid, Group>, usize) {
             | ObjectKind::PrivateKey
             | ObjectKind::PublicKey
             | ObjectKind::Certificate => match Kid::from_id(&o.id) {
-                Some(kid) => groups.entry(kid).or_default().objects.push(o),
+                // Room for one: most keys are one object, and a vector that grows from
+                // empty takes room for four (800 bytes a key, freed again once the entry
+                // is built, but by then it has spread the heap for the daemon's life).
+                Some(kid) => groups
+                    .entry(kid)
+                    .or_insert_with(|| Group {
+                        objects: Vec::with_capacity(1),
+                        metas: Vec::new(),
+                    })
+                    .objects
+                    .push(o),
                 None => skipped += 1,
             },
             ObjectKind::Data if Layout::of(o.application.as_deref()).is_some() => {
