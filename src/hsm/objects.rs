@@ -128,6 +128,32 @@ const READ: &[AttributeType] = &[
     AttributeType::Application,
 ];
 
+/// [`READ`] and the dates: what a key object is read with first.
+const READ_WITH_DATES: &[AttributeType] = &[
+    AttributeType::Class,
+    AttributeType::Id,
+    AttributeType::Label,
+    AttributeType::KeyType,
+    AttributeType::EcParams,
+    AttributeType::ModulusBits,
+    AttributeType::Modulus,
+    AttributeType::ValueLen,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
+    AttributeType::Modifiable,
+    AttributeType::Destroyable,
+    AttributeType::Sign,
+    AttributeType::Verify,
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::Wrap,
+    AttributeType::Unwrap,
+    AttributeType::Derive,
+    AttributeType::Application,
+    AttributeType::StartDate,
+    AttributeType::EndDate,
+];
+
 fn read_one(
     s: &Session,
     h: ObjectHandle,
@@ -159,7 +185,20 @@ fn read_one(
         application: None,
         value: None,
     };
-    for a in s.get_attributes(h, READ)? {
+    // One call for everything, dates included, where the module answers it (SoftHSM does
+    // for all but the objects below). Where it fails, the attributes are read again
+    // without the dates, and the dates of a key object in a call of their own, whose
+    // failure leaves the dates unknown and never the object unreadable: cryptoki refuses a
+    // date that is not digits, and SoftHSM 2.6 keeps the dates of private objects
+    // unencrypted and then fails to read them back (CKR_GENERAL_ERROR once the object is
+    // reloaded; SoftHSMv2 issue 655). The dates of other objects (a certificate's) are
+    // not kept.
+    let (attrs, dated) = match s.get_attributes(h, READ_WITH_DATES) {
+        Ok(all) => (all, true),
+        Err(_) => (s.get_attributes(h, READ)?, false),
+    };
+    let mut dates = Vec::new();
+    for a in attrs {
         match a {
             Attribute::Class(c) => o.kind = kind_of(c),
             Attribute::Id(v) => o.id = v,
@@ -189,28 +228,27 @@ fn read_one(
             Attribute::Unwrap(b) => o.unwrap = Some(b),
             Attribute::Derive(b) => o.derive = Some(b),
             Attribute::Application(v) => o.application = Some(v),
+            a @ (Attribute::StartDate(_) | Attribute::EndDate(_)) => dates.push(a),
             _ => {}
         }
     }
-    if matches!(
+    let key = matches!(
         o.kind,
         ObjectKind::SecretKey | ObjectKind::PrivateKey | ObjectKind::PublicKey
-    ) {
-        // A call of their own, whose failure leaves the dates unknown and never the object
-        // unreadable: cryptoki refuses a date that is not digits, and SoftHSM 2.6 keeps
-        // the dates of private objects unencrypted and then fails to read them back
-        // (CKR_GENERAL_ERROR once the object is reloaded; SoftHSMv2 issue 655).
+    );
+    if key && !dated {
         match s.get_attributes(h, &[AttributeType::StartDate, AttributeType::EndDate]) {
-            Ok(dates) => {
-                for a in dates {
-                    match a {
-                        Attribute::StartDate(d) => o.start_date = super::attributes::date_of(&d),
-                        Attribute::EndDate(d) => o.end_date = super::attributes::date_of(&d),
-                        _ => {}
-                    }
-                }
-            }
+            Ok(d) => dates = d,
             Err(e) => tracing::debug!(error = %e, "a key object's dates cannot be read"),
+        }
+    }
+    if key {
+        for a in dates {
+            match a {
+                Attribute::StartDate(d) => o.start_date = super::attributes::date_of(&d),
+                Attribute::EndDate(d) => o.end_date = super::attributes::date_of(&d),
+                _ => {}
+            }
         }
     }
     let ours = |a: &[u8]| data_applications.contains(&a);
