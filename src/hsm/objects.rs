@@ -105,30 +105,7 @@ pub struct ObjectInfo {
     pub value: Option<Vec<u8>>,
 }
 
-const READ: &[AttributeType] = &[
-    AttributeType::Class,
-    AttributeType::Id,
-    AttributeType::Label,
-    AttributeType::KeyType,
-    AttributeType::EcParams,
-    AttributeType::ModulusBits,
-    AttributeType::Modulus,
-    AttributeType::ValueLen,
-    AttributeType::Sensitive,
-    AttributeType::Extractable,
-    AttributeType::Modifiable,
-    AttributeType::Destroyable,
-    AttributeType::Sign,
-    AttributeType::Verify,
-    AttributeType::Encrypt,
-    AttributeType::Decrypt,
-    AttributeType::Wrap,
-    AttributeType::Unwrap,
-    AttributeType::Derive,
-    AttributeType::Application,
-];
-
-/// [`READ`] and the dates: what a key object is read with first.
+/// What a key object is read with first: [`READ`] and the dates.
 const READ_WITH_DATES: &[AttributeType] = &[
     AttributeType::Class,
     AttributeType::Id,
@@ -153,6 +130,9 @@ const READ_WITH_DATES: &[AttributeType] = &[
     AttributeType::StartDate,
     AttributeType::EndDate,
 ];
+
+/// The attributes every object is read with: all of [`READ_WITH_DATES`] but the dates.
+const READ: &[AttributeType] = READ_WITH_DATES.split_at(READ_WITH_DATES.len() - 2).0;
 
 fn read_one(
     s: &Session,
