@@ -109,7 +109,8 @@ fn a_failed_label_write_is_rolled_back() {
     common::Response::ok(&c.patch(EC, &json!({"description": "before"})));
     assert_eq!(settled_meta(&t, EC)["description"], "before");
 
-    // The record write (in place) passes, the first object's label write fails.
+    // The record write (in place) passes, then one object's label write fails (the two
+    // run at once; the other one, if it went through, is set back).
     std::fs::write(faults.path().join("setattr_fail_after"), "1").unwrap();
     let r = c.patch(EC, &json!({"label": "ec-new"}));
     r.assert_error(503, "token_unavailable");
@@ -130,8 +131,8 @@ fn a_failed_label_write_is_rolled_back() {
     assert!(rec.get("relabel").is_none(), "relabel left behind: {rec}");
     assert_eq!(rec["description"], "before");
 
-    // A key without metadata, and the second object fails after the first was relabelled:
-    // the first is set back and the record made for the update goes.
+    // A key without metadata (its record is created, not set), and one object's label
+    // write fails: the other is set back and the record made for the update goes.
     std::fs::write(faults.path().join("setattr_fail_after"), "1").unwrap();
     c.patch(EC2, &json!({"label": "ec2-new"}))
         .assert_error(503, "token_unavailable");
@@ -149,6 +150,54 @@ fn a_failed_label_write_is_rolled_back() {
     assert_eq!(t.labels_of(EC), pair("ec-new"));
     let rec = settled_meta(&t, EC);
     assert_eq!(rec["description"], "before");
+}
+
+#[test]
+fn a_pairs_two_label_writes_run_at_once_after_the_record() {
+    let t = token_with(&[Key::ec(EC, "ec-old")]);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+    let c = d.client();
+    // A record and its spare, so the record write is one C_SetAttributeValue.
+    common::Response::ok(&c.patch(EC, &json!({"description": "before"})));
+    let _ = settled_meta(&t, EC);
+
+    // The record passes; the next object write is held.
+    let sets = common::fault_count(faults.path(), "C_SetAttributeValue");
+    let hang = faults.path().join("hang_C_SetAttributeValue");
+    std::fs::write(&hang, "1").unwrap();
+    let pending = {
+        let c = d.client();
+        std::thread::spawn(move || c.patch(EC, &json!({"label": "ec-new"})))
+    };
+    let held = faults.path().join("held_C_SetAttributeValue");
+    assert!(
+        common::wait_until(
+            "an object write to be held",
+            std::time::Duration::from_secs(10),
+            || { held.exists() }
+        ),
+        "{}",
+        d.log()
+    );
+    // While one object's write is held, the other's goes through: it does not wait.
+    let both = common::wait_until(
+        "the other object's write",
+        std::time::Duration::from_secs(10),
+        || common::fault_count(faults.path(), "C_SetAttributeValue") == sets + 3,
+    );
+    let counted = common::fault_count(faults.path(), "C_SetAttributeValue") - sets;
+    std::fs::remove_file(&hang).unwrap();
+    let r = pending.join().unwrap();
+    assert!(
+        both,
+        "{counted} C_SetAttributeValue calls while one object was held: the other object's \
+         write waited for it"
+    );
+    let body = common::Response::ok(&r);
+    assert_eq!(body["key"]["label"], "ec-new");
+    assert_eq!(t.labels_of(EC), pair("ec-new"));
+    assert_eq!(settled_meta(&t, EC)["description"], "before");
 }
 
 #[test]

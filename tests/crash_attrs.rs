@@ -72,8 +72,10 @@ fn kill_9_at_each_write_of_a_pairs_attribute_change_leaves_it_fully_before_or_af
     assert_eq!(d.stop(), 0);
 
     // (C_SetAttributeValue calls of the change that go through before the held one,
-    // what the change sets.) 0: the record with its marker is held; 1: the first object;
-    // 2: the second object, after the first one took the change.
+    // what the change sets.) 0: the record with its marker is held; 1 and 2: one of the
+    // objects is held. The record commits the change, and then both objects are written at
+    // once (none of these changes is one-way), so at 1 the other object's write may pass
+    // or not before the kill, and at 2 it has passed.
     let rounds: [(u32, Change); 7] = [
         (0, |_| json!({"usage": {"sign": false, "verify": false}})),
         (1, |_| json!({"usage": {"sign": false, "verify": false}})),
@@ -115,11 +117,14 @@ fn kill_9_at_each_write_of_a_pairs_attribute_change_leaves_it_fully_before_or_af
             "round {round}: {}",
             d.log()
         );
-        // The held call is the change's own (no other write came between).
-        assert_eq!(
-            common::fault_count(faults.path(), "C_SetAttributeValue"),
-            sets + u64::from(*before_held) + 1,
-            "round {round}"
+        // The held call is the change's own (no other write came between): at most the
+        // record and both objects, the held one included.
+        let counted = common::fault_count(faults.path(), "C_SetAttributeValue") - sets;
+        let least = u64::from(*before_held) + 1;
+        let most = if *before_held == 0 { 1 } else { 3 };
+        assert!(
+            (least..=most).contains(&counted),
+            "round {round}: {counted} C_SetAttributeValue calls, not {least}..={most}"
         );
         d.child.kill().unwrap();
         let _ = d.child.wait();

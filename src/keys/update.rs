@@ -12,8 +12,9 @@
 //! - any other change of key objects (two objects of a pair, or objects with
 //!   description/roles): first the new record with its markers (`relabel` = the new label,
 //!   `attrs` = the other attributes each kind of object takes), which commits the update,
-//!   then one C_SetAttributeValue per object, the object with a one-way attribute
-//!   (CKA_SENSITIVE, CKA_EXTRACTABLE) last. A crash after the record is rolled forward at
+//!   then one C_SetAttributeValue per object: all at once, each on its own session, where
+//!   a spare HSM turn allows ([`write_objects`]); in order, the object with a one-way
+//!   attribute (CKA_SENSITIVE, CKA_EXTRACTABLE) last, where one is set. A crash after the record is rolled forward at
 //!   the next scan (`settle.rs`); a failed object write is undone at once (the objects set
 //!   back, the old record written again). The worker later clears the markers.
 //!
@@ -21,6 +22,9 @@
 //! to the store's background worker.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 
 use super::entry::{Entry, Group, MetaSlot};
 use super::meta::{self, Layout, MetaRecord};
@@ -131,6 +135,7 @@ pub(super) fn apply(
     current: &Entry,
     plan: &Plan,
     limit: &AtomicUsize,
+    turns: &Arc<Semaphore>,
 ) -> Applied {
     let mut superseded = Vec::new();
     let old = current.meta.as_deref();
@@ -191,19 +196,9 @@ pub(super) fn apply(
             }
             Err(e) => return failed(e, superseded, None),
         };
-        for (i, w) in plan.writes.iter().enumerate() {
-            if let Err(e) = hsm.set_attributes(w.handle, &w.attrs) {
-                let keep = undo(
-                    hsm,
-                    kid,
-                    &plan.writes[..i],
-                    old,
-                    &slot,
-                    limit,
-                    &mut superseded,
-                );
-                return failed(e, superseded, keep);
-            }
+        if let Err((e, done)) = write_objects(hsm, &plan.writes, turns) {
+            let keep = undo(hsm, kid, &done, old, &slot, limit, &mut superseded);
+            return failed(e, superseded, keep);
         }
         slot.dirty = true;
         Some(slot)
@@ -228,6 +223,93 @@ pub(super) fn apply(
     }
 }
 
+/// Writes the objects of a change the record already commits (a crash from here on is
+/// rolled forward, whatever subset of the objects it left written). Where none of the
+/// writes sets a one-way attribute, they run at once, each on a session of its own, so a
+/// pair's label change waits for one object write after the record, not two: every object
+/// after the first for which one of the store's `turns` is free goes to a helper on the
+/// runtime's blocking pool, holding that turn; the rest are written here. Where one does,
+/// they go one after another in the plan's order (that one last). Either way writing stops
+/// at the first failure here. On failure: the first error, and the writes that may have
+/// been made (in plan order), for [`undo`].
+fn write_objects<'p>(
+    hsm: &Hsm,
+    writes: &'p [ObjectWrite],
+    turns: &Arc<Semaphore>,
+) -> Result<(), (HsmError, Vec<&'p ObjectWrite>)> {
+    let runtime = tokio::runtime::Handle::try_current();
+    let Ok(runtime) = runtime else {
+        return write_in_order(hsm, writes);
+    };
+    if writes.len() < 2 || writes.iter().any(ObjectWrite::one_way) {
+        return write_in_order(hsm, writes);
+    }
+    // Per write: `None` not made, `Some(Ok(r))` its answer, `Some(Err(_))` a helper that
+    // did not answer (it panicked): it may have written its object, so it counts as made
+    // (undo sets it back) and as failed.
+    let mut answers: Vec<Option<Result<Result<(), HsmError>, HsmError>>> =
+        writes.iter().map(|_| None).collect();
+    let mut helpers = Vec::new();
+    for (i, w) in writes.iter().enumerate().skip(1) {
+        let Ok(turn) = turns.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (hsm, handle, attrs) = (hsm.clone(), w.handle, w.attrs.clone());
+        // Its answer comes through the channel; the task itself is not awaited.
+        drop(runtime.spawn_blocking(move || {
+            let _turn = turn;
+            let _ = tx.send(hsm.set_attributes(handle, &attrs));
+        }));
+        helpers.push((i, rx));
+    }
+    for (i, w) in writes.iter().enumerate() {
+        let mine = !helpers.iter().any(|(h, _)| *h == i);
+        let failed = answers.iter().flatten().any(|a| !matches!(a, Ok(Ok(()))));
+        if mine && !failed {
+            answers[i] = Some(Ok(hsm.set_attributes(w.handle, &w.attrs)));
+        }
+    }
+    for (i, rx) in helpers {
+        answers[i] = Some(rx.recv().map_err(|_| {
+            HsmError::internal(
+                "C_SetAttributeValue",
+                "an object write on the blocking pool did not answer",
+            )
+        }));
+    }
+    let mut error = None;
+    let mut done = Vec::new();
+    for (w, a) in writes.iter().zip(answers) {
+        match a {
+            None => {}
+            Some(Ok(Ok(()))) => done.push(w),
+            Some(Ok(Err(e))) => error = error.or(Some(e)),
+            Some(Err(e)) => {
+                done.push(w);
+                error = error.or(Some(e));
+            }
+        }
+    }
+    match error {
+        None => Ok(()),
+        Some(e) => Err((e, done)),
+    }
+}
+
+/// [`write_objects`] one at a time, stopping at the first failure.
+fn write_in_order<'p>(
+    hsm: &Hsm,
+    writes: &'p [ObjectWrite],
+) -> Result<(), (HsmError, Vec<&'p ObjectWrite>)> {
+    for (i, w) in writes.iter().enumerate() {
+        if let Err(e) = hsm.set_attributes(w.handle, &w.attrs) {
+            return Err((e, writes[..i].iter().collect()));
+        }
+    }
+    Ok(())
+}
+
 /// Sets the `done` objects back to what they held and writes the record from before the
 /// update again (without markers). Logs and leaves the markers in place if the token
 /// refuses: the key then reads inconsistent and the next start rolls the change forward.
@@ -236,7 +318,7 @@ pub(super) fn apply(
 fn undo(
     hsm: &Hsm,
     kid: &Kid,
-    done: &[ObjectWrite],
+    done: &[&ObjectWrite],
     old: Option<&MetaSlot>,
     written: &MetaSlot,
     limit: &AtomicUsize,

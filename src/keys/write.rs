@@ -26,10 +26,12 @@ impl KeyStore {
         G: FnOnce(Result<&[FieldChange], &KeyError>) + Send + 'static,
     {
         let (hsm, kid2, store) = (self.hsm.clone(), kid.clone(), self.shared.clone());
+        let turns = self.turns.clone();
         let (applied, changes) = self
             .on_token(move || {
                 before_write(&plan.changes).map_err(KeyError::NotRecorded)?;
-                let applied = update::apply(&hsm, &kid2, &current, &plan, &store.label_limit);
+                let applied =
+                    update::apply(&hsm, &kid2, &current, &plan, &store.label_limit, &turns);
                 after_write(match &applied.result {
                     Ok(()) => Ok(&plan.changes),
                     Err(e) => Err(e),
