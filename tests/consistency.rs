@@ -358,47 +358,6 @@ fn superseded_metadata_generations_are_removed_at_startup() {
     assert_eq!(meta_count(&t, EC), 2, "the record and its spare");
 }
 
-/// The daemon's threads by name (`/proc/<pid>/task/*/comm`): name → count.
-fn threads_by_name(d: &Daemon) -> BTreeMap<String, usize> {
-    let mut names = BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", d.child.id())).unwrap() {
-        let comm = std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap();
-        *names.entry(comm.trim().to_string()).or_insert(0) += 1;
-    }
-    names
-}
-
-#[test]
-fn many_concurrent_updates_run_on_a_fixed_set_of_hsm_threads() {
-    let t = Token::new();
-    let kids: Vec<String> = (0..16).map(|i| format!("e2{i:02x}")).collect();
-    for (i, kid) in kids.iter().enumerate() {
-        let kind = if i % 4 == 0 { "ec-p256" } else { "aes256" };
-        t.gen(kind, kid, &format!("start-{i}"), &[]);
-    }
-    let d = Daemon::start(&t, &Setup::default());
-    let before = threads_by_name(&d);
-    // The default `pkcs11.max_sessions` (8), plus one.
-    assert_eq!(before.get("hsmkeyd-hsm"), Some(&9), "{before:?}");
-    for round in 0..4 {
-        let requests = kids
-            .iter()
-            .map(|kid| (kid.clone(), format!("{kid}-{round}")))
-            .collect();
-        assert_all_succeeded(&patch_all_at_once(&d, requests));
-    }
-    // 64 updates, 16 at a time, pairs among them: the HSM work stayed on its threads, and
-    // the runtime did not start threads for it (its own are the one serving thread and the
-    // main thread, both named `hsmkeyd`, and a blocking thread or two for audit writes).
-    let after = threads_by_name(&d);
-    assert_eq!(after.get("hsmkeyd-hsm"), Some(&9), "{after:?}");
-    let runtime = after.get("hsmkeyd").copied().unwrap_or(0);
-    assert!(
-        runtime <= 4,
-        "{runtime} threads named hsmkeyd after the load: {after:?}"
-    );
-}
-
 /// Sends every (kid, label) PATCH at once, each on its own connection and thread.
 fn patch_all_at_once(
     d: &Daemon,

@@ -233,7 +233,7 @@ fn success_status(event: Event) -> u16 {
 
 /// The audit side of one update, carried into the task the update runs in: its intent
 /// entry before the first token write, its result entry right after the last (on the same
-/// HSM thread, so the answer does not wait for another), or, when the update stopped
+/// blocking thread, so the answer does not wait for another), or, when the update stopped
 /// before writing, at its end.
 pub struct UpdateAudit {
     audit: Arc<Auditor>,

@@ -53,8 +53,8 @@ pub fn set_module_env(config: &Config) {
     }
 }
 
-/// The runtime's blocking threads: audit writes, the watchdog and reload checks (HSM work
-/// has threads of its own).
+/// Blocking threads kept for audit writes (and the watchdog and reload checks) beyond
+/// those HSM work may take.
 const BLOCKING_FOR_AUDIT: usize = 64;
 
 /// How often the status line is brought up to date.
@@ -85,15 +85,14 @@ pub fn run(config: Config, pin: SecretString) -> Result<(), Fatal> {
         Auditor::open(config.audit.sink, config.audit.refusal_window)
             .map_err(|e| Fatal(e.to_string()))?,
     );
-    // HSM work runs on the key store's own max_sessions + 1 threads (keys/turns.rs); the
-    // runtime's blocking threads are for audit writes, which must never wait behind a token
-    // that hangs, and the watchdog and reload checks. The
+    // HSM work takes at most max_sessions + 1 blocking threads (KeyStore::on_token); the
+    // rest are for audit writes, which must never wait behind a token that hangs. The
     // connections are served by `server.io_threads` (default 1: on a second serving thread
     // each update's hand-offs woke threads that then found nothing to do).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(config.server.io_threads)
-        .max_blocking_threads(BLOCKING_FOR_AUDIT)
+        .max_blocking_threads(config.pkcs11.max_sessions + 1 + BLOCKING_FOR_AUDIT)
         .thread_name("hsmkeyd")
         .build()
         .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;

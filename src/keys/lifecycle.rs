@@ -158,7 +158,7 @@ fn destroy_all(hsm: &Hsm, kid: &Kid, refs: impl IntoIterator<Item = ObjectRef>) 
     left
 }
 
-/// The token work of a create, on an HSM thread. On error nothing of the key is left
+/// The token work of a create, on a blocking thread. On error nothing of the key is left
 /// (or, if even the undo failed, the record's marker makes the next scan remove it).
 fn make(hsm: &Hsm, kid: &Kid, req: &NewKeyRequest, limit: &AtomicUsize) -> Result<Entry, KeyError> {
     let pair = req.spec.is_pair();

@@ -4,8 +4,8 @@
 //! Invariants: the token is the truth and the index only mirrors it (built by one scan at
 //! startup, refreshed from the token after every write, rescanned on a miss at most once per
 //! [`RESCAN_MIN_INTERVAL`]); no request searches the token. Writes to one key are serialized
-//! by that key's lock; writes to different keys run in parallel. Every HSM call runs on one
-//! of the store's HSM threads (`turns.rs`).
+//! by that key's lock; writes to different keys run in parallel. Every HSM call runs on a
+//! blocking thread.
 //! May call: `hsm`. Called by: `api`, `daemon`.
 
 mod batch;
@@ -23,7 +23,6 @@ mod reserved;
 mod scan;
 use scan::{Scan, Scanner};
 mod settle;
-mod turns;
 mod update;
 mod worker;
 mod write;
@@ -56,6 +55,9 @@ use model::{KeyView, Kid, RoleName};
 pub const RESCAN_MIN_INTERVAL: Duration = Duration::from_secs(2);
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 1000;
+/// How long HSM work waits for its turn before the answer is 503 token_unavailable (the
+/// session pool's own checkout limit).
+const HSM_WAIT: Duration = Duration::from_secs(30);
 
 /// A listing request, already validated by the caller.
 #[derive(Debug, Clone, Default)]
@@ -108,10 +110,10 @@ pub struct KeyStore {
     unreadable: Arc<AtomicUsize>,
     /// hsmkeyd's own objects the opening scan found (signing pairs, audit marks).
     reserved: Reserved,
-    /// The HSM threads and their turns: as many as the token has sessions, plus one.
-    /// Waiting for a turn is async, so a token that stops answering holds those threads
-    /// and no more, and the audit trail keeps the runtime's.
-    turns: Arc<turns::Turns>,
+    /// Turns for HSM work on blocking threads: as many as the token has sessions, plus
+    /// one. Waiting for a turn is async, so a token that stops answering holds that many
+    /// threads and no more, and the audit trail keeps the rest.
+    turns: Arc<tokio::sync::Semaphore>,
     /// The token is gone (see `health.rs`): nothing is served until it is back.
     lost: Arc<std::sync::atomic::AtomicBool>,
     /// The token-signing key's private object, probed to notice a token that goes away.
@@ -178,9 +180,7 @@ impl KeyStore {
             chores,
             unreadable,
             reserved,
-            turns: Arc::new(turns::Turns::start(sessions + 1).map_err(|e| {
-                HsmError::internal("the HSM threads", format!("cannot start them: {e}"))
-            })?),
+            turns: Arc::new(tokio::sync::Semaphore::new(sessions + 1)),
             lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             probe: Mutex::new(probe),
             identity: Mutex::new(None),
@@ -190,16 +190,32 @@ impl KeyStore {
         })
     }
 
-    /// Runs HSM work on one of the store's HSM threads when it gets a turn (see
-    /// `turns.rs`); the turn is held until the work is over, even if the caller stops
-    /// waiting.
+    /// Runs HSM work on a blocking thread when it gets a turn (see `turns`); the turn is
+    /// held until the work is over, even if the caller stops waiting.
     pub async fn on_token<T, F>(&self, f: F) -> Result<T, KeyError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let turn = self.turns.acquire().await?;
-        self.turns.run(turn, f).await.map_err(|_| turns::panicked())
+        let turn = tokio::time::timeout(HSM_WAIT, self.turns.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                KeyError::Unavailable(HsmError::unavailable(
+                    "the token",
+                    format!(
+                        "no HSM call could start within {} s: every session is busy or the \
+                         token does not answer",
+                        HSM_WAIT.as_secs()
+                    ),
+                ))
+            })?
+            .map_err(|_| KeyError::Internal("the HSM turns were closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            f()
+        })
+        .await
+        .map_err(|e| KeyError::Internal(format!("HSM task failed: {e}")))
     }
 
     /// hsmkeyd's own objects the opening scan found: the signing pairs' objects (private,
@@ -402,7 +418,7 @@ impl KeyStore {
     /// write, under the key's lock (not at all when nothing changes); if it fails, nothing
     /// is written and the update answers [`KeyError::NotRecorded`]. `after_write` runs
     /// right after the token writes, with their outcome, still under the lock. Both run on
-    /// the HSM thread that makes the writes.
+    /// the blocking thread that makes the writes.
     pub async fn update<F, G>(
         &self,
         kid: &Kid,

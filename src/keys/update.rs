@@ -13,7 +13,7 @@
 //!   description/roles): first the new record with its markers (`relabel` = the new label,
 //!   `attrs` = the other attributes each kind of object takes), which commits the update,
 //!   then one C_SetAttributeValue per object: all at once, each on its own session, where
-//!   spare HSM turns allow ([`write_objects`]); in order, the object with a one-way
+//!   a spare HSM turn allows ([`write_objects`]); in order, the object with a one-way
 //!   attribute (CKA_SENSITIVE, CKA_EXTRACTABLE) last, where one is set. A crash after the record is rolled forward at
 //!   the next scan (`settle.rs`); a failed object write is undone at once (the objects set
 //!   back, the old record written again). The worker later clears the markers.
@@ -22,12 +22,14 @@
 //! to the store's background worker.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 
 use super::entry::{Entry, Group, MetaSlot};
 use super::meta::{self, Layout, MetaRecord};
 use super::model::Kid;
 use super::plan::{ObjectWrite, Plan};
-use super::turns::Turns;
 use super::{hsm_error, KeyError};
 use crate::hsm::{Hsm, HsmError, HsmErrorKind, KeyAttr, ObjectRef};
 
@@ -133,7 +135,7 @@ pub(super) fn apply(
     current: &Entry,
     plan: &Plan,
     limit: &AtomicUsize,
-    turns: &Turns,
+    turns: &Arc<Semaphore>,
 ) -> Applied {
     let mut superseded = Vec::new();
     let old = current.meta.as_deref();
@@ -225,16 +227,20 @@ pub(super) fn apply(
 /// rolled forward, whatever subset of the objects it left written). Where none of the
 /// writes sets a one-way attribute, they run at once, each on a session of its own, so a
 /// pair's label change waits for one object write after the record, not two: every object
-/// after the first for which one of the store's turns is free goes to another HSM thread
-/// under that turn; the rest are written here. Where one does,
+/// after the first for which one of the store's `turns` is free goes to a helper on the
+/// runtime's blocking pool, holding that turn; the rest are written here. Where one does,
 /// they go one after another in the plan's order (that one last). Either way writing stops
 /// at the first failure here. On failure: the first error, and the writes that may have
 /// been made (in plan order), for [`undo`].
 fn write_objects<'p>(
     hsm: &Hsm,
     writes: &'p [ObjectWrite],
-    turns: &Turns,
+    turns: &Arc<Semaphore>,
 ) -> Result<(), (HsmError, Vec<&'p ObjectWrite>)> {
+    let runtime = tokio::runtime::Handle::try_current();
+    let Ok(runtime) = runtime else {
+        return write_in_order(hsm, writes);
+    };
     if writes.len() < 2 || writes.iter().any(ObjectWrite::one_way) {
         return write_in_order(hsm, writes);
     }
@@ -245,12 +251,17 @@ fn write_objects<'p>(
         writes.iter().map(|_| None).collect();
     let mut helpers = Vec::new();
     for (i, w) in writes.iter().enumerate().skip(1) {
-        let Some(turn) = turns.try_acquire() else {
+        let Ok(turn) = turns.clone().try_acquire_owned() else {
             continue;
         };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let (hsm, handle, attrs) = (hsm.clone(), w.handle, w.attrs.clone());
-        let answer = turns.run(turn, move || hsm.set_attributes(handle, &attrs));
-        helpers.push((i, answer));
+        // Its answer comes through the channel; the task itself is not awaited.
+        drop(runtime.spawn_blocking(move || {
+            let _turn = turn;
+            let _ = tx.send(hsm.set_attributes(handle, &attrs));
+        }));
+        helpers.push((i, rx));
     }
     for (i, w) in writes.iter().enumerate() {
         let mine = !helpers.iter().any(|(h, _)| *h == i);
@@ -260,10 +271,10 @@ fn write_objects<'p>(
         }
     }
     for (i, rx) in helpers {
-        answers[i] = Some(rx.blocking_recv().map_err(|_| {
+        answers[i] = Some(rx.recv().map_err(|_| {
             HsmError::internal(
                 "C_SetAttributeValue",
-                "an object write on another HSM thread did not answer",
+                "an object write on the blocking pool did not answer",
             )
         }));
     }

@@ -1,5 +1,5 @@
 //! Carrying out a planned update of one key under its lock, for a single update and for each
-//! key of a batch: the token writes on an HSM thread between the caller's two hooks,
+//! key of a batch: the token writes on a blocking thread between the caller's two hooks,
 //! then the index (and the worker's queues) brought in line with what the token holds.
 
 use std::sync::Arc;
@@ -10,8 +10,8 @@ use super::{hsm_error, update, FieldChange, KeyError, KeyStore, UpdateOutcome};
 use crate::sync;
 
 impl KeyStore {
-    /// Carries out `plan` on `current` (the key held under its lock by the caller) on an
-    /// HSM thread, between the two hooks of [`KeyStore::update`], and puts the result
+    /// Carries out `plan` on `current` (the key held under its lock by the caller) on a
+    /// blocking thread, between the two hooks of [`KeyStore::update`], and puts the result
     /// into the index.
     pub(super) async fn write_plan<F, G>(
         &self,
