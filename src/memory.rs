@@ -1,7 +1,8 @@
 //! Whose memory the daemon holds: the bytes Rust code has allocated and not freed (ours),
 //! next to the process's resident set (ours, the PKCS#11 module's, the allocator's own).
 //! The binary installs a counting global allocator and hands its gauge to [`set_heap_gauge`];
-//! the module allocates with its own `malloc`, which that allocator never sees.
+//! the module calls `malloc` directly (jemalloc, like the rest of the process), which that
+//! allocator never sees.
 
 use std::sync::OnceLock;
 

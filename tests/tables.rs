@@ -117,3 +117,60 @@ fn steady_updates_leave_none_of_our_memory_behind() {
     let rss = status["memory"]["rss_bytes"].as_u64().unwrap_or(0);
     assert!(rss > after, "the resident set holds our heap: {status}");
 }
+
+/// The PKCS#11 module's allocations go to the daemon's allocator (jemalloc, linked with
+/// unprefixed names so that SoftHSM's `malloc` and `operator new` find it first), not to
+/// glibc's: SoftHSM keeps every object of the token in memory, and under glibc they filled
+/// the brk heap (`[heap]` in smaps; jemalloc maps its own) and each thread that worked
+/// kept a cache of them. With 600 keys the module holds megabytes; the brk heap stays
+/// nearly empty.
+#[test]
+fn the_modules_allocations_go_to_the_daemons_allocator() {
+    const KEYS: u32 = 600;
+    let t = Token::new();
+    let _ = t.devtoken(&["bulk", "--count", &KEYS.to_string(), "--id-prefix", "ee"]);
+    let d = Daemon::start(&t, &Setup::default());
+    let s = Response::ok(&d.client().get("/v1/status"));
+    assert_eq!(s["keys"], KEYS, "{s}");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", d.child.id()))
+        .expect("the daemon's smaps");
+    // Resident KiB of the mappings whose header line ends in `name`.
+    let resident = |name: &str| -> u64 {
+        let mut total = 0;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'));
+            let header = range.is_some_and(|(a, b)| {
+                [a, b]
+                    .iter()
+                    .all(|x| !x.is_empty() && x.chars().all(|c| c.is_ascii_hexdigit()))
+            });
+            if header {
+                inside = line.trim_end().ends_with(name);
+            } else if let (true, Some(v)) = (inside, line.strip_prefix("Rss:")) {
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+        total
+    };
+    let heap = resident("[heap]");
+    let rss = s["memory"]["rss_bytes"].as_u64().unwrap_or(0) / 1024;
+    eprintln!("brk heap {heap} KiB of {rss} KiB resident");
+    // Under glibc's malloc this token put about 6 MiB there.
+    assert!(
+        heap < 1024,
+        "{heap} KiB resident in the brk heap: the module allocates with glibc's malloc"
+    );
+    assert!(
+        rss > 8 * 1024,
+        "the module's objects are resident: {rss} KiB"
+    );
+}
