@@ -16,10 +16,10 @@ const EXIT_CONFIG: u8 = 78;
 // jemalloc, linked with unprefixed names, is the whole process's malloc: Rust's System
 // allocator below and the PKCS#11 module's own C and C++ allocations (SoftHSM keeps every
 // token object in memory: about 100 MiB at 10,000 keys) all go to it. Against glibc's
-// malloc, measured by the update bench at 10,000 keys: 7 MiB less RSS once serving, no
-// growth of 0.2 MiB for each thread that worked (glibc's per-thread cache kept that much,
-// and under 16 clients the blocking pool holds about 20 threads), and more updates/s
-// from several clients.
+// malloc, measured by the update bench at 10,000 keys: 7 MiB less RSS once serving and
+// no growth of 0.2 MiB for each thread that worked (glibc's per-thread cache kept that
+// much, and under 16 clients the blocking pool holds about 20 threads); see README,
+// Performance.
 use tikv_jemalloc_sys as _;
 
 /// Counts the bytes Rust code holds (`GET /v1/status` `memory.heap_bytes`), so a growing
