@@ -228,6 +228,10 @@ impl Daemon {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn rss_mib(&self) -> Res<f64> {
         Ok(vm_rss_kib(self.child.id())? / 1024.0)
     }

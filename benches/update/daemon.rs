@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::client::{start_daemon, tls_conn, unix_conn, Conn, Daemon};
-use crate::token::{bulk_kid, ec_kid};
+use crate::token::{bulk_kid, cpu_seconds, ec_kid, own_usage, switches};
 use crate::{pct, secs, warm_sample, Ctx, Figures, Opts, Res};
 
 /// Issue #17: "with 500 slow connections open, normal p99 stays under 50 ms on the other
@@ -144,9 +144,31 @@ pub(crate) fn daemon_figures(
     let mut updates = 0.0;
     for clients in [1, 2, 4, 16] {
         let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
+        let (cpu0, switches0, own0) = (cpu_seconds(d.pid())?, switches(d.pid())?, own_usage()?);
+        let t0 = Instant::now();
         let rate = throughput(&d.sock, &kids, o.seconds)?;
-        updates += rate * o.seconds;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (cpu1, switches1, own1) = (cpu_seconds(d.pid())?, switches(d.pid())?, own_usage()?);
+        let n = (rate * o.seconds).max(1.0);
+        updates += n;
         figs.add(&format!("throughput_{clients}"), rate, "updates/s");
+        // Where the 4 clients' updates go: the daemon's CPU per update against the raw
+        // set's, the cores daemon and clients keep busy, the daemon's thread switches.
+        if clients == 4 {
+            // Updates were made, so a reading that did not move is a broken reading.
+            if cpu1 <= cpu0 || switches1 <= switches0 || own1.0 <= own0.0 {
+                return Err(
+                    "the CPU or switch counts did not move over 4 clients' updates \
+                     (/proc/<pid>/stat, /proc/<pid>/task/*/status, getrusage)"
+                        .into(),
+                );
+            }
+            figs.add("daemon_cpu_per_update_4", (cpu1 - cpu0) * 1000.0 / n, "ms");
+            figs.add("daemon_cores_4", (cpu1 - cpu0) / elapsed, "cores");
+            figs.add("client_cores_4", (own1.0 - own0.0) / elapsed, "cores");
+            let per_update = switches1.saturating_sub(switches0) as f64 / n;
+            figs.add("daemon_switches_per_update_4", per_update, "switches");
+        }
     }
     let rate = throughput(&d.sock, &vec![bulk_kid(30); 4], o.seconds)?;
     updates += rate * o.seconds;

@@ -9,7 +9,9 @@
 //!
 //! 1. the raw floor, with cryptoki in this process (and one re-executed child for its RSS):
 //!    C_SetAttributeValue(CKA_LABEL) on a secret key and on both objects of a pair, label
-//!    sets/s from two threads, and initialize + login + one full scan;
+//!    sets/s from two threads (with their CPU per set, the cores they kept busy and this
+//!    process's thread switches per set, from `getrusage`), and initialize + login + one
+//!    full scan;
 //! 2. the real daemon on the same token copy (after the raw part has finalized: SoftHSM file
 //!    tokens take one writing process at a time): start until READY=1 (sd_notify), once
 //!    on the fresh copy (`first_start_to_ready`: hsmkeyd creates its signing keys and audit
@@ -20,7 +22,10 @@
 //!    the Unix GET plus what TLS on loopback TCP adds to it), what hash-chaining the audit entries added to each of those PATCHes
 //!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
 //!    with the label PATCH's p50; `audit_entries_per_patch`), PATCH throughput from 1..16
-//!    clients, its RSS once it serves (`daemon_rss_ready`: opened, scanned, GETs answered,
+//!    clients (for 4 clients also the daemon's CPU per update against the raw set's, the
+//!    cores the daemon and this process's clients kept busy, and the daemon's thread
+//!    switches per update against the raw set's: `/proc/<pid>/stat` and the live threads'
+//!    `status`), its RSS once it serves (`daemon_rss_ready`: opened, scanned, GETs answered,
 //!    nothing written, the raw RSS process's state) and after the throughput runs (before
 //!    the slow clients; `daemon_heap`, the part of it hsmkeyd's own code holds) and
 //!    how much it grew per update over the throughput runs (`rss_growth_per_update`), and
@@ -131,6 +136,8 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("throughput_2", "raw_set_2threads", 1.0),
     ("throughput_4", "raw_set_2threads", 1.0),
     ("throughput_16", "raw_set_2threads", 1.0),
+    ("daemon_cpu_per_update_4", "raw_cpu_per_set", 1.0),
+    ("daemon_switches_per_update_4", "raw_switches_per_set", 1.0),
     ("daemon_rss_ready", "raw_rss", 1.0),
     ("daemon_rss", "raw_rss", 1.0),
     ("daemon_heap", "daemon_rss", 1.0),

@@ -180,6 +180,7 @@ pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
     let keys = [40, 41].map(|i| handles(&s, &bulk_kid(i)).map(|h| h[0]));
     let keys = [keys[0].clone()?, keys[1].clone()?];
     let (t0, deadline) = (Instant::now(), Instant::now() + secs(o.seconds));
+    let (cpu0, switches0) = own_usage()?;
     let sets = std::thread::scope(|scope| {
         let spawn = |h: ObjectHandle| {
             let p11 = p11.clone();
@@ -197,7 +198,9 @@ pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
         let joined = workers.into_iter().map(|w| w.join().expect("raw thread"));
         joined.sum::<Res<u64>>()
     })?;
-    let rate = sets as f64 / t0.elapsed().as_secs_f64();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (cpu1, switches1) = own_usage()?;
+    let rate = sets as f64 / elapsed;
     drop(s);
     p11.finalize().ctx("C_Finalize")?;
 
@@ -214,6 +217,15 @@ pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
     figs.add("raw_set_label_secret", pct(&secret, 50.0), "ms");
     figs.add("raw_set_label_pair", pct(&pair_lat, 50.0), "ms");
     figs.add("raw_set_2threads", rate, "sets/s");
+    // What those sets cost the machine (this process, its idle main thread included).
+    if cpu1 <= cpu0 || switches1 <= switches0 {
+        return Err("getrusage did not move over the raw 2-thread sets".into());
+    }
+    let sets = sets.max(1) as f64;
+    figs.add("raw_cpu_per_set", (cpu1 - cpu0) * 1000.0 / sets, "ms");
+    figs.add("raw_cores_2threads", (cpu1 - cpu0) / elapsed, "cores");
+    let per_set = (switches1 - switches0) as f64 / sets;
+    figs.add("raw_switches_per_set", per_set, "switches");
     figs.add("raw_start", pct(&starts, 50.0), "ms");
     figs.add("raw_rss", raw_rss(pin)?, "MiB");
     Ok(())
@@ -247,4 +259,59 @@ pub(crate) fn vm_rss_kib(pid: u32) -> Res<f64> {
     let kib = line.and_then(|l| l.split_whitespace().nth(1));
     let kib = kib.ok_or("no VmRSS")?;
     kib.parse().ctx("VmRSS")
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, its exited threads included
+/// (`/proc/<pid>/stat`, in clock ticks).
+pub(crate) fn cpu_seconds(pid: u32) -> Res<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ctx("reading /proc stat")?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("no ')' in stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .ok_or("short stat")
+            .and_then(|v| v.parse::<f64>().map_err(|_| "stat field"))
+    };
+    let per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK);
+    let per_s = per_s.ctx("sysconf(CLK_TCK)")?.ok_or("no CLK_TCK")? as f64;
+    Ok((ticks(14)? + ticks(15)?) / per_s)
+}
+
+/// Context switches (voluntary and involuntary) of process `pid`'s live threads.
+pub(crate) fn switches(pid: u32) -> Res<u64> {
+    let mut n = 0;
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ctx("reading /proc tasks")?;
+    for t in tasks {
+        // A thread that ended since the listing is skipped.
+        let Ok(status) = fs::read_to_string(t.ctx("task")?.path().join("status")) else {
+            continue;
+        };
+        for l in status.lines() {
+            if l.starts_with("voluntary_ctxt_switches:")
+                || l.starts_with("nonvoluntary_ctxt_switches:")
+            {
+                n += l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// This process's CPU seconds and context switches so far, its exited threads included.
+pub(crate) fn own_usage() -> Res<(f64, u64)> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).ctx("getrusage")?;
+    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let cpu = s(u.user_time()) + s(u.system_time());
+    let switches = u.voluntary_context_switches() + u.involuntary_context_switches();
+    Ok((cpu, switches as u64))
 }
