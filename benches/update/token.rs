@@ -295,11 +295,8 @@ pub(crate) fn switches(pid: u32) -> Res<u64> {
             if l.starts_with("voluntary_ctxt_switches:")
                 || l.starts_with("nonvoluntary_ctxt_switches:")
             {
-                n += l
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
+                let v = l.split_whitespace().nth(1).ok_or("no count in status")?;
+                n += v.parse::<u64>().ctx("a switch count in status")?;
             }
         }
     }
