@@ -48,18 +48,28 @@ fn counted(dir: &Path, f: impl FnOnce()) -> Calls {
 /// How long the test lets the worker settle a key.
 const SETTLE: Duration = Duration::from_secs(5);
 
-/// hsmkeyd's metadata objects of `kid`: (label, record).
-fn records(t: &Token, kid: &str) -> Vec<(String, Value)> {
+/// hsmkeyd's metadata objects of `kid`: (label, record); None while they cannot be told
+/// apart or read: two objects with the bare label (a record in CKA_VALUE and a superseded one
+/// the worker has yet to destroy: pkcs11-tool reads by label), or one destroyed between the
+/// listing and its read.
+fn records(t: &Token, kid: &str) -> Option<Vec<(String, Value)>> {
     let label = format!("hsmkeyd-meta:{kid}");
-    t.objects()
+    let objects: Vec<_> = t
+        .objects()
         .into_iter()
         .filter(|o| o.class == "Data")
+        .collect();
+    if objects.iter().filter(|o| o.label == label).count() > 1 {
+        return None;
+    }
+    objects
+        .into_iter()
         .filter_map(|o| {
             if o.label == label {
-                Some((o.label.clone(), t.data_value(&label)))
+                Some(t.try_data_value(&label).map(|v| (o.label.clone(), v)))
             } else {
                 let json = o.label.strip_prefix(&format!("{label} "))?;
-                Some((o.label.clone(), serde_json::from_str(json).unwrap()))
+                Some(Some((o.label.clone(), serde_json::from_str(json).unwrap())))
             }
         })
         .collect()
@@ -71,7 +81,7 @@ fn settled(t: &Token, kid: &str) -> (String, Value) {
     let deadline = Instant::now() + SETTLE;
     let mut seen = Vec::new();
     loop {
-        let mut r = records(t, kid);
+        let mut r = records(t, kid).unwrap_or_default();
         r.sort_by_key(|(_, rec)| rec["seq"].as_u64());
         let newest = r.last().map(|(_, rec)| rec.clone()).unwrap_or_default();
         if (1..=2).contains(&r.len())

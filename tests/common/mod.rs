@@ -242,6 +242,26 @@ impl Token {
         })
     }
 
+    /// The CKA_VALUE (JSON) of the data object with this label, or None when pkcs11-tool
+    /// cannot read it: the object went between a listing and this read (a daemon's
+    /// background worker destroys superseded objects while a test watches).
+    pub fn try_data_value(&self, label: &str) -> Option<Value> {
+        let out = self
+            .pkcs11_tool()
+            .args(["--read-object", "--type", "data", "--label", label])
+            .output()
+            .expect("cannot run pkcs11-tool");
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "data object {label} is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        }))
+    }
+
     /// Labels of the key objects with this id, by class, from pkcs11-tool.
     pub fn labels_of(&self, id: &str) -> Vec<(String, String)> {
         let mut v: Vec<_> = self
