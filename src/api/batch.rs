@@ -83,7 +83,7 @@ async fn post_inner(
     let keys = u.state.keys.clone();
     // From here the batch's task writes every entry, whatever the client does.
     facts.recorded = true;
-    let task = u.state.tasks.spawn(async move {
+    let task = crate::blocking::spawn(&u.state.tasks, async move {
         let result = keys.update_batch(batch, &actor, hooks.clone()).await;
         hooks.finish(result).await
     });

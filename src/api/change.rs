@@ -111,7 +111,7 @@ where
     }
     let keys = u.state.keys.clone();
     facts.recorded = true;
-    let task = u.state.tasks.spawn(async move {
+    let task = crate::blocking::spawn(&u.state.tasks, async move {
         let intent: IntentHook = Box::new(record.intent_hook());
         let result: ResultHook = Box::new(record.result_hook(map));
         let result = op(keys, actor, intent, result).await.map_err(map);

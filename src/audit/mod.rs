@@ -444,7 +444,7 @@ impl Auditor {
     /// [`Auditor::write`] on a blocking thread.
     pub async fn write_async(self: &std::sync::Arc<Self>, entry: Entry) -> Result<(), AuditError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.write(&entry))
+        crate::blocking::run(move || me.write(&entry))
             .await
             .map_err(|e| AuditError(format!("audit task failed: {e}")))?
     }

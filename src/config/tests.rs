@@ -187,6 +187,7 @@ fn limits_default_sensibly_and_bad_values_name_their_key() {
     assert_eq!(c.server.request_timeout, Duration::from_secs(10));
     assert_eq!(c.server.min_body_rate, 1024);
     assert_eq!(c.server.io_threads, 1);
+    assert_eq!(c.server.connection_threads, 16);
     assert_eq!(c.max_cleanup_backlog, 1024);
     assert_eq!(c.audit.refusal_window, Duration::from_secs(10));
     for (section, line, key) in [
@@ -208,6 +209,11 @@ fn limits_default_sensibly_and_bad_values_name_their_key() {
         ("server", "max_connections = 0", "server.max_connections"),
         ("server", "io_threads = 0", "server.io_threads"),
         ("server", "io_threads = 65", "server.io_threads"),
+        (
+            "server",
+            "max_connections = 10\nconnection_threads = 11",
+            "server.connection_threads",
+        ),
         ("server", "drain_timeout_s = 3601", "server.drain_timeout_s"),
         (
             "server",
@@ -246,16 +252,21 @@ fn limits_default_sensibly_and_bad_values_name_their_key() {
         assert_eq!(e.key, key, "{line}: {e}");
         assert!(e.reason.contains("out of range"), "{line}: {e}");
     }
-    let c = parse(&format!("{GOOD}\n[server]\nio_threads = 4\n")).unwrap();
+    let c = parse(&format!(
+        "{GOOD}\n[server]\nio_threads = 4\nconnection_threads = 0\n"
+    ))
+    .unwrap();
     assert_eq!(c.server.io_threads, 4);
+    assert_eq!(c.server.connection_threads, 0);
     // A small listener gets shares that fit it.
     let c = parse(&format!("{GOOD}\n[server]\nmax_connections = 10\n")).unwrap();
     assert_eq!(
         (
             c.server.max_connections_per_caller,
-            c.server.max_unauthenticated
+            c.server.max_unauthenticated,
+            c.server.connection_threads
         ),
-        (5, 10)
+        (5, 10, 10)
     );
 }
 

@@ -37,6 +37,8 @@ pub struct Limits {
     pub unauthenticated: usize,
     /// Time a TLS connection may stay unauthenticated.
     pub unauthenticated_timeout: Duration,
+    /// Unix-socket connections served on a thread of their own.
+    pub connection_threads: usize,
 }
 
 impl Limits {
@@ -47,6 +49,7 @@ impl Limits {
             per_caller: cfg.max_connections_per_caller,
             unauthenticated: cfg.max_unauthenticated,
             unauthenticated_timeout: cfg.unauthenticated_timeout,
+            connection_threads: cfg.connection_threads,
         }
     }
 }

@@ -160,6 +160,75 @@ pub(crate) async fn serve_http<I, T>(
     }
 }
 
+/// Serves one Unix-socket connection on a thread of its own, with a runtime of its own
+/// whose reactor waits on this one socket: a request wakes this thread and no other, and
+/// its token call runs right here ([`crate::blocking`]). The caller bounds the number of
+/// such threads (`server.connection_threads`) with `lane`, held until the thread ends: after
+/// the connection, once the tasks it spawned (updates that outlive their client) are over.
+/// If no thread can be started, the connection is served on the main runtime instead.
+pub(crate) fn on_own_thread<S, F>(
+    stream: tokio::net::UnixStream,
+    lane: tokio::sync::OwnedSemaphorePermit,
+    serve: S,
+) where
+    S: FnOnce(tokio::net::UnixStream) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let main = tokio::runtime::Handle::current();
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over a connection; closing it");
+            return;
+        }
+    };
+    // Handed to the thread through a slot, so that it comes back if the thread never starts.
+    let job = Arc::new(std::sync::Mutex::new(Some((stream, serve))));
+    let (theirs, pool) = (job.clone(), main.clone());
+    let started = std::thread::Builder::new()
+        .name("hsmkeyd-conn".into())
+        .spawn(move || {
+            let _lane = lane;
+            let Some((stream, serve)) = crate::sync::lock(&theirs).take() else {
+                return;
+            };
+            let built = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let rt = match built {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a connection's runtime; closing it");
+                    return;
+                }
+            };
+            crate::blocking::own_this_thread(pool);
+            rt.block_on(async move {
+                serve_std(stream, serve).await;
+                // An update whose client went away still runs to its end here.
+                crate::blocking::own_tasks_done().await;
+            });
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "cannot start a connection thread; serving it on the runtime");
+        if let Some((stream, serve)) = crate::sync::lock(&job).take() {
+            drop(main.spawn(serve_std(stream, serve)));
+        }
+    }
+}
+
+/// Registers a taken-over connection with the current runtime and serves it.
+async fn serve_std<S, F>(stream: std::os::unix::net::UnixStream, serve: S)
+where
+    S: FnOnce(tokio::net::UnixStream) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    match tokio::net::UnixStream::from_std(stream) {
+        Ok(s) => serve(s).await,
+        Err(e) => tracing::warn!(error = %e, "cannot register a connection; closing it"),
+    }
+}
+
 /// Signals listeners and connections to stop. Cloned into every task.
 #[derive(Clone)]
 pub struct Shutdown {

@@ -135,6 +135,7 @@ pub async fn serve(
 ) {
     let callers = CallerSlots::<u32>::new(limits.per_caller);
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let lanes = Arc::new(Semaphore::new(limits.connection_threads));
     let max = conns.max();
     super::accept_loop(listener, &conns, &shutdown, |stream, _, permit| {
         let peer = match peer_of(&stream) {
@@ -154,11 +155,16 @@ pub async fn serve(
         match caller {
             Ok(caller) => {
                 let slot = ConnectionSlot(Arc::new(Decided(Ok(()))));
-                // Detached: the connection owns its permits, which the drain waits for.
-                drop(tokio::spawn(async move {
+                // Detached: the connection owns its permits, which the drain waits for. On a
+                // thread of its own while there is one to spare, else on the runtime.
+                let serve = move |stream| async move {
                     let _permits = (permit, caller);
                     super::serve_http(stream, app, peer, slot, limits.header_timeout, stop).await;
-                }));
+                };
+                match lanes.clone().try_acquire_owned() {
+                    Ok(lane) => super::on_own_thread(stream, lane, serve),
+                    Err(_) => drop(tokio::spawn(serve(stream))),
+                }
             }
             Err(why) => {
                 tracing::warn!(%peer, reason = %why, "connection over its budget");

@@ -190,8 +190,9 @@ impl KeyStore {
         })
     }
 
-    /// Runs HSM work on a blocking thread when it gets a turn (see `turns`); the turn is
-    /// held until the work is over, even if the caller stops waiting.
+    /// Runs HSM work when it gets a turn (see `turns`): inline on a connection's own
+    /// thread, else on a blocking thread ([`crate::blocking::run`]); the turn is held until
+    /// the work is over, even if the caller stops waiting.
     pub async fn on_token<T, F>(&self, f: F) -> Result<T, KeyError>
     where
         F: FnOnce() -> T + Send + 'static,
@@ -210,7 +211,7 @@ impl KeyStore {
                 ))
             })?
             .map_err(|_| KeyError::Internal("the HSM turns were closed".into()))?;
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::run(move || {
             let _turn = turn;
             f()
         })

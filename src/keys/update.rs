@@ -237,8 +237,7 @@ fn write_objects<'p>(
     writes: &'p [ObjectWrite],
     turns: &Arc<Semaphore>,
 ) -> Result<(), (HsmError, Vec<&'p ObjectWrite>)> {
-    let runtime = tokio::runtime::Handle::try_current();
-    let Ok(runtime) = runtime else {
+    let Some(runtime) = crate::blocking::pool() else {
         return write_in_order(hsm, writes);
     };
     if writes.len() < 2 || writes.iter().any(ObjectWrite::one_way) {

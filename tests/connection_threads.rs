@@ -1,0 +1,220 @@
+//! The Unix socket's fast lane: up to `server.connection_threads` connections are served
+//! on a thread of their own (named `hsmkeyd-conn`), whose token calls run right there; the
+//! connections past it, and all of them with 0, are served by the runtime. Either way an
+//! update lands on the token.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::fixture::{pair, token_with, Key, AES, EC, OTHER};
+use common::{Daemon, Setup, Token};
+use serde_json::{json, Value};
+
+/// The daemon's threads with this name.
+fn threads_named(d: &Daemon, name: &str) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d.child.id())).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+/// One request on a keep-alive connection, and its answer: (status, JSON body).
+fn exchange(s: &mut UnixStream, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    read_answer(s)
+}
+
+/// The next answer on a keep-alive connection: (status, JSON body).
+fn read_answer(s: &mut UnixStream) -> (u16, Value) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the daemon closed a keep-alive connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
+            .expect("an answer without content-length")
+            .parse::<usize>()
+            .unwrap();
+        if rest.len() >= length {
+            let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+            return (status, serde_json::from_str(&rest[..length]).unwrap());
+        }
+    }
+}
+
+/// A daemon with this many connection threads, once the connections made before (the
+/// harness's readiness probe, and one request here, which comes after it in the accept
+/// order) have ended and given their threads back.
+fn daemon_with_threads(t: &Token, n: usize) -> Daemon {
+    let setup = Setup {
+        server_extra: format!("connection_threads = {n}\n"),
+        ..Setup::default()
+    };
+    let d = Daemon::start(t, &setup);
+    let mut first = UnixStream::connect(&d.sock).unwrap();
+    let (status, body) = exchange(&mut first, "GET", "/v1/status", None);
+    assert_eq!(status, 200, "{body}");
+    drop(first);
+    assert!(common::wait_until(
+        "the first connections' threads to end",
+        Duration::from_secs(5),
+        || threads_named(&d, "hsmkeyd-conn") == 0
+    ));
+    d
+}
+
+fn relabel(s: &mut UnixStream, kid: &str, label: &str) {
+    let (status, body) = exchange(
+        s,
+        "PATCH",
+        &format!("/v1/keys/{kid}"),
+        Some(&json!({ "label": label })),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["key"]["label"], label, "{body}");
+}
+
+#[test]
+fn connections_past_connection_threads_are_served_by_the_runtime_and_all_of_them_update() {
+    let t = token_with(&[Key::aes(AES, "a"), Key::aes(OTHER, "o"), Key::ec(EC, "e")]);
+    let d = daemon_with_threads(&t, 2);
+    let mut conns: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(&d.sock).unwrap())
+        .collect();
+    // A request on each makes sure the daemon has taken every connection in.
+    for c in &mut conns {
+        let (status, body) = exchange(c, "GET", &format!("/v1/keys/{AES}"), None);
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        threads_named(&d, "hsmkeyd-conn"),
+        2,
+        "two own threads, not three"
+    );
+    // The first two on their own threads, the third on the runtime; the pair's two label
+    // writes go through the runtime's pool from an own thread.
+    relabel(&mut conns[0], AES, "from-lane-0");
+    relabel(&mut conns[1], EC, "from-lane-1");
+    relabel(&mut conns[2], OTHER, "from-the-runtime");
+    assert_eq!(
+        t.labels_of(AES),
+        [("Secret".to_string(), "from-lane-0".to_string())]
+    );
+    assert_eq!(
+        t.labels_of(OTHER),
+        [("Secret".to_string(), "from-the-runtime".to_string())]
+    );
+    assert_eq!(t.labels_of(EC), pair("from-lane-1"));
+    // A thread ends with its connection, and frees its lane for the next one.
+    drop(conns.remove(0));
+    assert!(common::wait_until(
+        "the thread to end",
+        Duration::from_secs(5),
+        || { threads_named(&d, "hsmkeyd-conn") == 1 }
+    ));
+    let mut next = UnixStream::connect(&d.sock).unwrap();
+    relabel(&mut next, AES, "from-a-freed-lane");
+    assert_eq!(threads_named(&d, "hsmkeyd-conn"), 2);
+    assert_eq!(
+        t.labels_of(AES),
+        [("Secret".to_string(), "from-a-freed-lane".to_string())]
+    );
+}
+
+#[test]
+fn with_no_connection_threads_every_connection_is_served_by_the_runtime() {
+    let t = token_with(&[Key::aes(AES, "a")]);
+    let d = daemon_with_threads(&t, 0);
+    let mut c = UnixStream::connect(&d.sock).unwrap();
+    relabel(&mut c, AES, "no-lanes");
+    assert_eq!(threads_named(&d, "hsmkeyd-conn"), 0);
+    assert_eq!(
+        t.labels_of(AES),
+        [("Secret".to_string(), "no-lanes".to_string())]
+    );
+}
+
+/// An update on an own thread whose client leaves while it waits for the key (another
+/// update holds it in a token write that hangs) still runs to its end once the key is
+/// free, with its result entry, and only then gives its thread back.
+#[test]
+fn an_update_whose_client_leaves_while_it_waits_still_lands_on_its_own_thread() {
+    let t = token_with(&[Key::aes(AES, "a")]);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &Setup::faulty(faults.path()));
+    let hang = faults.path().join("hang_C_SetAttributeValue");
+    std::fs::write(&hang, "0").unwrap();
+    let mut first = UnixStream::connect(&d.sock).unwrap();
+    let patch = |body: &Value| {
+        let body = body.to_string();
+        format!(
+            "PATCH /v1/keys/{AES} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    first
+        .write_all(patch(&json!({"label": "first"})).as_bytes())
+        .unwrap();
+    common::wait_held(faults.path(), "C_SetAttributeValue");
+    let threads_before = threads_named(&d, "hsmkeyd-conn");
+    let mut second = UnixStream::connect(&d.sock).unwrap();
+    second
+        .write_all(patch(&json!({"label": "second"})).as_bytes())
+        .unwrap();
+    assert!(common::wait_until(
+        "the second connection's thread",
+        Duration::from_secs(5),
+        || threads_named(&d, "hsmkeyd-conn") == threads_before + 1
+    ));
+    // The second update waits for the key; its client goes away meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = second.shutdown(std::net::Shutdown::Both);
+    drop(second);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(&hang).unwrap();
+    let (status, body) = read_answer(&mut first);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        common::wait_until("the second update", Duration::from_secs(5), || {
+            t.labels_of(AES) == [("Secret".to_string(), "second".to_string())]
+        }),
+        "the token says {:?}",
+        t.labels_of(AES)
+    );
+    let results: Vec<Value> = d
+        .audit_entries()
+        .into_iter()
+        .filter(|e| e["HSMKEYD_EVENT"] == "KEY_ATTRIBUTES_CHANGED")
+        .collect();
+    let second_result = results.iter().find(|e| {
+        e["HSMKEYD_CHANGES"]
+            .as_str()
+            .is_some_and(|c| c.contains("\"second\""))
+    });
+    let second_result = second_result.unwrap_or_else(|| panic!("no result entry: {results:?}"));
+    assert_eq!(second_result["HSMKEYD_RESULT"], "OK", "{second_result}");
+    let key = d.client().get(&format!("/v1/keys/{AES}")).ok();
+    assert_eq!(key["label"], "second", "{key}");
+}
