@@ -144,11 +144,13 @@ pub(crate) fn daemon_figures(
     let mut updates = 0.0;
     for clients in [1, 2, 4, 16] {
         let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
-        let (cpu0, switches0, own0) = (cpu_seconds(d.pid())?, switches(d.pid())?, own_usage()?);
-        let t0 = Instant::now();
-        let rate = throughput(&d.sock, &kids, o.seconds)?;
-        let elapsed = t0.elapsed().as_secs_f64();
-        let (cpu1, switches1, own1) = (cpu_seconds(d.pid())?, switches(d.pid())?, own_usage()?);
+        let probe = || {
+            let at = Instant::now();
+            Ok((at, cpu_seconds(d.pid())?, switches(d.pid())?, own_usage()?))
+        };
+        let (rate, (t0, cpu0, switches0, own0), (t1, cpu1, switches1, own1)) =
+            throughput_probed(&d.sock, &kids, o.seconds, probe)?;
+        let elapsed = (t1 - t0).as_secs_f64();
         let n = (rate * o.seconds).max(1.0);
         updates += n;
         figs.add(&format!("throughput_{clients}"), rate, "updates/s");
@@ -202,37 +204,115 @@ pub(crate) fn daemon_figures(
     Ok(())
 }
 
+/// The throughput figures again, in rounds that take turns with the raw floor on the same
+/// token: raw 2-thread sets, then a daemon started for 4 and 16 clients, then stopped. The
+/// machine's speed drifts by more than the effect measured (other guests share its cores),
+/// so the separate phases' ratio says more about when each ran than about the daemon;
+/// here each daemon figure is the median of `o.reps` rounds and so is its floor, and the
+/// worst round's ratio is reported beside them.
+pub(crate) fn paired_throughput(
+    o: &Opts,
+    dir: &Path,
+    conf: &Path,
+    pin: &Path,
+    figs: &mut Figures,
+) -> Res<()> {
+    let (mut raw, mut four, mut sixteen) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..o.reps {
+        raw.push(crate::token::raw_two_threads(pin, o.seconds)?.rate);
+        let (d, _) = start_daemon(dir, conf, pin)?;
+        for (clients, rates) in [(4, &mut four), (16, &mut sixteen)] {
+            let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
+            rates.push(throughput(&d.sock, &kids, o.seconds)?);
+        }
+        let (status, _) = d.stop()?;
+        if !status.success() {
+            return Err(format!(
+                "a paired-round daemon exited with {status} after SIGTERM"
+            ));
+        }
+    }
+    let worst = |rates: &[f64]| {
+        rates
+            .iter()
+            .zip(&raw)
+            .map(|(d, r)| d / r)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (worst4, worst16) = (worst(&four), worst(&sixteen));
+    figs.add("raw_set_2threads_paired", median(raw), "sets/s");
+    figs.add("throughput_4_paired", median(four), "updates/s");
+    figs.add("throughput_16_paired", median(sixteen), "updates/s");
+    figs.add("throughput_4_paired_worst_ratio", worst4, "x");
+    figs.add("throughput_16_paired_worst_ratio", worst16, "x");
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Label PATCHes/s from one thread per kid, each on its own keep-alive connection.
 fn throughput(sock: &Path, kids: &[String], seconds: f64) -> Res<f64> {
+    throughput_probed(sock, kids, seconds, || Ok(())).map(|(rate, ..)| rate)
+}
+
+/// [`throughput`], with `probe` read once the clients are connected and warm, just before
+/// they start, and again when they are done but still connected (the daemon may serve a
+/// connection on a thread that ends with it, and its switch counts with the thread).
+fn throughput_probed<T>(
+    sock: &Path,
+    kids: &[String],
+    seconds: f64,
+    probe: impl Fn() -> Res<T>,
+) -> Res<(f64, T, T)> {
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let start = Barrier::new(kids.len() + 1);
+    let (ready, go) = (Barrier::new(kids.len() + 1), Barrier::new(kids.len() + 1));
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
         for (i, kid) in kids.iter().enumerate() {
-            let start = &start;
-            workers.push(scope.spawn(move || -> Res<(u64, Instant)> {
-                // Labels only this thread writes, alternating: every PATCH changes something.
-                let label = |n: u64| json!({"label": format!("tp{run}-{i}-{}", n % 2)});
-                let conn = unix_conn(sock);
-                let warm = conn.and_then(|mut c| c.patch(kid, &label(1)).map(|()| c));
-                start.wait(); // even after an error, so that nobody waits forever
-                let (mut c, end, mut n) = (warm?, Instant::now() + secs(seconds), 0);
-                while Instant::now() < end {
-                    c.patch(kid, &label(n))?;
-                    n += 1;
-                }
-                Ok((n, Instant::now()))
-            }));
+            let (ready, go) = (&ready, &go);
+            workers.push(
+                scope.spawn(move || -> Res<(u64, Instant, Conn<UnixStream>)> {
+                    // Labels only this thread writes, alternating: every PATCH changes something.
+                    let label = |n: u64| json!({"label": format!("tp{run}-{i}-{}", n % 2)});
+                    let conn = unix_conn(sock);
+                    let warm = conn.and_then(|mut c| c.patch(kid, &label(1)).map(|()| c));
+                    // Both waits even after an error, so that nobody waits forever.
+                    ready.wait();
+                    go.wait();
+                    let (mut c, end, mut n) = (warm?, Instant::now() + secs(seconds), 0);
+                    while Instant::now() < end {
+                        c.patch(kid, &label(n))?;
+                        n += 1;
+                    }
+                    Ok((n, Instant::now(), c))
+                }),
+            );
         }
-        start.wait();
+        ready.wait();
+        let before = probe();
+        go.wait();
         let t0 = Instant::now();
-        let (mut total, mut last) = (0, t0);
+        let (mut total, mut last, mut conns) = (0, t0, Vec::new());
+        let mut failed = None;
         for w in workers {
-            let (n, done) = w.join().expect("client thread")?;
-            (total, last) = (total + n, last.max(done));
+            match w.join().expect("client thread") {
+                Ok((n, done, c)) => {
+                    (total, last) = (total + n, last.max(done));
+                    conns.push(c);
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
-        Ok(total as f64 / (last - t0).as_secs_f64())
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let after = probe()?;
+        drop(conns);
+        Ok((total as f64 / (last - t0).as_secs_f64(), before?, after))
     })
 }
 

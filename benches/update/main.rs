@@ -39,7 +39,13 @@
 //!    index), and `worker_catch_up_ms`, from the end of the last throughput measurement
 //!    until a status line without a backlog arrives (-1: none within 10 s; 0: the last
 //!    line before the end had none and no line with one followed within 2 s, for a daemon
-//!    that sends its status only when it changes). These have no floor.
+//!    that sends its status only when it changes). These have no floor;
+//! 4. the throughput figures again in 3 rounds (1 with `--quick`) that take turns
+//!    with their floor on the same token copy: the raw 2-thread sets, then a daemon started
+//!    for 4 and 16 clients and stopped (`daemon::paired_throughput`). `throughput_4_paired`
+//!    and `throughput_16_paired` are the medians of the rounds, compared with the median
+//!    raw rate (`raw_set_2threads_paired`), with the worst round's ratio beside them: the
+//!    machine's speed drifts between phases by more than the effect measured.
 //!
 //! It prints one table (figure | value | raw floor | ratio = value / floor; [`FLOORS`]
 //! says which figure is compared to which) and writes it as JSON to
@@ -136,6 +142,8 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("throughput_2", "raw_set_2threads", 1.0),
     ("throughput_4", "raw_set_2threads", 1.0),
     ("throughput_16", "raw_set_2threads", 1.0),
+    ("throughput_4_paired", "raw_set_2threads_paired", 1.0),
+    ("throughput_16_paired", "raw_set_2threads_paired", 1.0),
     ("daemon_cpu_per_update_4", "raw_cpu_per_set", 1.0),
     ("daemon_switches_per_update_4", "raw_switches_per_set", 1.0),
     ("daemon_rss_ready", "raw_rss", 1.0),
@@ -227,6 +235,7 @@ fn run(o: &Opts) -> Res<()> {
     let mut figs = Figures::default();
     token::raw_floor(o, &pin, &mut figs)?;
     daemon::daemon_figures(o, work.path(), &conf, &pin, &mut figs)?;
+    daemon::paired_throughput(o, work.path(), &conf, &pin, &mut figs)?;
     memory::memory_figures(o, &cached, &mut figs)?;
     report(o, &bench_dir, &figs)
 }

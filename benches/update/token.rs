@@ -164,7 +164,7 @@ fn set_label(s: &Session, h: ObjectHandle, label: String) -> Res<()> {
 }
 
 pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
-    let (p11, slot, s) = raw_open(pin)?;
+    let (p11, _, s) = raw_open(pin)?;
     let key = handles(&s, &bulk_kid(0))?[0];
     let secret = sample(o.seconds, |n| set_label(&s, key, format!("raw-{}", n % 2)))?;
     let pair = handles(&s, &ec_kid(0))?;
@@ -177,9 +177,49 @@ pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
             .try_for_each(|h| set_label(&s, *h, label.clone()))
     };
     let pair_lat = sample(o.seconds, pair_set)?;
+    drop(s);
+    p11.finalize().ctx("C_Finalize")?;
+    let two = raw_two_threads(pin, o.seconds)?;
+
+    let mut starts = Vec::new();
+    for _ in 0..o.reps {
+        let t0 = Instant::now();
+        let (p11, _, s) = raw_open(pin)?;
+        raw_scan(&s)?;
+        starts.push(t0.elapsed());
+        drop(s);
+        p11.finalize().ctx("C_Finalize")?;
+    }
+    starts.sort();
+    figs.add("raw_set_label_secret", pct(&secret, 50.0), "ms");
+    figs.add("raw_set_label_pair", pct(&pair_lat, 50.0), "ms");
+    figs.add("raw_set_2threads", two.rate, "sets/s");
+    // What those sets cost the machine (this process, its idle main thread included).
+    figs.add("raw_cpu_per_set", two.cpu_per_set_ms, "ms");
+    figs.add("raw_cores_2threads", two.cores, "cores");
+    figs.add("raw_switches_per_set", two.switches_per_set, "switches");
+    figs.add("raw_start", pct(&starts, 50.0), "ms");
+    figs.add("raw_rss", raw_rss(pin)?, "MiB");
+    Ok(())
+}
+
+/// Label sets from two threads on distinct keys, each with its own session, and what they
+/// cost this process.
+pub(crate) struct TwoThreads {
+    pub(crate) rate: f64,
+    cpu_per_set_ms: f64,
+    cores: f64,
+    switches_per_set: f64,
+}
+
+/// Opens the token, sets labels from two threads for `seconds`, finalizes: the raw floor
+/// of the throughput figures. Opened here each time, so that it can take turns with a
+/// daemon on the same token (SoftHSM file tokens take one writing process at a time).
+pub(crate) fn raw_two_threads(pin: &Path, seconds: f64) -> Res<TwoThreads> {
+    let (p11, slot, s) = raw_open(pin)?;
     let keys = [40, 41].map(|i| handles(&s, &bulk_kid(i)).map(|h| h[0]));
     let keys = [keys[0].clone()?, keys[1].clone()?];
-    let (t0, deadline) = (Instant::now(), Instant::now() + secs(o.seconds));
+    let (t0, deadline) = (Instant::now(), Instant::now() + secs(seconds));
     let (cpu0, switches0) = own_usage()?;
     let sets = std::thread::scope(|scope| {
         let spawn = |h: ObjectHandle| {
@@ -200,35 +240,18 @@ pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
     })?;
     let elapsed = t0.elapsed().as_secs_f64();
     let (cpu1, switches1) = own_usage()?;
-    let rate = sets as f64 / elapsed;
     drop(s);
     p11.finalize().ctx("C_Finalize")?;
-
-    let mut starts = Vec::new();
-    for _ in 0..o.reps {
-        let t0 = Instant::now();
-        let (p11, _, s) = raw_open(pin)?;
-        raw_scan(&s)?;
-        starts.push(t0.elapsed());
-        drop(s);
-        p11.finalize().ctx("C_Finalize")?;
-    }
-    starts.sort();
-    figs.add("raw_set_label_secret", pct(&secret, 50.0), "ms");
-    figs.add("raw_set_label_pair", pct(&pair_lat, 50.0), "ms");
-    figs.add("raw_set_2threads", rate, "sets/s");
-    // What those sets cost the machine (this process, its idle main thread included).
     if cpu1 <= cpu0 || switches1 <= switches0 {
         return Err("getrusage did not move over the raw 2-thread sets".into());
     }
-    let sets = sets.max(1) as f64;
-    figs.add("raw_cpu_per_set", (cpu1 - cpu0) * 1000.0 / sets, "ms");
-    figs.add("raw_cores_2threads", (cpu1 - cpu0) / elapsed, "cores");
-    let per_set = (switches1 - switches0) as f64 / sets;
-    figs.add("raw_switches_per_set", per_set, "switches");
-    figs.add("raw_start", pct(&starts, 50.0), "ms");
-    figs.add("raw_rss", raw_rss(pin)?, "MiB");
-    Ok(())
+    let n = sets.max(1) as f64;
+    Ok(TwoThreads {
+        rate: sets as f64 / elapsed,
+        cpu_per_set_ms: (cpu1 - cpu0) * 1000.0 / n,
+        cores: (cpu1 - cpu0) / elapsed,
+        switches_per_set: (switches1 - switches0) as f64 / n,
+    })
 }
 
 /// RSS of a separate process that initialized, logged in and scanned (this binary again).
