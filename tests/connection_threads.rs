@@ -63,6 +63,11 @@ fn read_answer(s: &mut UnixStream) -> (u16, Value) {
     }
 }
 
+/// What [`Token::labels_of`] gives for a secret key labelled `label`.
+fn secret(label: &str) -> Vec<(String, String)> {
+    vec![("Secret".to_string(), label.to_string())]
+}
+
 /// A daemon with this many connection threads, once the connections made before (the
 /// harness's readiness probe, and one request here, which comes after it in the accept
 /// order) have ended and given their threads back.
@@ -117,14 +122,8 @@ fn connections_past_connection_threads_are_served_by_the_runtime_and_all_of_them
     relabel(&mut conns[0], AES, "from-lane-0");
     relabel(&mut conns[1], EC, "from-lane-1");
     relabel(&mut conns[2], OTHER, "from-the-runtime");
-    assert_eq!(
-        t.labels_of(AES),
-        [("Secret".to_string(), "from-lane-0".to_string())]
-    );
-    assert_eq!(
-        t.labels_of(OTHER),
-        [("Secret".to_string(), "from-the-runtime".to_string())]
-    );
+    assert_eq!(t.labels_of(AES), secret("from-lane-0"));
+    assert_eq!(t.labels_of(OTHER), secret("from-the-runtime"));
     assert_eq!(t.labels_of(EC), pair("from-lane-1"));
     // A thread ends with its connection, and frees its lane for the next one.
     drop(conns.remove(0));
@@ -136,10 +135,7 @@ fn connections_past_connection_threads_are_served_by_the_runtime_and_all_of_them
     let mut next = UnixStream::connect(&d.sock).unwrap();
     relabel(&mut next, AES, "from-a-freed-lane");
     assert_eq!(threads_named(&d, "hsmkeyd-conn"), 2);
-    assert_eq!(
-        t.labels_of(AES),
-        [("Secret".to_string(), "from-a-freed-lane".to_string())]
-    );
+    assert_eq!(t.labels_of(AES), secret("from-a-freed-lane"));
 }
 
 #[test]
@@ -149,10 +145,7 @@ fn with_no_connection_threads_every_connection_is_served_by_the_runtime() {
     let mut c = UnixStream::connect(&d.sock).unwrap();
     relabel(&mut c, AES, "no-lanes");
     assert_eq!(threads_named(&d, "hsmkeyd-conn"), 0);
-    assert_eq!(
-        t.labels_of(AES),
-        [("Secret".to_string(), "no-lanes".to_string())]
-    );
+    assert_eq!(t.labels_of(AES), secret("no-lanes"));
 }
 
 /// An update on an own thread whose client leaves while it waits for the key (another
@@ -198,7 +191,7 @@ fn an_update_whose_client_leaves_while_it_waits_still_lands_on_its_own_thread() 
     assert_eq!(status, 200, "{body}");
     assert!(
         common::wait_until("the second update", Duration::from_secs(5), || {
-            t.labels_of(AES) == [("Secret".to_string(), "second".to_string())]
+            t.labels_of(AES) == secret("second")
         }),
         "the token says {:?}",
         t.labels_of(AES)
@@ -217,4 +210,9 @@ fn an_update_whose_client_leaves_while_it_waits_still_lands_on_its_own_thread() 
     assert_eq!(second_result["HSMKEYD_RESULT"], "OK", "{second_result}");
     let key = d.client().get(&format!("/v1/keys/{AES}")).ok();
     assert_eq!(key["label"], "second", "{key}");
+    assert!(common::wait_until(
+        "the second connection's thread to end",
+        Duration::from_secs(5),
+        || threads_named(&d, "hsmkeyd-conn") == threads_before
+    ));
 }
