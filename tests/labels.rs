@@ -113,3 +113,42 @@ fn by_label_addresses_one_key_and_refuses_an_ambiguous_label() {
     assert_eq!(gone.status, 204);
     assert!(!t.objects().iter().any(|o| o.id == AES));
 }
+
+/// A PATCH refused before its body is needed (no key has the label) is answered only once
+/// the body has been read, and the connection stays open: closing it with unread bytes
+/// would reset it, and over TCP the reset can destroy the answer (schemathesis saw a TLS
+/// EOF from this route).
+#[test]
+fn a_patch_by_an_unknown_label_reads_the_body_before_it_answers_and_keeps_the_connection() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let t = token_with(&[AES_KEY]);
+    let d = Daemon::start(&t, &Setup::default());
+    let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
+    let body = json!({"label": "x"}).to_string();
+    let head = format!(
+        "PATCH /v1/keys/by-label/nobody-has-it HTTP/1.1\r\nHost: x\r\nContent-Type: \
+         application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(
+        s.read(&mut buf).is_err(),
+        "answered before the body was sent"
+    );
+    s.write_all(body.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    let r = common::parse_response(&buf[..n]);
+    r.assert_error(404, "key_not_found");
+    // The same connection answers the next request.
+    s.write_all(format!("GET /v1/keys/{AES} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(n > 0, "the connection was closed after the refusal");
+    let r = common::parse_response(&buf[..n]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -131,7 +132,62 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// The middleware: puts every request's body under the configured limits.
+/// A body that, dropped before its end (a handler that refused the request without
+/// reading it), leaves what is left of it in `slot` for [`layer`] to read.
+struct Leftover {
+    inner: Option<Body>,
+    done: bool,
+    slot: Arc<Mutex<Option<Body>>>,
+}
+
+impl http_body::Body for Leftover {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.done = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map(http_body::Body::size_hint)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Leftover {
+    fn drop(&mut self) {
+        if let Some(body) = self.inner.take() {
+            if !self.done && !http_body::Body::is_end_stream(&body) {
+                *crate::sync::lock(&self.slot) = Some(body);
+            }
+        }
+    }
+}
+
+/// The middleware: puts every request's body under the configured limits. A body its
+/// handler did not read to the end (a refusal answered before the body was needed) is read
+/// here, still under those limits and at most [`super::body::MAX_BODY`] bytes, before the
+/// answer goes out: a connection closed with unread bytes is reset, and over TCP the reset
+/// can destroy the answer before the client reads it.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     // A request without a body (most GETs) has nothing to guard: no timer for it.
     if http_body::Body::is_end_stream(req.body()) {
@@ -139,5 +195,87 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     }
     let (parts, body) = req.into_parts();
     let body = Body::new(Guarded::new(body, state.body_limits));
-    next.run(Request::from_parts(parts, body)).await
+    reading_leftover(Request::from_parts(parts, body), |r| next.run(r)).await
+}
+
+/// Runs `handle` on `req`, then reads what it left of the body (see [`layer`]).
+async fn reading_leftover<F, Fut>(req: Request, handle: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let (parts, body) = req.into_parts();
+    let slot = Arc::new(Mutex::new(None));
+    let body = Body::new(Leftover {
+        inner: Some(body),
+        done: false,
+        slot: slot.clone(),
+    });
+    let response = handle(Request::from_parts(parts, body)).await;
+    let unread = crate::sync::lock(&slot).take();
+    if let Some(unread) = unread {
+        let _ = axum::body::to_bytes(unread, super::body::MAX_BODY).await;
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A body of `left` one-byte chunks that counts the chunks read from it.
+    struct Counted {
+        left: usize,
+        read: Arc<AtomicUsize>,
+    }
+
+    impl http_body::Body for Counted {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            self.left -= 1;
+            let _ = self.read.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    fn request(read: &Arc<AtomicUsize>) -> Request {
+        let body = Counted {
+            left: 5,
+            read: read.clone(),
+        };
+        Request::new(Body::new(body))
+    }
+
+    #[tokio::test]
+    async fn a_body_its_handler_refused_unread_is_read_before_the_answer() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let answer = reading_leftover(request(&read), |req| async move {
+            drop(req);
+            Response::new(Body::from("refused"))
+        })
+        .await;
+        assert_eq!(read.load(Ordering::SeqCst), 5, "the whole body was read");
+        let text = axum::body::to_bytes(answer.into_body(), 100).await.unwrap();
+        assert_eq!(&text[..], b"refused");
+    }
+
+    #[tokio::test]
+    async fn a_body_its_handler_read_is_not_read_again() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let _ = reading_leftover(request(&read), |req| async move {
+            let got = axum::body::to_bytes(req.into_body(), 100).await.unwrap();
+            assert_eq!(got.len(), 5);
+            Response::new(Body::empty())
+        })
+        .await;
+        assert_eq!(read.load(Ordering::SeqCst), 5);
+    }
 }
