@@ -64,6 +64,21 @@ where
     }
 }
 
+/// Spawns `task` on the main runtime, also from a connection's own thread, tracked by
+/// `tracker`: for work that makes several token calls at once (a batch), which a
+/// connection's thread, running each call inline, would make one after another.
+pub fn spawn_pooled<F>(tracker: &TaskTracker, task: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let task = tracker.track_future(task);
+    match pool() {
+        Some(main) => main.spawn(task),
+        None => tokio::spawn(task),
+    }
+}
+
 /// Completes when every task [`spawn`] started on this connection's own thread is over
 /// (at once on any other thread).
 pub async fn own_tasks_done() {

@@ -221,3 +221,55 @@ fn a_crash_during_a_batch_leaves_each_key_wholly_before_or_after() {
         );
     }
 }
+
+/// A batch's writes run at once (up to the token's sessions) also when it arrives on a
+/// Unix connection that has a thread of its own: while every label write is held, more
+/// than one has started.
+#[test]
+fn a_batch_on_a_connection_thread_writes_its_keys_at_once() {
+    let keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
+    let t = token_with(&keys);
+    let faults = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &t,
+        &Setup::with_access(keys_access()).with_faults(faults.path()),
+    );
+    let c = d.client();
+    let all = [AES, OTHER, EC];
+    // Records first, so the batch below writes them in place (C_SetAttributeValue).
+    batch(
+        &c,
+        "",
+        &json!({"select": {"kids": all}, "patch": {"description": "before"}}),
+    )
+    .ok();
+    quiet(&c);
+    let started = common::fault_count(faults.path(), "C_SetAttributeValue");
+    let hang = faults.path().join("hang");
+    std::fs::write(&hang, "").unwrap();
+    let running = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            batch(
+                &c,
+                "",
+                &json!({"select": {"kids": all}, "patch": {"description": "after"}}),
+            )
+        })
+    };
+    let at_once = common::wait_until("two writes in flight", Duration::from_secs(3), || {
+        common::fault_count(faults.path(), "C_SetAttributeValue") >= started + 2
+    });
+    let in_flight = common::fault_count(faults.path(), "C_SetAttributeValue") - started;
+    std::fs::remove_file(&hang).unwrap();
+    let r = running.join().unwrap();
+    assert!(
+        at_once,
+        "only {in_flight} write(s) started while every write was held"
+    );
+    r.ok();
+    quiet(&c);
+    for kid in all {
+        assert_eq!(meta(&t, kid).0, json!("after"), "{kid}");
+    }
+}

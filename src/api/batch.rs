@@ -81,9 +81,10 @@ async fn post_inner(
         roles: u.principal.roles.clone(),
     };
     let keys = u.state.keys.clone();
-    // From here the batch's task writes every entry, whatever the client does.
+    // From here the batch's task writes every entry, whatever the client does. It runs on
+    // the main runtime, whose blocking pool takes its writes at once.
     facts.recorded = true;
-    let task = crate::blocking::spawn(&u.state.tasks, async move {
+    let task = crate::blocking::spawn_pooled(&u.state.tasks, async move {
         let result = keys.update_batch(batch, &actor, hooks.clone()).await;
         hooks.finish(result).await
     });

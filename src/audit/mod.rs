@@ -441,7 +441,8 @@ impl Auditor {
         Ok(Some(at))
     }
 
-    /// [`Auditor::write`] on a blocking thread.
+    /// [`Auditor::write`] off the reactor: inline on a connection's own thread, else on a
+    /// blocking thread ([`crate::blocking::run`]).
     pub async fn write_async(self: &std::sync::Arc<Self>, entry: Entry) -> Result<(), AuditError> {
         let me = self.clone();
         crate::blocking::run(move || me.write(&entry))
