@@ -470,3 +470,46 @@ fn startup_searches_the_token_once() {
         .count();
     assert_eq!(device, 1, "{objects:?}");
 }
+
+#[test]
+fn a_rescan_keeps_what_the_token_has_not_caught_up_with_yet() {
+    let t = token_with(&[Key::aes(AES, "aes"), Key::ec(EC, "ec")]);
+    let d = Daemon::start(&t, &Setup::default());
+    let c = d.client();
+    // Let the startup scan age past RESCAN_MIN_INTERVAL (2 s), so a miss rescans.
+    std::thread::sleep(Duration::from_millis(2300));
+
+    // A secret key's label change writes the label only; its updated_at reaches the
+    // token in the background. A pair's leaves its record's relabel marker for the worker
+    // to clear. The miss rescans before the worker's settle delay (200 ms) is over.
+    let aes = Response::ok(&c.patch(AES, &json!({"label": "aes-renamed"})));
+    let ec = Response::ok(&c.patch(EC, &json!({"label": "ec-renamed"})));
+    let before = d.log().len();
+    c.get("/v1/keys/dead01").assert_error(404, "key_not_found");
+    assert!(
+        common::wait_until("the rescan", Duration::from_secs(5), || {
+            d.log()[before..].contains("index rebuilt")
+        }),
+        "the miss did not rescan: {}",
+        d.log()
+    );
+
+    for (kid, answer, label) in [(AES, &aes, "aes-renamed"), (EC, &ec, "ec-renamed")] {
+        let key = Response::ok(&c.get(&format!("/v1/keys/{kid}")));
+        assert_eq!(key["label"], label);
+        assert_eq!(
+            key["updated_at"], answer["key"]["updated_at"],
+            "the rescan lost {kid}'s updated_at"
+        );
+    }
+    let log = d.log();
+    assert!(
+        !log.contains("interrupted by a crash"),
+        "a rescan took the daemon's own finished change for a crash: {log}"
+    );
+    // The worker still brings the records to rest: the token's copy catches up.
+    for (kid, answer) in [(AES, &aes), (EC, &ec)] {
+        let (_, rec) = settled(&t, kid);
+        assert_eq!(rec["updated_at"], answer["key"]["updated_at"], "{rec}");
+    }
+}

@@ -47,7 +47,7 @@ pub use reserved::Reserved;
 
 use crate::hsm::{audit_mark, Hsm, HsmError, HsmErrorKind, ObjectRef};
 use crate::sync;
-use entry::{Entry, Group};
+use entry::{Entry, Group, MetaSlot};
 use model::{KeyView, Kid, RoleName};
 
 /// Least time between two rescans triggered by lookups of unknown ids: a client probing
@@ -153,6 +153,7 @@ impl KeyStore {
             }),
             chores: worker::Chores::new(max_backlog),
             unreadable: Arc::new(AtomicUsize::new(0)),
+            ahead: HashMap::new(),
         };
         let Scan {
             generation,
@@ -164,6 +165,7 @@ impl KeyStore {
             shared,
             chores,
             unreadable,
+            ahead: _,
         } = scanner;
         let probe = reserved.token_signing.0.first().map(|(p, _)| *p);
         Ok(KeyStore {
@@ -354,13 +356,22 @@ impl KeyStore {
         self.rescan_held(why).await
     }
 
-    /// [`KeyStore::rescan`] for a caller that holds the gate exclusively.
+    /// [`KeyStore::rescan`] for a caller that holds the gate exclusively. Records the
+    /// token has not caught up with yet (dirty ones) are kept.
     async fn rescan_held(&self, why: &str) -> Result<(), KeyError> {
+        let ahead = sync::read(&self.index)
+            .iter()
+            .filter_map(|(kid, e)| {
+                let m = e.meta.as_deref().filter(|m| m.dirty)?;
+                Some((kid.clone(), m.clone()))
+            })
+            .collect();
         let scanner = Scanner {
             hsm: self.hsm.clone(),
             shared: self.shared.clone(),
             chores: self.chores.clone(),
             unreadable: self.unreadable.clone(),
+            ahead,
         };
         let Scan {
             generation,

@@ -12,6 +12,10 @@ pub(super) struct Scanner {
     pub(super) shared: Arc<Shared>,
     pub(super) chores: worker::Chores,
     pub(super) unreadable: Arc<AtomicUsize>,
+    /// Records the index holds ahead of the token (dirty ones, waiting for the worker):
+    /// a rescan keeps them, and a marker they have finished is not taken for a crash.
+    /// Empty at the opening scan.
+    pub(super) ahead: HashMap<Kid, MetaSlot>,
 }
 
 /// What one scan found.
@@ -46,6 +50,7 @@ fn scan_index(
         shared,
         chores,
         unreadable,
+        ahead,
     } = scanner;
     let scanned = hsm.scan(&[
         meta::APPLICATION,
@@ -72,7 +77,9 @@ fn scan_index(
     let mut index = BTreeMap::new();
     chores.forget_all();
     for (kid, group) in groups {
-        if let Some(mut e) = settle::settle(hsm, &kid, group, &shared.label_limit) {
+        let mine = ahead.get(&kid);
+        let settled = settle::settle(hsm, &kid, group, &shared.label_limit, mine.is_some());
+        if let Some(mut e) = settled.map(|e| keep_ahead(&kid, mine, e)) {
             chores.superseded(generation, &kid, std::mem::take(&mut e.stale));
             if e.meta.as_ref().is_some_and(|m| m.dirty) {
                 chores.dirty(&kid);
@@ -89,5 +96,37 @@ impl Group {
         metas: Vec<crate::hsm::ObjectInfo>,
     ) -> Group {
         Group { objects, metas }
+    }
+}
+
+/// The entry a scan built, with the record the index held ahead of the token (`ahead`)
+/// unless the token's is newer: the token's objects and record objects, the index's record,
+/// still dirty. (The index's handles may belong to an earlier login; the scan's are used.)
+fn keep_ahead(kid: &Kid, ahead: Option<&MetaSlot>, fresh: Entry) -> Entry {
+    let Some(ahead) = ahead else {
+        return fresh;
+    };
+    let slot = match fresh.meta.as_deref() {
+        Some(m) if m.record.seq > ahead.record.seq => return fresh,
+        Some(m) => MetaSlot {
+            record: ahead.record.clone(),
+            dirty: true,
+            ..m.clone()
+        },
+        None => MetaSlot {
+            object: None,
+            spare: None,
+            record: ahead.record.clone(),
+            dirty: true,
+            ..ahead.clone()
+        },
+    };
+    let stale = fresh.stale.clone();
+    match Entry::assemble(kid, fresh.objects.clone(), Some(Box::new(slot)), None) {
+        Some(mut e) => {
+            e.stale = stale;
+            e
+        }
+        None => fresh,
     }
 }

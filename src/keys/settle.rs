@@ -39,8 +39,16 @@ pub(super) fn flush(
 /// Brings a key to a settled state at scan time: an interrupted v2 label change (a
 /// `relabel` record) is rolled forward, an interrupted v1 change (`pending`) rolled back;
 /// v1 records are marked for rewriting as v2. Superseded generations stay in
-/// [`Entry::stale`] for the worker. Returns the entry as the token now holds it.
-pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) -> Option<Entry> {
+/// [`Entry::stale`] for the worker. Returns the entry as the token now holds it. `mine`:
+/// the index holds this key's record ahead of the token (a rescan), so a marker is of a
+/// change the daemon finished, not one a crash interrupted.
+pub(super) fn settle(
+    hsm: &Hsm,
+    kid: &Kid,
+    group: Group,
+    limit: &AtomicUsize,
+    mine: bool,
+) -> Option<Entry> {
     if let Some(fate) = super::lifecycle::settle_lifecycle(hsm, kid, &group) {
         return fate;
     }
@@ -108,7 +116,11 @@ pub(super) fn settle(hsm: &Hsm, kid: &Kid, group: Group, limit: &AtomicUsize) ->
     }
     match flush(hsm, kid, &slot, limit) {
         Ok((fresh, superseded)) => {
-            tracing::warn!(%kid, "{direction} interrupted by a crash");
+            if mine {
+                tracing::debug!(%kid, "cleared the marker of a finished change");
+            } else {
+                tracing::warn!(%kid, "{direction} interrupted by a crash");
+            }
             *slot = fresh;
             entry.stale.extend(superseded);
         }
