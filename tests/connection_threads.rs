@@ -216,3 +216,48 @@ fn an_update_whose_client_leaves_while_it_waits_still_lands_on_its_own_thread() 
         || threads_named(&d, "hsmkeyd-conn") == threads_before
     ));
 }
+
+/// A PATCH written in full, then the sending half shut down: the answer, then the end.
+fn patch_half_closed(sock: &std::path::Path, kid: &str, label: &str) -> String {
+    let mut s = UnixStream::connect(sock).unwrap();
+    let body = json!({ "label": label }).to_string();
+    let head = format!(
+        "PATCH /v1/keys/{kid} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn a_client_that_shuts_down_its_sending_half_still_gets_its_answer_on_both_paths() {
+    let t = token_with(&[Key::aes(AES, "aes"), Key::aes(OTHER, "other")]);
+    for (threads, kid) in [(4, AES), (0, OTHER)] {
+        let d = daemon_with_threads(&t, threads);
+        let label = format!("half-closed-{threads}");
+        let answer = patch_half_closed(&d.sock, kid, &label);
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "with {threads} connection threads: {answer:?}"
+        );
+        assert!(
+            answer.contains(&format!("\"label\":\"{label}\"")),
+            "{answer}"
+        );
+        assert_eq!(t.labels_of(kid), secret(&label));
+        let bad = patch_half_closed(&d.sock, kid, "x\u{0}y");
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad:?}");
+        assert!(bad.contains("\"error\":\"invalid_label\""), "{bad}");
+        assert_eq!(
+            t.labels_of(kid),
+            secret(&label),
+            "a refused label changed the key"
+        );
+        drop(d);
+    }
+}

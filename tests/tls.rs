@@ -491,3 +491,34 @@ fn a_token_verified_before_is_refused_once_it_expires() {
     std::thread::sleep(std::time::Duration::from_millis(3100));
     h.get("/v1/keys", &tok).assert_error(401, "invalid_token");
 }
+
+#[test]
+fn a_client_that_closes_its_sending_half_after_a_patch_still_gets_its_answer() {
+    let t = token();
+    let d = Daemon::start(&t, &tls_setup(minter()));
+    let tok = d.mint(&["keymgmt:upd"], 600);
+    let mut tls = d.https().connect().unwrap();
+    let auth = format!("Bearer {tok}");
+    let body = json!({"label": "half-closed"}).to_string();
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let request = common::request(
+        "PATCH",
+        &format!("/v1/keys/{EC}"),
+        &headers,
+        body.as_bytes(),
+    );
+    tls.write_all(&request).unwrap();
+    // TLS's half close: close_notify, then the TCP sending half.
+    tls.conn.send_close_notify();
+    tls.flush().unwrap();
+    tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let r = common::parse_response(&answer);
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["key"]["label"], "half-closed");
+    assert_eq!(t.labels_of(EC), pair("half-closed"));
+}

@@ -142,9 +142,12 @@ pub(crate) async fn serve_http<I, T>(
         req
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
+    // A client may shut down its sending half once its request is out and wait for the
+    // answer (`shutdown(SHUT_WR)`, `curl`-like tools, `nc -N`): it gets it.
     let _ = builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .half_close(true);
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);
     tokio::select! {
