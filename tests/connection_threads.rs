@@ -1,7 +1,7 @@
 //! The Unix socket's fast lane: up to `server.connection_threads` connections are served
 //! on a thread of their own (named `hsmkeyd-conn`), whose token calls run right there; the
 //! connections past it, and all of them with 0, are served by the runtime. Either way an
-//! update lands on the token.
+//! update lands on the token. The TLS listener has as many of its own.
 
 mod common;
 
@@ -35,7 +35,7 @@ fn exchange(s: &mut UnixStream, method: &str, path: &str, body: Option<&Value>) 
 }
 
 /// The next answer on a keep-alive connection: (status, JSON body).
-fn read_answer(s: &mut UnixStream) -> (u16, Value) {
+fn read_answer(s: &mut impl Read) -> (u16, Value) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -259,5 +259,63 @@ fn a_client_that_shuts_down_its_sending_half_still_gets_its_answer_on_both_paths
             "a refused label changed the key"
         );
         drop(d);
+    }
+}
+
+/// A PATCH with a bearer token on a keep-alive TLS connection; its answer.
+fn relabel_tls(s: &mut (impl Read + Write), token: &str, kid: &str, label: &str) {
+    let body = json!({ "label": label }).to_string();
+    let head = format!(
+        "PATCH /v1/keys/{kid} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let (status, answer) = read_answer(s);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["key"]["label"], label, "{answer}");
+}
+
+#[test]
+fn tls_connections_get_threads_of_their_own_up_to_the_bound_and_all_of_them_update() {
+    let t = token_with(&[Key::aes(AES, "a"), Key::aes(OTHER, "o"), Key::ec(EC, "e")]);
+    for threads in [2, 0] {
+        let setup = Setup {
+            access: common::fixture::minting_access(),
+            server_extra: format!("connection_threads = {threads}\n"),
+            ..Setup::default()
+        }
+        .https();
+        let d = Daemon::start(&t, &setup);
+        let token = d.mint(&["keymgmt:upd"], 600);
+        // The Unix connections of the start and the mint give their threads back.
+        assert!(common::wait_until(
+            "the Unix connections' threads to end",
+            Duration::from_secs(5),
+            || threads_named(&d, "hsmkeyd-conn") == 0
+        ));
+        let mut conns: Vec<_> = (0..3).map(|_| d.https().connect().unwrap()).collect();
+        for (i, (c, kid)) in conns.iter_mut().zip([AES, EC, OTHER]).enumerate() {
+            relabel_tls(c, &token, kid, &format!("tls-{threads}-{i}"));
+        }
+        assert_eq!(
+            threads_named(&d, "hsmkeyd-conn"),
+            threads,
+            "with connection_threads = {threads}, three TLS connections"
+        );
+        assert_eq!(t.labels_of(AES), secret(&format!("tls-{threads}-0")));
+        assert_eq!(t.labels_of(EC), pair(&format!("tls-{threads}-1")));
+        assert_eq!(t.labels_of(OTHER), secret(&format!("tls-{threads}-2")));
+        // A second request on a connection served by a thread of its own, and on the third.
+        relabel_tls(&mut conns[0], &token, AES, "tls-again");
+        relabel_tls(&mut conns[2], &token, OTHER, "tls-again");
+        assert_eq!(t.labels_of(AES), secret("tls-again"));
+        assert_eq!(t.labels_of(OTHER), secret("tls-again"));
+        drop(conns);
+        assert!(common::wait_until(
+            "the TLS connections' threads to end",
+            Duration::from_secs(5),
+            || threads_named(&d, "hsmkeyd-conn") == 0
+        ));
     }
 }

@@ -24,7 +24,7 @@ const DEFAULT_UNAUTHENTICATED_TIMEOUT_S: u64 = 5;
 /// Threads that serve the connections. One is enough for a token's pace: HSM calls run on
 /// threads of their own, and each hand-off between two serving threads costs a wake-up.
 const DEFAULT_IO_THREADS: usize = 1;
-/// Unix-socket connections served on a thread of their own (see `connection_threads`).
+/// Connections of each listener served on a thread of their own (see `connection_threads`).
 const DEFAULT_CONNECTION_THREADS: usize = 16;
 
 /// The `[server]` section: limits shared by the listeners.
@@ -47,9 +47,10 @@ pub struct ServerConfig {
     pub unauthenticated_timeout: Duration,
     /// Threads of the async runtime: HTTP, TLS, JSON and the index (not HSM calls).
     pub io_threads: usize,
-    /// Unix-socket connections that get a thread of their own, on which their token calls
-    /// run without a hand-off (the fast lane); the connections past it are served by the
-    /// `io_threads`, as all of them are with 0. Each such thread costs about 180 KiB.
+    /// Connections of each listener (Unix socket, TLS) that get a thread of their own, on
+    /// which their token calls run without a hand-off (the fast lane); the connections past
+    /// it are served by the `io_threads`, as all of them are with 0. Each such thread costs
+    /// about 180 KiB.
     pub connection_threads: usize,
 }
 

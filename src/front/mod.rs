@@ -163,18 +163,45 @@ pub(crate) async fn serve_http<I, T>(
     }
 }
 
-/// Serves one Unix-socket connection on a thread of its own, with a runtime of its own
-/// whose reactor waits on this one socket: a request wakes this thread and no other, and
-/// its token call runs right here ([`crate::blocking`]). The caller bounds the number of
-/// such threads (`server.connection_threads`) with `lane`, held until the thread ends: after
-/// the connection, once the tasks it spawned (updates that outlive their client) are over.
-/// If no thread can be started, the connection is served on the main runtime instead.
-pub(crate) fn on_own_thread<S, F>(
-    stream: tokio::net::UnixStream,
-    lane: tokio::sync::OwnedSemaphorePermit,
-    serve: S,
-) where
-    S: FnOnce(tokio::net::UnixStream) -> F + Send + 'static,
+/// A connection a listener can hand to another runtime: taken off the accepting runtime's
+/// reactor as a std socket, registered again with the thread's.
+pub(crate) trait Movable: Sized + Send {
+    /// The std socket.
+    type Std: Send + 'static;
+    fn into_std(self) -> std::io::Result<Self::Std>;
+    fn from_std(s: Self::Std) -> std::io::Result<Self>;
+}
+
+impl Movable for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
+    }
+}
+
+impl Movable for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
+    }
+}
+
+/// Serves one connection on a thread of its own, with a runtime of its own whose reactor
+/// waits on this one socket: a request wakes this thread and no other, and its token call
+/// runs right here ([`crate::blocking`]). The caller bounds the number of such threads
+/// (`server.connection_threads`, per listener) with `lane`, held until the thread ends:
+/// after the connection, once the tasks it spawned (updates that outlive their client) are
+/// over. If no thread can be started, the connection is served on the main runtime instead.
+pub(crate) fn on_own_thread<C, S, F>(stream: C, lane: tokio::sync::OwnedSemaphorePermit, serve: S)
+where
+    C: Movable + 'static,
+    S: FnOnce(C) -> F + Send + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let main = tokio::runtime::Handle::current();
@@ -207,7 +234,7 @@ pub(crate) fn on_own_thread<S, F>(
             };
             crate::blocking::own_this_thread(pool);
             rt.block_on(async move {
-                serve_std(stream, serve).await;
+                serve_std::<C, S, F>(stream, serve).await;
                 // An update whose client went away still runs to its end here.
                 crate::blocking::own_tasks_done().await;
             });
@@ -215,18 +242,19 @@ pub(crate) fn on_own_thread<S, F>(
     if let Err(e) = started {
         tracing::warn!(error = %e, "cannot start a connection thread; serving it on the runtime");
         if let Some((stream, serve)) = crate::sync::lock(&job).take() {
-            drop(main.spawn(serve_std(stream, serve)));
+            drop(main.spawn(serve_std::<C, S, F>(stream, serve)));
         }
     }
 }
 
 /// Registers a taken-over connection with the current runtime and serves it.
-async fn serve_std<S, F>(stream: std::os::unix::net::UnixStream, serve: S)
+async fn serve_std<C, S, F>(stream: C::Std, serve: S)
 where
-    S: FnOnce(tokio::net::UnixStream) -> F,
+    C: Movable,
+    S: FnOnce(C) -> F,
     F: std::future::Future<Output = ()>,
 {
-    match tokio::net::UnixStream::from_std(stream) {
+    match C::from_std(stream) {
         Ok(s) => serve(s).await,
         Err(e) => tracing::warn!(error = %e, "cannot register a connection; closing it"),
     }

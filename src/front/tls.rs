@@ -114,6 +114,7 @@ pub async fn serve(
     let callers = CallerSlots::<String>::new(limits.per_caller);
     let anonymous = Unauthenticated::new(limits.unauthenticated);
     let max = conns.max();
+    let lanes = Arc::new(tokio::sync::Semaphore::new(limits.connection_threads));
     super::accept_loop(listener, &conns, &shutdown, |stream, addr, permit| {
         let Some(permit) = permit else {
             tracing::warn!(%addr, max, "TLS listener full; connection closed");
@@ -126,7 +127,9 @@ pub async fn serve(
         let admission = Arc::new(TlsAdmission::new(anonymous.admit(), callers.clone()));
         let acceptor = TlsAcceptor::from(sync::read(&tls).clone());
         let (app, stop) = (app.clone(), shutdown.clone());
-        drop(tokio::spawn(async move {
+        // Handshake and requests on a thread of its own while there is one to spare (as on
+        // the Unix socket), else on the runtime.
+        let serve = move |stream: TcpStream| async move {
             let _permit = permit;
             let tls = tokio::time::timeout(handshake_timeout, handshake(stream, addr, acceptor));
             let stream = tokio::select! {
@@ -169,7 +172,11 @@ pub async fn serve(
                     tracing::debug!(%addr, "closed the oldest unauthenticated TLS connection to make room");
                 }
             }
-        }))
+        };
+        match lanes.clone().try_acquire_owned() {
+            Ok(lane) => super::on_own_thread(stream, lane, serve),
+            Err(_) => drop(tokio::spawn(serve(stream))),
+        }
     })
     .await;
 }
