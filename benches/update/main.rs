@@ -44,8 +44,10 @@
 //!    with their floor on the same token copy: the raw 2-thread sets, then a daemon started
 //!    for 4 and 16 clients and stopped (`daemon::paired_throughput`). `throughput_4_paired`
 //!    and `throughput_16_paired` are the medians of the rounds, compared with the median
-//!    raw rate (`raw_set_2threads_paired`), with the worst round's ratio beside them: the
-//!    machine's speed drifts between phases by more than the effect measured.
+//!    raw rate (`raw_set_2threads_paired`); beside them each round's ratio to its own raw
+//!    rate, the median (`_paired_median_ratio`, the figure to read) and the worst: the
+//!    machine's speed drifts between phases by more than the effect measured, and the two
+//!    medians may come from different rounds.
 //!
 //! It prints one table (figure | value | raw floor | ratio = value / floor; [`FLOORS`]
 //! says which figure is compared to which) and writes it as JSON to
