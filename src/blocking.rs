@@ -1,11 +1,12 @@
 //! Where blocking work (token calls, audit writes) runs.
 //!
-//! A connection of the Unix socket is served on a thread of its own
-//! (by the listeners), so its blocking work runs right there: the thread has nothing else
-//! to do while the token answers, and the request costs no hand-off to a pool thread and
-//! back (two thread wake-ups, which under four clients cost more than the token call).
-//! Everywhere else (the TLS door, the background worker) the work goes to the runtime's
-//! blocking pool, so that no serving thread ever waits on the token.
+//! A connection may be served on a thread of its own (by the listeners, up to
+//! `server.connection_threads` of each), so its blocking work runs right there: the thread
+//! has nothing else to do while the token answers, and the request costs no hand-off to a
+//! pool thread and back (two thread wake-ups, which under four clients cost more than the
+//! token call). Everywhere else (connections past that bound, the background worker,
+//! checkpoints) the work goes to the runtime's blocking pool, so that no serving thread
+//! ever waits on the token.
 //! A leaf: no imports from the crate.
 
 use std::cell::RefCell;

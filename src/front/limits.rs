@@ -37,7 +37,7 @@ pub struct Limits {
     pub unauthenticated: usize,
     /// Time a TLS connection may stay unauthenticated.
     pub unauthenticated_timeout: Duration,
-    /// Unix-socket connections served on a thread of their own.
+    /// Connections of the listener served on a thread of their own.
     pub connection_threads: usize,
 }
 
