@@ -7,20 +7,27 @@ mod common;
 use std::time::Duration;
 
 use common::batch::{batch, kids_of, meta, quiet, record, APP1, APP2, APP3, APP_KEYS};
-use common::fixture::{keys_access, token_with, AES, AES_KEY, EC, EC_KEY, OTHER, OTHER_KEY};
-use common::{wait_held, Daemon, Setup};
+use common::fixture::{keys_access, token_with, Key, AES, AES_KEY, EC, EC_KEY, OTHER, OTHER_KEY};
+use common::{wait_held, Daemon, Setup, Token};
 use serde_json::{json, Value};
 
-#[test]
-fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
-    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
-    keys.extend(APP_KEYS);
-    let t = token_with(&keys);
+/// A token with `keys` and a daemon on it whose module goes through the fault wrapper,
+/// controlled from the returned directory.
+fn faulty_daemon(keys: &[Key]) -> (Token, tempfile::TempDir, Daemon) {
+    let t = token_with(keys);
     let faults = tempfile::tempdir().unwrap();
     let d = Daemon::start(
         &t,
         &Setup::with_access(keys_access()).with_faults(faults.path()),
     );
+    (t, faults, d)
+}
+
+#[test]
+fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
+    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
+    keys.extend(APP_KEYS);
+    let (t, faults, d) = faulty_daemon(&keys);
     let c = d.client();
     // Every key gets a record first, so the batch's writes are in place
     // (C_SetAttributeValue on each record's spare).
@@ -106,12 +113,7 @@ fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
 fn a_batch_whose_rollback_fails_too_names_the_keys_left_changed() {
     let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
     keys.extend(APP_KEYS);
-    let t = token_with(&keys);
-    let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        &t,
-        &Setup::with_access(keys_access()).with_faults(faults.path()),
-    );
+    let (t, faults, d) = faulty_daemon(&keys);
     let c = d.client();
     let all = [AES, OTHER, EC, APP1, APP2, APP3];
     batch(
@@ -228,12 +230,7 @@ fn a_crash_during_a_batch_leaves_each_key_wholly_before_or_after() {
 #[test]
 fn a_batch_on_a_connection_thread_writes_its_keys_at_once() {
     let keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
-    let t = token_with(&keys);
-    let faults = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        &t,
-        &Setup::with_access(keys_access()).with_faults(faults.path()),
-    );
+    let (t, faults, d) = faulty_daemon(&keys);
     let c = d.client();
     let all = [AES, OTHER, EC];
     // Records first, so the batch below writes them in place (C_SetAttributeValue).
