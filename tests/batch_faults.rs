@@ -23,22 +23,26 @@ fn faulty_daemon(keys: &[Key]) -> (Token, tempfile::TempDir, Daemon) {
     (t, faults, d)
 }
 
+/// Gives each of `kids` a record (description "before") and waits for the worker, so that
+/// later batch writes to them are in place (C_SetAttributeValue on each record's spare).
+fn records_first(c: &common::Client, kids: &[&str]) {
+    batch(
+        c,
+        "",
+        &json!({"select": {"kids": kids}, "patch": {"description": "before"}}),
+    )
+    .ok();
+    quiet(c);
+}
+
 #[test]
 fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
     let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
     keys.extend(APP_KEYS);
     let (t, faults, d) = faulty_daemon(&keys);
     let c = d.client();
-    // Every key gets a record first, so the batch's writes are in place
-    // (C_SetAttributeValue on each record's spare).
     let all = [AES, OTHER, EC, APP1, APP2, APP3];
-    batch(
-        &c,
-        "",
-        &json!({"select": {"kids": all}, "patch": {"description": "before"}}),
-    )
-    .ok();
-    quiet(&c);
+    records_first(&c, &all);
     let before: Vec<_> = all.iter().map(|k| meta(&t, k)).collect();
     let labels: Vec<_> = all.iter().map(|k| t.labels_of(k)).collect();
 
@@ -116,13 +120,7 @@ fn a_batch_whose_rollback_fails_too_names_the_keys_left_changed() {
     let (t, faults, d) = faulty_daemon(&keys);
     let c = d.client();
     let all = [AES, OTHER, EC, APP1, APP2, APP3];
-    batch(
-        &c,
-        "",
-        &json!({"select": {"kids": all}, "patch": {"description": "before"}}),
-    )
-    .ok();
-    quiet(&c);
+    records_first(&c, &all);
 
     // Two writes pass; from then on the token refuses every write, rollbacks included.
     std::fs::write(faults.path().join("setattr_fail_from"), "2").unwrap();
@@ -234,13 +232,7 @@ fn a_batch_on_a_connection_thread_writes_its_keys_at_once() {
     let c = d.client();
     let all = [AES, OTHER, EC];
     // Records first, so the batch below writes them in place (C_SetAttributeValue).
-    batch(
-        &c,
-        "",
-        &json!({"select": {"kids": all}, "patch": {"description": "before"}}),
-    )
-    .ok();
-    quiet(&c);
+    records_first(&c, &all);
     let started = common::fault_count(faults.path(), "C_SetAttributeValue");
     let hang = faults.path().join("hang");
     std::fs::write(&hang, "").unwrap();
