@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::client::{start_daemon, tls_conn, unix_conn, Conn, Daemon};
-use crate::token::{bulk_kid, cpu_seconds, ec_kid, own_usage, switches};
+use crate::token::{bulk_kid, cpu_seconds, ec_kid, own_usage, switches, CpuTicks};
 use crate::{pct, secs, warm_sample, Ctx, Figures, Opts, Res};
 
 /// Issue #17: "with 500 slow connections open, normal p99 stays under 50 ms on the other
@@ -209,7 +209,10 @@ pub(crate) fn daemon_figures(
 /// machine's speed drifts by more than the effect measured (other guests share its cores),
 /// so the separate phases' ratio says more about when each ran than about the daemon;
 /// here each daemon figure is the median of `o.reps` rounds and so is its floor, and the
-/// worst round's ratio is reported beside them.
+/// worst round's ratio is reported beside them. Each round's steal time (the cores' time
+/// the hypervisor gave to other guests) is measured too: rounds in which it stayed under
+/// [`QUIET_STEAL_PCT`] in both halves give the `_quiet_median_ratio`s, the figures least
+/// touched by other guests.
 pub(crate) fn paired_throughput(
     o: &Opts,
     dir: &Path,
@@ -218,39 +221,77 @@ pub(crate) fn paired_throughput(
     figs: &mut Figures,
 ) -> Res<()> {
     let (mut raw, mut four, mut sixteen) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..o.reps {
+    let mut steal = Vec::new();
+    for round in 1..=o.reps {
+        let at = CpuTicks::now()?;
         raw.push(crate::token::raw_two_threads(pin, o.seconds)?.rate);
+        let raw_steal = at.steal_pct_since()?;
         let (d, _) = start_daemon(dir, conf, pin)?;
+        let at = CpuTicks::now()?;
         for (clients, rates) in [(4, &mut four), (16, &mut sixteen)] {
             let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
             rates.push(throughput(&d.sock, &kids, o.seconds)?);
         }
+        let daemon_steal = at.steal_pct_since()?;
         let (status, _) = d.stop()?;
         if !status.success() {
             return Err(format!(
                 "a paired-round daemon exited with {status} after SIGTERM"
             ));
         }
+        let (r, f, s) = (raw[round - 1], four[round - 1], sixteen[round - 1]);
+        eprintln!(
+            "paired round {round}: raw {r:.0} sets/s (steal {raw_steal:.1}%), \
+             4 clients {f:.0} ({:.2}x), 16 clients {s:.0} ({:.2}x) (steal {daemon_steal:.1}%)",
+            f / r,
+            s / r
+        );
+        steal.push(raw_steal.max(daemon_steal));
     }
     // Each round's daemon rate over that round's raw rate: the medians of the rates alone
     // may come from different rounds.
     let ratios =
         |rates: &[f64]| -> Vec<f64> { rates.iter().zip(&raw).map(|(d, r)| d / r).collect() };
     let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let quiet = |v: &[f64]| -> Vec<f64> {
+        let rounds = v.iter().zip(&steal);
+        rounds
+            .filter(|(_, s)| **s < QUIET_STEAL_PCT)
+            .map(|(r, _)| *r)
+            .collect()
+    };
     let (r4, r16) = (ratios(&four), ratios(&sixteen));
+    let (q4, q16) = (quiet(&r4), quiet(&r16));
     figs.add("throughput_4_paired_worst_ratio", worst(&r4), "x");
     figs.add("throughput_16_paired_worst_ratio", worst(&r16), "x");
     figs.add("throughput_4_paired_median_ratio", median(r4), "x");
     figs.add("throughput_16_paired_median_ratio", median(r16), "x");
+    figs.add("paired_rounds_quiet", q4.len() as f64, "rounds");
+    figs.add(
+        "paired_steal_max",
+        steal.iter().copied().fold(0.0, f64::max),
+        "%",
+    );
+    figs.add("throughput_4_paired_quiet_median_ratio", median(q4), "x");
+    figs.add("throughput_16_paired_quiet_median_ratio", median(q16), "x");
     figs.add("raw_set_2threads_paired", median(raw), "sets/s");
     figs.add("throughput_4_paired", median(four), "updates/s");
     figs.add("throughput_16_paired", median(sixteen), "updates/s");
     Ok(())
 }
 
+/// Steal time under which a paired round counts as quiet, in % of the machine's CPU time.
+const QUIET_STEAL_PCT: f64 = 2.0;
+
+/// The median: the middle value, or the mean of the two middle ones; NaN (`null` in the
+/// JSON) for none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Label PATCHes/s from one thread per kid, each on its own keep-alive connection.

@@ -40,14 +40,20 @@
 //!    until a status line without a backlog arrives (-1: none within 10 s; 0: the last
 //!    line before the end had none and no line with one followed within 2 s, for a daemon
 //!    that sends its status only when it changes). These have no floor;
-//! 4. the throughput figures again in 3 rounds (1 with `--quick`) that take turns
+//! 4. the throughput figures again in 5 rounds (1 with `--quick`) that take turns
 //!    with their floor on the same token copy: the raw 2-thread sets, then a daemon started
 //!    for 4 and 16 clients and stopped (`daemon::paired_throughput`). `throughput_4_paired`
 //!    and `throughput_16_paired` are the medians of the rounds, compared with the median
 //!    raw rate (`raw_set_2threads_paired`); beside them each round's ratio to its own raw
 //!    rate, the median (`_paired_median_ratio`, the figure to read) and the worst: the
 //!    machine's speed drifts between phases by more than the effect measured, and the two
-//!    medians may come from different rounds.
+//!    medians may come from different rounds. Each round's steal time (from `/proc/stat`:
+//!    the time the hypervisor gave this machine's cores to other guests) is printed with
+//!    it; `paired_steal_max` is the largest, `paired_rounds_quiet` counts the rounds under
+//!    2% in both halves, and `_paired_quiet_median_ratio` is the median ratio of those
+//!    (NaN, `null` in the JSON, when there are none).
+//!
+//! `run_steal` is the steal time over the whole run.
 //!
 //! It prints one table (figure | value | raw floor | ratio = value / floor; [`FLOORS`]
 //! says which figure is compared to which) and writes it as JSON to
@@ -215,7 +221,7 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
     if keys < 64 || seconds <= 0.0 {
         return Err("need --keys >= 64 and --seconds > 0".into());
     }
-    let reps = if quick { 1 } else { 3 };
+    let reps = if quick { 1 } else { 5 };
     Ok(Opts {
         keys,
         seconds,
@@ -235,10 +241,14 @@ fn run(o: &Opts) -> Res<()> {
     std::env::set_var("SOFTHSM2_CONF", &conf);
 
     let mut figs = Figures::default();
+    let start = token::CpuTicks::now()?;
     token::raw_floor(o, &pin, &mut figs)?;
     daemon::daemon_figures(o, work.path(), &conf, &pin, &mut figs)?;
     daemon::paired_throughput(o, work.path(), &conf, &pin, &mut figs)?;
     memory::memory_figures(o, &cached, &mut figs)?;
+    // How much of the machine other guests took over the whole run: a run with much of it
+    // measured the neighbours more than hsmkeyd.
+    figs.add("run_steal", start.steal_pct_since()?, "%");
     report(o, &bench_dir, &figs)
 }
 

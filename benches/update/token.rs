@@ -276,6 +276,42 @@ pub(crate) fn raw_rss_child(conf: &str, pin: &str) -> Res<()> {
     p11.finalize().ctx("C_Finalize")
 }
 
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat`: (steal, all), in
+/// clock ticks. Steal is the time the hypervisor gave this guest's cores to other guests.
+#[derive(Clone, Copy)]
+pub(crate) struct CpuTicks {
+    steal: u64,
+    all: u64,
+}
+
+impl CpuTicks {
+    pub(crate) fn now() -> Res<CpuTicks> {
+        let stat = fs::read_to_string("/proc/stat").ctx("reading /proc/stat")?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "));
+        let line = line.ok_or("no cpu line in /proc/stat")?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ctx("/proc/stat")?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice]; the guest
+        // times are already counted in user and nice.
+        let steal = *f.get(7).ok_or("no steal field in /proc/stat")?;
+        Ok(CpuTicks {
+            steal,
+            all: f.iter().take(8).sum(),
+        })
+    }
+
+    /// The share of the machine's CPU time since `self` that went to other guests, in %.
+    pub(crate) fn steal_pct_since(self) -> Res<f64> {
+        let now = CpuTicks::now()?;
+        let all = now.all.saturating_sub(self.all).max(1) as f64;
+        Ok(now.steal.saturating_sub(self.steal) as f64 * 100.0 / all)
+    }
+}
+
 pub(crate) fn vm_rss_kib(pid: u32) -> Res<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ctx("reading /proc")?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"));
