@@ -11,6 +11,16 @@ use common::fixture::{keys_access, token_with, Key, AES, AES_KEY, EC, EC_KEY, OT
 use common::{wait_held, Daemon, Setup, Token};
 use serde_json::{json, Value};
 
+/// The six keys most of these tests batch over: two AES keys, an EC pair and the three
+/// application keys.
+const SIX: [&str; 6] = [AES, OTHER, EC, APP1, APP2, APP3];
+
+fn six_keys() -> Vec<Key> {
+    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
+    keys.extend(APP_KEYS);
+    keys
+}
+
 /// A token with `keys` and a daemon on it whose module goes through the fault wrapper,
 /// controlled from the returned directory.
 fn faulty_daemon(keys: &[Key]) -> (Token, tempfile::TempDir, Daemon) {
@@ -37,11 +47,9 @@ fn records_first(c: &common::Client, kids: &[&str]) {
 
 #[test]
 fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
-    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
-    keys.extend(APP_KEYS);
-    let (t, faults, d) = faulty_daemon(&keys);
+    let (t, faults, d) = faulty_daemon(&six_keys());
     let c = d.client();
-    let all = [AES, OTHER, EC, APP1, APP2, APP3];
+    let all = SIX;
     records_first(&c, &all);
     let before: Vec<_> = all.iter().map(|k| meta(&t, k)).collect();
     let labels: Vec<_> = all.iter().map(|k| t.labels_of(k)).collect();
@@ -115,11 +123,9 @@ fn a_token_failure_part_way_sets_back_the_keys_already_changed() {
 
 #[test]
 fn a_batch_whose_rollback_fails_too_names_the_keys_left_changed() {
-    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
-    keys.extend(APP_KEYS);
-    let (t, faults, d) = faulty_daemon(&keys);
+    let (t, faults, d) = faulty_daemon(&six_keys());
     let c = d.client();
-    let all = [AES, OTHER, EC, APP1, APP2, APP3];
+    let all = SIX;
     records_first(&c, &all);
 
     // Two writes pass; from then on the token refuses every write, rollbacks included.
@@ -152,10 +158,8 @@ fn a_batch_whose_rollback_fails_too_names_the_keys_left_changed() {
 
 #[test]
 fn a_crash_during_a_batch_leaves_each_key_wholly_before_or_after() {
-    let mut keys = vec![AES_KEY, OTHER_KEY, EC_KEY];
-    keys.extend(APP_KEYS);
-    let t = token_with(&keys);
-    let all = [AES, OTHER, EC, APP1, APP2, APP3];
+    let t = token_with(&six_keys());
+    let all = SIX;
     let faults = tempfile::tempdir().unwrap();
     let setup = Setup::with_access(keys_access()).with_faults(faults.path());
     let mut d = Daemon::start(&t, &setup);
