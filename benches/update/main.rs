@@ -50,7 +50,7 @@
 //!    medians may come from different rounds. Each round's steal time (from `/proc/stat`:
 //!    the time the hypervisor gave this machine's cores to other guests) is printed with
 //!    it; `paired_steal_max` is the largest, `paired_rounds_quiet` counts the rounds under
-//!    2% in both halves, and `_paired_quiet_median_ratio` is the median ratio of those
+//!    3% in both halves, and `_paired_quiet_median_ratio` is the median ratio of those
 //!    (NaN, `null` in the JSON, when there are none).
 //!
 //! `run_steal` is the steal time over the whole run.
