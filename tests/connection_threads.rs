@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::fixture::{pair, token_with, Key, AES, EC, OTHER};
+use common::fixture::{pair, token_with, Key, AES, EC, EC2, OTHER};
 use common::{Daemon, Setup, Token};
 use serde_json::{json, Value};
 
@@ -318,4 +318,42 @@ fn tls_connections_get_threads_of_their_own_up_to_the_bound_and_all_of_them_upda
             || threads_named(&d, "hsmkeyd-conn") == 0
         ));
     }
+}
+
+/// Four connections on threads of their own share one PKCS#11 session
+/// (`pkcs11.max_sessions = 1`): each token call waits for the session the one before gives
+/// back, and every wait ends when it does, not at the pool's 30 s checkout timeout.
+#[test]
+fn own_threads_sharing_one_session_each_get_it_as_soon_as_it_is_given_back() {
+    let kids = [AES, OTHER, EC, EC2];
+    let t = token_with(&[
+        Key::aes(AES, "a"),
+        Key::aes(OTHER, "o"),
+        Key::ec(EC, "e"),
+        Key::ec(EC2, "f"),
+    ]);
+    let setup = Setup {
+        pkcs11_extra: "max_sessions = 1\n".to_string(),
+        ..Setup::default()
+    };
+    let d = Daemon::start(&t, &setup);
+    let rounds = 25;
+    std::thread::scope(|scope| {
+        for kid in kids {
+            let sock = d.sock.clone();
+            scope.spawn(move || {
+                let mut s = UnixStream::connect(&sock).unwrap();
+                // A missed wake-up would hold a request for 30 s.
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                for n in 0..rounds {
+                    relabel(&mut s, kid, &format!("{kid}-{n}"));
+                }
+            });
+        }
+    });
+    let last = |kid: &str| format!("{kid}-{}", rounds - 1);
+    assert_eq!(t.labels_of(AES), secret(&last(AES)));
+    assert_eq!(t.labels_of(OTHER), secret(&last(OTHER)));
+    assert_eq!(t.labels_of(EC), pair(&last(EC)));
+    assert_eq!(t.labels_of(EC2), pair(&last(EC2)));
 }

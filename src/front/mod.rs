@@ -234,7 +234,11 @@ where
             };
             crate::blocking::own_this_thread(pool);
             rt.block_on(async move {
-                serve_std::<C, S, F>(stream, serve).await;
+                // A task, not the future block_on polls: a wake-up of block_on's own future
+                // writes the runtime's eventfd even from this thread, and the connection is
+                // woken at least once a request (by the update task it spawns); a task's
+                // wake-up from its own thread only queues it.
+                let _ = tokio::spawn(serve_std::<C, S, F>(stream, serve)).await;
                 // An update whose client went away still runs to its end here.
                 crate::blocking::own_tasks_done().await;
             });

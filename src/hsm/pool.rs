@@ -43,6 +43,10 @@ pub(crate) struct Pool {
 struct State {
     idle: Vec<Session>,
     open: usize,
+    /// Callers waiting in [`Pool::checkout`]. A place that frees up wakes one only if there
+    /// is one: a condvar's notify is a system call even when nobody waits, and a session
+    /// comes back once per token call.
+    waiting: usize,
 }
 
 impl Pool {
@@ -68,6 +72,7 @@ impl Pool {
             state: Mutex::new(State {
                 idle: Vec::new(),
                 open: 0,
+                waiting: 0,
             }),
             freed: Condvar::new(),
             anchor: Mutex::new(None),
@@ -155,11 +160,13 @@ impl Pool {
                 drop(st);
                 return self.open_new();
             }
+            st.waiting += 1;
             let (guard, timeout) = self
                 .freed
                 .wait_timeout(st, CHECKOUT_TIMEOUT)
                 .unwrap_or_else(|p| p.into_inner());
             st = guard;
+            st.waiting -= 1;
             if timeout.timed_out() && st.idle.is_empty() && st.open >= self.max {
                 return Err(HsmError::unavailable(
                     "session pool",
@@ -178,23 +185,31 @@ impl Pool {
         match self.ctx.open_rw_session(self.slot) {
             Ok(s) => Ok(s),
             Err(e) => {
-                self.lock().open -= 1;
-                self.freed.notify_one();
+                self.free_place(|st| st.open -= 1);
                 Err(HsmError::from_ck(&e))
             }
         }
     }
 
     fn checkin(&self, s: Session) {
-        self.lock().idle.push(s);
-        self.freed.notify_one();
+        self.free_place(|st| st.idle.push(s));
     }
 
     /// Drops a session whose handle is no longer good.
     fn discard(&self, s: Session) {
         drop(s);
-        self.lock().open -= 1;
-        self.freed.notify_one();
+        self.free_place(|st| st.open -= 1);
+    }
+
+    /// Frees a place in the pool with `f`, and wakes one caller waiting for one, if any.
+    fn free_place(&self, f: impl FnOnce(&mut State)) {
+        let mut st = self.lock();
+        f(&mut st);
+        let wake = st.waiting > 0;
+        drop(st);
+        if wake {
+            self.freed.notify_one();
+        }
     }
 
     pub(crate) fn close_all(&self) {
