@@ -50,21 +50,21 @@ struct Guarded {
     limits: BodyLimits,
     start: Instant,
     received: u64,
-    timer: Pin<Box<Sleep>>,
+    /// Armed the first time the body has to wait: most bodies come with their headers and
+    /// never need one, and a timer's first registration on a connection's runtime, which
+    /// has no other, wakes that runtime's driver (a system call and a wasted poll).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Guarded {
     fn new(inner: Body, limits: BodyLimits) -> Guarded {
-        let start = Instant::now();
-        let mut g = Guarded {
+        Guarded {
             inner,
             limits,
-            start,
+            start: Instant::now(),
             received: 0,
-            timer: Box::pin(tokio::time::sleep_until(start + limits.deadline)),
-        };
-        g.rearm();
-        g
+            timer: None,
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -80,12 +80,19 @@ impl Guarded {
         })
     }
 
-    fn rearm(&mut self) {
-        let at = match self.rate_deadline() {
+    /// When the body is cut off unless more of it arrives.
+    fn due(&self) -> Instant {
+        match self.rate_deadline() {
             Some(r) => r.min(self.deadline()),
             None => self.deadline(),
-        };
-        self.timer.as_mut().reset(at);
+        }
+    }
+
+    fn rearm(&mut self) {
+        let due = self.due();
+        if let Some(timer) = self.timer.as_mut() {
+            timer.as_mut().reset(due);
+        }
     }
 
     fn stalled(&self) -> BodyStalled {
@@ -116,10 +123,16 @@ impl http_body::Body for Guarded {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(this.stalled())))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let due = this.due();
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(this.stalled())))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -244,6 +257,88 @@ mod tests {
             let _ = self.read.fetch_add(1, Ordering::SeqCst);
             Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
         }
+    }
+
+    /// A body that yields `chunks` one-byte chunks, then never another.
+    struct Stuck {
+        chunks: usize,
+    }
+
+    impl http_body::Body for Stuck {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.chunks == 0 {
+                return Poll::Pending;
+            }
+            self.chunks -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    /// Reads `g` to its end or its error; the error's message and how long it took.
+    async fn read_all(g: Guarded) -> (Result<usize, String>, Duration) {
+        let start = Instant::now();
+        let read = axum::body::to_bytes(Body::new(g), 100).await;
+        (
+            read.map(|b| b.len()).map_err(|e| e.to_string()),
+            start.elapsed(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_that_came_whole_arms_no_timer() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let body = Body::new(Counted {
+            left: 5,
+            read: read.clone(),
+        });
+        let limits = BodyLimits {
+            deadline: Duration::from_secs(30),
+            min_rate: 100,
+        };
+        let mut g = Guarded::new(body, limits);
+        let mut got = 0;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut g), cx)).await
+        {
+            got += frame.unwrap().into_data().unwrap().len();
+        }
+        assert_eq!(got, 5);
+        assert!(
+            g.timer.is_none(),
+            "a timer was armed for a body that never waited"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_coming_is_cut_at_the_deadline() {
+        let limits = BodyLimits {
+            deadline: Duration::from_secs(1),
+            min_rate: 0,
+        };
+        let (read, took) = read_all(Guarded::new(Body::new(Stuck { chunks: 2 }), limits)).await;
+        let err = read.unwrap_err();
+        assert!(err.contains("within 1 s"), "{err}");
+        assert!(took >= Duration::from_secs(1), "cut after {took:?}");
+        assert!(took < Duration::from_secs(10), "cut after {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_falls_behind_the_minimum_rate_is_cut_before_the_deadline() {
+        let limits = BodyLimits {
+            deadline: Duration::from_secs(60),
+            min_rate: 10,
+        };
+        let (read, took) = read_all(Guarded::new(Body::new(Stuck { chunks: 2 }), limits)).await;
+        let err = read.unwrap_err();
+        assert!(err.contains("slower than 10 bytes/s"), "{err}");
+        // The grace second, then 3 bytes' worth at 10 bytes/s: 1.3 s.
+        assert!(took >= Duration::from_millis(1300), "cut after {took:?}");
+        assert!(took < Duration::from_secs(30), "cut after {took:?}");
     }
 
     fn request(read: &Arc<AtomicUsize>) -> Request {
