@@ -204,14 +204,16 @@ pub(crate) fn daemon_figures(
     Ok(())
 }
 
-/// The throughput figures again, in rounds that take turns with the raw floor on the same
-/// token: raw 2-thread sets, then a daemon started for 4 and 16 clients, then stopped. The
-/// machine's speed drifts by more than the effect measured (other guests share its cores),
-/// so the separate phases' ratio says more about when each ran than about the daemon;
-/// here each daemon figure is the median of `o.reps` rounds and so is its floor, and the
-/// worst round's ratio is reported beside them. Each round's steal time (the cores' time
-/// the hypervisor gave to other guests) is measured too: rounds in which it stayed under
-/// [`QUIET_STEAL_PCT`] in both halves give the `_quiet_median_ratio`s, the figures least
+/// The throughput figures again, in rounds that take turns with their floors on the same
+/// token: raw 2-thread sets, then the bare server ([`crate::bare`]) for 4 and 16 clients,
+/// then a daemon started for 4 and 16 clients and stopped. The machine's speed drifts by
+/// more than the effect measured (other guests share its cores), so the separate phases'
+/// ratio says more about when each ran than about the daemon; here each daemon figure is
+/// the median of `o.reps` rounds and so is each floor, the median of each round's own
+/// ratios is reported (the medians of the rates alone may come from different rounds),
+/// and the worst round's ratio beside it. Each round's steal time (the cores' time the
+/// hypervisor gave to other guests) is measured too: rounds in which it stayed under
+/// [`QUIET_STEAL_PCT`] in every part give the `_quiet_median_ratio`s, the figures least
 /// touched by other guests.
 pub(crate) fn paired_throughput(
     o: &Opts,
@@ -220,17 +222,25 @@ pub(crate) fn paired_throughput(
     pin: &Path,
     figs: &mut Figures,
 ) -> Res<()> {
-    let (mut raw, mut four, mut sixteen) = (Vec::new(), Vec::new(), Vec::new());
+    let kids = |clients: u32| -> Vec<String> { (0..clients).map(|i| bulk_kid(10 + i)).collect() };
+    let mut raw = Vec::new();
+    let (mut bare4, mut bare16, mut four, mut sixteen) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut steal = Vec::new();
     for round in 1..=o.reps {
         let at = CpuTicks::now()?;
         raw.push(crate::token::raw_two_threads(pin, o.seconds)?.rate);
         let raw_steal = at.steal_pct_since()?;
+        let at = CpuTicks::now()?;
+        for (clients, rates) in [(4, &mut bare4), (16, &mut bare16)] {
+            let bare = crate::bare::bare_throughput(pin, dir, &kids(clients), o.seconds)?;
+            rates.push(bare);
+        }
+        let bare_steal = at.steal_pct_since()?;
         let (d, _) = start_daemon(dir, conf, pin)?;
         let at = CpuTicks::now()?;
         for (clients, rates) in [(4, &mut four), (16, &mut sixteen)] {
-            let kids: Vec<String> = (0..clients).map(|i| bulk_kid(10 + i)).collect();
-            rates.push(throughput(&d.sock, &kids, o.seconds)?);
+            rates.push(throughput(&d.sock, &kids(clients), o.seconds)?);
         }
         let daemon_steal = at.steal_pct_since()?;
         let (status, _) = d.stop()?;
@@ -239,19 +249,26 @@ pub(crate) fn paired_throughput(
                 "a paired-round daemon exited with {status} after SIGTERM"
             ));
         }
-        let (r, f, s) = (raw[round - 1], four[round - 1], sixteen[round - 1]);
+        let i = round - 1;
+        let (r, b4, b16, f, s) = (raw[i], bare4[i], bare16[i], four[i], sixteen[i]);
         eprintln!(
             "paired round {round}: raw {r:.0} sets/s (steal {raw_steal:.1}%), \
-             4 clients {f:.0} ({:.2}x), 16 clients {s:.0} ({:.2}x) (steal {daemon_steal:.1}%)",
+             bare server 4 clients {b4:.0} ({:.2}x), 16 clients {b16:.0} ({:.2}x) \
+             (steal {bare_steal:.1}%), daemon 4 clients {f:.0} ({:.2}x, {:.2}x bare), \
+             16 clients {s:.0} ({:.2}x, {:.2}x bare) (steal {daemon_steal:.1}%)",
+            b4 / r,
+            b16 / r,
             f / r,
-            s / r
+            f / b4,
+            s / r,
+            s / b16
         );
-        steal.push(raw_steal.max(daemon_steal));
+        steal.push(raw_steal.max(bare_steal).max(daemon_steal));
     }
-    // Each round's daemon rate over that round's raw rate: the medians of the rates alone
-    // may come from different rounds.
-    let ratios =
-        |rates: &[f64]| -> Vec<f64> { rates.iter().zip(&raw).map(|(d, r)| d / r).collect() };
+    // Each round's rate over that round's floor.
+    let ratios = |rates: &[f64], floor: &[f64]| -> Vec<f64> {
+        rates.iter().zip(floor).map(|(d, r)| d / r).collect()
+    };
     let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let quiet = |v: &[f64]| -> Vec<f64> {
         let rounds = v.iter().zip(&steal);
@@ -260,12 +277,36 @@ pub(crate) fn paired_throughput(
             .map(|(r, _)| *r)
             .collect()
     };
-    let (r4, r16) = (ratios(&four), ratios(&sixteen));
+    let (r4, r16) = (ratios(&four, &raw), ratios(&sixteen, &raw));
     let (q4, q16) = (quiet(&r4), quiet(&r16));
     figs.add("throughput_4_paired_worst_ratio", worst(&r4), "x");
     figs.add("throughput_16_paired_worst_ratio", worst(&r16), "x");
     figs.add("throughput_4_paired_median_ratio", median(r4), "x");
     figs.add("throughput_16_paired_median_ratio", median(r16), "x");
+    // The bare server against the raw sets: the most any daemon could reach here.
+    figs.add(
+        "bare_4_paired_median_ratio",
+        median(ratios(&bare4, &raw)),
+        "x",
+    );
+    figs.add(
+        "bare_16_paired_median_ratio",
+        median(ratios(&bare16, &raw)),
+        "x",
+    );
+    // The daemon against the bare server: what hsmkeyd itself costs.
+    let over_bare4 = median(ratios(&four, &bare4));
+    let over_bare16 = median(ratios(&sixteen, &bare16));
+    figs.add(
+        "throughput_4_paired_over_bare_median_ratio",
+        over_bare4,
+        "x",
+    );
+    figs.add(
+        "throughput_16_paired_over_bare_median_ratio",
+        over_bare16,
+        "x",
+    );
     figs.add("paired_rounds_quiet", q4.len() as f64, "rounds");
     figs.add(
         "paired_steal_max",
@@ -275,6 +316,8 @@ pub(crate) fn paired_throughput(
     figs.add("throughput_4_paired_quiet_median_ratio", median(q4), "x");
     figs.add("throughput_16_paired_quiet_median_ratio", median(q16), "x");
     figs.add("raw_set_2threads_paired", median(raw), "sets/s");
+    figs.add("throughput_4_bare_paired", median(bare4), "updates/s");
+    figs.add("throughput_16_bare_paired", median(bare16), "updates/s");
     figs.add("throughput_4_paired", median(four), "updates/s");
     figs.add("throughput_16_paired", median(sixteen), "updates/s");
     Ok(())
@@ -296,7 +339,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Label PATCHes/s from one thread per kid, each on its own keep-alive connection.
-fn throughput(sock: &Path, kids: &[String], seconds: f64) -> Res<f64> {
+pub(crate) fn throughput(sock: &Path, kids: &[String], seconds: f64) -> Res<f64> {
     throughput_probed(sock, kids, seconds, || Ok(())).map(|(rate, ..)| rate)
 }
 

@@ -41,11 +41,17 @@
 //!    line before the end had none and no line with one followed within 2 s, for a daemon
 //!    that sends its status only when it changes). These have no floor;
 //! 4. the throughput figures again in 5 rounds (1 with `--quick`) that take turns
-//!    with their floor on the same token copy: the raw 2-thread sets, then a daemon started
-//!    for 4 and 16 clients and stopped (`daemon::paired_throughput`). `throughput_4_paired`
-//!    and `throughput_16_paired` are the medians of the rounds, compared with the median
-//!    raw rate (`raw_set_2threads_paired`); beside them each round's ratio to its own raw
-//!    rate, the median (`_paired_median_ratio`, the figure to read) and the worst: the
+//!    with their floors on the same token copy: the raw 2-thread sets, then the bare server
+//!    (`bare.rs`: a blocking thread per connection that sets the label a PATCH asks for and
+//!    answers a fixed 200, the server floor any daemon would start from) for 4 and 16
+//!    clients, then a daemon started for 4 and 16 clients and stopped
+//!    (`daemon::paired_throughput`). `throughput_4_paired` and `throughput_16_paired` (and
+//!    the bare server's `throughput_{4,16}_bare_paired`) are the medians of the rounds,
+//!    compared with the median raw rate (`raw_set_2threads_paired`); beside them each
+//!    round's ratio to its own raw rate, the median (`_paired_median_ratio`, the figure to
+//!    read; `bare_{4,16}_paired_median_ratio` for the bare server) and the worst, and each
+//!    round's daemon rate over its bare server's (`_paired_over_bare_median_ratio`: what
+//!    hsmkeyd itself costs): the
 //!    machine's speed drifts between phases by more than the effect measured, and the two
 //!    medians may come from different rounds. Each round's steal time (from `/proc/stat`:
 //!    the time the hypervisor gave this machine's cores to other guests) is printed with
@@ -61,6 +67,7 @@
 //! with the reason) only when something does not work, such as a daemon that does not
 //! start or an answer other than 200.
 
+mod bare;
 mod client;
 mod daemon;
 mod memory;
@@ -152,6 +159,8 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("throughput_16", "raw_set_2threads", 1.0),
     ("throughput_4_paired", "raw_set_2threads_paired", 1.0),
     ("throughput_16_paired", "raw_set_2threads_paired", 1.0),
+    ("throughput_4_bare_paired", "raw_set_2threads_paired", 1.0),
+    ("throughput_16_bare_paired", "raw_set_2threads_paired", 1.0),
     ("daemon_cpu_per_update_4", "raw_cpu_per_set", 1.0),
     ("daemon_switches_per_update_4", "raw_switches_per_set", 1.0),
     ("daemon_rss_ready", "raw_rss", 1.0),

@@ -149,7 +149,7 @@ fn raw_scan(s: &Session) -> Res<()> {
     Ok(())
 }
 
-fn handles(s: &Session, kid: &str) -> Res<Vec<ObjectHandle>> {
+pub(crate) fn handles(s: &Session, kid: &str) -> Res<Vec<ObjectHandle>> {
     let id = hex::decode(kid).ctx("kid")?;
     let found = s.find_objects(&[Attribute::Id(id)]).ctx("C_FindObjects")?;
     match found.is_empty() {
@@ -158,7 +158,7 @@ fn handles(s: &Session, kid: &str) -> Res<Vec<ObjectHandle>> {
     }
 }
 
-fn set_label(s: &Session, h: ObjectHandle, label: String) -> Res<()> {
+pub(crate) fn set_label(s: &Session, h: ObjectHandle, label: String) -> Res<()> {
     let attr = Attribute::Label(label.into_bytes());
     s.update_attributes(h, &[attr]).ctx("C_SetAttributeValue")
 }
