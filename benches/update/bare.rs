@@ -25,9 +25,22 @@ use crate::{Ctx, Res};
 const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
     content-length: 21\r\n\r\n{\"changed\":[\"label\"]}";
 
-/// Label PATCHes/s from one client per kid against the bare server, on the token `pin`
+/// What the bare server did for a run of clients.
+pub(crate) struct Bare {
+    /// PATCHes/s, as the clients count them.
+    pub(crate) rate: f64,
+    /// CPU its connection threads spent per PATCH they answered, in ms.
+    pub(crate) cpu_per_update_ms: f64,
+    /// Their thread switches per PATCH.
+    pub(crate) switches_per_update: f64,
+}
+
+/// What one connection thread did: PATCHes answered, CPU seconds, thread switches.
+type Served = (u64, f64, u64);
+
+/// Label PATCHes from one client per kid against the bare server, on the token `pin`
 /// opens (no other process may have it open); `dir` takes its socket.
-pub(crate) fn bare_throughput(pin: &Path, dir: &Path, kids: &[String], seconds: f64) -> Res<f64> {
+pub(crate) fn bare_throughput(pin: &Path, dir: &Path, kids: &[String], seconds: f64) -> Res<Bare> {
     let (p11, slot, s) = raw_open(pin)?;
     let mut keys = HashMap::new();
     for kid in kids {
@@ -36,27 +49,34 @@ pub(crate) fn bare_throughput(pin: &Path, dir: &Path, kids: &[String], seconds: 
     let sock = dir.join("bare.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).ctx("binding the bare server's socket")?;
-    let rate = std::thread::scope(|scope| {
+    let (rate, served) = std::thread::scope(|scope| {
         let server = scope.spawn(|| serve(&listener, kids.len(), &p11, slot, &keys));
         let rate = crate::daemon::throughput(&sock, kids, seconds);
         let served = server.join().expect("bare server thread");
-        let rate = rate?;
-        served.map(|()| rate)
+        Ok::<_, String>((rate?, served?))
     })?;
     drop(s);
     p11.finalize().ctx("C_Finalize")?;
-    Ok(rate)
+    let (n, cpu, switches) = served
+        .iter()
+        .fold((0, 0.0, 0), |(n, c, s), t| (n + t.0, c + t.1, s + t.2));
+    let n = n.max(1) as f64;
+    Ok(Bare {
+        rate,
+        cpu_per_update_ms: cpu * 1000.0 / n,
+        switches_per_update: switches as f64 / n,
+    })
 }
 
 /// Accepts `conns` connections and serves each on a thread of its own until its client
-/// closes it.
+/// closes it; what each thread did.
 fn serve(
     listener: &UnixListener,
     conns: usize,
     p11: &Pkcs11,
     slot: Slot,
     keys: &HashMap<String, ObjectHandle>,
-) -> Res<()> {
+) -> Res<Vec<Served>> {
     std::thread::scope(|scope| {
         let mut threads = Vec::new();
         for _ in 0..conns {
@@ -64,20 +84,21 @@ fn serve(
             threads.push(scope.spawn(move || serve_conn(stream, p11, slot, keys)));
         }
         let done = threads.into_iter().map(|t| t.join().expect("bare conn"));
-        done.collect::<Res<Vec<()>>>().map(|_| ())
+        done.collect::<Res<Vec<Served>>>()
     })
 }
 
 /// One keep-alive connection: each request head names the kid and carries a
-/// Content-Length; its body is `{"label": ...}`.
+/// Content-Length; its body is `{"label": ...}`. Returns what this thread did, once the
+/// client has closed.
 fn serve_conn(
     mut stream: UnixStream,
     p11: &Pkcs11,
     slot: Slot,
     keys: &HashMap<String, ObjectHandle>,
-) -> Res<()> {
+) -> Res<Served> {
     let session = p11.open_rw_session(slot).ctx("C_OpenSession (bare)")?;
-    let (mut buf, mut chunk) = (Vec::new(), [0u8; 16 * 1024]);
+    let (mut buf, mut chunk, mut answered) = (Vec::new(), [0u8; 16 * 1024], 0);
     loop {
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -103,11 +124,24 @@ fn serve_conn(
             set_label(&session, key, label.to_string())?;
             stream.write_all(ANSWER).ctx("answering")?;
             let _ = buf.drain(..whole);
+            answered += 1;
         }
         match stream.read(&mut chunk) {
-            Ok(0) => return Ok(()),
+            Ok(0) => {
+                let (cpu, switches) = thread_usage()?;
+                return Ok((answered, cpu, switches));
+            }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(format!("the bare server's read: {e}")),
         }
     }
+}
+
+/// The calling thread's CPU seconds and thread switches so far.
+fn thread_usage() -> Res<(f64, u64)> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_THREAD).ctx("getrusage(RUSAGE_THREAD)")?;
+    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let switches = u.voluntary_context_switches() + u.involuntary_context_switches();
+    Ok((s(u.user_time()) + s(u.system_time()), switches as u64))
 }

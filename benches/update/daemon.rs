@@ -226,6 +226,7 @@ pub(crate) fn paired_throughput(
     let mut raw = Vec::new();
     let (mut bare4, mut bare16, mut four, mut sixteen) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bare_cpu, mut bare_switches) = (Vec::new(), Vec::new());
     let mut steal = Vec::new();
     for round in 1..=o.reps {
         let at = CpuTicks::now()?;
@@ -234,7 +235,11 @@ pub(crate) fn paired_throughput(
         let at = CpuTicks::now()?;
         for (clients, rates) in [(4, &mut bare4), (16, &mut bare16)] {
             let bare = crate::bare::bare_throughput(pin, dir, &kids(clients), o.seconds)?;
-            rates.push(bare);
+            rates.push(bare.rate);
+            if clients == 4 {
+                bare_cpu.push(bare.cpu_per_update_ms);
+                bare_switches.push(bare.switches_per_update);
+            }
         }
         let bare_steal = at.steal_pct_since()?;
         let (d, _) = start_daemon(dir, conf, pin)?;
@@ -317,6 +322,14 @@ pub(crate) fn paired_throughput(
     figs.add("throughput_16_paired_quiet_median_ratio", median(q16), "x");
     figs.add("raw_set_2threads_paired", median(raw), "sets/s");
     figs.add("throughput_4_bare_paired", median(bare4), "updates/s");
+    // What the bare server's connection threads spent per update at 4 clients, against
+    // the raw set's and the daemon's (`daemon_cpu_per_update_4`, `_switches_`).
+    figs.add("bare_cpu_per_update_4", median(bare_cpu), "ms");
+    figs.add(
+        "bare_switches_per_update_4",
+        median(bare_switches),
+        "switches",
+    );
     figs.add("throughput_16_bare_paired", median(bare16), "updates/s");
     figs.add("throughput_4_paired", median(four), "updates/s");
     figs.add("throughput_16_paired", median(sixteen), "updates/s");

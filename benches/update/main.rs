@@ -51,7 +51,9 @@
 //!    round's ratio to its own raw rate, the median (`_paired_median_ratio`, the figure to
 //!    read; `bare_{4,16}_paired_median_ratio` for the bare server) and the worst, and each
 //!    round's daemon rate over its bare server's (`_paired_over_bare_median_ratio`: what
-//!    hsmkeyd itself costs): the
+//!    hsmkeyd itself costs), and what the bare server's connection threads spent per
+//!    update at 4 clients (`bare_cpu_per_update_4`, `bare_switches_per_update_4`, from
+//!    `getrusage(RUSAGE_THREAD)`, beside the daemon's figures of the first phase): the
 //!    machine's speed drifts between phases by more than the effect measured, and the two
 //!    medians may come from different rounds. Each round's steal time (from `/proc/stat`:
 //!    the time the hypervisor gave this machine's cores to other guests) is printed with
@@ -161,6 +163,8 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("throughput_16_paired", "raw_set_2threads_paired", 1.0),
     ("throughput_4_bare_paired", "raw_set_2threads_paired", 1.0),
     ("throughput_16_bare_paired", "raw_set_2threads_paired", 1.0),
+    ("bare_cpu_per_update_4", "raw_cpu_per_set", 1.0),
+    ("bare_switches_per_update_4", "raw_switches_per_set", 1.0),
     ("daemon_cpu_per_update_4", "raw_cpu_per_set", 1.0),
     ("daemon_switches_per_update_4", "raw_switches_per_set", 1.0),
     ("daemon_rss_ready", "raw_rss", 1.0),
