@@ -17,7 +17,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::slot::Slot;
 use serde_json::Value;
 
-use crate::token::{handles, raw_open, set_label};
+use crate::token::{handles, raw_open, set_label, usage};
 use crate::{Ctx, Res};
 
 /// The answer to every PATCH: what the bench's client checks of a daemon's (a 200 whose
@@ -128,20 +128,11 @@ fn serve_conn(
         }
         match stream.read(&mut chunk) {
             Ok(0) => {
-                let (cpu, switches) = thread_usage()?;
+                let (cpu, switches) = usage(nix::sys::resource::UsageWho::RUSAGE_THREAD)?;
                 return Ok((answered, cpu, switches));
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(format!("the bare server's read: {e}")),
         }
     }
-}
-
-/// The calling thread's CPU seconds and thread switches so far.
-fn thread_usage() -> Res<(f64, u64)> {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let u = getrusage(UsageWho::RUSAGE_THREAD).ctx("getrusage(RUSAGE_THREAD)")?;
-    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    let switches = u.voluntary_context_switches() + u.involuntary_context_switches();
-    Ok((s(u.user_time()) + s(u.system_time()), switches as u64))
 }

@@ -364,8 +364,12 @@ pub(crate) fn switches(pid: u32) -> Res<u64> {
 
 /// This process's CPU seconds and context switches so far, its exited threads included.
 pub(crate) fn own_usage() -> Res<(f64, u64)> {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let u = getrusage(UsageWho::RUSAGE_SELF).ctx("getrusage")?;
+    usage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+}
+
+/// CPU seconds and thread switches so far of this process or this thread (`who`).
+pub(crate) fn usage(who: nix::sys::resource::UsageWho) -> Res<(f64, u64)> {
+    let u = nix::sys::resource::getrusage(who).ctx("getrusage")?;
     let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
     let cpu = s(u.user_time()) + s(u.system_time());
     let switches = u.voluntary_context_switches() + u.involuntary_context_switches();
