@@ -38,16 +38,55 @@ pub const RESERVE: u64 = 10_000;
 /// `MESSAGE`, sorted by name (bytewise); each as the name's length (u64 big-endian), the
 /// name, the value's length (u64 big-endian), the value.
 pub fn encode<'a>(fields: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
-    let mut chosen: Vec<(&str, &[u8])> = fields.into_iter().filter(|(k, _)| covered(k)).collect();
-    chosen.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut out = Vec::new();
-    for (k, v) in chosen {
-        out.extend_from_slice(&(k.len() as u64).to_be_bytes());
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(&(v.len() as u64).to_be_bytes());
-        out.extend_from_slice(v);
+    for (k, v) in Covered::new(fields).0 {
+        put_field(&mut |b| out.extend_from_slice(b), k, v);
     }
     out
+}
+
+/// One field of the encoding, piece by piece into `out`.
+fn put_field(out: &mut impl FnMut(&[u8]), name: &str, value: &[u8]) {
+    out(&(name.len() as u64).to_be_bytes());
+    out(name.as_bytes());
+    out(&(value.len() as u64).to_be_bytes());
+    out(value);
+}
+
+/// The fields of an entry that [`encode`] covers, sorted by name: prepared before the
+/// chain's lock is taken, so that [`Chain::stamp`] only adds the sequence number (and the
+/// link) and hashes.
+pub(super) struct Covered<'a>(Vec<(&'a str, &'a [u8])>);
+
+impl<'a> Covered<'a> {
+    pub(super) fn new(fields: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Covered<'a> {
+        let mut chosen: Vec<(&str, &[u8])> =
+            fields.into_iter().filter(|(k, _)| covered(k)).collect();
+        chosen.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        Covered(chosen)
+    }
+}
+
+/// The chain fields [`Chain::stamp`] gives an entry.
+#[derive(Debug)]
+pub(super) struct Stamp {
+    /// `HSMKEYD_SEQ`.
+    seq: String,
+    /// `HSMKEYD_CHAIN_LINK`, on a run's first entry.
+    link: Option<String>,
+    /// `HSMKEYD_CHAIN`, hex.
+    chain_hex: String,
+    /// The chain value.
+    pub(super) chain: [u8; 32],
+}
+
+impl Stamp {
+    /// The fields to write with the entry.
+    pub(super) fn fields(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [(SEQ, self.seq.as_str()), (CHAIN, self.chain_hex.as_str())]
+            .into_iter()
+            .chain(self.link.as_deref().map(|l| (LINK, l)))
+    }
 }
 
 /// Whether a field is part of the encoding.
@@ -209,11 +248,10 @@ impl Chain {
         }
     }
 
-    /// Adds the chain fields to an entry's fields; returns its chain value.
-    pub(super) fn stamp(
-        &self,
-        fields: &mut Vec<(&'static str, String)>,
-    ) -> Result<[u8; 32], AuditError> {
+    /// The chain fields of the next entry, whose other fields are `covered`: its chain
+    /// value is SHA-256(previous || [`encode`] of all of them), hashed as the encoding is
+    /// produced.
+    pub(super) fn stamp(&self, covered: &Covered<'_>) -> Result<Stamp, AuditError> {
         if self.next_seq >= self.limit {
             return Err(AuditError(format!(
                 "audit sequence number {} is beyond the range reserved in the token (below \
@@ -221,14 +259,34 @@ impl Chain {
                 self.next_seq, self.limit
             )));
         }
-        fields.push((SEQ, self.next_seq.to_string()));
+        let seq = self.next_seq.to_string();
+        let mut ours: Vec<(&str, &[u8])> = vec![(SEQ, seq.as_bytes())];
         if let Some(l) = &self.link {
-            fields.push((LINK, l.clone()));
+            ours.push((LINK, l.as_bytes()));
         }
-        let enc = encode(fields.iter().map(|(k, v)| (*k, v.as_bytes())));
-        let link = next_link(&self.prev, &enc);
-        fields.push((CHAIN, hex::encode(link)));
-        Ok(link)
+        ours.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let mut h = Sha256::new();
+        h.update(self.prev);
+        let mut feed = |b: &[u8]| h.update(b);
+        let (mut theirs, mut ours) = (covered.0.iter().peekable(), ours.into_iter().peekable());
+        loop {
+            let next = match (theirs.peek(), ours.peek()) {
+                (Some(a), Some(b)) if a.0.as_bytes() <= b.0.as_bytes() => theirs.next().copied(),
+                (Some(_), Some(_)) | (None, Some(_)) => ours.next(),
+                (Some(_), None) => theirs.next().copied(),
+                (None, None) => break,
+            };
+            if let Some((k, v)) = next {
+                put_field(&mut feed, k, v);
+            }
+        }
+        let chain: [u8; 32] = h.finalize().into();
+        Ok(Stamp {
+            seq,
+            link: self.link.clone(),
+            chain_hex: hex::encode(chain),
+            chain,
+        })
     }
 
     /// The entry [`Chain::stamp`]ed is recorded.
@@ -289,13 +347,45 @@ mod tests {
     #[test]
     fn writing_beyond_the_reservation_is_refused() {
         let mut c = Chain::start(Mark::FRESH);
-        let mut f = vec![("HSMKEYD_EVENT", "X".to_string())];
-        assert!(c.stamp(&mut f).is_err());
+        let f = [("HSMKEYD_EVENT", b"X".as_slice())];
+        assert!(c.stamp(&Covered::new(f)).is_err());
         c.limit = 2;
-        let link = c.stamp(&mut f).unwrap();
-        assert!(f.iter().any(|(k, v)| *k == LINK && v.starts_with("0 0000")));
-        let _ = c.advance(link, false);
-        assert!(c.stamp(&mut vec![]).is_err());
+        let stamp = c.stamp(&Covered::new(f)).unwrap();
+        assert!(stamp
+            .fields()
+            .any(|(k, v)| k == LINK && v.starts_with("0 0000")));
+        let _ = c.advance(stamp.chain, false);
+        assert!(c.stamp(&Covered::new([])).is_err());
+    }
+
+    #[test]
+    fn a_stamp_chains_the_encoding_of_every_field_its_own_included() {
+        let mut c = Chain::start(Mark {
+            next: 41,
+            checkpoint: Some((40, [9; 32])),
+        });
+        c.limit = 100;
+        // Names on both sides of HSMKEYD_CHAIN_LINK and HSMKEYD_SEQ, and one not covered.
+        let entry = [
+            ("MESSAGE", b"m".as_slice()),
+            ("HSMKEYD_A", b"a"),
+            ("HSMKEYD_KID", b"k"),
+            ("HSMKEYD_STATUS", b"200"),
+            ("PRIORITY", b"5"),
+        ];
+        for _ in 0..2 {
+            let prev = c.prev;
+            let stamp = c.stamp(&Covered::new(entry)).unwrap();
+            let all: Vec<(&str, &[u8])> = entry
+                .into_iter()
+                .chain(stamp.fields().map(|(k, v)| (k, v.as_bytes())))
+                .collect();
+            assert_eq!(stamp.chain, next_link(&prev, &encode(all)));
+            assert!(stamp
+                .fields()
+                .any(|(k, v)| k == CHAIN && v == hex::encode(stamp.chain)));
+            let _ = c.advance(stamp.chain, false);
+        }
     }
 
     #[test]

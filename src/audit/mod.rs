@@ -15,6 +15,7 @@ pub mod chain;
 mod event;
 mod sink;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -156,44 +157,60 @@ impl Entry {
         }
     }
 
-    /// The journal fields, `MESSAGE` and `PRIORITY` first.
-    pub fn fields(&self) -> Vec<(&'static str, String)> {
-        let mut f = vec![
-            ("MESSAGE", self.message.clone()),
-            ("PRIORITY", self.priority().to_string()),
-            ("MESSAGE_ID", self.event.message_id().to_string()),
-            ("SYSLOG_IDENTIFIER", "hsmkeyd".to_string()),
-            ("HSMKEYD_EVENT", self.event.name().to_string()),
-            ("HSMKEYD_RESULT", self.outcome.name().to_string()),
-        ];
-        let mut opt = |k: &'static str, v: Option<String>| {
+    /// The journal fields, `MESSAGE` and `PRIORITY` first; values borrowed from the entry
+    /// where it holds them as written.
+    pub fn fields<'e>(&'e self) -> Vec<(&'static str, Cow<'e, str>)> {
+        let priority = match self.priority() {
+            3 => "3",
+            4 => "4",
+            _ => "5",
+        };
+        let mut f: Vec<(&'static str, Cow<'e, str>)> = Vec::with_capacity(20);
+        f.extend([
+            ("MESSAGE", Cow::Borrowed(self.message.as_str())),
+            ("PRIORITY", Cow::Borrowed(priority)),
+            ("MESSAGE_ID", Cow::Borrowed(self.event.message_id())),
+            ("SYSLOG_IDENTIFIER", Cow::Borrowed("hsmkeyd")),
+            ("HSMKEYD_EVENT", Cow::Borrowed(self.event.name())),
+            ("HSMKEYD_RESULT", Cow::Borrowed(self.outcome.name())),
+        ]);
+        let mut opt = |k: &'static str, v: Option<Cow<'e, str>>| {
             if let Some(v) = v {
                 f.push((k, v));
             }
         };
-        opt("HSMKEYD_STATUS", self.status.map(|s| s.to_string()));
-        opt("HSMKEYD_KID", self.kid.clone());
-        opt("HSMKEYD_PRINCIPAL", self.principal.clone());
-        opt("HSMKEYD_PEER", self.peer.clone());
-        opt("HSMKEYD_TOKEN_ID", self.token_id.clone());
-        opt("HSMKEYD_REQUEST_ID", self.request_id.clone());
-        opt("HSMKEYD_ERROR", self.error.clone());
+        fn text(v: &Option<String>) -> Option<Cow<'_, str>> {
+            v.as_deref().map(Cow::Borrowed)
+        }
+        opt("HSMKEYD_STATUS", self.status.map(|s| s.to_string().into()));
+        opt("HSMKEYD_KID", text(&self.kid));
+        opt("HSMKEYD_PRINCIPAL", text(&self.principal));
+        opt("HSMKEYD_PEER", text(&self.peer));
+        opt("HSMKEYD_TOKEN_ID", text(&self.token_id));
+        opt("HSMKEYD_REQUEST_ID", text(&self.request_id));
+        opt("HSMKEYD_ERROR", text(&self.error));
         opt(
             "HSMKEYD_CHANGES",
-            self.changes.as_ref().map(Value::to_string),
+            self.changes.as_ref().map(|c| c.to_string().into()),
         );
-        opt("HSMKEYD_REQUEST", self.request.clone());
-        opt("HSMKEYD_COUNT", self.count.map(|c| c.to_string()));
-        opt("HSMKEYD_FIRST", self.between.as_ref().map(|b| b.0.clone()));
-        opt("HSMKEYD_LAST", self.between.as_ref().map(|b| b.1.clone()));
-        opt("HSMKEYD_DRY_RUN", self.dry_run.then(|| "1".to_string()));
-        opt("HSMKEYD_BATCH_ID", self.batch_id.clone());
+        opt("HSMKEYD_REQUEST", text(&self.request));
+        opt("HSMKEYD_COUNT", self.count.map(|c| c.to_string().into()));
+        opt(
+            "HSMKEYD_FIRST",
+            self.between.as_ref().map(|b| b.0.as_str().into()),
+        );
+        opt(
+            "HSMKEYD_LAST",
+            self.between.as_ref().map(|b| b.1.as_str().into()),
+        );
+        opt("HSMKEYD_DRY_RUN", self.dry_run.then_some("1".into()));
+        opt("HSMKEYD_BATCH_ID", text(&self.batch_id));
         if let Some(c) = &self.checkpoint {
-            f.push(("HSMKEYD_CHECKPOINT_SEQ", c.seq.to_string()));
-            f.push(("HSMKEYD_CHECKPOINT_HEAD", hex::encode(c.head)));
-            f.push(("HSMKEYD_CHECKPOINT_REASON", c.reason.to_string()));
-            f.push(("HSMKEYD_KEY_FINGERPRINT", c.fingerprint.clone()));
-            f.push((chain::SIGNATURE, hex::encode(&c.signature)));
+            f.push(("HSMKEYD_CHECKPOINT_SEQ", c.seq.to_string().into()));
+            f.push(("HSMKEYD_CHECKPOINT_HEAD", hex::encode(c.head).into()));
+            f.push(("HSMKEYD_CHECKPOINT_REASON", c.reason.into()));
+            f.push(("HSMKEYD_KEY_FINGERPRINT", c.fingerprint.as_str().into()));
+            f.push((chain::SIGNATURE, hex::encode(&c.signature).into()));
         }
         f
     }
@@ -415,20 +432,26 @@ impl Auditor {
     }
 
     /// Writes one entry, chained once anchored; returns its sequence number and chain
-    /// value. The chain advances only when the sink took the entry.
+    /// value. The chain advances only when the sink took the entry. Everything but the
+    /// chain fields is encoded before the chain's lock is taken: held across the sink's
+    /// write, it is what concurrent writers wait for.
     fn write_chained(&self, entry: &Entry) -> Result<Option<(u64, [u8; 32])>, AuditError> {
-        let mut fields = entry.fields();
+        let fields = entry.fields();
+        let began = Instant::now();
+        let covered = chain::Covered::new(fields.iter().map(|(k, v)| (*k, v.as_bytes())));
+        let sorted = began.elapsed();
+        let encoded = self.sink.encode(&fields)?;
         let waited = Instant::now();
         let mut g = sync::lock(&self.chain);
         let Some(c) = g.as_mut() else {
-            return self.sink.write(entry, &fields).map(|()| None);
+            return self.sink.write(entry, &fields, encoded, []).map(|()| None);
         };
-        let link = c.stamp(&mut fields)?;
+        let stamp = c.stamp(&covered)?;
         let stamped = waited.elapsed();
-        self.sink.write(entry, &fields)?;
+        self.sink.write(entry, &fields, encoded, stamp.fields())?;
         let sent = Instant::now();
-        let at = c.advance(link, entry.event == Event::AuditCheckpoint);
-        let spent = stamped + sent.elapsed();
+        let at = c.advance(stamp.chain, entry.event == Event::AuditCheckpoint);
+        let spent = sorted + stamped + sent.elapsed();
         let _ = self.chain_cost.0.fetch_add(1, Ordering::Relaxed);
         let _ = self
             .chain_cost

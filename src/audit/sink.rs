@@ -1,7 +1,7 @@
 //! Where entries go: journald's native protocol, or JSON lines on stderr for development.
 //! Both report every failure to the caller; nothing is dropped silently.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 
@@ -46,10 +46,33 @@ impl Sink {
     }
 
     /// Writes `fields` (the entry's, with the chain's added).
-    pub(super) fn write(
+    /// What can be encoded of an entry before its chain fields are known: for
+    /// `stderr-json` the JSON line up to them; journald's payload is built by the write.
+    pub(super) fn encode(
+        &self,
+        fields: &[(&'static str, Cow<'_, str>)],
+    ) -> Result<Option<Vec<u8>>, AuditError> {
+        match self {
+            Sink::Journald => Ok(None),
+            Sink::StderrJson => {
+                let mut line = Vec::with_capacity(1024);
+                line.push(b'{');
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    json_member(&mut line, i > 0, k, v)?;
+                }
+                Ok(Some(line))
+            }
+        }
+    }
+
+    /// Writes the entry: its `fields`, as far as [`Sink::encode`] made them `encoded`, and
+    /// then `chain` (the fields the hash chain adds).
+    pub(super) fn write<'a>(
         &self,
         entry: &Entry,
-        fields: &[(&'static str, String)],
+        fields: &'a [(&'static str, Cow<'a, str>)],
+        encoded: Option<Vec<u8>>,
+        chain: impl IntoIterator<Item = (&'static str, &'a str)>,
     ) -> Result<(), AuditError> {
         match self {
             Sink::Journald => {
@@ -58,20 +81,24 @@ impl Sink {
                     4 => Priority::Warning,
                     _ => Priority::Notice,
                 };
-                // journal_send takes MESSAGE and PRIORITY from its own arguments.
                 let rest = fields
                     .iter()
                     .filter(|(k, _)| *k != "MESSAGE" && *k != "PRIORITY")
-                    .map(|(k, v)| (*k, v.as_str()));
+                    .map(|(k, v)| (*k, v.as_ref()))
+                    .chain(chain);
                 journal_send(priority, &entry.message, rest)
                     .map_err(|e| AuditError(format!("journald did not take the entry: {e}")))
             }
             Sink::StderrJson => {
-                let map: BTreeMap<&str, &str> =
-                    fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let mut line = serde_json::to_vec(&map)
-                    .map_err(|e| AuditError(format!("cannot encode the entry: {e}")))?;
-                line.push(b'\n');
+                let mut line = match encoded {
+                    Some(line) => line,
+                    None => self.encode(fields)?.unwrap_or_default(),
+                };
+                for (k, v) in chain {
+                    let comma = line.len() > 1;
+                    json_member(&mut line, comma, k, v)?;
+                }
+                line.extend_from_slice(b"}\n");
                 let mut err = std::io::stderr().lock();
                 err.write_all(&line)
                     .and_then(|()| err.flush())
@@ -79,4 +106,15 @@ impl Sink {
             }
         }
     }
+}
+
+/// `"name":"value"` (JSON-escaped), after a comma unless it is the first member.
+fn json_member(line: &mut Vec<u8>, comma: bool, name: &str, value: &str) -> Result<(), AuditError> {
+    if comma {
+        line.push(b',');
+    }
+    let bad = |e: serde_json::Error| AuditError(format!("cannot encode the entry: {e}"));
+    serde_json::to_writer(&mut *line, name).map_err(bad)?;
+    line.push(b':');
+    serde_json::to_writer(&mut *line, value).map_err(bad)
 }
