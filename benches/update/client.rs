@@ -293,6 +293,17 @@ fn write_config(dir: &Path, conf: &Path, pin: &Path, port: u16) -> Res<PathBuf> 
 
 /// Starts the daemon and waits for READY=1 on our NOTIFY_SOCKET; returns it and the ms.
 pub(crate) fn start_daemon(dir: &Path, conf: &Path, pin: &Path) -> Res<(Daemon, f64)> {
+    start_daemon_under(dir, conf, pin, Command::new(env!("CARGO_BIN_EXE_hsmkeyd")))
+}
+
+/// [`start_daemon`] with `runner` (the daemon's binary itself, or a program such as
+/// valgrind that runs it: the daemon's path and arguments are added to it).
+pub(crate) fn start_daemon_under(
+    dir: &Path,
+    conf: &Path,
+    pin: &Path,
+    mut runner: Command,
+) -> Res<(Daemon, f64)> {
     let free = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr());
     let port = free.ctx("finding a free port")?.port();
     let config = write_config(dir, conf, pin, port)?;
@@ -303,7 +314,10 @@ pub(crate) fn start_daemon(dir: &Path, conf: &Path, pin: &Path) -> Res<(Daemon, 
     let stderr = fs::File::create(&log).ctx("creating daemon.log")?;
     let tls = tls_config(&dir.join("tls/ca.pem"))?;
     let t0 = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_hsmkeyd"))
+    if runner.get_program() != env!("CARGO_BIN_EXE_hsmkeyd") {
+        let _ = runner.arg(env!("CARGO_BIN_EXE_hsmkeyd"));
+    }
+    let child = runner
         .arg("--config")
         .arg(&config)
         .env_remove("SOFTHSM2_CONF")

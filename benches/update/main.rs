@@ -61,6 +61,16 @@
 //!    3% in both halves, and `_paired_quiet_median_ratio` is the median ratio of those
 //!    (NaN, `null` in the JSON, when there are none).
 //!
+//! 5. instructions per update, counted by callgrind (`instructions.rs`; skipped without
+//!    valgrind): a raw label set in a re-executed child (`raw_instructions_per_set`) and a
+//!    label PATCH of a daemon run under callgrind (`daemon_instructions_per_patch`), each
+//!    the whole process's user-space instructions over 300 of them (100 with `--quick`)
+//!    after as many to warm up; `daemon_own_instructions_per_patch` is the difference,
+//!    what hsmkeyd adds to the token's work, and `daemon_sha256_instructions_per_patch`
+//!    the part of it in SHA-256, which valgrind runs without the CPU's SHA instructions
+//!    (`..._less_sha256` leaves it out). Unlike the times, these do not move with the
+//!    machine's load: the yardstick for changes to the request path's CPU.
+//!
 //! `run_steal` is the steal time over the whole run.
 //!
 //! It prints one table (figure | value | raw floor | ratio = value / floor; [`FLOORS`]
@@ -72,6 +82,7 @@
 mod bare;
 mod client;
 mod daemon;
+mod instructions;
 mod memory;
 mod notify;
 mod token;
@@ -167,6 +178,16 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("bare_switches_per_update_4", "raw_switches_per_set", 1.0),
     ("daemon_cpu_per_update_4", "raw_cpu_per_set", 1.0),
     ("daemon_switches_per_update_4", "raw_switches_per_set", 1.0),
+    (
+        "daemon_instructions_per_patch",
+        "raw_instructions_per_set",
+        1.0,
+    ),
+    (
+        "daemon_own_instructions_per_patch",
+        "raw_instructions_per_set",
+        1.0,
+    ),
     ("daemon_rss_ready", "raw_rss", 1.0),
     ("daemon_rss", "raw_rss", 1.0),
     ("daemon_heap", "daemon_rss", 1.0),
@@ -207,6 +228,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("--raw-rss-child") if args.len() == 3 => token::raw_rss_child(&args[1], &args[2]),
         Some("--raw-memory-child") => memory::raw_memory_child(&args[1..]),
+        Some("--raw-instructions-child") => instructions::raw_instructions_child(&args[1..]),
         _ => parse_opts(&args).and_then(|o| run(&o)),
     };
     if let Err(e) = result {
@@ -258,6 +280,7 @@ fn run(o: &Opts) -> Res<()> {
     token::raw_floor(o, &pin, &mut figs)?;
     daemon::daemon_figures(o, work.path(), &conf, &pin, &mut figs)?;
     daemon::paired_throughput(o, work.path(), &conf, &pin, &mut figs)?;
+    instructions::instruction_figures(o, work.path(), &conf, &pin, &mut figs)?;
     memory::memory_figures(o, &cached, &mut figs)?;
     // How much of the machine other guests took over the whole run: a run with much of it
     // measured the neighbours more than hsmkeyd.
