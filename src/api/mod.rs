@@ -336,8 +336,7 @@ async fn get_key(
     require(&p, Scope::KeysGet)?;
     let kid = body::kid(&kid)?;
     let view = state.keys.get(&kid).await?;
-    let body = serde_json::to_value(&view).map_err(|e| ApiError::internal(&e.to_string()))?;
-    Ok(with_etag(&view, Json(body).into_response()))
+    Ok(with_etag(&view, Json(&view).into_response()))
 }
 
 async fn patch_key(
@@ -370,9 +369,20 @@ async fn patch_inner(
     if dry_run {
         return Ok(with_etag(&outcome.key, dry_run_reply(&outcome)));
     }
-    let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field.name()).collect();
-    let body = audited::reply(json!({ "key": outcome.key, "changed": changed }));
+    let body = audited::reply_sorted(&Updated {
+        changed: outcome.changes.iter().map(|c| c.field.name()).collect(),
+        key: &outcome.key,
+    })?;
     Ok(with_etag(&outcome.key, body))
+}
+
+/// The answer to a PATCH: its names in byte order (see [`audited::reply_sorted`]).
+#[derive(serde::Serialize)]
+struct Updated<'a> {
+    /// The fields that changed.
+    changed: Vec<&'static str>,
+    /// The key as it is now.
+    key: &'a KeyView,
 }
 
 /// `If-Match: "<etag>"` (or `*`, which any existing key matches).

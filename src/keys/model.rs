@@ -29,26 +29,26 @@ pub enum KeyClass {
 /// verify/encrypt/wrap from the public key); `modifiable` is true only if every object is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct KeyAttributes {
-    /// CKA_SENSITIVE of the secret or private key.
-    pub sensitive: Option<bool>,
+    /// CKA_DECRYPT.
+    pub decrypt: bool,
+    /// CKA_DERIVE.
+    pub derive: bool,
+    /// CKA_ENCRYPT.
+    pub encrypt: bool,
     /// CKA_EXTRACTABLE of the secret or private key.
     pub extractable: Option<bool>,
     /// CKA_MODIFIABLE of every object.
     pub modifiable: bool,
+    /// CKA_SENSITIVE of the secret or private key.
+    pub sensitive: Option<bool>,
     /// CKA_SIGN.
     pub sign: bool,
-    /// CKA_VERIFY.
-    pub verify: bool,
-    /// CKA_ENCRYPT.
-    pub encrypt: bool,
-    /// CKA_DECRYPT.
-    pub decrypt: bool,
-    /// CKA_WRAP.
-    pub wrap: bool,
     /// CKA_UNWRAP.
     pub unwrap: bool,
-    /// CKA_DERIVE.
-    pub derive: bool,
+    /// CKA_VERIFY.
+    pub verify: bool,
+    /// CKA_WRAP.
+    pub wrap: bool,
 }
 
 /// Whether a key can be updated.
@@ -109,30 +109,10 @@ impl Serialize for KeyType {
     }
 }
 
-fn curve_name<S: serde::Serializer>(c: &Option<Curve>, s: S) -> Result<S::Ok, S::Error> {
-    match c {
-        Some(c) => s.serialize_str(c.name()),
-        None => s.serialize_none(),
-    }
-}
-
-fn rfc3339<S: serde::Serializer>(t: &Option<OffsetDateTime>, s: S) -> Result<S::Ok, S::Error> {
-    use time::format_description::well_known::Rfc3339;
-    match t {
-        Some(t) => s.serialize_str(&t.format(&Rfc3339).map_err(serde::ser::Error::custom)?),
-        None => s.serialize_none(),
-    }
-}
-
-fn day<S: serde::Serializer>(d: &Option<time::Date>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_str(&super::meta::date_text(*d)),
-        None => s.serialize_none(),
-    }
-}
-
-/// The JSON shape of one key, as every endpoint returns it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The JSON shape of one key, as every endpoint returns it. Serialized with its names in
+/// byte order, as a `serde_json::Value` (whose maps are sorted) writes them, so that an
+/// answer rendered straight from the view has the bytes it had through a `Value`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeyView {
     /// Key id.
     pub kid: Kid,
@@ -143,13 +123,10 @@ pub struct KeyView {
     /// Roles allowed to update the key; empty means any principal with the scope.
     pub roles: Vec<RoleName>,
     /// Algorithm: aes, generic-secret, ec, rsa, ed25519, ...
-    #[serde(rename = "type")]
     pub key_type: KeyType,
     /// Named curve, for EC keys.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "curve_name")]
     pub curve: Option<Curve>,
     /// Key size in bits where it has one (AES, generic secrets, RSA).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub bits: Option<u32>,
     /// What the key is made of.
     pub class: KeyClass,
@@ -158,19 +135,55 @@ pub struct KeyView {
     /// The attributes that matter.
     pub attributes: KeyAttributes,
     /// CKA_START_DATE of the key (`YYYY-MM-DD` in JSON, null when empty).
-    #[serde(serialize_with = "day")]
     pub not_before: Option<time::Date>,
     /// CKA_END_DATE of the key (`YYYY-MM-DD` in JSON, null when empty).
-    #[serde(serialize_with = "day")]
     pub not_after: Option<time::Date>,
     /// Last update through hsmkeyd, or null if never (RFC 3339 in JSON).
-    #[serde(serialize_with = "rfc3339")]
     pub updated_at: Option<OffsetDateTime>,
     /// Whether updates are possible.
-    #[serde(flatten)]
     pub state: KeyState,
     /// Changes whenever anything above changes.
     pub etag: String,
+}
+
+impl Serialize for KeyView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        use time::format_description::well_known::Rfc3339;
+        let day = |d: Option<time::Date>| d.map(super::meta::date_text);
+        let updated_at = match self.updated_at {
+            Some(t) => Some(t.format(&Rfc3339).map_err(serde::ser::Error::custom)?),
+            None => None,
+        };
+        let (state, reason) = match &self.state {
+            KeyState::Ok => ("ok", None),
+            KeyState::Inconsistent(r) => ("inconsistent", Some(r)),
+        };
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("attributes", &self.attributes)?;
+        if let Some(bits) = self.bits {
+            m.serialize_entry("bits", &bits)?;
+        }
+        m.serialize_entry("class", &self.class)?;
+        if let Some(c) = &self.curve {
+            m.serialize_entry("curve", c.name())?;
+        }
+        m.serialize_entry("description", &self.description)?;
+        m.serialize_entry("etag", &self.etag)?;
+        m.serialize_entry("has_certificate", &self.has_certificate)?;
+        m.serialize_entry("kid", &self.kid)?;
+        m.serialize_entry("label", &self.label)?;
+        m.serialize_entry("not_after", &day(self.not_after))?;
+        m.serialize_entry("not_before", &day(self.not_before))?;
+        if let Some(r) = reason {
+            m.serialize_entry("reason", r)?;
+        }
+        m.serialize_entry("roles", &self.roles)?;
+        m.serialize_entry("state", state)?;
+        m.serialize_entry("type", &self.key_type)?;
+        m.serialize_entry("updated_at", &updated_at)?;
+        m.end()
+    }
 }
 
 #[cfg(test)]
@@ -208,7 +221,19 @@ mod tests {
         ec.not_after = Some(time::macros::date!(2030 - 12 - 31));
         assert_eq!(
             serde_json::to_string(&ec).unwrap(),
-            r#"{"kid":"0a0b","label":"k","description":null,"roles":[],"type":"ec","curve":"P-256","class":"key-pair","has_certificate":false,"attributes":{"sensitive":null,"extractable":null,"modifiable":false,"sign":false,"verify":false,"encrypt":false,"decrypt":false,"wrap":false,"unwrap":false,"derive":false},"not_before":null,"not_after":"2030-12-31","updated_at":"2024-01-02T03:04:05.25Z","state":"ok","etag":"e"}"#
+            r#"{"attributes":{"decrypt":false,"derive":false,"encrypt":false,"extractable":null,"modifiable":false,"sensitive":null,"sign":false,"unwrap":false,"verify":false,"wrap":false},"class":"key-pair","curve":"P-256","description":null,"etag":"e","has_certificate":false,"kid":"0a0b","label":"k","not_after":"2030-12-31","not_before":null,"roles":[],"state":"ok","type":"ec","updated_at":"2024-01-02T03:04:05.25Z"}"#
+        );
+        // Names in byte order, as through a Value (answers are written straight from the
+        // view and must not change), the reason of an inconsistent key included.
+        ec.bits = Some(256);
+        ec.state = KeyState::Inconsistent("r".into());
+        let direct = serde_json::to_string(&ec).unwrap();
+        assert_eq!(
+            direct,
+            serde_json::to_string(&serde_json::to_value(&ec).unwrap()).unwrap()
+        );
+        assert!(
+            direct.contains(r#""not_before":null,"reason":"r","roles":[],"state":"inconsistent""#)
         );
         let json = |k: KeyType, c: Option<Curve>| {
             let v = serde_json::to_value(KeyView::example(k, c)).unwrap();
