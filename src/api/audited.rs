@@ -28,7 +28,7 @@ use serde_json::Value;
 use super::error::{ApiError, Refusal};
 use super::AppState;
 use crate::audit::aggregate::Verdict;
-use crate::audit::{caller, describe_changes, unix_peer, Auditor, Entry, Event, Outcome};
+use crate::audit::{caller, unix_peer, Auditor, Changes, Entry, Event, Outcome};
 use crate::auth::{Peer, TlsPeer};
 use crate::keys::{FieldChange, KeyError, UpdateOutcome};
 use crate::sync;
@@ -146,7 +146,7 @@ struct Record<'a> {
     caller: Option<&'a Caller>,
     kid: Option<&'a str>,
     token_id: Option<&'a str>,
-    changes: Option<Value>,
+    changes: Option<Changes>,
     error: Option<&'a ApiError>,
     /// The status of the answer when it is a success.
     success: u16,
@@ -205,12 +205,8 @@ fn result_entry(event: Event, r: Record<'_>) -> Entry {
             code.unwrap_or("error"),
             o.name()
         ),
-        (_, Outcome::Ok) => match r
-            .changes
-            .as_ref()
-            .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
-        {
-            Some(c) => format!("key {key}: {} by {who}: OK", describe_changes(c)),
+        (_, Outcome::Ok) => match r.changes.as_ref().filter(|c| !c.is_empty()) {
+            Some(c) => format!("key {key}: {} by {who}: OK", c.words()),
             None => format!("key {key}: update by {who} changed nothing: OK"),
         },
         (_, o) => format!(
@@ -230,6 +226,11 @@ fn result_entry(event: Event, r: Record<'_>) -> Entry {
     entry.changes = r.changes;
     entry.request = Some(request.clone());
     entry
+}
+
+/// Where a list of changes lies in memory: the hooks of one change get the same list.
+fn whereabouts(list: &[FieldChange]) -> (usize, usize) {
+    (list.as_ptr() as usize, list.len())
 }
 
 /// `HSMKEYD_CHANGES`: field -> {"before", "after"}.
@@ -268,8 +269,10 @@ pub struct UpdateAudit {
     event: Event,
     /// A dry run: checked and answered, nothing written; its one entry says so.
     dry_run: bool,
-    /// The planned changes, once the intent entry was written.
-    planned: Mutex<Option<Value>>,
+    /// The planned changes, once the intent entry was written, and where the list they
+    /// were rendered from lies (the result hook renders them again unless it gets that
+    /// very list).
+    planned: Mutex<Option<(Changes, (usize, usize))>>,
     /// Set by the intent hook when journald refused the intent entry.
     intent_refused: OnceLock<()>,
     /// Set by the result hook: whether its entry was written.
@@ -328,7 +331,7 @@ impl UpdateAudit {
         }
     }
 
-    fn record(&self, changes: Option<Value>, error: Option<&ApiError>) -> Entry {
+    fn record(&self, changes: Option<Changes>, error: Option<&ApiError>) -> Entry {
         let mut entry = result_entry(
             self.event,
             Record {
@@ -356,8 +359,16 @@ impl UpdateAudit {
         entry
     }
 
-    fn planned(&self) -> Option<Value> {
-        sync::lock(&self.planned).clone()
+    fn planned(&self) -> Option<Changes> {
+        sync::lock(&self.planned).as_ref().map(|(c, _)| c.clone())
+    }
+
+    /// The planned changes if `list` is the list they were rendered from, else `list`'s.
+    fn rendered(&self, list: &[FieldChange]) -> Changes {
+        match sync::lock(&self.planned).as_ref() {
+            Some((c, at)) if *at == whereabouts(list) => c.clone(),
+            _ => Changes::new(&changes_json(list)),
+        }
     }
 
     /// The hook an update runs before its first token write: the intent entry. An error
@@ -366,13 +377,13 @@ impl UpdateAudit {
         self: &Arc<Self>,
     ) -> impl FnOnce(&[FieldChange]) -> Result<(), String> + Send + 'static {
         let this = self.clone();
-        move |changes| {
-            let changes = changes_json(changes);
+        move |list| {
+            let changes = Changes::new(&changes_json(list));
             let who = caller(Some(&this.caller.principal), this.request.peer.as_deref());
             let what = match this.event {
                 Event::KeyCreated => "create".to_string(),
                 Event::KeyDeleted => "delete".to_string(),
-                _ => format!("change {}", describe_changes(&changes)),
+                _ => format!("change {}", changes.words()),
             };
             let intent = this
                 .event
@@ -390,7 +401,7 @@ impl UpdateAudit {
             e.request_id = Some(this.request.rid.0.clone());
             e.changes = Some(changes.clone());
             this.mark_batch(&mut e);
-            *sync::lock(&this.planned) = Some(changes);
+            *sync::lock(&this.planned) = Some((changes, whereabouts(list)));
             this.audit.write(&e).map_err(|err| {
                 let _ = this.intent_refused.set(());
                 err.to_string()
@@ -408,7 +419,7 @@ impl UpdateAudit {
         move |outcome| {
             let mapped = outcome.err().map(|e| map(e.clone()));
             let changes = match outcome {
-                Ok(changes) => Some(changes_json(changes)),
+                Ok(changes) => Some(this.rendered(changes)),
                 Err(_) => this.planned(),
             };
             let written = this.audit.write(&this.record(changes, mapped.as_ref()));
@@ -441,7 +452,7 @@ impl UpdateAudit {
             return result;
         }
         let changes = match &result {
-            Ok(o) => Some(changes_json(&o.changes)),
+            Ok(o) => Some(Changes::new(&changes_json(&o.changes))),
             Err(_) => self.planned(),
         };
         let entry = self.record(changes, result.as_ref().err());

@@ -92,7 +92,7 @@ pub struct Entry {
     /// The error code of a refusal (`HSMKEYD_ERROR`).
     pub error: Option<String>,
     /// field -> {"before", "after"}.
-    pub changes: Option<Value>,
+    pub changes: Option<Changes>,
     /// Method and path of the request (`HSMKEYD_REQUEST`).
     pub request: Option<String>,
     /// How many events an aggregated entry stands for (`HSMKEYD_COUNT`).
@@ -191,7 +191,7 @@ impl Entry {
         opt("HSMKEYD_ERROR", text(&self.error));
         opt(
             "HSMKEYD_CHANGES",
-            self.changes.as_ref().map(|c| c.to_string().into()),
+            self.changes.as_ref().map(|c| c.json().into()),
         );
         opt("HSMKEYD_REQUEST", text(&self.request));
         opt("HSMKEYD_COUNT", self.count.map(|c| c.to_string().into()));
@@ -233,6 +233,44 @@ pub fn caller(principal: Option<&str>, peer: Option<&str>) -> String {
         (Some(n), None) => n.to_string(),
         (None, Some(p)) => p,
         (None, None) => "an unidentified caller".to_string(),
+    }
+}
+
+/// `HSMKEYD_CHANGES` (field -> {"before", "after"}), rendered once as JSON and as the
+/// words `MESSAGE` uses: an update's intent and result entries record the same changes.
+#[derive(Debug, Clone)]
+pub struct Changes(std::sync::Arc<RenderedChanges>);
+
+#[derive(Debug)]
+struct RenderedChanges {
+    json: String,
+    words: String,
+    empty: bool,
+}
+
+impl Changes {
+    /// `changes`, a JSON object of field -> {"before", "after"}.
+    pub fn new(changes: &Value) -> Changes {
+        Changes(std::sync::Arc::new(RenderedChanges {
+            json: changes.to_string(),
+            words: describe_changes(changes),
+            empty: changes.as_object().is_none_or(|o| o.is_empty()),
+        }))
+    }
+
+    /// The value of `HSMKEYD_CHANGES`.
+    pub fn json(&self) -> &str {
+        &self.0.json
+    }
+
+    /// For `MESSAGE`: `label "old" -> "new", roles [] -> ["ops"]`.
+    pub fn words(&self) -> &str {
+        &self.0.words
+    }
+
+    /// Whether no field changed.
+    pub fn is_empty(&self) -> bool {
+        self.0.empty
     }
 }
 
@@ -500,7 +538,9 @@ mod tests {
             gid: 2,
             pid: 3,
         }));
-        e.changes = Some(serde_json::json!({"label": {"before": "a", "after": "b"}}));
+        e.changes = Some(Changes::new(
+            &serde_json::json!({"label": {"before": "a", "after": "b"}}),
+        ));
         let f: std::collections::BTreeMap<_, _> = e.fields().into_iter().collect();
         assert_eq!(f["PRIORITY"], "5");
         assert_eq!(f["HSMKEYD_PEER"], "uid=1 gid=2 pid=3");
@@ -511,9 +551,10 @@ mod tests {
         assert_eq!(caller(None, Some("127.0.0.1:9")), "127.0.0.1:9");
         assert_eq!(f["HSMKEYD_KID"], "0a");
         assert!(!f.contains_key("HSMKEYD_PRINCIPAL"));
+        assert_eq!(e.changes.as_ref().unwrap().words(), "label \"a\" -> \"b\"");
         assert_eq!(
-            describe_changes(e.changes.as_ref().unwrap()),
-            "label \"a\" -> \"b\""
+            f["HSMKEYD_CHANGES"],
+            r#"{"label":{"after":"b","before":"a"}}"#
         );
     }
 }
