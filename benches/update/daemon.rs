@@ -19,7 +19,7 @@ const SLOW_CONNS: usize = 500;
 const ROLES: [&str; 2] = ["ops", "payments"];
 
 /// Mints a bearer token over the Unix socket.
-fn mint(c: &mut Conn<UnixStream>) -> Res<String> {
+pub(crate) fn mint(c: &mut Conn<UnixStream>) -> Res<String> {
     let body = json!({"scopes": ["keymgmt:list", "keymgmt:get", "keymgmt:upd"], "ttl_s": 3600});
     let v = c.ok("POST", "/v1/auth/token", &body.to_string())?;
     let token = v["token"].as_str().map(String::from);

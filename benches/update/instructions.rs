@@ -1,19 +1,21 @@
-//! Instructions per update, counted by callgrind: what a label PATCH costs the daemon's
+//! Instructions per request, counted by callgrind: what a label PATCH costs the daemon's
 //! process in user-space instructions (SoftHSM's and OpenSSL's included: the whole
 //! process), against one raw C_SetAttributeValue(CKA_LABEL) on the same token in a
-//! re-executed child of this bench. Times on a shared VM drift by more than a change to
-//! the request path moves them; these counts do not depend on what else the machine does
-//! and repeat to within about 2% (the daemon's checkpoints and background record writes
-//! fall into the counted window a little differently each run), so they show a change of
-//! a few percent.
+//! re-executed child of this bench; and what a `GET /v1/keys/{kid}` costs it on the Unix
+//! socket and over HTTPS (bearer token, keep-alive). Times on a shared VM drift by more
+//! than a change to the request path moves them; these counts do not depend on what else
+//! the machine does and repeat to within a few percent (the daemon's checkpoints, status
+//! ticks and background record writes fall into the counted window a little differently
+//! each run: about 2% for the PATCH, up to 7% for the GETs), so they show a change of a
+//! few percent.
 //!
 //! Both processes run under `valgrind --tool=callgrind --instr-atstart=no`; counting is
-//! switched on (`callgrind_control -i on`) only once they are warm and dumped
-//! (`callgrind_control -d`) after the counted work, so start-up is not in the figure.
-//! Valgrind's CPU hides the SHA extensions, so SHA-256 (the audit chain, etags) counts
-//! several times what it costs natively. Skipped, with a line saying so, where valgrind is
+//! switched on (`callgrind_control -i on`) only once they are warm, zeroed after each
+//! warm-up (`-z`) and dumped (`-d`) after the counted work, so start-up is not in the
+//! figures. Valgrind's CPU hides the SHA extensions, so SHA-256 (the audit chain, etags,
+//! the verified-token cache's key) counts several times what it costs natively; the
+//! part spent there is reported apart. Skipped, with a line saying so, where valgrind is
 //! not installed.
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -21,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::client::{start_daemon_under, unix_conn};
+use crate::client::{start_daemon_under, tls_conn, unix_conn};
+use crate::daemon::mint;
 use crate::token::{bulk_kid, check_output, handles, raw_open, set_label};
 use crate::{Ctx, Figures, Opts, Res};
 
@@ -53,7 +56,8 @@ pub(crate) fn instruction_figures(
     }
     let n = counted(o);
     let raw = raw_count(dir, conf, pin, n)?;
-    let (daemon, sha) = daemon_count(dir, conf, pin, n)?;
+    let counts = daemon_counts(dir, conf, pin, n)?;
+    let (daemon, sha) = (counts.patch, counts.patch_sha256);
     figs.add("raw_instructions_per_set", raw, "k instr");
     figs.add("daemon_instructions_per_patch", daemon, "k instr");
     figs.add("daemon_own_instructions_per_patch", daemon - raw, "k instr");
@@ -61,6 +65,21 @@ pub(crate) fn instruction_figures(
     figs.add(
         "daemon_own_instructions_per_patch_less_sha256",
         daemon - raw - sha,
+        "k instr",
+    );
+    figs.add(
+        "daemon_instructions_per_get_unix",
+        counts.get_unix,
+        "k instr",
+    );
+    figs.add(
+        "daemon_instructions_per_get_https",
+        counts.get_https,
+        "k instr",
+    );
+    figs.add(
+        "daemon_sha256_instructions_per_get_https",
+        counts.get_https_sha256,
         "k instr",
     );
     Ok(())
@@ -106,15 +125,16 @@ fn control(pid: u32, args: &[&str]) -> Res<()> {
     check_output(&format!("callgrind_control {}", args.join(" ")), &out)
 }
 
-/// The first dump of a process counted into `out`.
-fn first_dump(out: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.1", out.display()))
+/// The `nth` dump (from 1) of a process counted into `out`.
+fn dump_path(out: &Path, nth: u32) -> PathBuf {
+    PathBuf::from(format!("{}.{nth}", out.display()))
 }
 
-/// Dumps the counts of `pid` (the [`first_dump`]) and reads their total.
-fn dump_total(pid: u32, out: &Path) -> Res<u64> {
+/// Dumps the counts of `pid` since its last dump or zeroing (its `nth` dump) and reads
+/// their total.
+fn dump_total(pid: u32, out: &Path, nth: u32) -> Res<u64> {
     control(pid, &["-d"])?;
-    let dumped = first_dump(out);
+    let dumped = dump_path(out, nth);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = std::fs::read_to_string(&dumped).unwrap_or_default();
@@ -171,7 +191,7 @@ fn raw_child_counted(
         .ctx("telling the raw child to go")?;
     stdin.flush().ctx("flush")?;
     expect(lines, "done")?;
-    dump_total(child.id(), out)
+    dump_total(child.id(), out, 1)
 }
 
 fn expect(lines: &mut BufReader<ChildStdout>, word: &str) -> Res<()> {
@@ -211,9 +231,24 @@ pub(crate) fn raw_instructions_child(args: &[String]) -> Res<()> {
     Ok(())
 }
 
-/// Thousands of instructions per label PATCH of the daemon, over one keep-alive
-/// connection on the Unix socket, and of them those of SHA-256.
-fn daemon_count(dir: &Path, conf: &Path, pin: &Path, n: u64) -> Res<(f64, f64)> {
+/// Thousands of instructions the daemon spends per request, each over one keep-alive
+/// connection.
+struct DaemonCounts {
+    /// A label PATCH on the Unix socket.
+    patch: f64,
+    /// Of it, SHA-256's.
+    patch_sha256: f64,
+    /// `GET /v1/keys/{kid}` on the Unix socket.
+    get_unix: f64,
+    /// The same GET over HTTPS with a bearer token (its verification cached).
+    get_https: f64,
+    /// Of it, SHA-256's (the verified-token cache's key).
+    get_https_sha256: f64,
+}
+
+/// Label PATCHes, then GETs on the Unix socket, then GETs over HTTPS, `n` of each counted
+/// after `n` to warm up (counters zeroed after the warm-up).
+fn daemon_counts(dir: &Path, conf: &Path, pin: &Path, n: u64) -> Res<DaemonCounts> {
     let out = dir.join("daemon.callgrind");
     let (d, _) = start_daemon_under(dir, conf, pin, callgrind(&out))?;
     let mut c = unix_conn(&d.sock)?;
@@ -227,12 +262,31 @@ fn daemon_count(dir: &Path, conf: &Path, pin: &Path, n: u64) -> Res<(f64, f64)> 
     for i in 0..n {
         patch("counted", i)?;
     }
-    let total = dump_total(d.pid(), &out)?;
+    let patches = dump_total(d.pid(), &out, 1)?;
+    let sha = sha256_total(&dump_path(&out, 1))?;
+    let path = format!("/v1/keys/{kid}");
+    let get = |c: &mut dyn FnMut() -> Res<()>, nth: u32| -> Res<u64> {
+        (0..n).try_for_each(|_| c())?;
+        control(d.pid(), &["-z"])?;
+        (0..n).try_for_each(|_| c())?;
+        dump_total(d.pid(), &out, nth)
+    };
+    let mut unix = unix_conn(&d.sock)?;
+    let get_unix = get(&mut || unix.ok("GET", &path, "").map(drop), 2)?;
+    let bearer = mint(&mut unix)?;
+    let mut https = tls_conn(&d, &bearer)?;
+    let get_https = get(&mut || https.ok("GET", &path, "").map(drop), 3)?;
+    let get_https_sha = sha256_total(&dump_path(&out, 3))?;
     let (status, _) = d.stop()?;
     if !status.success() {
         return Err(format!("the daemon under callgrind stopped with {status}"));
     }
-    let sha = sha256_total(&first_dump(&out))?;
     let per = |count: u64| count as f64 / n as f64 / 1000.0;
-    Ok((per(total), per(sha)))
+    Ok(DaemonCounts {
+        patch: per(patches),
+        patch_sha256: per(sha),
+        get_unix: per(get_unix),
+        get_https: per(get_https),
+        get_https_sha256: per(get_https_sha),
+    })
 }

@@ -68,8 +68,11 @@
 //!    after as many to warm up; `daemon_own_instructions_per_patch` is the difference,
 //!    what hsmkeyd adds to the token's work, and `daemon_sha256_instructions_per_patch`
 //!    the part of it in SHA-256, which valgrind runs without the CPU's SHA instructions
-//!    (`..._less_sha256` leaves it out). Unlike the times, these do not move with the
-//!    machine's load: the yardstick for changes to the request path's CPU.
+//!    (`..._less_sha256` leaves it out); and a `GET /v1/keys/{kid}` of that daemon on the
+//!    Unix socket and over HTTPS (`daemon_instructions_per_get_{unix,https}`, with
+//!    `daemon_sha256_instructions_per_get_https`, the bearer token's cache key). Unlike
+//!    the times, these do not move with the machine's load: the yardstick for changes to
+//!    the request path's CPU.
 //!
 //! `run_steal` is the steal time over the whole run.
 //!
@@ -186,6 +189,11 @@ const FLOORS: &[(&str, &str, f64)] = &[
     (
         "daemon_own_instructions_per_patch",
         "raw_instructions_per_set",
+        1.0,
+    ),
+    (
+        "daemon_instructions_per_get_https",
+        "daemon_instructions_per_get_unix",
         1.0,
     ),
     ("daemon_rss_ready", "raw_rss", 1.0),
