@@ -91,7 +91,7 @@ async fn post_inner(
     let answer = task
         .await
         .map_err(|e| ApiError::internal(&format!("batch task failed: {e}")))??;
-    Ok(audited::reply(answer))
+    Ok(super::reply::reply(answer))
 }
 
 /// The request body: `select`, `patch`, `if_match`.

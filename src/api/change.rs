@@ -148,7 +148,7 @@ pub(super) async fn update_key(
 /// The answer of a dry run: the key as it would be, and each change with its values.
 pub(super) fn dry_run_reply(outcome: &UpdateOutcome) -> Response {
     let changed: Vec<&str> = outcome.changes.iter().map(|c| c.field.name()).collect();
-    audited::reply(json!({
+    super::reply::reply(json!({
         "dry_run": true,
         "key": outcome.key,
         "changed": changed,

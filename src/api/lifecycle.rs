@@ -11,8 +11,9 @@ use axum::Extension;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
-use super::audited::{reply_with, AuditFacts, Audited};
+use super::audited::{AuditFacts, Audited};
 use super::error::ApiError;
+use super::reply::reply_with;
 use super::{body, require, run_change, AppState, UpdateRequest};
 use crate::auth::Principal;
 use crate::keys::model::{Curve, Description, Kid, Label, RoleName};

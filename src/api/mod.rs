@@ -39,6 +39,7 @@ pub mod encedo;
 pub mod error;
 mod lifecycle;
 pub mod openapi;
+pub mod reply;
 mod routes;
 mod tokens;
 
@@ -369,14 +370,14 @@ async fn patch_inner(
     if dry_run {
         return Ok(with_etag(&outcome.key, dry_run_reply(&outcome)));
     }
-    let body = audited::reply_sorted(&Updated {
+    let body = reply::reply_sorted(&Updated {
         changed: outcome.changes.iter().map(|c| c.field.name()).collect(),
         key: &outcome.key,
     })?;
     Ok(with_etag(&outcome.key, body))
 }
 
-/// The answer to a PATCH: its names in byte order (see [`audited::reply_sorted`]).
+/// The answer to a PATCH: its names in byte order (see [`reply::reply_sorted`]).
 #[derive(serde::Serialize)]
 struct Updated<'a> {
     /// The fields that changed.

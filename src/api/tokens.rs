@@ -14,8 +14,9 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::audited::{reply, AuditFacts, Audited};
+use super::audited::{AuditFacts, Audited};
 use super::error::ApiError;
+use super::reply::reply;
 use super::{body, require, AppState};
 use crate::auth::{Peer, Principal};
 use crate::values::Scope;

@@ -8,8 +8,9 @@ use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use serde_json::{json, Map, Value};
 
-use super::super::audited::{reply, AuditFacts, Audited};
+use super::super::audited::{AuditFacts, Audited};
 use super::super::error::ApiError;
+use super::super::reply::reply;
 use super::super::{body, UpdateRequest};
 use super::{description, encedo_label, unknown_field, MAX_BODY};
 use crate::keys::model::Curve;

@@ -25,8 +25,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::MAX_BODY;
-use crate::api::audited::{reply, AuditFacts, Audited, Caller};
+use crate::api::audited::{AuditFacts, Audited, Caller};
 use crate::api::error::ApiError;
+use crate::api::reply::reply;
 use crate::api::{body, AppState};
 use crate::auth::encedo::EncedoLogin;
 

@@ -40,8 +40,9 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::audited::{reply, AuditFacts, Audited};
+use super::audited::{AuditFacts, Audited};
 use super::error::ApiError;
+use super::reply::reply;
 use super::{body, AppState, UpdateRequest};
 use crate::auth::Principal;
 use crate::keys::model::{Curve, Description, KeyClass, KeyType, KeyView, Kid, Label};
