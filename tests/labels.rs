@@ -9,6 +9,9 @@ use common::fixture::{keys_access, token_with, AES, AES_KEY, EC, EC_KEY, OTHER, 
 use common::{Daemon, Setup};
 use serde_json::json;
 
+/// Longer than the daemon's least time between two rescans on a miss (2 s).
+const PAST_RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2300);
+
 fn unique() -> Setup {
     Setup::with_access(keys_access().replace("[keys]", "[keys]\nunique_labels = true"))
 }
@@ -114,6 +117,65 @@ fn by_label_addresses_one_key_and_refuses_an_ambiguous_label() {
     assert!(!t.objects().iter().any(|o| o.id == AES));
 }
 
+/// The index keeps the keys by label beside the keys by kid (`keys/index.rs`); whatever
+/// changes a key's label there (a rename, a create, a delete, a rescan that finds a key
+/// another tool made) must move it in both, or a taken label would be given again or a
+/// free one refused.
+#[test]
+fn labels_are_looked_up_as_every_change_leaves_them() {
+    let t = token_with(&[AES_KEY, EC_KEY, OTHER_KEY]);
+    let d = Daemon::start(&t, &unique());
+    let c = d.client();
+    let by_label = |label: &str| c.get(&format!("/v1/keys/by-label/{label}"));
+    // Keys another tool made are known once a lookup of a kid rescans the token, and
+    // their labels with them; two with one label are both named, in kid order.
+    t.gen("ec-p256", "e1e1", "from-outside", &[]);
+    t.gen("ec-p256", "e0e0", "from-outside", &[]);
+    std::thread::sleep(PAST_RESCAN_INTERVAL);
+    assert_eq!(c.get("/v1/keys/e0e0").status, 200);
+    let r = by_label("from-outside");
+    r.assert_error(409, "label_ambiguous");
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("(e0e0, e1e1)"), "{message}");
+    c.patch(AES, &json!({"label": "from-outside"}))
+        .assert_error(409, "label_taken");
+    // Renamed apart, each is found by its own label.
+    assert_eq!(c.patch("e0e0", &json!({"label": "outside-0"})).status, 200);
+    assert_eq!(by_label("from-outside").ok()["kid"], "e1e1");
+    assert_eq!(by_label("outside-0").ok()["kid"], "e0e0");
+    // A rename: the new label is found and taken, the old one is free.
+    assert_eq!(c.patch(AES, &json!({"label": "renamed"})).status, 200);
+    assert_eq!(by_label("renamed").ok()["kid"], AES);
+    by_label("aes-key").assert_error(404, "key_not_found");
+    c.patch(OTHER, &json!({"label": "renamed"}))
+        .assert_error(409, "label_taken");
+    assert_eq!(c.patch(OTHER, &json!({"label": "aes-key"})).status, 200);
+    assert_eq!(by_label("aes-key").ok()["kid"], OTHER);
+    // A create takes its label; a delete frees the label of the key it removes.
+    let made = c.send(
+        "POST",
+        "/v1/keys",
+        &[("Content-Type", "application/json")],
+        br#"{"type": "aes", "label": "made"}"#,
+    );
+    assert_eq!(made.status, 201);
+    let kid = made.json()["key"]["kid"].as_str().unwrap().to_string();
+    assert_eq!(by_label("made").ok()["kid"], kid.as_str());
+    c.patch(EC, &json!({"label": "made"}))
+        .assert_error(409, "label_taken");
+    assert_eq!(
+        c.send("DELETE", &format!("/v1/keys/{kid}"), &[], b"")
+            .status,
+        204
+    );
+    by_label("made").assert_error(404, "key_not_found");
+    assert_eq!(c.patch(EC, &json!({"label": "made"})).status, 200);
+    assert_eq!(by_label("made").ok()["kid"], EC);
+    // What the first renames left is still found.
+    assert_eq!(by_label("renamed").ok()["kid"], AES);
+    assert_eq!(by_label("outside-0").ok()["kid"], "e0e0");
+}
+
 /// A PATCH refused before its body is needed (no key has the label) is answered only once
 /// the body has been read, and the connection stays open: closing it with unread bytes
 /// would reset it, and over TCP the reset can destroy the answer (schemathesis saw a TLS
@@ -150,5 +212,11 @@ fn a_patch_by_an_unknown_label_reads_the_body_before_it_answers_and_keeps_the_co
     let n = s.read(&mut buf).unwrap();
     assert!(n > 0, "the connection was closed after the refusal");
     let r = common::parse_response(&buf[..n]);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&r.body),
+        d.log()
+    );
 }

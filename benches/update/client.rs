@@ -215,6 +215,7 @@ pub(crate) struct Daemon {
     child: Child,
     pub(crate) sock: PathBuf,
     log: PathBuf,
+    config: PathBuf,
     tls_addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     /// Our NOTIFY_SOCKET, read for the daemon's whole run.
@@ -230,6 +231,28 @@ impl Daemon {
 
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Turns `keys.unique_labels` on or off as an operator would: the config file, then
+    /// SIGHUP; returns once the reload's READY=1 is heard.
+    pub(crate) fn set_unique_labels(&self, on: bool) -> Res<()> {
+        let text = fs::read_to_string(&self.config).ctx("reading hsmkeyd.toml")?;
+        let off = text.replace("[keys]\nunique_labels = true\n", "[keys]\n");
+        let text = match on {
+            true => off.replace("[keys]\n", "[keys]\nunique_labels = true\n"),
+            false => off,
+        };
+        fs::write(&self.config, text).ctx("writing hsmkeyd.toml")?;
+        let since = Instant::now();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).ctx("SIGHUP")?;
+        match self.notify.ready_since(since, Duration::from_secs(30))? {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "no READY=1 within 30 s of SIGHUP:\n{}",
+                self.log_tail()
+            )),
+        }
     }
 
     pub(crate) fn rss_mib(&self) -> Res<f64> {
@@ -333,6 +356,7 @@ pub(crate) fn start_daemon_under(
         child,
         sock,
         log,
+        config,
         tls_addr,
         tls,
         notify,

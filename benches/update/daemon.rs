@@ -32,6 +32,11 @@ fn label(n: usize) -> Value {
     json!({"label": format!("bench-{}", n % 2)})
 }
 
+/// Labels no other key of the bench's is given, so `keys.unique_labels` never refuses one.
+fn unique_label(n: usize) -> Value {
+    json!({"label": format!("bench-unique-{}", n % 2)})
+}
+
 fn descr(n: usize) -> Value {
     json!({"description": format!("bench description {}", n % 2)})
 }
@@ -126,6 +131,12 @@ pub(crate) fn daemon_figures(
         (entries_after - entries_before) / patches as f64,
         "entries",
     );
+    // The label PATCH again with `keys.unique_labels` on (SIGHUP), where each rename first
+    // looks its new label up among every key's; then off again, as the rest expects.
+    d.set_unique_labels(true)?;
+    let (p50, _) = patch_p50(o, &mut unix, &bulk_kid(7), unique_label)?;
+    figs.add("patch_label_unique_unix", p50, "ms");
+    d.set_unique_labels(false)?;
 
     let bearer = mint(&mut unix)?;
     let mut https = tls_conn(&d, &bearer)?;

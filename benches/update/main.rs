@@ -163,6 +163,7 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("patch_description_unix", "raw_set_label_secret", 1.0),
     ("patch_roles_unix", "raw_set_label_secret", 1.0),
     ("patch_label_description_unix", "raw_set_label_secret", 2.0),
+    ("patch_label_unique_unix", "raw_set_label_secret", 1.0),
     ("audit_chain_per_patch", "patch_label_secret_unix", 1.0),
     ("get_https_p50", "get_unix_p50", 1.0),
     ("get_https_p99", "get_unix_p99", 1.0),

@@ -157,6 +157,16 @@ impl Notify {
         self.wait(Instant::now() + POLL, ready)
     }
 
+    /// When the first READY=1 heard at or after `since` arrived (a reload's), waiting at
+    /// most `limit` for it.
+    pub(crate) fn ready_since(&self, since: Instant, limit: Duration) -> Res<Option<Instant>> {
+        let ready = |h: &Heard| {
+            let mut after = h.datagrams.iter().filter(|d| d.at >= since);
+            Ok(after.find(|d| d.has("READY=1")).map(|d| d.at))
+        };
+        self.wait(Instant::now() + limit, ready)
+    }
+
     /// Milliseconds from `end` until a status line without a backlog arrives; -1 when none
     /// does within 10 s; 0 when the last one before `end` had none and nothing has followed
     /// for 2 s (see [`Heard::caught_up`]).

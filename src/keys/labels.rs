@@ -2,7 +2,7 @@
 //! two keys may take one label. A label being written is claimed first, so two concurrent
 //! requests can never both give one label to different keys: the check and the claim are
 //! one step under a lock, and the claim lasts until the write is over and the index shows
-//! it.
+//! it. Both look the label up in the index's labels (`index.rs`), never walk every key.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -47,7 +47,7 @@ impl KeyStore {
     pub fn kid_by_label(&self, label: &str) -> Result<Kid, KeyError> {
         self.ensure_token()?;
         let index = sync::read(&self.index);
-        let mut found = index.values().filter(|e| e.label() == label);
+        let mut found = index.labelled(label).into_iter();
         match (found.next(), found.next()) {
             (Some(e), None) => Ok(e.kid().clone()),
             (None, _) => Err(KeyError::NoSuchLabel(label.to_string())),
@@ -97,8 +97,9 @@ impl KeyStore {
         };
         let mut claimed = sync::lock(&self.claims.0);
         let taken = sync::read(&self.index)
-            .values()
-            .find(|e| e.label() == label.as_str() && e.kid() != kid)
+            .labelled(label.as_str())
+            .into_iter()
+            .find(|e| e.kid() != kid)
             .map(|e| e.kid().clone());
         if let Some(other) = taken {
             return Err(KeyError::LabelTaken {

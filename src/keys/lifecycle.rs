@@ -284,7 +284,7 @@ impl KeyStore {
             .await??;
         let entry = made?;
         let view = entry.view();
-        let _ = sync::write(&self.index).insert(kid, Arc::new(entry));
+        sync::write(&self.index).insert(kid, Arc::new(entry));
         Ok(UpdateOutcome { key: view, changes })
     }
 

@@ -12,6 +12,7 @@ mod batch;
 mod entry;
 pub mod error;
 mod health;
+mod index;
 mod labels;
 mod lifecycle;
 pub mod meta;
@@ -48,6 +49,7 @@ pub use reserved::Reserved;
 use crate::hsm::{audit_mark, Hsm, HsmError, HsmErrorKind, ObjectRef};
 use crate::sync;
 use entry::{Entry, Group, MetaSlot};
+use index::Index;
 use model::{KeyView, Kid, RoleName};
 
 /// Least time between two rescans triggered by lookups of unknown ids: a client probing
@@ -93,7 +95,7 @@ pub struct KeyStore {
     unique_labels: std::sync::atomic::AtomicBool,
     /// Labels being given by creates and renames in progress.
     claims: labels::Claims,
-    index: RwLock<BTreeMap<Kid, Arc<Entry>>>,
+    index: RwLock<Index>,
     locks: Mutex<HashMap<Kid, Arc<tokio::sync::Mutex<()>>>>,
     /// Updates hold it shared; a rescan holds it exclusively so it never reads a key
     /// half-way through an update.
@@ -174,7 +176,7 @@ impl KeyStore {
             roles: RwLock::new(roles),
             unique_labels: std::sync::atomic::AtomicBool::new(false),
             claims: labels::Claims::default(),
-            index: RwLock::new(index),
+            index: RwLock::new(Index::new(index)),
             locks: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
             last_rescan: Mutex::new(Some(Instant::now())),
@@ -383,7 +385,7 @@ impl KeyStore {
             .map_err(KeyError::Unavailable)?;
         self.judge_scan(&reserved.token_signing.0)?;
         tracing::info!(keys = fresh.len(), reason = why, "index rebuilt");
-        *sync::write(&self.index) = fresh;
+        *sync::write(&self.index) = Index::new(fresh);
         self.generation
             .store(generation, std::sync::atomic::Ordering::SeqCst);
         Ok(())

@@ -267,7 +267,7 @@ impl KeyStore {
             Ok(Ok((fresh, superseded))) => {
                 let mut e = (*entry).clone();
                 e.meta = Some(Box::new(fresh));
-                let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(e));
+                sync::write(&self.index).insert(kid.clone(), Arc::new(e));
                 self.chores.superseded(self.generation(), kid, superseded);
             }
             Ok(Err(e)) => {

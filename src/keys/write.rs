@@ -59,7 +59,7 @@ impl KeyStore {
                     self.chores.dirty(kid);
                 }
                 let view = entry.view();
-                let _ = sync::write(&self.index).insert(kid.clone(), Arc::new(entry));
+                sync::write(&self.index).insert(kid.clone(), Arc::new(entry));
                 // Queued once the index no longer names them.
                 self.chores
                     .superseded(self.generation(), kid, applied.superseded);
