@@ -185,6 +185,37 @@ fn listing_pages_with_an_opaque_cursor_and_filters_by_label() {
     assert_eq!(r["keys"].as_array().unwrap().len(), 7);
     let r = c.get("/v1/keys?label=batch-").json();
     assert_eq!(r["keys"].as_array().unwrap().len(), 0);
+
+    // One label several keys carry: paged in kid order, with the total, the cursor and the
+    // other filters as without it. Renamed keys move in and out of it.
+    for kid in ["c0c0", "b000000004", "b000000001", "b000000006"] {
+        assert_eq!(c.patch(kid, &json!({"label": "shared"})).status, 200);
+    }
+    assert_eq!(c.patch("b000000004", &json!({"label": "left"})).status, 200);
+    let (mut page, mut seen) = (c.get("/v1/keys?label=shared&limit=2").ok(), Vec::new());
+    loop {
+        assert_eq!(page["total"], 3);
+        seen.extend(common::kids(&page["keys"]).into_iter().map(String::from));
+        assert!(seen.len() <= 3, "a page repeats keys: {seen:?}");
+        let Some(cur) = page["next_cursor"].as_str() else {
+            break;
+        };
+        page = c
+            .get(&format!("/v1/keys?label=shared&limit=2&cursor={cur}"))
+            .ok();
+    }
+    assert_eq!(seen, ["b000000001", "b000000006", "c0c0"]);
+    let r = c.get("/v1/keys?label=shared&label_prefix=sh").ok();
+    assert_eq!(r["total"], 3);
+    let r = c.get("/v1/keys?label=shared&label_prefix=x").ok();
+    assert_eq!(
+        (r["total"].as_u64(), r["keys"].as_array().unwrap().len()),
+        (Some(0), 0)
+    );
+    let r = c
+        .get("/v1/keys?label=shared&expires_before=2100-01-01")
+        .ok();
+    assert_eq!(r["total"], 0);
 }
 
 #[test]

@@ -261,18 +261,28 @@ impl KeyStore {
                 && q.expires_before
                     .is_none_or(|day| e.not_after().is_some_and(|end| end < day))
         };
-        let total = if q.label.is_none() && q.label_prefix.is_none() && q.expires_before.is_none() {
-            index.len()
-        } else {
-            index.values().filter(|e| matches(e)).count()
+        // One label: its keys come from the index's labels (in kid order), not a walk.
+        let labelled = q.label.as_deref().map(|l| index.labelled(l));
+        let total = match &labelled {
+            Some(found) => found.iter().filter(|e| matches(e)).count(),
+            None if q.label_prefix.is_none() && q.expires_before.is_none() => index.len(),
+            None => index.values().filter(|e| matches(e)).count(),
         };
         let start = match &q.after {
             Some(k) => Bound::Excluded(k.clone()),
             None => Bound::Unbounded,
         };
+        let candidates: Box<dyn Iterator<Item = &Arc<Entry>>> = match labelled {
+            Some(found) => Box::new(
+                found
+                    .into_iter()
+                    .filter(|e| q.after.as_ref().is_none_or(|a| e.kid() > a)),
+            ),
+            None => Box::new(index.range((start, Bound::Unbounded)).map(|(_, e)| e)),
+        };
         let mut keys = Vec::new();
         let mut more = false;
-        for (_, e) in index.range((start, Bound::Unbounded)) {
+        for e in candidates {
             if !matches(e) {
                 continue;
             }
