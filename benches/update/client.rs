@@ -242,6 +242,9 @@ impl Daemon {
             true => off.replace("[keys]\n", "[keys]\nunique_labels = true\n"),
             false => off,
         };
+        if text.contains("unique_labels = true") != on {
+            return Err("the bench's config has no [keys] section to switch".into());
+        }
         fs::write(&self.config, text).ctx("writing hsmkeyd.toml")?;
         let since = Instant::now();
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

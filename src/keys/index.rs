@@ -5,8 +5,9 @@
 //! itself.
 //!
 //! The labels are kept as a hash of the label (SipHash with this process's random key)
-//! pointing at the entries that carry it, about 50 bytes a key; a lookup checks each
-//! candidate's label itself, so a collision costs a comparison, never a wrong answer.
+//! pointing at the entries that carry it: a table slot and a one-pointer list, under 100
+//! bytes a key (the 10,000-key bench's heap: 5.4 MiB, 4.5 before); a lookup checks
+//! each candidate's label itself, so a collision costs a comparison, never a wrong answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
