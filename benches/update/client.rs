@@ -133,7 +133,7 @@ impl<S: Read + Write> Conn<S> {
     }
 }
 
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+pub(crate) type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 pub(crate) fn unix_conn(sock: &Path) -> Res<Conn<UnixStream>> {
     let s = UnixStream::connect(sock).ctx(format!("connecting to {}", sock.display()))?;

@@ -147,6 +147,7 @@ pub(crate) fn daemon_figures(
     crate::transport::transport_figures(o, dir, &get_path, &bearer, answer, figs)?;
     let (v, _) = patch_p50(o, &mut https, &bulk_kid(4), label)?;
     figs.add("patch_label_secret_https", v, "ms");
+    doors_interleaved(o, &mut unix, &mut https, &get_path, figs)?;
     drop(https);
 
     // Memory per committed update: RSS across the throughput runs (after the warm-up of
@@ -215,6 +216,69 @@ pub(crate) fn daemon_figures(
     Ok(())
 }
 
+/// The same GET, and the same key's label PATCH, over both front doors in turns (which
+/// door goes first alternates), so both doors' figures come from the same minutes of a
+/// machine whose speed drifts: `{get,patch}_{unix,https}_interleaved_p50`.
+fn doors_interleaved(
+    o: &Opts,
+    unix: &mut Conn<UnixStream>,
+    https: &mut Conn<crate::client::TlsStream>,
+    get_path: &str,
+    figs: &mut Figures,
+) -> Res<()> {
+    let kid = bulk_kid(8);
+    type Step<'a> = &'a mut dyn FnMut(usize, bool) -> Res<()>;
+    let mut get = |_: usize, tls: bool| match tls {
+        true => https.ok("GET", get_path, "").map(drop),
+        false => unix.ok("GET", get_path, "").map(drop),
+    };
+    let (g_unix, g_tls) = in_turns(o.seconds, &mut get as Step)?;
+    let mut patch = |n: usize, tls: bool| match tls {
+        true => https.patch(&kid, &label(n)),
+        false => unix.patch(&kid, &label(n)),
+    };
+    let (p_unix, p_tls) = in_turns(o.seconds, &mut patch as Step)?;
+    for (name, lat) in [
+        ("get_unix_interleaved_p50", g_unix),
+        ("get_https_interleaved_p50", g_tls),
+        ("patch_unix_interleaved_p50", p_unix),
+        ("patch_https_interleaved_p50", p_tls),
+    ] {
+        figs.add(name, pct(&lat, 50.0), "ms");
+    }
+    Ok(())
+}
+
+/// `step(n, tls)` in turns on both doors for `seconds` after 3 warm-up turns; the sorted
+/// latencies of the Unix and the TLS steps. Each request's `n` is its own count, so a
+/// PATCH body alternates on every call and always changes the label.
+fn in_turns(
+    seconds: f64,
+    step: &mut dyn FnMut(usize, bool) -> Res<()>,
+) -> Res<(Vec<Duration>, Vec<Duration>)> {
+    let (mut unix, mut tls, mut n) = (Vec::new(), Vec::new(), 0);
+    let end = Instant::now() + secs(seconds);
+    for turn in 0.. {
+        if turn >= 3 && (Instant::now() >= end && unix.len() >= 5) {
+            break;
+        }
+        for first_tls in [turn % 2 == 1, turn % 2 == 0] {
+            let t0 = Instant::now();
+            step(n, first_tls)?;
+            n += 1;
+            if turn >= 3 {
+                match first_tls {
+                    true => tls.push(t0.elapsed()),
+                    false => unix.push(t0.elapsed()),
+                }
+            }
+        }
+    }
+    unix.sort();
+    tls.sort();
+    Ok((unix, tls))
+}
+
 /// The throughput figures again, in rounds that take turns with their floors on the same
 /// token: raw 2-thread sets, then the bare server ([`crate::bare`]) for 4 and 16 clients,
 /// then a daemon started for 4 and 16 clients and stopped. The machine's speed drifts by
@@ -239,6 +303,7 @@ pub(crate) fn paired_throughput(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut bare_cpu, mut bare_switches) = (Vec::new(), Vec::new());
     let mut steal = Vec::new();
+    let (mut starts, mut raw_starts) = (Vec::new(), Vec::new());
     for round in 1..=o.reps {
         let at = CpuTicks::now()?;
         raw.push(crate::token::raw_two_threads(pin, o.seconds)?.rate);
@@ -253,7 +318,10 @@ pub(crate) fn paired_throughput(
             }
         }
         let bare_steal = at.steal_pct_since()?;
-        let (d, _) = start_daemon(dir, conf, pin)?;
+        // A restart and its raw work, one right after the other.
+        raw_starts.push(crate::token::raw_start(pin)?.as_secs_f64() * 1000.0);
+        let (d, ready_ms) = start_daemon(dir, conf, pin)?;
+        starts.push(ready_ms);
         let at = CpuTicks::now()?;
         for (clients, rates) in [(4, &mut four), (16, &mut sixteen)] {
             rates.push(throughput(&d.sock, &kids(clients), o.seconds)?);
@@ -342,6 +410,14 @@ pub(crate) fn paired_throughput(
         "switches",
     );
     figs.add("throughput_16_bare_paired", median(bare16), "updates/s");
+    // Each round's restart against the raw start just before it.
+    figs.add(
+        "start_to_ready_paired_median_ratio",
+        median(ratios(&starts, &raw_starts)),
+        "x",
+    );
+    figs.add("raw_start_paired", median(raw_starts), "ms");
+    figs.add("start_to_ready_paired", median(starts), "ms");
     figs.add("throughput_4_paired", median(four), "updates/s");
     figs.add("throughput_16_paired", median(sixteen), "updates/s");
     Ok(())

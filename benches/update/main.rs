@@ -17,7 +17,9 @@
 //!    on the fresh copy (`first_start_to_ready`: hsmkeyd creates its signing keys and audit
 //!    marks) and again as a restart (`start_to_ready`, compared with the raw start), GET
 //!    and PATCH latencies over one keep-alive connection on the Unix socket and over
-//!    HTTPS, the transport floor of that GET (`transport.rs`: the same bytes answered by a
+//!    HTTPS (and both again in turns, request by request on the same GET and the same
+//!    key's label PATCH: `{get,patch}_{unix,https}_interleaved_p50`, the doors compared
+//!    over the same minutes), the transport floor of that GET (`transport.rs`: the same bytes answered by a
 //!    bare server in this process over a Unix socket and over TLS, and `https_floor_p50`,
 //!    the Unix GET plus what TLS on loopback TCP adds to it), what hash-chaining the audit entries added to each of those PATCHes
 //!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
@@ -59,7 +61,11 @@
 //!    the time the hypervisor gave this machine's cores to other guests) is printed with
 //!    it; `paired_steal_max` is the largest, `paired_rounds_quiet` counts the rounds under
 //!    3% in both halves, and `_paired_quiet_median_ratio` is the median ratio of those
-//!    (NaN, `null` in the JSON, when there are none).
+//!    (NaN, `null` in the JSON, when there are none). Each round's daemon start is a
+//!    restart timed against the raw start (initialize + login + scan) made right before
+//!    it: `start_to_ready_paired` and `raw_start_paired` are the medians,
+//!    `start_to_ready_paired_median_ratio` the median of the rounds' ratios, the figure
+//!    to read beside phase 2's single `start_to_ready`;
 //!
 //! 5. instructions per update, counted by callgrind (`instructions.rs`; skipped without
 //!    valgrind): a raw label set in a re-executed child (`raw_instructions_per_set`) and a
@@ -158,6 +164,13 @@ impl Figures {
 /// figure -> (floor figure, factor): what a figure is compared to.
 const FLOORS: &[(&str, &str, f64)] = &[
     ("start_to_ready", "raw_start", 1.0),
+    ("start_to_ready_paired", "raw_start_paired", 1.0),
+    ("get_https_interleaved_p50", "get_unix_interleaved_p50", 1.0),
+    (
+        "patch_https_interleaved_p50",
+        "patch_unix_interleaved_p50",
+        1.0,
+    ),
     ("patch_label_secret_unix", "raw_set_label_secret", 1.0),
     ("patch_label_pair_unix", "raw_set_label_pair", 1.0),
     ("patch_description_unix", "raw_set_label_secret", 1.0),

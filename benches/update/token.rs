@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
@@ -163,6 +163,17 @@ pub(crate) fn set_label(s: &Session, h: ObjectHandle, label: String) -> Res<()> 
     s.update_attributes(h, &[attr]).ctx("C_SetAttributeValue")
 }
 
+/// The raw work of a start: C_Initialize, login, one full scan (then C_Finalize, untimed).
+pub(crate) fn raw_start(pin: &Path) -> Res<Duration> {
+    let t0 = Instant::now();
+    let (p11, _, s) = raw_open(pin)?;
+    raw_scan(&s)?;
+    let took = t0.elapsed();
+    drop(s);
+    p11.finalize().ctx("C_Finalize")?;
+    Ok(took)
+}
+
 pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
     let (p11, _, s) = raw_open(pin)?;
     let key = handles(&s, &bulk_kid(0))?[0];
@@ -181,15 +192,9 @@ pub(crate) fn raw_floor(o: &Opts, pin: &Path, figs: &mut Figures) -> Res<()> {
     p11.finalize().ctx("C_Finalize")?;
     let two = raw_two_threads(pin, o.seconds)?;
 
-    let mut starts = Vec::new();
-    for _ in 0..o.reps {
-        let t0 = Instant::now();
-        let (p11, _, s) = raw_open(pin)?;
-        raw_scan(&s)?;
-        starts.push(t0.elapsed());
-        drop(s);
-        p11.finalize().ctx("C_Finalize")?;
-    }
+    let mut starts = (0..o.reps)
+        .map(|_| raw_start(pin))
+        .collect::<Res<Vec<_>>>()?;
     starts.sort();
     figs.add("raw_set_label_secret", pct(&secret, 50.0), "ms");
     figs.add("raw_set_label_pair", pct(&pair_lat, 50.0), "ms");
