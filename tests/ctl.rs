@@ -153,7 +153,7 @@ fn list_get_update_and_status_over_the_unix_socket() {
         "{st}"
     );
     assert!(st["uptime_s"].as_u64().is_some(), "{st}");
-    assert_eq!(st["sessions"]["max"], 8, "{st}");
+    assert_eq!(st["sessions"]["max"], 16, "{st}");
     assert!(st["sessions"]["open"].as_u64().unwrap() >= 1, "{st}");
     assert_eq!(st["audit"]["healthy"], true);
     assert_eq!(st["last_reload"], Value::Null);
