@@ -227,17 +227,16 @@ fn doors_interleaved(
     figs: &mut Figures,
 ) -> Res<()> {
     let kid = bulk_kid(8);
-    type Step<'a> = &'a mut dyn FnMut(usize, bool) -> Res<()>;
     let mut get = |_: usize, tls: bool| match tls {
         true => https.ok("GET", get_path, "").map(drop),
         false => unix.ok("GET", get_path, "").map(drop),
     };
-    let (g_unix, g_tls) = in_turns(o.seconds, &mut get as Step)?;
+    let (g_unix, g_tls) = in_turns(o.seconds, &mut get)?;
     let mut patch = |n: usize, tls: bool| match tls {
         true => https.patch(&kid, &label(n)),
         false => unix.patch(&kid, &label(n)),
     };
-    let (p_unix, p_tls) = in_turns(o.seconds, &mut patch as Step)?;
+    let (p_unix, p_tls) = in_turns(o.seconds, &mut patch)?;
     for (name, lat) in [
         ("get_unix_interleaved_p50", g_unix),
         ("get_https_interleaved_p50", g_tls),

@@ -31,7 +31,7 @@ use crate::values::Scope;
 /// token call without waiting for another's session. Sessions open on demand, so an idle
 /// daemon holds few. With 8, 16 clients waited for HSM turns: each turn given back woke
 /// another connection's thread, and 16-client updates ran about 5% slower (10% at p50).
-const DEFAULT_MAX_SESSIONS: usize = 16;
+const DEFAULT_MAX_SESSIONS: usize = server::DEFAULT_CONNECTION_THREADS;
 /// Seconds over which refusals of unidentified callers are summed up per peer.
 const DEFAULT_REFUSAL_WINDOW_S: u64 = 10;
 /// Audit entries per signed checkpoint: a bounded unsigned tail at the cost of one C_Sign

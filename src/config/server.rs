@@ -25,7 +25,7 @@ const DEFAULT_UNAUTHENTICATED_TIMEOUT_S: u64 = 5;
 /// threads of their own, and each hand-off between two serving threads costs a wake-up.
 const DEFAULT_IO_THREADS: usize = 1;
 /// Connections of each listener served on a thread of their own (see `connection_threads`).
-const DEFAULT_CONNECTION_THREADS: usize = 16;
+pub(super) const DEFAULT_CONNECTION_THREADS: usize = 16;
 
 /// The `[server]` section: limits shared by the listeners.
 #[derive(Debug, Clone, PartialEq)]
