@@ -141,6 +141,15 @@ pub(crate) fn unix_conn(sock: &Path) -> Res<Conn<UnixStream>> {
     Ok(Conn::new(s, String::new()))
 }
 
+/// A keep-alive plain HTTP connection over loopback TCP (no TLS: the transport floor's
+/// middle step).
+pub(crate) fn tcp_conn(addr: SocketAddr) -> Res<Conn<TcpStream>> {
+    let s = TcpStream::connect(addr).ctx(format!("connecting to {addr}"))?;
+    s.set_nodelay(true).ctx("nodelay")?;
+    s.set_read_timeout(Some(READ_TIMEOUT)).ctx("timeout")?;
+    Ok(Conn::new(s, String::new()))
+}
+
 /// A keep-alive HTTPS connection to `addr` (a server with the dev certificate `ca` signed),
 /// sending `bearer` with every request.
 pub(crate) fn tls_client(addr: SocketAddr, ca: &Path, bearer: &str) -> Res<Conn<TlsStream>> {

@@ -20,7 +20,7 @@
 //!    HTTPS (and both again in turns, request by request on the same GET and the same
 //!    key's label PATCH: `{get,patch}_{unix,https}_interleaved_p50`, the doors compared
 //!    over the same minutes), the transport floor of that GET (`transport.rs`: the same bytes answered by a
-//!    bare server in this process over a Unix socket and over TLS, and `https_floor_p50`,
+//!    bare server in this process over a Unix socket, over plain loopback TCP and over TLS, and `https_floor_p50`,
 //!    the Unix GET plus what TLS on loopback TCP adds to it), what hash-chaining the audit entries added to each of those PATCHes
 //!    (`audit_chain_per_patch`, from the daemon's own count in `GET /v1/status`, compared
 //!    with the label PATCH's p50; `audit_entries_per_patch`), PATCH throughput from 1..16
@@ -180,6 +180,7 @@ const FLOORS: &[(&str, &str, f64)] = &[
     ("audit_chain_per_patch", "patch_label_secret_unix", 1.0),
     ("get_https_p50", "get_unix_p50", 1.0),
     ("get_https_p99", "get_unix_p99", 1.0),
+    ("transport_tcp_p50", "transport_unix_p50", 1.0),
     ("transport_tls_p50", "transport_unix_p50", 1.0),
     ("https_floor_p50", "get_unix_p50", 1.0),
     ("patch_label_secret_https", "patch_label_secret_unix", 1.0),

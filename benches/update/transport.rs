@@ -1,9 +1,10 @@
 //! The transport floor of a GET: the same request and answer bytes the daemon's GET
 //! exchanges, served by a minimal blocking server in this process (a thread that answers
-//! each request with the recorded answer, nothing else) over a Unix socket and over TLS on
-//! loopback TCP with the daemon's certificate, read with the same client. The difference
-//! between the two is what HTTPS costs before any daemon work: TCP loopback, two TLS
-//! records each way (seal and open), and the wake-ups of their reads. `get_https_p50` is
+//! each request with the recorded answer, nothing else) over a Unix socket, over plain
+//! loopback TCP, and over TLS on loopback TCP with the daemon's certificate, read with the
+//! same client. The difference between the first and the last is what HTTPS costs before
+//! any daemon work: TCP loopback, two TLS records each way (seal and open), and the
+//! wake-ups of their reads; the plain TCP floor says how much of it is TCP alone. `get_https_p50` is
 //! then compared with `get_unix_p50` plus that difference (`https_floor_p50`): the part
 //! of an HTTPS GET the daemon could still remove.
 
@@ -17,7 +18,7 @@ use std::thread::JoinHandle;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::client::{raw_answer, tls_client, unix_conn, Conn};
+use crate::client::{raw_answer, tcp_conn, tls_client, unix_conn, Conn};
 use crate::{pct, warm_sample, Ctx, Figures, Opts, Res};
 
 /// Measures the floor of a GET of `path` on both doors; `dir` holds the daemon's `tls/`
@@ -43,6 +44,18 @@ pub(crate) fn transport_figures(
     drop(c);
     join(server)?;
 
+    let tcp = TcpListener::bind("127.0.0.1:0").ctx("binding the plain floor port")?;
+    let addr = tcp.local_addr().ctx("local_addr")?;
+    let server = serve(answer.clone(), move || {
+        let (s, _) = tcp.accept().ctx("accept")?;
+        s.set_nodelay(true).ctx("nodelay")?;
+        Ok(Box::new(s) as Box<dyn ReadWrite>)
+    });
+    let mut c = tcp_conn(addr)?;
+    let tcp_lat = get_lat(o, &mut c, path)?;
+    drop(c);
+    join(server)?;
+
     let tcp = TcpListener::bind("127.0.0.1:0").ctx("binding the floor port")?;
     let addr = tcp.local_addr().ctx("local_addr")?;
     let config = server_config(&dir.join("tls"))?;
@@ -59,6 +72,7 @@ pub(crate) fn transport_figures(
 
     let (unix_p50, tls_p50) = (pct(&unix_lat, 50.0), pct(&tls_lat, 50.0));
     figs.add("transport_unix_p50", unix_p50, "ms");
+    figs.add("transport_tcp_p50", pct(&tcp_lat, 50.0), "ms");
     figs.add("transport_tls_p50", tls_p50, "ms");
     let floor = figs.value("get_unix_p50") + (tls_p50 - unix_p50);
     figs.add("https_floor_p50", floor, "ms");
