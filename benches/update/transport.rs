@@ -4,12 +4,12 @@
 //! loopback TCP, and over TLS on loopback TCP with the daemon's certificate, read with the
 //! same client. The difference between the first and the last is what HTTPS costs before
 //! any daemon work: TCP loopback, two TLS records each way (seal and open), and the
-//! wake-ups of their reads; the plain TCP floor says how much of it is TCP alone. `get_https_p50` is
-//! then compared with `get_unix_p50` plus that difference (`https_floor_p50`): the part
+//! wake-ups of their reads; the plain TCP floor says how much of it is TCP alone.
+//! `get_https_p50` is then compared with `get_unix_p50` plus that difference (`https_floor_p50`): the part
 //! of an HTTPS GET the daemon could still remove.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -21,8 +21,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::client::{raw_answer, tcp_conn, tls_client, unix_conn, Conn};
 use crate::{pct, warm_sample, Ctx, Figures, Opts, Res};
 
-/// Measures the floor of a GET of `path` on both doors; `dir` holds the daemon's `tls/`
-/// and `answer` is the daemon's whole answer to that GET (status line to body).
+/// Measures the floor of a GET of `path` on each transport; `dir` holds the daemon's
+/// `tls/` and `answer` is the daemon's whole answer to that GET (status line to body).
 pub(crate) fn transport_figures(
     o: &Opts,
     dir: &Path,
@@ -35,40 +35,24 @@ pub(crate) fn transport_figures(
     let sock = dir.join("floor.sock");
     let _ = std::fs::remove_file(&sock);
     let unix = UnixListener::bind(&sock).ctx("binding the floor socket")?;
-    let server = serve(answer.clone(), move || {
+    let accept = move || -> Res<Box<dyn ReadWrite>> {
         let (s, _) = unix.accept().ctx("accept")?;
-        Ok(Box::new(s) as Box<dyn ReadWrite>)
-    });
-    let mut c = unix_conn(&sock)?;
-    let unix_lat = get_lat(o, &mut c, path)?;
-    drop(c);
-    join(server)?;
+        Ok(Box::new(s))
+    };
+    let unix_lat = floor_lat(o, path, &answer, accept, || unix_conn(&sock))?;
 
-    let tcp = TcpListener::bind("127.0.0.1:0").ctx("binding the plain floor port")?;
-    let addr = tcp.local_addr().ctx("local_addr")?;
-    let server = serve(answer.clone(), move || {
-        let (s, _) = tcp.accept().ctx("accept")?;
-        s.set_nodelay(true).ctx("nodelay")?;
-        Ok(Box::new(s) as Box<dyn ReadWrite>)
-    });
-    let mut c = tcp_conn(addr)?;
-    let tcp_lat = get_lat(o, &mut c, path)?;
-    drop(c);
-    join(server)?;
+    let (accept, addr) = tcp_accept()?;
+    let accept = move || -> Res<Box<dyn ReadWrite>> { Ok(Box::new(accept()?)) };
+    let tcp_lat = floor_lat(o, path, &answer, accept, || tcp_conn(addr))?;
 
-    let tcp = TcpListener::bind("127.0.0.1:0").ctx("binding the floor port")?;
-    let addr = tcp.local_addr().ctx("local_addr")?;
+    let (accept, addr) = tcp_accept()?;
     let config = server_config(&dir.join("tls"))?;
-    let server = serve(answer, move || {
-        let (s, _) = tcp.accept().ctx("accept")?;
-        s.set_nodelay(true).ctx("nodelay")?;
-        let conn = rustls::ServerConnection::new(config.clone()).ctx("TLS server")?;
-        Ok(Box::new(rustls::StreamOwned::new(conn, s)) as Box<dyn ReadWrite>)
-    });
-    let mut c = tls_client(addr, &dir.join("tls/ca.pem"), bearer)?;
-    let tls_lat = get_lat(o, &mut c, path)?;
-    drop(c);
-    join(server)?;
+    let accept = move || -> Res<Box<dyn ReadWrite>> {
+        let conn = rustls::ServerConnection::new(config).ctx("TLS server")?;
+        Ok(Box::new(rustls::StreamOwned::new(conn, accept()?)))
+    };
+    let ca = dir.join("tls/ca.pem");
+    let tls_lat = floor_lat(o, path, &answer, accept, || tls_client(addr, &ca, bearer))?;
 
     let (unix_p50, tls_p50) = (pct(&unix_lat, 50.0), pct(&tls_lat, 50.0));
     figs.add("transport_unix_p50", unix_p50, "ms");
@@ -77,6 +61,40 @@ pub(crate) fn transport_figures(
     let floor = figs.value("get_unix_p50") + (tls_p50 - unix_p50);
     figs.add("https_floor_p50", floor, "ms");
     Ok(())
+}
+
+/// A loopback TCP listener's one accept (with TCP_NODELAY, as the daemon sets it) and its
+/// address.
+fn tcp_accept() -> Res<(impl FnOnce() -> Res<TcpStream> + Send + 'static, SocketAddr)> {
+    let tcp = TcpListener::bind("127.0.0.1:0").ctx("binding a floor port")?;
+    let addr = tcp.local_addr().ctx("local_addr")?;
+    let accept = move || {
+        let (s, _) = tcp.accept().ctx("accept")?;
+        s.set_nodelay(true).ctx("nodelay")?;
+        Ok(s)
+    };
+    Ok((accept, addr))
+}
+
+/// GET latencies of `path` against a floor server that `accept`s one connection, over the
+/// connection `connect` makes.
+fn floor_lat<A, S>(
+    o: &Opts,
+    path: &str,
+    answer: &Arc<Vec<u8>>,
+    accept: A,
+    connect: impl FnOnce() -> Res<Conn<S>>,
+) -> Res<Vec<std::time::Duration>>
+where
+    A: FnOnce() -> Res<Box<dyn ReadWrite>> + Send + 'static,
+    S: Read + Write,
+{
+    let server = serve(answer.clone(), accept);
+    let mut c = connect()?;
+    let lat = get_lat(o, &mut c, path)?;
+    drop(c);
+    join(server)?;
+    Ok(lat)
 }
 
 trait ReadWrite: Read + Write + Send {}
